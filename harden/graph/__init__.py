@@ -1,0 +1,1 @@
+"""ONNX in and out, classifier location, graph passes and numeric parity checks."""

@@ -1,0 +1,84 @@
+"""ONNX Runtime sessions, and exposing intermediate tensors as outputs.
+
+Fault injection and range profiling both need values of tensors inside the
+graph. ORT only returns graph outputs, so the tensors are added as outputs of a
+copy of the model; with graph optimisations at their default, ORT could fuse
+such tensors away, which is why the optimisation level is explicit here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from harden.errors import HardenError
+
+OPT_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+def make_session(
+    model: onnx.ModelProto,
+    providers: Sequence[str] = ("CPUExecutionProvider",),
+    opt_level: str = "basic",
+    threads: int = 0,
+) -> ort.InferenceSession:
+    """An inference session for an in-memory model, on the given providers."""
+    if opt_level not in OPT_LEVELS:
+        raise HardenError(f"unknown graph optimisation level {opt_level!r}; use one of {sorted(OPT_LEVELS)}")
+    available = set(ort.get_available_providers())
+    missing = [p for p in providers if p not in available]
+    if missing:
+        raise HardenError(f"ONNX Runtime providers not available here: {missing}; available: {sorted(available)}")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = OPT_LEVELS[opt_level]
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(model.SerializeToString(), options, providers=list(providers))
+    except Exception as err:  # ORT raises its own exception types for unsupported graphs
+        raise HardenError(f"ONNX Runtime cannot load the model: {str(err).splitlines()[0]}") from err
+
+
+def expose(model: onnx.ModelProto, tensors: Sequence[str]) -> onnx.ModelProto:
+    """A copy of `model` whose graph also outputs `tensors` (float tensors inside the graph)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    present = {o.name for o in copy.graph.output}
+    for name in tensors:
+        if name not in present:
+            copy.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+            present.add(name)
+    return copy
+
+
+def input_name_and_shape(session: ort.InferenceSession) -> tuple[str, list[int | str | None]]:
+    """The single image input of a classifier session."""
+    inputs = session.get_inputs()
+    if len(inputs) != 1:
+        raise HardenError(f"expected a model with one image input, found {len(inputs)}: {[i.name for i in inputs]}")
+    return inputs[0].name, list(inputs[0].shape)
+
+
+def run_batched(session: ort.InferenceSession, x: np.ndarray, outputs: Sequence[str] | None = None,
+                batch: int = 256) -> list[np.ndarray]:
+    """Run the session over `x` in batches and concatenate each output."""
+    name, shape = input_name_and_shape(session)
+    if shape and isinstance(shape[0], int):
+        batch = shape[0]  # a fixed batch dimension (common in zoo models) takes exactly that many
+    parts: list[list[np.ndarray]] = []
+    for start in range(0, len(x), batch):
+        result = session.run(list(outputs) if outputs else None, {name: x[start:start + batch]})
+        if not parts:
+            parts = [[] for _ in result]
+        for acc, value in zip(parts, result):
+            acc.append(value)
+    return [np.concatenate(acc) for acc in parts]
