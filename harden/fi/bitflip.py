@@ -1,0 +1,101 @@
+"""Bit-level faults in fp32, fp16, bf16 and int8 values, emulated through integer views.
+
+A value stored in format F is encoded to F's bit pattern, the chosen bits are
+flipped (or forced to 0/1), and the pattern is decoded back to float32 for the
+float32 model. Only the faulty element passes through F; the rest of the tensor
+is untouched, so a null fault reproduces the golden output bit for bit.
+
+int8 is symmetric per-tensor quantisation: q = clip(round(v / scale), -127, 127)
+with scale = max|tensor| / 127, the tensor's own scale being what a quantised
+deployment would have stored.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+
+from harden.errors import HardenError
+
+Format = Literal["fp32", "fp16", "bf16", "int8"]
+WIDTH: dict[str, int] = {"fp32": 32, "fp16": 16, "bf16": 16, "int8": 8}
+_UINT = {"fp32": np.uint32, "fp16": np.uint16, "bf16": np.uint16, "int8": np.uint8}
+
+
+def check_format(fmt: str) -> int:
+    """The bit width of `fmt`, or a HardenError naming the supported formats."""
+    if fmt not in WIDTH:
+        raise HardenError(f"unknown number format {fmt!r}; use one of {sorted(WIDTH)}")
+    return WIDTH[fmt]
+
+
+def int8_scale(tensor: np.ndarray) -> float:
+    """Symmetric per-tensor int8 scale; 1.0 for an all-zero tensor so decoding stays finite."""
+    peak = float(np.max(np.abs(tensor))) if tensor.size else 0.0
+    return peak / 127.0 if peak > 0 and np.isfinite(peak) else 1.0
+
+
+def encode(values: np.ndarray, fmt: str, scale: float = 1.0) -> np.ndarray:
+    """float32 values to their bit patterns in `fmt` (unsigned integers of the format's width)."""
+    check_format(fmt)
+    v = np.ascontiguousarray(values, dtype=np.float32)
+    if fmt == "fp32":
+        return v.view(np.uint32).copy()
+    if fmt == "fp16":
+        with np.errstate(over="ignore"):
+            return v.astype(np.float16).view(np.uint16)
+    if fmt == "bf16":
+        u = v.view(np.uint32).astype(np.uint64)
+        rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16  # round to nearest, ties to even
+        nan = np.isnan(v)
+        out = rounded.astype(np.uint16)
+        out[nan] = ((u[nan] >> 16) | 0x40).astype(np.uint16)  # keep NaN a quiet NaN
+        return out
+    q = np.clip(np.rint(v / np.float32(scale)), -127, 127).astype(np.int8)
+    return q.view(np.uint8)
+
+
+def decode(codes: np.ndarray, fmt: str, scale: float = 1.0) -> np.ndarray:
+    """Bit patterns in `fmt` back to float32 values."""
+    check_format(fmt)
+    c = np.ascontiguousarray(codes, dtype=_UINT[fmt])
+    if fmt == "fp32":
+        return c.view(np.float32).copy()
+    if fmt == "fp16":
+        return c.view(np.float16).astype(np.float32)
+    if fmt == "bf16":
+        return (c.astype(np.uint32) << 16).view(np.float32)
+    return c.view(np.int8).astype(np.float32) * np.float32(scale)
+
+
+def _masks(bits: np.ndarray, fmt: str) -> np.ndarray:
+    """OR of 1 << bit over the last axis (k bits per value), validated against the width."""
+    width = check_format(fmt)
+    b = np.asarray(bits, dtype=np.int64)
+    if b.size and (b.min() < 0 or b.max() >= width):
+        raise HardenError(f"bit positions must be in 0..{width - 1} for {fmt}")
+    if b.ndim == 0 or (b.ndim == 1):
+        b = b.reshape(-1, 1) if b.ndim == 1 else b.reshape(1, 1)
+    masks = np.zeros(b.shape[0], dtype=np.uint64)
+    for j in range(b.shape[1]):
+        masks |= np.uint64(1) << b[:, j].astype(np.uint64)
+    return masks.astype(_UINT[fmt])
+
+
+def flip(values: np.ndarray, bits: np.ndarray, fmt: str = "fp32", scale: float = 1.0) -> np.ndarray:
+    """Flip bits: `bits` is (n,) for one bit per value or (n, k) for k-bit faults."""
+    return decode(encode(values, fmt, scale) ^ _masks(bits, fmt), fmt, scale)
+
+
+def stuck_at(values: np.ndarray, bits: np.ndarray, level: int, fmt: str = "fp32", scale: float = 1.0) -> np.ndarray:
+    """Force bits to `level` (0 or 1); a bit already at that level leaves the value unchanged."""
+    if level not in (0, 1):
+        raise HardenError(f"stuck-at level must be 0 or 1, got {level}")
+    codes, masks = encode(values, fmt, scale), _masks(bits, fmt)
+    return decode(codes | masks if level else codes & ~masks, fmt, scale)
+
+
+def quantise(values: np.ndarray, fmt: str = "fp32", scale: float = 1.0) -> np.ndarray:
+    """The value as stored in `fmt` with no fault: what a flip is measured against."""
+    return decode(encode(values, fmt, scale), fmt, scale)
