@@ -66,7 +66,8 @@ def decode(codes: np.ndarray, fmt: str, scale: float = 1.0) -> np.ndarray:
         return c.view(np.float16).astype(np.float32)
     if fmt == "bf16":
         return (c.astype(np.uint32) << 16).view(np.float32)
-    return c.view(np.int8).astype(np.float32) * np.float32(scale)
+    with np.errstate(over="ignore"):
+        return c.view(np.int8).astype(np.float32) * np.float32(scale)
 
 
 def _masks(bits: np.ndarray, fmt: str) -> np.ndarray:
