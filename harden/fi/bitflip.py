@@ -33,7 +33,8 @@ def check_format(fmt: str) -> int:
 def int8_scale(tensor: np.ndarray) -> float:
     """Symmetric per-tensor int8 scale; 1.0 for an all-zero tensor so decoding stays finite."""
     peak = float(np.max(np.abs(tensor))) if tensor.size else 0.0
-    return peak / 127.0 if peak > 0 and np.isfinite(peak) else 1.0
+    scale = float(np.float32(peak / 127.0))
+    return scale if scale > 0 and np.isfinite(scale) else 1.0
 
 
 def encode(values: np.ndarray, fmt: str, scale: float = 1.0) -> np.ndarray:
