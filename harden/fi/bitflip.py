@@ -53,7 +53,8 @@ def encode(values: np.ndarray, fmt: str, scale: float = 1.0) -> np.ndarray:
         out = rounded.astype(np.uint16)
         out[nan] = ((u[nan] >> 16) | 0x40).astype(np.uint16)  # keep NaN a quiet NaN
         return out
-    q = np.clip(np.rint(v / np.float32(scale)), -127, 127).astype(np.int8)
+    # Real values lie in ±127·scale; -128 is only reached by a fault and must round-trip.
+    q = np.clip(np.rint(v / np.float32(scale)), -128, 127).astype(np.int8)
     return q.view(np.uint8)
 
 
