@@ -1,0 +1,27 @@
+"""Atomic outputs: nothing half-written survives an error, and inputs are never overwritten."""
+
+from pathlib import Path
+
+import pytest
+
+from harden.errors import HardenError
+from harden.files import atomic_open, refuse_overwrite, sha256_file, write_json
+
+
+def test_error_leaves_no_file_and_keeps_the_old_one(tmp_path: Path) -> None:
+    dest = tmp_path / "out.json"
+    write_json(dest, {"a": 1})
+    with pytest.raises(RuntimeError):
+        with atomic_open(dest) as handle:
+            handle.write("partial")
+            raise RuntimeError("crash mid-write")
+    assert dest.read_text().startswith("{") and list(tmp_path.iterdir()) == [dest]
+
+
+def test_refuse_overwrite_and_hash(tmp_path: Path) -> None:
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"abc")
+    with pytest.raises(HardenError, match="overwrite"):
+        refuse_overwrite(model, tmp_path / "." / "m.onnx")
+    refuse_overwrite(model, tmp_path / "other.onnx")
+    assert sha256_file(model) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
