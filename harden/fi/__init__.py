@@ -1,1 +1,49 @@
-"""Fault injection at the ONNX Runtime level: bit flips, sites, campaigns and statistics."""
+"""Fault injection at the ONNX Runtime level: bit flips, sites, campaigns and statistics.
+
+Public API (what `harden inject` and `harden certify` call):
+
+- `GraphInfo(model, example=None)`: analysis of a classifier graph (one image
+  input, class scores N×C as output 0); raises HardenError otherwise.
+- `list_sites(model_or_info, include_all_tensors=False) -> list[Site]`: activation
+  sites (outputs of Conv/Gemm/MatMul/ConvTranspose, or every float tensor) and
+  weight sites (constant float inputs of those nodes, biases included), in graph order.
+- `select_sites(sites, spec, kinds=("activation", "weight"))`: spec is 'all',
+  'last' (the classifier node), names (site, tensor or node) or 're:REGEX', comma-separated.
+- `FaultModel(kind='flip'|'stuck-at-0'|'stuck-at-1'|'random', fmt='fp32'|'fp16'|'bf16'|'int8', bits=None, k=1)`.
+- `CampaignConfig(...)`: layers, kinds, injections or margin, fault, clamp, seed,
+  batch, providers, opt_level, confidence, ci, all_tensors, shard; `to_dict`/`from_dict`.
+- `prepare_eval(model, inputs, labels, tensors, profile_inputs=None, ...) -> EvalSet`:
+  golden run, keep correct images with Top2Diff > 0, profile ranges of `tensors`.
+- `run_campaign(model_path_or_proto, inputs, labels, config, out_jsonl, progress=True,
+  profile_inputs=None, fresh=False) -> CampaignSummary`: runs or resumes a campaign;
+  `inputs` are model-ready float32 arrays (see `model_ready_inputs`).
+- `summarise_jsonl(path, confidence=None, ci=None) -> CampaignSummary` and
+  `merge_shards(paths, out) -> CampaignSummary` (joins `--shard i/n` parts).
+- `CampaignSummary.layers: list[LayerResult]` (site, kind, node, op_type, elements,
+  injections, sdc: Rate, nonfinite: Rate, mean_abs_dloss, golden_top2diff, by_bit),
+  `CampaignSummary.layer(name)`, `to_dict`/`from_dict`, `table()`.
+- Slow references for tests and audits: `harden.fi.reference`.
+"""
+
+from harden.fi.config import CampaignConfig
+from harden.fi.engine import run_campaign
+from harden.fi.faults import FaultModel
+from harden.fi.graphinfo import GraphInfo
+from harden.fi.journal import merge_journals
+from harden.fi.prepare import EvalSet, model_preprocess, model_ready_inputs, prepare_eval
+from harden.fi.sites import Site, list_sites, select_sites
+from harden.fi.summary import CampaignSummary, LayerResult, summarise_jsonl
+
+
+def merge_shards(paths: list[str], out: str) -> CampaignSummary:
+    """Join the parts of a sharded campaign into `out` and summarise the result."""
+    from harden.fi.summary import summarise_contents
+
+    return summarise_contents(merge_journals(paths, out))
+
+
+__all__ = [
+    "CampaignConfig", "CampaignSummary", "EvalSet", "FaultModel", "GraphInfo", "LayerResult", "Site",
+    "list_sites", "merge_shards", "model_preprocess", "model_ready_inputs", "prepare_eval", "run_campaign",
+    "select_sites", "summarise_jsonl",
+]

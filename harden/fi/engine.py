@@ -1,0 +1,272 @@
+"""The campaign engine: cached prefix runs, batched suffix runs, one fault per batch element.
+
+Plan. Injection g of a site uses kept image g mod n (so every image is used
+equally). Images are processed in blocks of `batch`; a shard is (block, site,
+round) and holds the injections of that site whose image lies in the block,
+round r covering g in [r·n, (r+1)·n). The plan and every shard's faults follow
+from the config and seed alone, so the file is reproducible and resumable.
+
+Run. For each block, the full model runs once with every tensor that any
+suffix needs exposed. Each shard then corrupts one element per batch row (or
+perturbs the layer output for a weight fault) and runs only the suffix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from harden.errors import HardenError
+from harden.fi.bitflip import int8_scale
+from harden.fi.config import CampaignConfig
+from harden.fi.graphinfo import GraphInfo
+from harden.fi.journal import Journal, JournalContents, num
+from harden.fi.prepare import EvalSet, prepare_eval
+from harden.fi.profile import clamp_to_range
+from harden.fi.sites import Site, list_sites, select_sites
+from harden.fi.stats import leveugle_sample_size
+from harden.fi.suffix import Suffix
+from harden.fi.summary import CampaignSummary, summarise_contents
+from harden.fi.weights import NodeRerun, conv_delta, gemm_delta, matmul_delta
+from harden.files import sha256_bytes, sha256_file
+from harden.graph.onnx_io import load_model
+from harden.graph.ort import expose, make_session
+from harden.provenance import package_versions
+
+
+@dataclass(frozen=True)
+class Shard:
+    """`count` injections into `site` on kept images start..start+count−1 (block `block`, round `round`)."""
+
+    index: int
+    site: str
+    round: int
+    block: int
+    start: int
+    count: int
+
+
+def injections_per_site(sites: Sequence[Site], config: CampaignConfig, images: int) -> dict[str, int]:
+    """N per site: fixed, or Leveugle's sample size for the fault population elements × bits × images."""
+    if config.margin is None:
+        return {s.name: config.injections for s in sites}
+    bits = 1 if config.fault.kind == "random" else len(config.fault.choices())
+    return {s.name: leveugle_sample_size(s.elements * bits * images, config.margin, config.confidence) for s in sites}
+
+
+def plan_shards(sites: Sequence[Site], counts: dict[str, int], images: int, batch: int) -> list[Shard]:
+    """The campaign's shards in canonical (= execution and file) order."""
+    shards: list[Shard] = []
+    for block in range(math.ceil(images / batch)):
+        lo, hi = block * batch, min(images, (block + 1) * batch)
+        for site in sites:
+            for rnd in range(math.ceil(counts[site.name] / images)):
+                count = min(hi - lo, counts[site.name] - (rnd * images + lo))
+                if count > 0:
+                    shards.append(Shard(len(shards), site.name, rnd, block, lo, count))
+    return shards
+
+
+def shard_rng(seed: int, site: str, shard: Shard) -> np.random.Generator:
+    """The generator of one shard's faults, independent of which other shards or sites run."""
+    key = int.from_bytes(hashlib.sha256(site.encode()).digest()[:4], "little")
+    return np.random.default_rng([seed, key, shard.round, shard.block])
+
+
+class SiteRunner:
+    """Everything needed to inject into one site: its suffix and, for weights, the layer's fast path."""
+
+    def __init__(self, info: GraphInfo, site: Site, config: CampaignConfig, ranges: dict[str, float],
+                 suffixes: dict[str, Suffix]) -> None:
+        self.site, self.config = site, config
+        node = info.nodes[info.node_index[site.node]]
+        self.node = node
+        self.out = site.tensor if site.kind == "activation" else node.output[0]
+        if self.out not in suffixes:
+            suffixes[self.out] = Suffix(info, self.out, config.providers, config.opt_level)
+        self.suffix = suffixes[self.out]
+        self.needs = set(self.suffix.inputs)
+        if site.kind == "activation":
+            self.peak = float(ranges.get(site.tensor, 0.0))
+            self.scale = self.peak / 127.0 if self.peak > 0 else 1.0
+            return
+        if site.shared:
+            raise HardenError(f"weight {site.tensor!r} is read by several layers; injecting into shared weights "
+                              "is not supported")
+        self.weight = info.constants[site.tensor].astype(np.float32)
+        self.peak = float(np.max(np.abs(self.weight))) if self.weight.size else 0.0
+        self.scale = int8_scale(self.weight)
+        self.acts = [n for n in node.input if n and n not in info.constants]
+        self.needs.update(self.acts)
+        self.rerun: NodeRerun | None = None
+        self.rerun_args = (info, node, site.input_index, config.providers)
+
+    def inject(self, cache: dict[str, np.ndarray], rows: slice, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """Run one shard: draw its faults, corrupt, run the suffix; return faults and faulty scores."""
+        n = rows.stop - rows.start
+        elems = rng.integers(0, self.site.elements, n)
+        bits, uniforms = self.config.fault.draw(rng, n)
+        feeds = {k: cache[k][rows] for k in self.suffix.inputs}
+        if self.site.kind == "activation":
+            t = np.array(feeds[self.site.tensor], copy=True)
+            flat = t.reshape(n, -1)
+            golden = flat[np.arange(n), elems].copy()
+        else:
+            golden = self.weight.reshape(-1)[elems].copy()
+        faulty = self.config.fault.apply(golden, bits, uniforms, self.scale, self.peak)
+        if self.config.clamp == "range":
+            faulty = clamp_to_range(faulty, self.peak)
+        if self.site.kind == "activation":
+            flat[np.arange(n), elems] = faulty
+            feeds[self.site.tensor] = t
+        else:
+            feeds[self.out] = self._weight_output(cache, rows, elems, golden, faulty)
+        return {"elems": elems, "bits": bits, "golden": golden, "faulty": faulty, "scores": self.suffix.run(feeds)}
+
+    def _weight_output(self, cache: dict[str, np.ndarray], rows: slice, elems: np.ndarray, golden: np.ndarray,
+                       faulty: np.ndarray) -> np.ndarray:
+        """The layer output under each row's weight fault (fast path, or the node recomputed)."""
+        y = np.array(cache[self.out][rows], copy=True)
+        with np.errstate(all="ignore"):
+            delta = faulty.astype(np.float32) - golden.astype(np.float32)
+            op, idx = self.node.op_type, self.site.input_index
+            x = cache[self.acts[0]][rows] if self.acts else None
+            done = False
+            if op == "Conv" and x is not None:
+                conv_delta(self.node, idx, self.weight, elems, delta, x, y)
+                done = True
+            elif op == "Gemm" and x is not None:
+                done = gemm_delta(self.node, idx, self.weight, elems, delta, x, y)
+            elif op == "MatMul" and x is not None:
+                done = matmul_delta(idx, self.weight, elems, delta, x, y)
+        if not done:
+            if self.rerun is None:
+                self.rerun = NodeRerun(*self.rerun_args)
+            self.rerun.apply(self.site.tensor, self.weight, elems, faulty, {a: cache[a][rows] for a in self.acts}, y)
+        return y
+
+
+def outcome(scores: np.ndarray, golden_class: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(faulty class, non-finite flag, |Δloss| against the golden class's cross-entropy) per row.
+
+    NaN scores never win the argmax; a row of NaN has class −1 (always an SDC).
+    """
+    with np.errstate(all="ignore"):
+        s = scores.astype(np.float64)
+    nonfinite = ~np.isfinite(s).all(axis=1)
+    masked = np.where(np.isnan(s), -np.inf, s)
+    cls = np.argmax(masked, axis=1)
+    cls[np.isnan(s).all(axis=1)] = -1
+    with np.errstate(all="ignore"):
+        top = masked.max(axis=1, keepdims=True)
+        lse = top[:, 0] + np.log(np.exp(s - top).sum(axis=1))
+        loss = lse - s[np.arange(len(s)), golden_class]
+    return cls, nonfinite, loss
+
+
+def _model_and_hash(model: str | os.PathLike[str] | onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
+    if isinstance(model, onnx.ModelProto):
+        return model, sha256_bytes(model.SerializeToString())
+    return load_model(model), sha256_file(model)
+
+
+def run_campaign(model: str | os.PathLike[str] | onnx.ModelProto, inputs: np.ndarray, labels: np.ndarray,
+                 config: CampaignConfig, out_jsonl: str | os.PathLike[str], progress: bool = True,
+                 profile_inputs: np.ndarray | None = None, fresh: bool = False) -> CampaignSummary:
+    """Run (or resume) a campaign on model-ready `inputs` and stream it to `out_jsonl`; return its summary."""
+    proto, digest = _model_and_hash(model)
+    info = GraphInfo(proto, example=inputs[:1], providers=config.providers)
+    sites = select_sites(list_sites(info, config.all_tensors), config.layers, config.kinds)
+    act = [s.tensor for s in sites if s.kind == "activation"]
+    ev = prepare_eval(info.model, inputs, labels, act, profile_inputs, config.batch, config.providers,
+                      config.opt_level)
+    batch = info.fixed_batch or config.batch
+    counts = injections_per_site(sites, config, len(ev.ids))
+    plan = plan_shards(sites, counts, len(ev.ids), batch)
+    header: dict[str, Any] = {"type": "header", "version": 1, "model_sha256": digest, "config": config.to_dict(),
+                              "sites": [s.to_dict() for s in sites], "injections": counts,
+                              "total_shards": len(plan), "eval": ev.header(), "packages": package_versions()}
+    journal = Journal(out_jsonl, header, fresh=fresh)
+    todo = [s for s in plan if s.index not in journal.done
+            and (config.shard is None or s.index % config.shard[1] == config.shard[0])]
+    started = time.perf_counter()
+    try:
+        _execute(info, sites, ev, config, todo, journal, batch, progress)
+    finally:
+        journal.close()
+    seconds = time.perf_counter() - started
+    summary = summarise_contents(JournalContents(out_jsonl))
+    done = sum(s.count for s in todo)
+    summary.seconds = seconds
+    summary.injections_per_s = done / seconds if done and seconds > 0 else None
+    return summary
+
+
+def _execute(info: GraphInfo, sites: Sequence[Site], ev: EvalSet, config: CampaignConfig, todo: Sequence[Shard],
+             journal: Journal, batch: int, progress: bool) -> None:
+    """Run the pending shards block by block, appending each to the journal as it completes."""
+    if not todo:
+        return
+    from tqdm import tqdm
+
+    by_name = {s.name: s for s in sites}
+    suffixes: dict[str, Suffix] = {}
+    runners = {name: SiteRunner(info, by_name[name], config, ev.ranges, suffixes)
+               for name in dict.fromkeys(s.site for s in todo)}
+    exposed = sorted(set().union(*(r.needs for r in runners.values())) - {info.input_name})
+    prefix = make_session(expose(info.model, exposed), config.providers, opt_level=config.opt_level)
+    bar = tqdm(total=sum(s.count for s in todo), unit="inj", disable=not progress, file=sys.stderr,
+               desc="inject", dynamic_ncols=True)
+    try:
+        for block in sorted({s.block for s in todo}):
+            shards = [s for s in todo if s.block == block]
+            lo = block * batch
+            hi = min(len(ev.ids), lo + batch)
+            names = sorted(set().union(*(runners[s.site].needs for s in shards)) - {info.input_name})
+            x = ev.inputs[lo:hi]
+            values = prefix.run([info.scores, *names], {info.input_name: x})
+            cache = dict(zip(names, values[1:]))
+            cache[info.input_name] = x
+            for shard in shards:
+                rows = slice(shard.start - lo, shard.start - lo + shard.count)
+                res = runners[shard.site].inject(cache, rows, shard_rng(config.seed, shard.site, shard))
+                records = _records(shard, runners[shard.site].site, res, values[0][rows],
+                                   ev.ids[shard.start:shard.start + shard.count])
+                journal.append(shard.index, shard.site, records)
+                bar.update(shard.count)
+    finally:
+        bar.close()
+
+
+def _records(shard: Shard, site: Site, res: dict[str, np.ndarray], golden_scores: np.ndarray,
+             ids: np.ndarray) -> list[dict[str, Any]]:
+    golden_class = np.argmax(golden_scores, axis=1)
+    cls, nonfinite, loss = outcome(res["scores"], golden_class)
+    with np.errstate(invalid="ignore"):
+        dloss = np.abs(loss - outcome(golden_scores, golden_class)[2])
+    out = []
+    for i in range(shard.count):
+        out.append({"type": "fault", "shard": shard.index, "site": site.name, "kind": site.kind,
+                    "image": int(ids[i]), "element": int(res["elems"][i]), "bits": [int(b) for b in res["bits"][i]],
+                    "golden": num(res["golden"][i]), "faulty": num(res["faulty"][i]),
+                    "golden_class": int(golden_class[i]), "faulty_class": int(cls[i]),
+                    "sdc": bool(cls[i] != golden_class[i]), "nonfinite": bool(nonfinite[i]),
+                    "dloss": num(dloss[i])})
+    return out
+
+
+def write_summary(summary: CampaignSummary, path: str | os.PathLike[str]) -> None:
+    """Write the summary JSON atomically."""
+    from harden.files import write_json
+
+    write_json(Path(path), summary.to_dict())

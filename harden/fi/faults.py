@@ -1,0 +1,91 @@
+"""Fault models: which bits a fault touches and how a value is corrupted, drawn in bulk from a seeded Generator.
+
+A fault is (element, bits, uniform draw). Drawing is separate from applying so
+that a shard's faults are fixed by its seed alone, whatever the values are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from harden.errors import HardenError
+from harden.fi.bitflip import check_format, flip, quantise, stuck_at
+
+MODELS = ("flip", "stuck-at-0", "stuck-at-1", "random")
+
+
+@dataclass(frozen=True)
+class FaultModel:
+    """`kind` of fault, the bit positions it may touch (None: the format's whole width) and bits per fault."""
+
+    kind: str = "flip"
+    fmt: str = "fp32"
+    bits: tuple[int, ...] | None = None
+    k: int = 1
+
+    def __post_init__(self) -> None:
+        width = check_format(self.fmt)
+        if self.kind not in MODELS:
+            raise HardenError(f"unknown fault model {self.kind!r}; use one of {list(MODELS)}")
+        if self.bits is not None:
+            if not self.bits:
+                raise HardenError("the bit set is empty")
+            bad = [b for b in self.bits if not 0 <= b < width]
+            if bad:
+                raise HardenError(f"bit positions {bad} are outside 0..{width - 1} for {self.fmt}")
+            if len(set(self.bits)) != len(self.bits):
+                raise HardenError(f"bit positions repeat: {list(self.bits)}")
+        if self.kind != "random" and not 1 <= self.k <= len(self.choices()):
+            raise HardenError(f"cannot flip {self.k} distinct bits out of {len(self.choices())} positions")
+
+    def choices(self) -> np.ndarray:
+        """The bit positions a fault may touch."""
+        return np.asarray(self.bits if self.bits is not None else range(check_format(self.fmt)), dtype=np.int64)
+
+    def draw(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """(bits (n, k), uniforms (n,)): k distinct positions per fault, and a U(-1, 1) draw for 'random'."""
+        choices = self.choices()
+        if self.kind == "random":
+            return np.zeros((n, 0), dtype=np.int64), rng.uniform(-1.0, 1.0, n)
+        if self.k == 1:
+            return choices[rng.integers(0, len(choices), n)].reshape(n, 1), np.zeros(n)
+        order = np.argsort(rng.random((n, len(choices))), axis=1)[:, : self.k]
+        return np.sort(choices[order], axis=1), np.zeros(n)
+
+    def apply(self, golden: np.ndarray, bits: np.ndarray, uniforms: np.ndarray, scale: float, peak: float) -> np.ndarray:
+        """Faulty values for `golden` values (float32, one per fault).
+
+        int8 uses `scale`; 'random' draws a value uniformly in ±`peak` (the
+        site's profiled range), stored in the format.
+        """
+        g = np.asarray(golden, dtype=np.float32)
+        if self.kind == "random":
+            return quantise((uniforms * peak).astype(np.float32), self.fmt, scale)
+        if self.kind == "flip":
+            return flip(g, bits, self.fmt, scale)
+        return stuck_at(g, bits, int(self.kind[-1]), self.fmt, scale)
+
+    def to_dict(self) -> dict[str, object]:
+        return {"kind": self.kind, "fmt": self.fmt, "bits": None if self.bits is None else list(self.bits), "k": self.k}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> FaultModel:
+        bits = data.get("bits")
+        return cls(str(data["kind"]), str(data["fmt"]), None if bits is None else tuple(int(b) for b in bits),  # type: ignore[union-attr]
+                   int(data.get("k", 1)))  # type: ignore[arg-type]
+
+
+def parse_bits(text: str | None) -> tuple[int, ...] | None:
+    """'all'/None, '30', '23-30' or '0,7,31' to a tuple of bit positions."""
+    if text is None or text == "all":
+        return None
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, sep, hi = part.strip().partition("-")
+            out.extend(range(int(lo), int(hi) + 1) if sep else [int(lo)])
+    except ValueError as err:
+        raise HardenError(f"bad --bits {text!r}; use e.g. 30, 23-30 or 0,7,31") from err
+    return tuple(out)

@@ -1,0 +1,180 @@
+"""What the injector needs to know about a graph: producers, consumers, constants and real tensor shapes.
+
+Shape inference cannot always give every intermediate shape (symbolic dims,
+custom ops), and the engine must also know which tensors carry one row per image
+(so that they can be cached and re-batched) and which do not (shape arithmetic,
+whose value depends on the batch size). Both questions are answered by running
+the model once on a batch of 1 and once on a batch of 2 with every tensor
+exposed, which is cheap and never wrong.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from harden.errors import HardenError
+from harden.graph.ort import expose, make_session
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """dtype and shape (at batch 1) of one tensor, and whether its first axis is the image batch."""
+
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    batched: bool
+
+
+def named_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy whose unnamed nodes get stable names `<op>_<index>`, so every site can name its node."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    taken = {n.name for n in copy.graph.node if n.name}
+    for i, node in enumerate(copy.graph.node):
+        if not node.name:
+            name = f"{node.op_type}_{i}"
+            while name in taken:
+                name += "_"
+            node.name = name
+            taken.add(name)
+    return copy
+
+
+class GraphInfo:
+    """Read-only analysis of a classifier graph with one image input and class scores as output 0."""
+
+    def __init__(self, model: onnx.ModelProto, example: np.ndarray | None = None,
+                 providers: Sequence[str] = ("CPUExecutionProvider",)) -> None:
+        self.model = named_copy(model)
+        graph = self.model.graph
+        init_names = {t.name for t in graph.initializer}
+        inputs = [i for i in graph.input if i.name not in init_names]
+        if len(inputs) != 1:
+            raise HardenError(f"expected a model with one image input, found {len(inputs)}: {[i.name for i in inputs]}")
+        if not graph.output:
+            raise HardenError("the model has no outputs")
+        self.input_name = inputs[0].name
+        self.scores = graph.output[0].name
+        self.nodes = list(graph.node)
+        self.node_index = {n.name: i for i, n in enumerate(self.nodes)}
+        self.producer: dict[str, int] = {}
+        self.consumers: dict[str, list[int]] = {}
+        for i, node in enumerate(self.nodes):
+            for out in node.output:
+                if out:
+                    self.producer[out] = i
+            for inp in node.input:
+                if inp:
+                    self.consumers.setdefault(inp, []).append(i)
+        self.constants: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+        for node in self.nodes:
+            if node.op_type == "Constant":
+                for attr in node.attribute:
+                    if attr.name == "value":
+                        self.constants[node.output[0]] = numpy_helper.to_array(attr.t)
+        dims = inputs[0].type.tensor_type.shape.dim
+        first = dims[0] if dims else None
+        self.fixed_batch: int | None = first.dim_value if first is not None and first.HasField("dim_value") else None
+        self.tensors = self._probe(inputs[0], example, providers)
+        scores = self.tensors.get(self.scores)
+        if scores is None or len(scores.shape) != 2 or scores.shape[1] < 2 or not scores.batched:
+            shape = None if scores is None else list(scores.shape)
+            raise HardenError(f"model output {self.scores!r} has shape {shape} at batch 1; "
+                              "expected class scores of shape N×C with C ≥ 2")
+        self.classes = scores.shape[1]
+
+    def input_shape(self) -> tuple[int, ...]:
+        """(C, H, W) of one image as the model declares it (from the probe)."""
+        return self.tensors[self.input_name].shape[1:]
+
+    def _probe(self, inp: onnx.ValueInfoProto, example: np.ndarray | None,
+               providers: Sequence[str]) -> dict[str, TensorInfo]:
+        """Run every tensor out at two batch sizes (or the fixed one) to learn dtypes, shapes and batching."""
+        dims = inp.type.tensor_type.shape.dim
+        if example is not None:
+            per_image = tuple(int(d) for d in example.shape[1:])
+        else:
+            if any(not d.HasField("dim_value") for d in list(dims)[1:]):
+                raise HardenError(f"model input {inp.name!r} has symbolic image dimensions; "
+                                  "give data so that its shape is known")
+            per_image = tuple(int(d.dim_value) for d in list(dims)[1:])
+        names = [o for n in self.nodes for o in n.output if o]
+        session = make_session(expose(self.model, names), providers=providers, opt_level="disable")
+        sizes = [self.fixed_batch] if self.fixed_batch else [1, 2]
+        runs = []
+        for b in sizes:
+            x = np.zeros((b, *per_image), dtype=np.float32)
+            values = session.run(names, {self.input_name: x})
+            runs.append({n: np.asarray(v) for n, v in zip(names, values)})
+        info: dict[str, TensorInfo] = {self.input_name: TensorInfo(np.dtype(np.float32), (1, *per_image), True)}
+        for name in names:
+            first = runs[0][name]
+            if self.fixed_batch:
+                batched = first.ndim >= 1 and first.shape[0] == self.fixed_batch
+                shape = (1, *first.shape[1:]) if batched else first.shape
+            else:
+                second = runs[1][name]
+                batched = (first.ndim >= 1 and second.ndim == first.ndim and first.shape[0] == 1
+                           and second.shape[0] == 2 and first.shape[1:] == second.shape[1:])
+                shape = first.shape
+            info[name] = TensorInfo(first.dtype, tuple(int(s) for s in shape), batched)
+        return info
+
+    def reaches(self, target: str) -> set[str]:
+        """Names of tensors from which `target` can be computed (its ancestors, itself included)."""
+        seen = {target}
+        stack = [target]
+        while stack:
+            t = stack.pop()
+            if t in self.producer:
+                for inp in self.nodes[self.producer[t]].input:
+                    if inp and inp not in seen:
+                        seen.add(inp)
+                        stack.append(inp)
+        return seen
+
+    def downstream_nodes(self, tensor: str) -> set[int]:
+        """Indices of the nodes whose value depends on `tensor`."""
+        found: set[int] = set()
+        stack = list(self.consumers.get(tensor, []))
+        while stack:
+            i = stack.pop()
+            if i in found:
+                continue
+            found.add(i)
+            for out in self.nodes[i].output:
+                stack.extend(self.consumers.get(out, []))
+        return found
+
+    def cut(self, tensor: str) -> list[str]:
+        """Tensors a suffix starting at `tensor` must be fed: `tensor` plus everything its nodes read from outside.
+
+        Skip connections appear here as the other operands of the merge nodes.
+        A crossing tensor without a batch axis (shape arithmetic) cannot be
+        re-batched, so its producer joins the suffix, until every fed tensor is
+        per-image.
+        """
+        nodes = self.downstream_nodes(tensor)
+        while True:
+            produced = {o for i in nodes for o in self.nodes[i].output}
+            fed = {inp for i in nodes for inp in self.nodes[i].input
+                   if inp and inp not in produced and inp not in self.constants_initializers()}
+            fed.discard(tensor)
+            pull = [t for t in fed if t in self.producer and not self.tensors[t].batched
+                    and self.nodes[self.producer[t]].op_type != "Constant"]
+            if not pull:
+                break
+            nodes.update(self.producer[t] for t in pull)
+        constant_outputs = {t for t in fed if t in self.producer and self.nodes[self.producer[t]].op_type == "Constant"}
+        return [tensor, *sorted(fed - constant_outputs)]
+
+    def constants_initializers(self) -> set[str]:
+        """Names of the initializers (fed by the session itself, never cached)."""
+        if not hasattr(self, "_init_names"):
+            self._init_names = {t.name for t in self.model.graph.initializer}
+        return self._init_names

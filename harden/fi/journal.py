@@ -1,0 +1,157 @@
+"""The campaign JSONL file: a header, then each shard's records followed by its completion marker.
+
+A shard's lines and its marker go out in one write and are flushed and fsynced
+together, so after a kill -9 the file is a run of complete shards, possibly
+followed by part of one. Reopening truncates that tail and reports which shards
+are done; they are never rerun, and none is written twice.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from harden.errors import HardenError
+from harden.files import atomic_open
+
+
+def dumps(obj: dict[str, Any]) -> str:
+    """One compact JSON line; the same object always gives the same bytes."""
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False)
+
+
+def num(x: float) -> float | str:
+    """A float for JSON, with NaN and ±Inf as the strings 'nan', 'inf', '-inf' (strict JSON has none)."""
+    x = float(x)
+    if math.isnan(x):
+        return "nan"
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    return x
+
+
+def unnum(x: float | str) -> float:
+    return float(x)
+
+
+class JournalContents:
+    """A parsed journal: header, complete shards (index → record lines) and where the valid part ends."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise HardenError(f"{path}: no such campaign file")
+        self.header: dict[str, Any] = {}
+        self.shards: dict[int, list[str]] = {}
+        self.markers: dict[int, str] = {}
+        self.end = 0
+        pending: list[str] = []
+        offset = 0
+        with open(self.path, "rb") as handle:
+            for raw in handle:
+                offset += len(raw)
+                if not raw.endswith(b"\n"):
+                    break
+                line = raw.decode("utf-8", errors="replace").rstrip("\n")
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError:
+                    break
+                kind = obj.get("type") if isinstance(obj, dict) else None
+                if not self.header:
+                    if kind != "header":
+                        raise HardenError(f"{path}: not a harden campaign file (no header line)")
+                    self.header = obj
+                    self.end = offset
+                elif kind == "fault":
+                    pending.append(line)
+                elif kind == "shard" and obj.get("count") == len(pending) and obj["shard"] not in self.shards:
+                    self.shards[int(obj["shard"])] = pending
+                    self.markers[int(obj["shard"])] = line
+                    pending = []
+                    self.end = offset
+                else:
+                    break
+        if not self.header:
+            raise HardenError(f"{path}: empty or unreadable campaign file")
+
+    def records(self) -> Iterable[dict[str, Any]]:
+        """Every fault record of the complete shards, in shard order."""
+        for idx in sorted(self.shards):
+            for line in self.shards[idx]:
+                yield json.loads(line)
+
+
+class Journal:
+    """Appends shards to a campaign file, resuming it when its header matches."""
+
+    def __init__(self, path: str | os.PathLike[str], header: dict[str, Any], fresh: bool = False) -> None:
+        self.path = Path(path)
+        self.done: set[int] = set()
+        if self.path.exists() and not fresh:
+            contents = JournalContents(self.path)
+            if dumps(contents.header) != dumps(header):
+                raise HardenError(f"{path} holds a different campaign (model, data or config differ); "
+                                  "choose another output or pass --fresh to start over")
+            self.done = set(contents.shards)
+            with open(self.path, "r+b") as handle:
+                handle.truncate(contents.end)
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "wb") as handle:
+                handle.write((dumps(header) + "\n").encode())
+                handle.flush()
+                os.fsync(handle.fileno())
+        self.handle = open(self.path, "ab")
+
+    def append(self, shard: int, site: str, records: Sequence[dict[str, Any]]) -> None:
+        """Write one shard's records and its marker together, durably."""
+        lines = [dumps(r) for r in records]
+        lines.append(dumps({"type": "shard", "shard": shard, "site": site, "count": len(records)}))
+        self.handle.write(("\n".join(lines) + "\n").encode())
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+        self.done.add(shard)
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def merge_journals(paths: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str]) -> JournalContents:
+    """Join the parts of a `--shard i/n` campaign into one file, identical to an unsharded run's.
+
+    The parts must share everything but their shard setting, and together hold
+    every shard exactly once.
+    """
+    if not paths:
+        raise HardenError("nothing to merge")
+    parts = [JournalContents(p) for p in paths]
+    base = dict(parts[0].header)
+    base["config"] = {**base["config"], "shard": None}
+    shards: dict[int, tuple[list[str], str]] = {}
+    for part in parts:
+        header = dict(part.header)
+        header["config"] = {**header["config"], "shard": None}
+        if dumps(header) != dumps(base):
+            raise HardenError(f"{part.path} belongs to a different campaign than {parts[0].path}")
+        for idx, lines in part.shards.items():
+            if idx in shards:
+                raise HardenError(f"shard {idx} appears in more than one part ({part.path})")
+            shards[idx] = (lines, part.markers[idx])
+    total = int(base["total_shards"])
+    missing = sorted(set(range(total)) - set(shards))
+    if missing:
+        raise HardenError(f"the parts lack {len(missing)} of {total} shards (first: {missing[:5]}); "
+                          "finish or resume the missing parts first")
+    with atomic_open(out, "w") as handle:
+        handle.write(dumps(base) + "\n")
+        for idx in range(total):
+            lines, marker = shards[idx]
+            for line in lines:
+                handle.write(line + "\n")
+            handle.write(marker + "\n")
+    return JournalContents(out)

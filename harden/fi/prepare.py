@@ -1,0 +1,100 @@
+"""The evaluation set of a campaign: golden run, the paper's image filter, and range profiling.
+
+Following the paper (and goldeneye), only images the fault-free model classifies
+correctly with a strictly positive Top2Diff are used, so that an SDC is always a
+change away from a correct, unambiguous answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from harden.data.preprocess import Preprocess
+from harden.errors import HardenError
+from harden.fi.profile import profile_ranges
+from harden.graph.onnx_io import get_metadata
+from harden.graph.ort import make_session, run_batched
+
+PREPROCESS_KEY = "harden.preprocess"
+
+
+@dataclass
+class EvalSet:
+    """Model-ready inputs of the kept images, with their golden results and the profiled ranges."""
+
+    inputs: np.ndarray
+    labels: np.ndarray
+    ids: np.ndarray
+    golden_class: np.ndarray
+    top2diff: np.ndarray
+    ranges: dict[str, float]
+    total: int
+    correct: int
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.total if self.total else float("nan")
+
+    def header(self) -> dict[str, object]:
+        """What the campaign header records about the evaluation set."""
+        return {"total": self.total, "correct": self.correct, "kept": int(len(self.ids)),
+                "ids": [int(i) for i in self.ids], "top2diff": [float(t) for t in self.top2diff],
+                "ranges": dict(self.ranges)}
+
+
+def softmax_top2diff(scores: np.ndarray) -> np.ndarray:
+    """(softmax top-1 − top-2) × 100 per row, computed in float64."""
+    s = scores.astype(np.float64)
+    p = np.exp(s - s.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    top = np.sort(p, axis=1)[:, -2:]
+    return (top[:, 1] - top[:, 0]) * 100.0
+
+
+def model_preprocess(model: onnx.ModelProto, override: Preprocess | None = None) -> Preprocess | None:
+    """The preprocessing the model declares in metadata, unless the user gave one."""
+    if override is not None:
+        return override
+    text = get_metadata(model).get(PREPROCESS_KEY)
+    return Preprocess.from_json(text) if text else None
+
+
+def model_ready_inputs(model: onnx.ModelProto, images: np.ndarray, preprocess: Preprocess | None,
+                       image_shape: Sequence[int]) -> np.ndarray:
+    """Apply the preprocessing and check the result against the model input's (C, H, W)."""
+    x = preprocess.apply(images) if preprocess is not None else np.ascontiguousarray(images, dtype=np.float32)
+    want = tuple(int(d) for d in image_shape)
+    if tuple(x.shape[1:]) != want:
+        how = "after preprocessing" if preprocess is not None else "(no preprocessing declared; give --preprocess)"
+        raise HardenError(f"data shape {tuple(x.shape[1:])} {how} does not match the model input shape {want}")
+    return x
+
+
+def prepare_eval(model: onnx.ModelProto, inputs: np.ndarray, labels: np.ndarray, tensors: Sequence[str] = (),
+                 profile_inputs: np.ndarray | None = None, batch: int = 64,
+                 providers: Sequence[str] = ("CPUExecutionProvider",), opt_level: str = "disable") -> EvalSet:
+    """Golden run on `inputs`, keep correct images with Top2Diff > 0, profile `tensors` on `profile_inputs`.
+
+    The profiling set defaults to the evaluation inputs themselves.
+    """
+    session = make_session(model, providers=providers, opt_level=opt_level)
+    scores = run_batched(session, inputs, outputs=[model.graph.output[0].name], batch=batch)[0]
+    if scores.ndim != 2 or scores.shape[0] != len(inputs) or scores.shape[1] < 2:
+        raise HardenError(f"model output has shape {list(scores.shape)}; expected class scores N×C with C ≥ 2")
+    if labels.max(initial=0) >= scores.shape[1]:
+        raise HardenError(f"labels go up to {int(labels.max())} but the model scores {scores.shape[1]} classes")
+    golden = np.argmax(scores, axis=1)
+    t2d = softmax_top2diff(scores)
+    correct = golden == labels
+    keep = np.flatnonzero(correct & (t2d > 0) & np.isfinite(scores).all(axis=1))
+    if len(keep) == 0:
+        raise HardenError(f"no evaluation image is classified correctly (accuracy {correct.mean():.1%}); "
+                          "check the data and preprocessing")
+    ranges = profile_ranges(model, inputs if profile_inputs is None else profile_inputs, list(tensors),
+                            batch=batch, providers=providers) if tensors else {}
+    return EvalSet(np.ascontiguousarray(inputs[keep]), labels[keep].astype(np.int64), keep, golden[keep],
+                   t2d[keep], ranges, int(len(inputs)), int(correct.sum()))

@@ -1,0 +1,138 @@
+"""Fault sites: the activation and weight tensors a campaign may corrupt, and selecting them by name.
+
+A "layer" is one compute node. Its activation site is the node's output; its
+weight sites are the constant float tensors it reads (weights and biases).
+Sites are listed in graph (topological) order, so `last` is the classifier.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import onnx
+
+from harden.errors import HardenError
+from harden.fi.graphinfo import GraphInfo
+
+COMPUTE_OPS = ("Conv", "Gemm", "MatMul", "ConvTranspose")
+# Which inputs of each compute op may be constant parameters.
+_PARAM_INPUTS = {"Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (0, 1, 2), "MatMul": (0, 1)}
+
+
+@dataclass(frozen=True)
+class Site:
+    """One tensor that faults are injected into.
+
+    `shape`/`elements` are per image for activations (batch axis dropped) and
+    the whole tensor for weights. `input_index` is the node input a weight
+    feeds (-1 for activations); `shared` marks a weight read by several nodes.
+    """
+
+    name: str
+    kind: str
+    tensor: str
+    node: str
+    op_type: str
+    shape: tuple[int, ...]
+    elements: int
+    input_index: int = -1
+    shared: bool = False
+
+    def to_dict(self) -> dict[str, object]:
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> Site:
+        fields = dict(data)
+        fields["shape"] = tuple(int(s) for s in data["shape"])  # type: ignore[union-attr]
+        return cls(**fields)  # type: ignore[arg-type]
+
+
+def list_sites(model: onnx.ModelProto | GraphInfo, include_all_tensors: bool = False) -> list[Site]:
+    """Every activation and weight site of the graph that can change the class scores."""
+    info = model if isinstance(model, GraphInfo) else GraphInfo(model)
+    live = info.reaches(info.scores)
+    sites: list[Site] = []
+    compute_readers: dict[str, list[int]] = {}
+    for i, node in enumerate(info.nodes):
+        if node.op_type in COMPUTE_OPS:
+            for j in _PARAM_INPUTS[node.op_type]:
+                if j < len(node.input) and node.input[j] in info.constants:
+                    compute_readers.setdefault(node.input[j], []).append(i)
+    for i, node in enumerate(info.nodes):
+        if node.op_type == "Constant":
+            continue
+        outputs = [node.output[0]] if node.op_type in COMPUTE_OPS else (list(node.output) if include_all_tensors else [])
+        for out in outputs:
+            t = info.tensors.get(out)
+            if not out or out not in live or t is None or not t.batched or t.dtype != np.float32:
+                continue
+            shape = t.shape[1:]
+            sites.append(Site(out, "activation", out, node.name, node.op_type, shape, int(np.prod(shape, dtype=np.int64))))
+        if node.op_type not in COMPUTE_OPS or node.output[0] not in live:
+            continue
+        for j in _PARAM_INPUTS[node.op_type]:
+            if j >= len(node.input) or node.input[j] not in info.constants:
+                continue
+            name = node.input[j]
+            value = info.constants[name]
+            if value.dtype != np.float32:
+                continue
+            shared = len(compute_readers.get(name, [])) > 1
+            sites.append(Site(f"{name}@{node.name}" if shared else name, "weight", name, node.name, node.op_type,
+                              tuple(int(s) for s in value.shape), int(value.size), j, shared))
+    return sites
+
+
+def select_sites(sites: Sequence[Site], spec: str | Sequence[str], kinds: Sequence[str] = ("activation", "weight")) -> list[Site]:
+    """Sites chosen by `spec`: 'all', 'last' (the classifier node), names, or 're:REGEX'.
+
+    `spec` is a comma-separated string or a list of tokens. A name matches a
+    site name, its tensor or its node (so a node name picks its activation and
+    weights). The result keeps graph order and has no duplicates.
+    """
+    for kind in kinds:
+        if kind not in ("activation", "weight"):
+            raise HardenError(f"unknown site kind {kind!r}; use activation and/or weight")
+    tokens = [t.strip() for t in (spec.split(",") if isinstance(spec, str) else spec) if t.strip()]
+    if not tokens:
+        raise HardenError("no layers selected; use 'all', 'last', names or re:REGEX")
+    pool = [s for s in sites if s.kind in kinds]
+    chosen: set[str] = set()
+    for token in tokens:
+        if token == "all":
+            matched = [s.name for s in pool]
+        elif token == "last":
+            compute = [s for s in sites if s.op_type in COMPUTE_OPS and s.kind == "activation"]
+            if not compute:
+                raise HardenError("the model has no Conv/Gemm/MatMul/ConvTranspose layer for 'last'")
+            matched = [s.name for s in pool if s.node == compute[-1].node]
+        elif token.startswith("re:"):
+            try:
+                pattern = re.compile(token[3:])
+            except re.error as err:
+                raise HardenError(f"bad layer regex {token[3:]!r}: {err}") from err
+            matched = [s.name for s in pool if pattern.search(s.name) or pattern.search(s.node)]
+        else:
+            matched = [s.name for s in pool if token in (s.name, s.tensor, s.node)]
+            if not matched:
+                known = ", ".join(sorted({s.node for s in sites})[:12])
+                raise HardenError(f"unknown layer {token!r} (for kinds {list(kinds)}); known nodes include: {known}")
+        if not matched:
+            raise HardenError(f"layer selection {token!r} matches no {'/'.join(kinds)} site")
+        chosen.update(matched)
+    return [s for s in pool if s.name in chosen]
+
+
+def format_sites(sites: Sequence[Site]) -> str:
+    """A table of sites for `--list-sites`."""
+    rows = [("site", "kind", "op", "node", "shape", "elements")]
+    rows += [(s.name + (" (shared)" if s.shared else ""), s.kind, s.op_type, s.node,
+              "×".join(map(str, s.shape)) or "scalar", str(s.elements)) for s in sites]
+    widths = [max(len(r[i]) for r in rows) for i in range(6)]
+    return "\n".join("  ".join(c.ljust(w) if i < 5 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows)

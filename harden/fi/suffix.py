@@ -1,0 +1,66 @@
+"""Suffix subgraphs: the part of the model downstream of a fault site, fed from cached tensors.
+
+A fault at tensor T can only change nodes that depend on T, so only those run
+per fault. Everything else they read (skip connections, shape arithmetic) is a
+fault-free value cached from one prefix run per image batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper
+from onnx.utils import Extractor
+
+from harden.fi.graphinfo import GraphInfo
+from harden.graph.ort import make_session
+
+
+class Suffix:
+    """Runs the graph from a site tensor to the class scores on a batch of (possibly corrupted) cut tensors."""
+
+    def __init__(self, info: GraphInfo, tensor: str, providers: Sequence[str], opt_level: str) -> None:
+        self.tensor = tensor
+        self.inputs = info.cut(tensor)
+        self.session: ort.InferenceSession | None = None
+        if tensor != info.scores:
+            model = extract(info, self.inputs, [info.scores])
+            self.session = make_session(model, providers=providers, opt_level=opt_level)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """Class scores for the fed cut tensors (the site tensor already corrupted)."""
+        if self.session is None:
+            return feeds[self.tensor]
+        return self.session.run(None, {k: feeds[k] for k in self.inputs})[0]
+
+
+def _value_info(info: GraphInfo, name: str) -> onnx.ValueInfoProto:
+    """A value info with the probed dtype and a symbolic batch axis where the tensor has one."""
+    t = info.tensors[name]
+    dims: list[int | str] = list(t.shape)
+    if t.batched and dims:
+        dims[0] = "N" if info.fixed_batch is None else info.fixed_batch
+    return helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(t.dtype), dims)
+
+
+def extract(info: GraphInfo, inputs: Sequence[str], outputs: Sequence[str]) -> onnx.ModelProto:
+    """The subgraph between `inputs` and `outputs`, through onnx.utils.Extractor.
+
+    Intermediate value infos are replaced by probed ones first, so extraction
+    never depends on what shape inference could work out.
+    """
+    model = onnx.ModelProto()
+    model.CopyFrom(info.model)
+    names = set(inputs) | set(outputs)
+    kept = [v for v in model.graph.value_info if v.name not in names]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(kept)
+    model.graph.value_info.extend(_value_info(info, n) for n in sorted(names))
+    extractor = Extractor(model)
+    sub = extractor.extract_model(list(inputs), list(outputs))
+    del sub.graph.output[:]
+    sub.graph.output.extend(_value_info(info, n) for n in outputs)
+    return sub

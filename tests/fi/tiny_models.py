@@ -1,0 +1,75 @@
+"""Tiny classifiers built in code for the fault-injection tests."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+
+def _init(name: str, rng: np.random.Generator, *shape: int, scale: float = 0.5) -> onnx.TensorProto:
+    return numpy_helper.from_array((rng.standard_normal(shape) * scale).astype(np.float32), name)
+
+
+def residual_cnn(seed: int = 0, classes: int = 4, group: int = 1, stride: int = 1, dilation: int = 1,
+                 trans_b: int = 1, pad: int = 1) -> onnx.ModelProto:
+    """conv → relu → conv (+ skip) → relu → global pool → flatten → gemm; input 1×3×8×8 (dynamic batch)."""
+    rng = np.random.default_rng(seed)
+    c = 4
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", group=group, strides=[stride, stride],
+                         dilations=[dilation, dilation], pads=[pad * dilation] * 4),
+        helper.make_node("MaxPool", ["r1"], ["skip"], name="pool_skip", kernel_shape=[1, 1], strides=[stride, stride]),
+        helper.make_node("Add", ["c2", "skip"], ["sum"], name="add"),
+        helper.make_node("Relu", ["sum"], ["r2"], name="relu2"),
+        helper.make_node("GlobalAveragePool", ["r2"], ["gap"], name="gap"),
+        helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"),
+        helper.make_node("Gemm", ["flat", "wf", "bf"], ["logits"], name="fc", transB=trans_b, alpha=1.5, beta=0.5),
+    ]
+    inits = [
+        _init("w1", rng, c, 3, 3, 3), _init("b1", rng, c, scale=0.1),
+        _init("w2", rng, c, c // group, 3, 3), _init("b2", rng, c, scale=0.1),
+        _init("wf", rng, *((classes, c) if trans_b else (c, classes)), scale=1.0), _init("bf", rng, classes, scale=0.1),
+    ]
+    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def matmul_mlp(seed: int = 0, classes: int = 5) -> onnx.ModelProto:
+    """flatten → matmul + add → relu → matmul (weight as a Constant node) + add; input 1×1×4×4."""
+    rng = np.random.default_rng(seed)
+    const = helper.make_node("Constant", [], ["w2"], name="w2_const",
+                             value=numpy_helper.from_array((rng.standard_normal((8, classes))).astype(np.float32)))
+    nodes = [
+        helper.make_node("Flatten", ["x"], ["flat"], name="flatten"),
+        helper.make_node("MatMul", ["flat", "w1"], ["h"], name="mm1"),
+        helper.make_node("Add", ["h", "b1"], ["hb"], name="add1"),
+        helper.make_node("Relu", ["hb"], ["r"], name="relu"),
+        const,
+        helper.make_node("MatMul", ["r", "w2"], ["o"], name="mm2"),
+        helper.make_node("Add", ["o", "b2"], ["logits"], name="add2"),
+    ]
+    inits = [_init("w1", rng, 16, 8), _init("b1", rng, 8, scale=0.1), _init("b2", rng, classes, scale=0.1)]
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 4, 4])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def labelled_inputs(model: onnx.ModelProto, n: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Random inputs labelled with the model's own predictions (so all are 'correct')."""
+    import onnxruntime as ort
+
+    dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:]]
+    x = np.random.default_rng(seed).standard_normal((n, *dims)).astype(np.float32)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    y = np.argmax(sess.run(None, {"x": x})[0], axis=1).astype(np.int64)
+    return x, y
