@@ -20,6 +20,8 @@ SUBCOMMANDS: list[str] = [
     "data",
     "finetune",
     "export",
+    "rewrite",
+    "convert",
 ]
 
 

@@ -43,8 +43,10 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
     return model
 
 
-def save_model(model: onnx.ModelProto, path: str | os.PathLike[str], source: str | os.PathLike[str] | None = None) -> None:
-    """Check and write a model atomically; large models keep their weights in `<name>.data`."""
+def save_model(model: onnx.ModelProto, path: str | os.PathLike[str], source: str | os.PathLike[str] | None = None,
+               external_data: bool = False) -> None:
+    """Check and write a model atomically; large models (or any, with `external_data`) keep their
+    weights in `<name>.data`."""
     path = Path(path)
     if source is not None:
         refuse_overwrite(source, path)
@@ -52,7 +54,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str], source: str
         onnx.checker.check_model(model, full_check=False)
     except onnx.checker.ValidationError as err:
         raise RuntimeError(f"produced an invalid ONNX model: {err}") from err
-    if model.ByteSize() > EXTERNAL_DATA_THRESHOLD:
+    if external_data or model.ByteSize() > EXTERNAL_DATA_THRESHOLD:
         _save_external(model, path)
         return
     with atomic_path(path) as tmp:
@@ -72,6 +74,15 @@ def _save_external(model: onnx.ModelProto, path: Path) -> None:
         os.replace(scratch / path.name, path)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def uses_external_data(path: str | os.PathLike[str]) -> bool:
+    """Whether the model file keeps any tensor outside itself (reads the graph, not the weights)."""
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, OSError, ValueError, RuntimeError) as err:
+        raise HardenError(f"{path}: not a readable ONNX model ({type(err).__name__}: {err})") from err
+    return any(onnx.external_data_helper.uses_external_data(t) for t in model.graph.initializer)
 
 
 def get_metadata(model: onnx.ModelProto) -> dict[str, str]:

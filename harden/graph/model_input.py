@@ -1,0 +1,100 @@
+"""What a model expects as input: its declared preprocessing, and images made ready for it.
+
+Models exported by `harden export` declare their preprocessing in the
+`harden.preprocess` metadata entry. Zoo models declare nothing, so the user
+says it (`--preprocess`), or the usual convention applies: ImageNet
+normalisation for a 3×224×224 input, identity otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+
+from harden.data import Dataset, Preprocess
+from harden.data.preprocess import IMAGENET
+from harden.errors import HardenError
+from harden.graph.onnx_io import get_metadata
+
+PREPROCESS_KEY = "harden.preprocess"
+PREPROCESS_HELP = ("the model's input preprocessing when it declares none: 'imagenet', 'identity', a JSON "
+                   "object, or channels=C,size=S,mean=m1/m2/m3,std=s1/s2/s3")
+
+
+def input_chw(model: onnx.ModelProto) -> tuple[int | None, int | None, int | None]:
+    """(C, H, W) of the model's single image input; None where a dimension is symbolic."""
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    if len(inputs) != 1:
+        raise HardenError(f"expected a model with one image input, found {[i.name for i in inputs]}")
+    dims = inputs[0].type.tensor_type.shape.dim
+    if len(dims) != 4:
+        raise HardenError(f"input {inputs[0].name!r} has rank {len(dims)}; expected an N×C×H×W image batch")
+    values = [d.dim_value if d.HasField("dim_value") else None for d in dims[1:]]
+    return values[0], values[1], values[2]
+
+
+def parse_preprocess(text: str) -> Preprocess:
+    """`--preprocess` text → Preprocess (see PREPROCESS_HELP)."""
+    text = text.strip()
+    if text == "imagenet":
+        return IMAGENET
+    if text == "identity":
+        return Preprocess()
+    if text.startswith("{"):
+        return Preprocess.from_json(text)
+    fields: dict[str, object] = {}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        if not sep or key.strip() not in ("channels", "size", "mean", "std"):
+            raise HardenError(f"--preprocess: cannot read {part!r}; {PREPROCESS_HELP}")
+        fields[key.strip()] = value.strip()
+    try:
+        channels = int(fields.get("channels", 1))  # type: ignore[arg-type]
+        size = int(fields["size"]) if "size" in fields else None  # type: ignore[arg-type]
+        mean = tuple(float(v) for v in str(fields.get("mean", "0")).split("/"))
+        std = tuple(float(v) for v in str(fields.get("std", "1")).split("/"))
+    except ValueError as err:
+        raise HardenError(f"--preprocess: {err}; {PREPROCESS_HELP}") from err
+    return Preprocess(channels=channels, size=size, mean=mean, std=std)
+
+
+def model_preprocess(model: onnx.ModelProto, override: Preprocess | None = None) -> Preprocess:
+    """The model's preprocessing: the override, its `harden.preprocess` metadata, or the zoo default."""
+    if override is not None:
+        return override
+    declared = get_metadata(model).get(PREPROCESS_KEY)
+    if declared:
+        return Preprocess.from_json(declared)
+    channels, height, width = input_chw(model)
+    if (channels, height, width) == (3, 224, 224):
+        return IMAGENET
+    if channels not in (1, 3):
+        raise HardenError(f"the model's input has {channels} channels; say its preprocessing with --preprocess")
+    size = height if height is not None and height == width else None
+    return Preprocess(channels=channels, size=size)
+
+
+def model_inputs(model: onnx.ModelProto, data: Dataset, preprocess: Preprocess) -> np.ndarray:
+    """The dataset's images as the model's input tensor, refusing a shape the model would reject."""
+    x = preprocess.apply(data.images)
+    want = input_chw(model)
+    got = x.shape[1:]
+    if any(w is not None and w != g for w, g in zip(want, got)):
+        raise HardenError(f"{data.spec}: preprocessed images are {list(got)} but the model takes "
+                          f"{[w if w is not None else '?' for w in want]}; set --preprocess")
+    return x
+
+
+def model_classes(model: onnx.ModelProto) -> list[str] | None:
+    """Class names a model declares in `harden.classes` (JSON list), if any."""
+    text = get_metadata(model).get("harden.classes")
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    return [str(v) for v in value] if isinstance(value, list) else None

@@ -1,0 +1,143 @@
+"""The range-restriction pass (Ranger, Chen et al. 2020), with the injector's own bounds.
+
+For each chosen tensor x with profiled peak p = max |x| over calibration data
+(harden.fi.profile.profile_ranges, the function behind `harden inject --clamp range`):
+
+    x' = Clip(Where(IsNaN(x), 0, x), -p, p)
+
+which is exactly harden.fi.profile.clamp_to_range: NaN → 0, ±Inf and
+out-of-range values → ±p. Consumers read x'; the chosen tensor keeps its name,
+so a fault injected into it is clamped as the campaign assumed. (A tensor that
+is also a graph output is renamed instead and the Clip takes its name, so the
+model's interface does not change.) On the calibration data no value exceeds
+its peak, so the output must equal the original's; ONNX Runtime checks that.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from harden.errors import HardenError
+from harden.fi.profile import profile_ranges
+from harden.graph.locate import import_graph
+from harden.graph.opset import clip, const, default_opset, ensure_min_opset
+from harden.graph.ort import make_session, run_batched
+from harden.graph.passes import copy_model, finish, update_config
+
+COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+PARITY_IMAGES = 64
+PARITY_ATOL = 1e-5
+
+
+def default_layers(model: onnx.ModelProto) -> list[str]:
+    """The activation fault sites of DESIGN's fault model: outputs of Conv, ConvTranspose, Gemm and MatMul."""
+    return [node.output[0] for node in model.graph.node if node.op_type in COMPUTE_OPS and node.output]
+
+
+def resolve_layers(model: onnx.ModelProto, layers: Sequence[str] | None) -> list[str]:
+    """Tensor names to clip: given as node names or tensor names, or the default compute-node outputs."""
+    if not layers:
+        chosen = default_layers(model)
+        if not chosen:
+            raise HardenError("the model has no Conv, ConvTranspose, Gemm or MatMul node to range-clip; "
+                              "name tensors with --layers")
+        return chosen
+    by_node = {node.name: node.output[0] for node in model.graph.node if node.name and node.output}
+    tensors = {out for node in model.graph.node for out in node.output}
+    chosen = []
+    for layer in layers:
+        if layer in tensors:
+            chosen.append(layer)
+        elif layer in by_node:
+            chosen.append(by_node[layer])
+        else:
+            raise HardenError(f"--layers: {layer!r} is neither a node nor a tensor of the model")
+    return list(dict.fromkeys(chosen))
+
+
+class RangeClipPass:
+    """Insert NaN-to-zero and Clip(±peak) after each chosen layer, peaks profiled on calibration inputs."""
+
+    name = "range-clip"
+
+    def __init__(self, calibration: np.ndarray, layers: Sequence[str] | None = None,
+                 calibration_spec: str = "") -> None:
+        self.calibration = calibration
+        self.layers = list(layers) if layers else None
+        self.calibration_spec = calibration_spec
+        self.ranges: dict[str, float] = {}
+        self.parity_max_abs: float | None = None
+        self.upgraded_from: int | None = None
+
+    def config(self) -> dict[str, Any]:
+        return {"calibration": self.calibration_spec, "calibration_images": int(len(self.calibration)),
+                "ranges": self.ranges, "nan_to_zero": True, "upgraded_from_opset": self.upgraded_from,
+                "parity_max_abs": self.parity_max_abs}
+
+    def check(self, model: onnx.ModelProto) -> str | None:
+        if len(self.calibration) == 0:
+            return "range clip needs calibration images (--data)"
+        try:
+            ensure_min_opset(model)
+            resolve_layers(model, self.layers)
+        except HardenError as err:
+            return str(err)
+        return None
+
+    def run(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        reason = self.check(model)
+        if reason:
+            raise HardenError(reason)
+        source, self.upgraded_from = ensure_min_opset(copy_model(model))
+        tensors = resolve_layers(source, self.layers)
+        self.ranges = profile_ranges(source, self.calibration, tensors)
+        graph = import_graph(source)
+        opset = default_opset(source)
+        variables = graph.tensors()
+        outputs = {t.name for t in graph.outputs}
+        for index, name in enumerate(tensors):
+            insert_clip(graph, opset, variables[name], self.ranges[name], f"harden/range_clip/{index}",
+                        name in outputs)
+        result = finish(graph, source, self.name, self.config())
+        self.parity_max_abs = check_parity(source, result, self.calibration[:PARITY_IMAGES])
+        update_config(result, self.config())
+        return result
+
+
+def insert_clip(graph: gs.Graph, opset: int, tensor: gs.Variable, peak: float, prefix: str,
+                is_output: bool) -> None:
+    """Route every consumer of `tensor` through NaN → 0 and Clip(±peak)."""
+    if is_output:
+        producer = tensor.inputs[0]
+        raw = gs.Variable(f"{prefix}/unclipped", dtype=tensor.dtype, shape=tensor.shape)
+        producer.outputs[producer.outputs.index(tensor)] = raw
+        source, clipped = raw, tensor
+    else:
+        consumers = list(tensor.outputs)
+        source = tensor
+        clipped = gs.Variable(f"{prefix}/clipped", dtype=tensor.dtype, shape=tensor.shape)
+        for node in consumers:
+            for slot, value in enumerate(node.inputs):
+                if value is tensor:
+                    node.inputs[slot] = clipped
+    isnan = gs.Variable(f"{prefix}/isnan", dtype=np.bool_)
+    graph.layer(op="IsNaN", name=f"{prefix}/isnan", inputs=[source], outputs=[isnan])
+    finite = gs.Variable(f"{prefix}/nan_to_zero", dtype=np.float32)
+    graph.layer(op="Where", name=f"{prefix}/where", inputs=[isnan, const(f"{prefix}/zero", [0.0]), source],
+                outputs=[finite])
+    clip(graph, opset, finite, clipped, -peak, peak, prefix)
+
+
+def check_parity(original: onnx.ModelProto, clipped: onnx.ModelProto, images: np.ndarray) -> float:
+    """On calibration images no value exceeds its peak, so every output must be unchanged."""
+    want = run_batched(make_session(original, opt_level="disable"), images)
+    got = run_batched(make_session(clipped, opt_level="disable"), images)
+    worst = max(float(np.max(np.abs(g - w))) if g.size else 0.0 for g, w in zip(got, want))
+    if not worst <= PARITY_ATOL:
+        raise RuntimeError(f"range-clip pass: outputs on calibration data changed by {worst:.3g}")
+    return worst
