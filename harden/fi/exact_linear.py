@@ -1,0 +1,187 @@
+"""Fault sites of a plain linear classifier, logits = W f + b, for the exact analysis.
+
+A flip in W[c, j] or b[c] moves logit c alone (direction e_c), a flip in f[j]
+moves every logit along W[:, j], and a flip in an output logit moves that logit
+by the flipped value's difference. Under the clamp policy the clamped tensor is
+the faulted activation itself, or for a weight fault the Gemm's output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from harden.fi.exact_site import (
+    U32, Site, activation_change, clamp32, clamp64, flip_bit, row_scale, tensor_scale, weight_change,
+)
+
+# Beyond this |Δ| a logit may overflow float32; such faults are recomputed in float32.
+LOGIT_LIMIT = 1e36
+
+
+@dataclass
+class LinearHead:
+    """The final Gemm (or MatMul + Add) of a classifier, with the ONNX names of its tensors."""
+
+    weight: np.ndarray
+    bias: np.ndarray | None
+    input: str
+    output: str
+    weight_name: str
+    bias_name: str | None
+    layer: str
+
+    kind = "linear"
+
+    def logits(self, features: np.ndarray) -> np.ndarray:
+        """float32 reference forward pass."""
+        out = np.asarray(features, np.float32) @ self.weight.T
+        return out + self.bias if self.bias is not None else out
+
+    def sites(self, features: np.ndarray, logits: np.ndarray, fmt: str,
+              peaks: dict[str, float] | None) -> list[Site]:
+        """Weight, bias, input and output sites for `features` (N×d) and the golden float32 `logits`."""
+        return _LinearSites(self, features, logits, fmt, peaks).all()
+
+
+class _LinearSites:
+    """The shared float64 quantities of one head and data set, and the sites built from them."""
+
+    def __init__(self, head: LinearHead, f: np.ndarray, logits: np.ndarray, fmt: str,
+                 peaks: dict[str, float] | None) -> None:
+        self.h, self.fmt = head, fmt
+        self.f = np.ascontiguousarray(f, np.float32)
+        self.L = np.ascontiguousarray(logits, np.float32)
+        self.W = np.ascontiguousarray(head.weight, np.float32)
+        self.C, self.d = self.W.shape
+        self.b = np.zeros(self.C, np.float32) if head.bias is None else np.asarray(head.bias, np.float32)
+        self.W64, self.f64, self.b64 = self.W.astype(np.float64), self.f.astype(np.float64), self.b.astype(np.float64)
+        self.raw = self.f64 @ self.W64.T + self.b64
+        self.peak_out = None if peaks is None else peaks[head.output]
+        self.peak_in = None if peaks is None else peaks[head.input]
+        self.tau = (self.d + 3) * U32 * np.max(np.abs(self.f64) @ np.abs(self.W64).T + np.abs(self.b64), axis=1)
+        self.eye = np.eye(self.C)
+
+    def all(self) -> list[Site]:
+        sites = [self.weight_site()]
+        if self.h.bias is not None and self.h.bias_name is not None:
+            sites.append(self.bias_site())
+        return sites + [self.input_site(), self.output_site()]
+
+    def _out_rows(self, n: np.ndarray) -> np.ndarray:
+        return clamp32(self.L[n], self.peak_out).copy()
+
+    def weight_site(self) -> Site:
+        flat = self.W.ravel()
+        scale = tensor_scale(self.W, self.fmt)
+        base = clamp64(self.raw, self.peak_out)
+        kappa = (self.d + 2) * U32
+
+        def wdelta(ks: np.ndarray, bit: int) -> np.ndarray:
+            with np.errstate(all="ignore"):
+                return flip_bit(flat[ks], bit, self.fmt, scale).astype(np.float64) - flat[ks]
+
+        def delta(ks: np.ndarray, bit: int) -> tuple[np.ndarray, np.ndarray]:
+            c, j = ks // self.d, ks % self.d
+            with np.errstate(all="ignore"):
+                change = wdelta(ks, bit)[None, :] * self.f64[:, j]
+            return weight_change(self.raw[:, c], base[:, c], change, self.peak_out, self.tau, kappa)
+
+        def recompute(n: np.ndarray, k: np.ndarray, bit: int) -> np.ndarray:
+            c, j, m = k // self.d, k % self.d, np.arange(len(k))
+            rows = self._out_rows(n)
+            w = self.W[c].copy()
+            w[m, j] = flip_bit(flat[k], bit, self.fmt, scale)
+            with np.errstate(all="ignore"):
+                rows[m, c] = np.einsum("md,md->m", self.f[n], w) + self.b[c]
+            return clamp32(rows, self.peak_out)
+
+        k = np.arange(self.C * self.d)
+        return Site(self.h.weight_name, "weight", self.h.layer, k.size, base, self.tau, self.eye, k // self.d,
+                    np.full(k.size, LOGIT_LIMIT), delta, recompute, classes=k // self.d,
+                    weight_delta=wdelta, x_abs=np.abs(self.f64), col=k % self.d, kappa=np.full(self.C, kappa))
+
+    def bias_site(self) -> Site:
+        scale = tensor_scale(self.b, self.fmt)
+        base = clamp64(self.raw, self.peak_out)
+        kappa = 2 * U32
+
+        def delta(ks: np.ndarray, bit: int) -> tuple[np.ndarray, np.ndarray]:
+            with np.errstate(all="ignore"):
+                change = np.broadcast_to(flip_bit(self.b[ks], bit, self.fmt, scale).astype(np.float64) - self.b[ks],
+                                         (len(self.f), len(ks)))
+            return weight_change(self.raw[:, ks], base[:, ks], change, self.peak_out, self.tau, kappa)
+
+        def recompute(n: np.ndarray, k: np.ndarray, bit: int) -> np.ndarray:
+            m = np.arange(len(k))
+            rows = self._out_rows(n)
+            with np.errstate(all="ignore"):
+                rows[m, k] = np.einsum("md,md->m", self.f[n], self.W[k]) + flip_bit(self.b[k], bit, self.fmt, scale)
+            return clamp32(rows, self.peak_out)
+
+        k = np.arange(self.C)
+        return Site(str(self.h.bias_name), "bias", self.h.layer, self.C, base, self.tau, self.eye, k,
+                    np.full(self.C, LOGIT_LIMIT), delta, recompute, classes=k)
+
+    def input_site(self) -> Site:
+        f_base = clamp32(self.f, self.peak_in)
+        base = f_base.astype(np.float64) @ self.W64.T + self.b64
+        vmax = np.abs(self.W64).max(axis=0)
+        scale = row_scale(self.f, self.fmt)
+
+        def delta(ks: np.ndarray, bit: int) -> tuple[np.ndarray, np.ndarray]:
+            sc = scale if np.ndim(scale) == 0 else scale
+            change = activation_change(self.f[:, ks], f_base[:, ks], bit, self.fmt, self.peak_in, sc)
+            with np.errstate(invalid="ignore"):
+                return change, (self.d + 2) * U32 * vmax[ks] * np.abs(change)
+
+        def recompute(n: np.ndarray, k: np.ndarray, bit: int) -> np.ndarray:
+            m = np.arange(len(k))
+            rows = f_base[n].copy()
+            sc = scale if np.ndim(scale) == 0 else np.asarray(scale)[n, 0]
+            rows[m, k] = clamp32(flip_bit(self.f[n, k], bit, self.fmt, sc), self.peak_in)
+            with np.errstate(all="ignore"):
+                return (rows @ self.W.T + self.b).astype(np.float32)
+
+        with np.errstate(divide="ignore"):
+            limit = LOGIT_LIMIT / vmax
+        return Site(self.h.input, "input", self.h.layer, self.d, base, self.tau, self.W64.T.copy(),
+                    np.arange(self.d), limit, delta, recompute)
+
+    def output_site(self) -> Site:
+        return output_site(self.L, self.peak_out, self.fmt, self.h.output, self.h.layer)
+
+
+def output_site(logits: np.ndarray, peak: float | None, fmt: str, tensor: str, layer: str,
+                scale: float | None = None) -> Site:
+    """A flip in a stored score (logits, or cosines times a positive `scale` afterwards).
+
+    The faulty value is exact, so only the final float32 multiplication by the
+    scale can round (monotonically: it may turn an order into a tie, never reverse it).
+    """
+    n, c = logits.shape
+    base32 = clamp32(logits, peak)
+    base = base32.astype(np.float64)
+    mult = 1.0 if scale is None else float(scale)
+    err = 0.0 if scale is None else 2 * U32
+    tau = err * np.abs(base).max(axis=1)
+    rscale = row_scale(logits, fmt)
+
+    def delta(ks: np.ndarray, bit: int) -> tuple[np.ndarray, np.ndarray]:
+        change = activation_change(logits[:, ks], base32[:, ks], bit, fmt, peak, rscale)
+        with np.errstate(invalid="ignore"):
+            return change, err * np.abs(change)
+
+    def recompute(rows_n: np.ndarray, k: np.ndarray, bit: int) -> np.ndarray:
+        m = np.arange(len(k))
+        rows = base32[rows_n].copy()
+        sc = rscale if np.ndim(rscale) == 0 else np.asarray(rscale)[rows_n, 0]
+        rows[m, k] = clamp32(flip_bit(logits[rows_n, k], bit, fmt, sc), peak)
+        with np.errstate(all="ignore"):
+            return rows if scale is None else (rows * np.float32(scale)).astype(np.float32)
+
+    k = np.arange(c)
+    limit = np.full(c, np.inf if scale is None else LOGIT_LIMIT / mult)
+    return Site(tensor, "output" if scale is None else "cosine", layer, c, base, tau, np.eye(c), k, limit,
+                delta, recompute, classes=k)

@@ -1,0 +1,127 @@
+"""One fault site of a final classifier, described so that every flip in it has a closed form.
+
+A single flip in the final layer moves the pre-argmax scores of image n along
+one direction: S' = S_n + Δ · v_g, where v_g (a C-vector) depends on which
+element was hit and Δ (a scalar) on the element, the bit and the image. The
+head classes in `exact_head` describe each site by those pieces; `exact`
+turns them into exact SDC counts without ever materialising a faulty forward
+pass, except for the few faults whose float32 evaluation could differ from the
+real-arithmetic closed form (non-finite values, overflow risk, or a margin
+within float32 rounding of a tie), which `recompute` evaluates in float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from harden.fi.bitflip import flip, int8_scale
+from harden.fi.profile import clamp_to_range
+
+# Half an ulp of 1.0 in float32: the unit roundoff of every float32 operation.
+U32 = float(np.finfo(np.float32).eps) / 2
+
+
+@dataclass
+class Site:
+    """A tensor whose every element × bit × image the exact analysis enumerates.
+
+    `base` (N×C, float64) is the scores of the fault-free run with this site's
+    clamp applied; argmax of base + Δ·directions[group[k]] is the faulty top-1.
+    `tau` (N) bounds the float32 rounding error of a fault-free score and
+    `delta(ks, bit)` returns Δ (N×len(ks)) with `slack`, the extra rounding
+    error the fault itself brings; `limit`[k] is the largest |Δ| for which no
+    float32 overflow can occur. Weight sites, where Δ = δ(k, bit)·x[n, col[k]],
+    also give `weight_delta` and `x_abs`, so that flips too small to matter for
+    any image are counted without evaluating them image by image; `kappa`[g]
+    bounds slack/|δ·x| for such sites.
+    """
+
+    tensor: str
+    role: str
+    layer: str
+    size: int
+    base: np.ndarray
+    tau: np.ndarray
+    directions: np.ndarray
+    group: np.ndarray
+    limit: np.ndarray
+    delta: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+    recompute: Callable[[np.ndarray, np.ndarray, int], np.ndarray]
+    classes: np.ndarray | None = None
+    weight_delta: Callable[[np.ndarray, int], np.ndarray] | None = None
+    x_abs: np.ndarray | None = None
+    col: np.ndarray | None = None
+    kappa: np.ndarray | None = None
+
+
+def clamp64(values: np.ndarray, peak: float | None) -> np.ndarray:
+    """The range policy in float64: identity without a peak, else clamp_to_range."""
+    if peak is None:
+        return values
+    with np.errstate(invalid="ignore"):
+        return clamp_to_range(values, peak)
+
+
+def clamp32(values: np.ndarray, peak: float | None) -> np.ndarray:
+    """The range policy on float32 values, as the injected graph applies it."""
+    values = np.asarray(values, dtype=np.float32)
+    if peak is None:
+        return values
+    with np.errstate(invalid="ignore"):
+        return clamp_to_range(values, float(np.float32(peak)))
+
+
+def dot_error(weights_abs: np.ndarray, values_abs: np.ndarray, length: int) -> np.ndarray:
+    """Worst-case float32 rounding of a length-K dot product per row: (K+2)·u·Σ|w||x|, max over classes."""
+    return (length + 2) * U32 * np.max(values_abs @ weights_abs.T, axis=1)
+
+
+def flip_bit(values: np.ndarray, bit: int, fmt: str, scale: float | np.ndarray = 1.0) -> np.ndarray:
+    """`values` (any shape, float32) with `bit` flipped in `fmt`; int8 `scale` may be per element."""
+    values = np.asarray(values, dtype=np.float32)
+    flat = values.ravel()
+    scale = np.broadcast_to(np.asarray(scale, dtype=np.float32), values.shape).ravel() \
+        if np.ndim(scale) else float(scale)
+    return flip(flat, np.full(flat.size, bit), fmt, scale).reshape(values.shape)  # type: ignore[arg-type]
+
+
+def tensor_scale(values: np.ndarray, fmt: str) -> float:
+    """The int8 scale a weight tensor is stored with (1 for float formats)."""
+    return int8_scale(values) if fmt == "int8" else 1.0
+
+
+def row_scale(values: np.ndarray, fmt: str) -> np.ndarray | float:
+    """Per-image int8 scales of an activation tensor (N×K → N×1), the tensor of one inference."""
+    if fmt != "int8":
+        return 1.0
+    return np.asarray([int8_scale(row) for row in values], dtype=np.float32)[:, None]
+
+
+def weight_change(raw_base: np.ndarray, clamped_base: np.ndarray, change: np.ndarray, peak: float | None,
+                  tau: np.ndarray, kappa: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
+    """Δ and its rounding slack when one output element moves by `change` (N×K) before the range policy.
+
+    Under clamping, an output driven clearly past the peak (or to ±Inf, or to NaN
+    that the policy maps to 0) lands exactly on its clamped value, so the fault
+    adds no rounding beyond the clamped value's own.
+    """
+    with np.errstate(all="ignore"):
+        if peak is None:
+            return change, kappa * np.abs(change)
+        raw = raw_base + change
+        new = clamp64(raw, peak)
+        delta = new - clamped_base
+        clear = ~np.isfinite(raw) | (np.abs(raw) - peak > 2 * (tau[:, None] + kappa * np.abs(change)))
+        slack = kappa * np.abs(delta) + np.where(clear, 0.0, kappa * np.abs(change))
+        return delta, slack
+
+
+def activation_change(golden: np.ndarray, clamped: np.ndarray, bit: int, fmt: str, peak: float | None,
+                      scale: np.ndarray | float) -> np.ndarray:
+    """Δ (float64) when one activation value (N×K, golden float32) is flipped and the policy applied."""
+    new = clamp32(flip_bit(golden, bit, fmt, scale), peak)
+    with np.errstate(all="ignore"):
+        return new.astype(np.float64) - clamped.astype(np.float64)

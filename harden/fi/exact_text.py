@@ -1,0 +1,232 @@
+"""Fault sites of the text-guided head, for the exact analysis.
+
+    z = P f + b,   ẑ = z / max(‖z‖, eps),   cos = ẑ Wᵀ,   logits = scale · cos
+
+(`scale` is None when exp(s) is folded into W, so cos is the output.) A flip in
+P[e, j], b[e] or z[e] moves z along e_e, a flip in f[j] moves z along P[:, j].
+While ‖z'‖ is finite and positive the argmax of the cosines is the argmax of
+W z' — the norm and the scale are positive factors — so these faults are lines
+in the unnormalised score space S = W z, with directions W[:, e] and (W P)[:, j].
+A flip in W[c, e] or in a cosine moves one class's score in cosine space.
+Float32 overflow of ‖z'‖ (huge exponent flips), NaN and Inf are outside that
+argument and are recomputed by the float32 forward pass, as is any fault within
+rounding of a tie.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from harden.fi.exact_linear import LOGIT_LIMIT, output_site
+from harden.fi.exact_site import (
+    U32, Site, activation_change, clamp32, clamp64, flip_bit, row_scale, tensor_scale, weight_change,
+)
+
+# Beyond this |Δz| the sum of squares in ‖z'‖ may overflow float32; such faults are recomputed.
+Z_LIMIT = 1e15
+
+
+@dataclass
+class TextHead:
+    """Projection, L2 normalisation, cosine classifier and scale, with the ONNX names of their tensors."""
+
+    proj_weight: np.ndarray
+    proj_bias: np.ndarray
+    weight: np.ndarray
+    scale: float | None
+    eps: float
+    input: str
+    proj_output: str
+    cosine: str
+    output: str
+    proj_weight_name: str
+    proj_bias_name: str
+    weight_name: str
+    proj_layer: str
+    layer: str
+
+    kind = "text"
+
+    def normalise(self, z: np.ndarray) -> np.ndarray:
+        """ẑ in float32, as ReduceL2 → Max(eps) → Div compute it."""
+        z = np.asarray(z, np.float32)
+        with np.errstate(all="ignore"):
+            norm = np.sqrt(np.sum(z * z, axis=1, keepdims=True, dtype=np.float32))
+            return z / np.maximum(norm, np.float32(self.eps))
+
+    def from_z(self, z: np.ndarray, peak_cos: float | None = None) -> np.ndarray:
+        """float32 forward pass from the projection output to the logits."""
+        with np.errstate(all="ignore"):
+            cos = clamp32(self.normalise(z) @ self.weight.T, peak_cos)
+            return cos if self.scale is None else (cos * np.float32(self.scale)).astype(np.float32)
+
+    def logits(self, features: np.ndarray) -> np.ndarray:
+        """float32 reference forward pass."""
+        return self.from_z(np.asarray(features, np.float32) @ self.proj_weight.T + self.proj_bias)
+
+    def sites(self, features: np.ndarray, tensors: dict[str, np.ndarray], fmt: str,
+              peaks: dict[str, float] | None) -> list[Site]:
+        """Every site, given the features and the golden float32 z, cosines and logits by tensor name."""
+        return _TextSites(self, features, tensors, fmt, peaks).all()
+
+
+class _TextSites:
+    def __init__(self, head: TextHead, f: np.ndarray, tensors: dict[str, np.ndarray], fmt: str,
+                 peaks: dict[str, float] | None) -> None:
+        self.h, self.fmt = head, fmt
+        self.f = np.ascontiguousarray(f, np.float32)
+        self.z = np.ascontiguousarray(tensors[head.proj_output], np.float32)
+        self.cos = np.ascontiguousarray(tensors[head.cosine], np.float32)
+        self.L = np.ascontiguousarray(tensors[head.output], np.float32)
+        self.P, self.b, self.W = (np.ascontiguousarray(a, np.float32)
+                                  for a in (head.proj_weight, head.proj_bias, head.weight))
+        self.E, self.d = self.P.shape
+        self.C = self.W.shape[0]
+        self.P64, self.W64, self.f64 = (a.astype(np.float64) for a in (self.P, self.W, self.f))
+        self.b64 = self.b.astype(np.float64)
+        self.peak = (lambda name: None) if peaks is None else (lambda name: peaks[name])  # noqa: E731
+        zabs = np.abs(self.f64) @ np.abs(self.P64).T + np.abs(self.b64)
+        self.kz = (self.d + self.E + 10) * U32
+        self.tau_z = self.kz * np.max(zabs @ np.abs(self.W64).T, axis=1)
+        self.wmax = np.abs(self.W64).max(axis=0)  # E
+        self.zn = head.normalise(self.z)
+
+    def all(self) -> list[Site]:
+        sites = [self.proj_weight_site(), self.proj_bias_site(), self.input_site(), self.z_site(),
+                 self.weight_site()]
+        if self.h.scale is not None:
+            sites.append(output_site(self.cos, self.peak(self.h.cosine), self.fmt, self.h.cosine, self.h.layer,
+                                     scale=self.h.scale))
+        sites.append(output_site(self.L, self.peak(self.h.output), self.fmt, self.h.output, self.h.layer))
+        return sites
+
+    def _z_base(self) -> tuple[np.ndarray, np.ndarray, float | None]:
+        peak = self.peak(self.h.proj_output)
+        zb = clamp32(self.z, peak)
+        return zb, zb.astype(np.float64) @ self.W64.T, peak
+
+    def _projection_site(self, values: np.ndarray, name: str, role: str, cols: int) -> Site:
+        """P (cols = d, Δz = δ·f[j]) or b (cols = 1, Δz = δ): z[e] moves, e = k // cols."""
+        flat = values.ravel()
+        scale = tensor_scale(values, self.fmt)
+        zb, base, peak = self._z_base()
+        z64, zb64 = self.z.astype(np.float64), zb.astype(np.float64)
+        kappa = self.kz * self.wmax
+        x = self.f64 if cols == self.d else np.ones((len(self.f), 1))
+
+        def wdelta(ks: np.ndarray, bit: int) -> np.ndarray:
+            with np.errstate(all="ignore"):
+                return flip_bit(flat[ks], bit, self.fmt, scale).astype(np.float64) - flat[ks]
+
+        def delta(ks: np.ndarray, bit: int) -> tuple[np.ndarray, np.ndarray]:
+            e, j = ks // cols, ks % cols
+            with np.errstate(all="ignore"):
+                change = wdelta(ks, bit)[None, :] * x[:, j]
+            return weight_change(z64[:, e], zb64[:, e], change, peak, self.tau_z, kappa[e])
+
+        def recompute(n: np.ndarray, k: np.ndarray, bit: int) -> np.ndarray:
+            e, j, m = k // cols, k % cols, np.arange(len(k))
+            rows = zb[n].copy()
+            p, bias = self.P[e].copy(), self.b[e].copy()
+            if cols == self.d:
+                p[m, j] = flip_bit(flat[k], bit, self.fmt, scale)
+            else:
+                bias = flip_bit(flat[k], bit, self.fmt, scale)
+            with np.errstate(all="ignore"):
+                rows[m, e] = np.einsum("md,md->m", self.f[n], p) + bias
+            return self.h.from_z(clamp32(rows, peak))
+
+        k = np.arange(values.size)
+        prune = {"weight_delta": wdelta, "x_abs": np.abs(x), "col": k % cols, "kappa": kappa} if cols > 1 else {}
+        return Site(name, role, self.h.proj_layer, k.size, base, self.tau_z, self.W64.T.copy(), k // cols,
+                    np.full(k.size, Z_LIMIT), delta, recompute, **prune)  # type: ignore[arg-type]
+
+    def proj_weight_site(self) -> Site:
+        return self._projection_site(self.P, self.h.proj_weight_name, "proj_weight", self.d)
+
+    def proj_bias_site(self) -> Site:
+        return self._projection_site(self.b, self.h.proj_bias_name, "proj_bias", 1)
+
+    def input_site(self) -> Site:
+        peak = self.peak(self.h.input)
+        fb = clamp32(self.f, peak)
+        zb = self.z.astype(np.float64) if np.array_equal(fb, self.f) else fb.astype(np.float64) @ self.P64.T + self.b64
+        base = zb @ self.W64.T
+        vabs = (np.abs(self.W64) @ np.abs(self.P64)).max(axis=0)  # d
+        scale = row_scale(self.f, self.fmt)
+
+        def delta(ks: np.ndarray, bit: int) -> tuple[np.ndarray, np.ndarray]:
+            change = activation_change(self.f[:, ks], fb[:, ks], bit, self.fmt, peak, scale)
+            with np.errstate(invalid="ignore"):
+                return change, self.kz * vabs[ks] * np.abs(change)
+
+        def recompute(n: np.ndarray, k: np.ndarray, bit: int) -> np.ndarray:
+            m = np.arange(len(k))
+            rows = fb[n].copy()
+            sc = scale if np.ndim(scale) == 0 else np.asarray(scale)[n, 0]
+            rows[m, k] = clamp32(flip_bit(self.f[n, k], bit, self.fmt, sc), peak)
+            with np.errstate(all="ignore"):
+                return self.h.from_z(rows @ self.P.T + self.b)
+
+        with np.errstate(divide="ignore"):
+            limit = Z_LIMIT / np.abs(self.P64).max(axis=0)
+        return Site(self.h.input, "input", self.h.proj_layer, self.d, base, self.tau_z,
+                    (self.W64 @ self.P64).T.copy(), np.arange(self.d), limit, delta, recompute)
+
+    def z_site(self) -> Site:
+        zb, base, peak = self._z_base()
+        scale = row_scale(self.z, self.fmt)
+
+        def delta(ks: np.ndarray, bit: int) -> tuple[np.ndarray, np.ndarray]:
+            change = activation_change(self.z[:, ks], zb[:, ks], bit, self.fmt, peak, scale)
+            with np.errstate(invalid="ignore"):
+                return change, self.kz * self.wmax[ks] * np.abs(change)
+
+        def recompute(n: np.ndarray, k: np.ndarray, bit: int) -> np.ndarray:
+            m = np.arange(len(k))
+            rows = zb[n].copy()
+            sc = scale if np.ndim(scale) == 0 else np.asarray(scale)[n, 0]
+            rows[m, k] = clamp32(flip_bit(self.z[n, k], bit, self.fmt, sc), peak)
+            return self.h.from_z(rows)
+
+        return Site(self.h.proj_output, "proj_output", self.h.proj_layer, self.E, base, self.tau_z,
+                    self.W64.T.copy(), np.arange(self.E), np.full(self.E, Z_LIMIT), delta, recompute)
+
+    def weight_site(self) -> Site:
+        """W[c, e]: cosine c moves by δ·ẑ[e]; the Gemm/MatMul output (cosines) is what the policy clamps."""
+        flat = self.W.ravel()
+        scale = tensor_scale(self.W, self.fmt)
+        peak = self.peak(self.h.cosine)
+        zn64 = self.zn.astype(np.float64)
+        raw = zn64 @ self.W64.T
+        base = clamp64(raw, peak)
+        kappa = 2 * (self.E + 6) * U32
+        tau = kappa * np.max(np.abs(zn64) @ np.abs(self.W64).T, axis=1) + 2 * U32 * np.abs(raw).max(axis=1)
+        mult = 1.0 if self.h.scale is None else float(self.h.scale)
+
+        def wdelta(ks: np.ndarray, bit: int) -> np.ndarray:
+            with np.errstate(all="ignore"):
+                return flip_bit(flat[ks], bit, self.fmt, scale).astype(np.float64) - flat[ks]
+
+        def delta(ks: np.ndarray, bit: int) -> tuple[np.ndarray, np.ndarray]:
+            c, e = ks // self.E, ks % self.E
+            with np.errstate(all="ignore"):
+                change = wdelta(ks, bit)[None, :] * zn64[:, e]
+            return weight_change(raw[:, c], base[:, c], change, peak, tau, kappa)
+
+        def recompute(n: np.ndarray, k: np.ndarray, bit: int) -> np.ndarray:
+            c, e, m = k // self.E, k % self.E, np.arange(len(k))
+            rows = clamp32(self.cos[n], peak).copy()
+            w = self.W[c].copy()
+            w[m, e] = flip_bit(flat[k], bit, self.fmt, scale)
+            with np.errstate(all="ignore"):
+                rows[m, c] = np.einsum("me,me->m", self.zn[n], w)
+                rows = clamp32(rows, peak)
+                return rows if self.h.scale is None else (rows * np.float32(self.h.scale)).astype(np.float32)
+
+        k = np.arange(self.C * self.E)
+        return Site(self.h.weight_name, "weight", self.h.layer, k.size, base, tau, np.eye(self.C), k // self.E,
+                    np.full(k.size, LOGIT_LIMIT / mult), delta, recompute, classes=k // self.E,
+                    weight_delta=wdelta, x_abs=np.abs(zn64), col=k % self.E, kappa=np.full(self.C, kappa))
