@@ -111,27 +111,37 @@ class SiteRunner:
         self.rerun: NodeRerun | None = None
         self.rerun_args = (info, node, site.input_index, config.providers)
 
+    def golden_values(self, cache: dict[str, np.ndarray], rows: slice, elems: np.ndarray) -> np.ndarray:
+        """The fault-free values of the chosen elements (one per batch row)."""
+        if self.site.kind == "activation":
+            n = rows.stop - rows.start
+            return cache[self.site.tensor][rows].reshape(n, -1)[np.arange(n), elems].copy()
+        return self.weight.reshape(-1)[elems].copy()
+
     def inject(self, cache: dict[str, np.ndarray], rows: slice, rng: np.random.Generator) -> dict[str, np.ndarray]:
         """Run one shard: draw its faults, corrupt, run the suffix; return faults and faulty scores."""
         n = rows.stop - rows.start
         elems = rng.integers(0, self.site.elements, n)
         bits, uniforms = self.config.fault.draw(rng, n)
-        feeds = {k: cache[k][rows] for k in self.suffix.inputs}
-        if self.site.kind == "activation":
-            t = np.array(feeds[self.site.tensor], copy=True)
-            flat = t.reshape(n, -1)
-            golden = flat[np.arange(n), elems].copy()
-        else:
-            golden = self.weight.reshape(-1)[elems].copy()
+        golden = self.golden_values(cache, rows, elems)
         faulty = self.config.fault.apply(golden, bits, uniforms, self.scale, self.peak)
         if self.config.clamp == "range":
             faulty = clamp_to_range(faulty, self.peak)
+        scores = self.scores(cache, rows, elems, golden, faulty)
+        return {"elems": elems, "bits": bits, "golden": golden, "faulty": faulty, "scores": scores}
+
+    def scores(self, cache: dict[str, np.ndarray], rows: slice, elems: np.ndarray, golden: np.ndarray,
+               faulty: np.ndarray) -> np.ndarray:
+        """Class scores with element elems[i] of the site set to faulty[i] in batch row i."""
+        n = rows.stop - rows.start
+        feeds = {k: cache[k][rows] for k in self.suffix.inputs}
         if self.site.kind == "activation":
-            flat[np.arange(n), elems] = faulty
+            t = np.array(feeds[self.site.tensor], copy=True)
+            t.reshape(n, -1)[np.arange(n), elems] = faulty
             feeds[self.site.tensor] = t
         else:
             feeds[self.out] = self._weight_output(cache, rows, elems, golden, faulty)
-        return {"elems": elems, "bits": bits, "golden": golden, "faulty": faulty, "scores": self.suffix.run(feeds)}
+        return self.suffix.run(feeds)
 
     def _weight_output(self, cache: dict[str, np.ndarray], rows: slice, elems: np.ndarray, golden: np.ndarray,
                        faulty: np.ndarray) -> np.ndarray:
@@ -154,6 +164,17 @@ class SiteRunner:
                 self.rerun = NodeRerun(*self.rerun_args)
             self.rerun.apply(self.site.tensor, self.weight, elems, faulty, {a: cache[a][rows] for a in self.acts}, y)
         return y
+
+
+def prefix_cache(info: GraphInfo, runners: Sequence[SiteRunner], x: np.ndarray,
+                 config: CampaignConfig) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """One fault-free run of `x` caching every tensor the runners' suffixes read; also the golden scores."""
+    names = sorted(set().union(*(r.needs for r in runners)) - {info.input_name})
+    session = make_session(expose(info.model, names), config.providers, opt_level=config.opt_level)
+    values = session.run([info.scores, *names], {info.input_name: x})
+    cache = dict(zip(names, values[1:]))
+    cache[info.input_name] = x
+    return cache, values[0]
 
 
 def outcome(scores: np.ndarray, golden_class: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

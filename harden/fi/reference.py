@@ -1,0 +1,76 @@
+"""Slow reference injections through the whole, unmodified-in-structure model.
+
+These are what the fast engine is proved against: an activation fault is a
+Where node spliced in after the producing node, and a weight fault is a copy of
+the model with one changed initializer (or Constant) and its own session. They
+share no code with the suffix engine or the weight-delta algebra.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from harden.errors import HardenError
+from harden.graph.ort import make_session
+
+
+def activation_full(model: onnx.ModelProto, x: np.ndarray, tensor: str, elements: Sequence[int],
+                    values: Sequence[float], providers: Sequence[str] = ("CPUExecutionProvider",)) -> np.ndarray:
+    """Scores of the whole model with element `elements[i]` of `tensor` set to `values[i]` in row i of `x`."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    raw = tensor + "__fi_raw"
+    found = False
+    for node in copy.graph.node:
+        for j, out in enumerate(node.output):
+            if out == tensor:
+                node.output[j] = raw
+                found = True
+    if not found:
+        raise HardenError(f"no node produces {tensor!r}")
+    where = helper.make_node("Where", ["__fi_mask", "__fi_value", raw], [tensor], name="__fi_where")
+    producer = next(i for i, n in enumerate(copy.graph.node) if raw in n.output)
+    copy.graph.node.insert(producer + 1, where)
+    copy.graph.input.extend([helper.make_tensor_value_info("__fi_mask", TensorProto.BOOL, None),
+                             helper.make_tensor_value_info("__fi_value", TensorProto.FLOAT, None)])
+    input_name = model.graph.input[0].name
+    probe = make_session(_exposed(model, tensor), providers, opt_level="disable")
+    golden = probe.run([tensor], {input_name: x})[0]
+    mask = np.zeros(golden.shape, dtype=bool)
+    value = np.zeros(golden.shape, dtype=np.float32)
+    for i, (e, v) in enumerate(zip(elements, values)):
+        mask[i].flat[int(e)] = True
+        value[i].flat[int(e)] = v
+    session = make_session(copy, providers, opt_level="disable")
+    return session.run([model.graph.output[0].name], {input_name: x, "__fi_mask": mask, "__fi_value": value})[0]
+
+
+def weight_full(model: onnx.ModelProto, x: np.ndarray, weight: str, element: int, value: float,
+                providers: Sequence[str] = ("CPUExecutionProvider",)) -> np.ndarray:
+    """Scores of a copy of the model whose `weight` (initializer or Constant) has one element replaced."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    target: onnx.TensorProto | None = None
+    for init in copy.graph.initializer:
+        if init.name == weight:
+            target = init
+    for node in copy.graph.node:
+        if node.op_type == "Constant" and node.output[0] == weight:
+            target = next(a.t for a in node.attribute if a.name == "value")
+    if target is None:
+        raise HardenError(f"no initializer or Constant named {weight!r}")
+    array = numpy_helper.to_array(target).copy()
+    array.flat[int(element)] = value
+    target.CopyFrom(numpy_helper.from_array(array, target.name))
+    session = make_session(copy, providers, opt_level="disable")
+    return session.run([model.graph.output[0].name], {model.graph.input[0].name: x})[0]
+
+
+def _exposed(model: onnx.ModelProto, tensor: str) -> onnx.ModelProto:
+    from harden.graph.ort import expose
+
+    return expose(model, [tensor])

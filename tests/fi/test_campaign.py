@@ -1,0 +1,162 @@
+"""Campaign files: determinism, resume after truncation or kill -9, sharding and merging, summaries."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from harden.errors import HardenError
+from harden.fi import CampaignConfig, CampaignSummary, FaultModel, merge_shards, run_campaign, summarise_jsonl
+from harden.fi.journal import JournalContents
+from tests.fi.tiny_models import labelled_inputs, residual_cnn
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def setup() -> tuple[onnx.ModelProto, np.ndarray, np.ndarray]:
+    model = residual_cnn()
+    x, y = labelled_inputs(model, 20)
+    return model, x, y
+
+
+def _run(setup, path: Path, **kw) -> CampaignSummary:
+    model, x, y = setup
+    cfg = CampaignConfig(**{"injections": 30, "batch": 8, **kw})
+    return run_campaign(model, x, y, cfg, path, progress=False)
+
+
+def test_same_seed_same_bytes_other_seed_other_faults(setup, tmp_path: Path) -> None:
+    a, b, c = tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "c.jsonl"
+    _run(setup, a)
+    _run(setup, b)
+    _run(setup, c, seed=1)
+    assert a.read_bytes() == b.read_bytes()
+    assert a.read_bytes() != c.read_bytes()
+
+
+def test_records_count_and_summary(setup, tmp_path: Path) -> None:
+    path = tmp_path / "a.jsonl"
+    summary = _run(setup, path)
+    assert summary.complete and len(summary.layers) == 9
+    assert all(layer.injections == 30 for layer in summary.layers)
+    records = list(JournalContents(path).records())
+    assert len(records) == 9 * 30
+    for layer in summary.layers:
+        recs = [r for r in records if r["site"] == layer.site]
+        assert layer.sdc.k == sum(r["sdc"] for r in recs)
+        assert layer.sdc.low <= layer.sdc.value <= layer.sdc.high
+        assert sum(n for _, n in layer.by_bit.values()) == 30
+    again = CampaignSummary.from_dict(json.loads(json.dumps(summary.to_dict())))
+    assert again.to_dict() == summary.to_dict()
+    assert summarise_jsonl(path, confidence=0.99).layers[0].sdc.confidence == 0.99
+
+
+def test_known_bit_flips_in_records(setup, tmp_path: Path) -> None:
+    path = tmp_path / "sign.jsonl"
+    _run(setup, path, fault=FaultModel("flip", "fp32", bits=(31,)), layers="c1,w2")
+    records = list(JournalContents(path).records())
+    assert records and all(r["faulty"] == -r["golden"] for r in records)
+    path = tmp_path / "bf16.jsonl"
+    _run(setup, path, fault=FaultModel("stuck-at-0", "bf16", bits=(15,)), layers="c1")
+    from harden.fi.bitflip import quantise
+
+    records = list(JournalContents(path).records())
+    golden = np.asarray([r["golden"] for r in records], dtype=np.float32)
+    assert (golden < 0).any()
+    # sign stuck at 0 in bf16: |value| rounded to bf16
+    assert [r["faulty"] for r in records] == [float(v) for v in np.abs(quantise(golden, "bf16"))]
+
+
+def test_resume_after_truncation_mid_shard(setup, tmp_path: Path) -> None:
+    full, cut = tmp_path / "full.jsonl", tmp_path / "cut.jsonl"
+    _run(setup, full)
+    data = full.read_bytes()
+    lines = data.split(b"\n")
+    # keep the header and a few shards, then half of a record line: a kill in mid-write
+    keep = b"\n".join(lines[:40]) + b"\n" + lines[40][: len(lines[40]) // 2]
+    cut.write_bytes(keep)
+    done_before = len(JournalContents(cut).shards)
+    assert 0 < done_before < JournalContents(full).header["total_shards"]
+    _run(setup, cut)
+    assert cut.read_bytes() == data
+
+
+def test_kill_9_then_resume(setup, tmp_path: Path) -> None:
+    model, x, y = setup
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    script = textwrap.dedent(f"""
+        import numpy as np
+        from harden.fi import CampaignConfig, run_campaign
+        d = np.load({str(tmp_path / 'd.npz')!r})
+        run_campaign({str(tmp_path / 'm.onnx')!r}, d["x"], d["y"], CampaignConfig(injections=400, batch=2),
+                     {str(tmp_path / 'k.jsonl')!r}, progress=False)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT)
+    out = tmp_path / "k.jsonl"
+    deadline = time.time() + 60
+    while time.time() < deadline and (not out.exists() or out.read_bytes().count(b'"type":"shard"') < 20):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed = JournalContents(out)
+    assert 20 <= len(killed.shards) < killed.header["total_shards"], "the kill should land mid-campaign"
+    cfg = CampaignConfig(injections=400, batch=2)
+    run_campaign(tmp_path / "m.onnx", x, y, cfg, out, progress=False)
+    run_campaign(tmp_path / "m.onnx", x, y, cfg, tmp_path / "ref.jsonl", progress=False)
+    assert out.read_bytes() == (tmp_path / "ref.jsonl").read_bytes()
+
+
+def test_shards_merge_to_the_unsharded_file(setup, tmp_path: Path) -> None:
+    full = tmp_path / "full.jsonl"
+    _run(setup, full)
+    parts = [tmp_path / f"p{i}.jsonl" for i in range(3)]
+    for i, part in enumerate(parts):
+        summary = _run(setup, part, shard=(i, 3))
+        assert not summary.complete
+    with pytest.raises(HardenError, match="lack"):
+        merge_shards([str(p) for p in parts[:2]], str(tmp_path / "bad.jsonl"))
+    merged = merge_shards([str(p) for p in parts], str(tmp_path / "merged.jsonl"))
+    assert merged.complete
+    assert (tmp_path / "merged.jsonl").read_bytes() == full.read_bytes()
+
+
+def test_resume_refuses_a_different_campaign(setup, tmp_path: Path) -> None:
+    path = tmp_path / "a.jsonl"
+    _run(setup, path)
+    with pytest.raises(HardenError, match="different campaign"):
+        _run(setup, path, seed=7)
+    model, x, y = setup
+    run_campaign(model, x, y, CampaignConfig(injections=30, batch=8, seed=7), path, progress=False, fresh=True)
+    assert JournalContents(path).header["config"]["seed"] == 7
+
+
+def test_margin_chooses_leveugle_sample_size(setup, tmp_path: Path) -> None:
+    from harden.fi.stats import leveugle_sample_size
+
+    summary = _run(setup, tmp_path / "m.jsonl", margin=0.2, layers="last", kinds=("activation",))
+    (layer,) = summary.layers
+    kept = summary.evaluation["kept"]
+    assert layer.injections == leveugle_sample_size(layer.elements * 32 * kept, 0.2)
+
+
+def test_clamp_range_bounds_faulty_values(setup, tmp_path: Path) -> None:
+    path = tmp_path / "c.jsonl"
+    _run(setup, path, clamp="range", layers="c1,c2", fault=FaultModel("flip", "fp32", bits=(30,)))
+    contents = JournalContents(path)
+    ranges = contents.header["eval"]["ranges"]
+    for r in contents.records():
+        assert abs(float(r["faulty"])) <= ranges[r["site"]]
+    summary = summarise_jsonl(path)
+    assert all(layer.nonfinite.k == 0 for layer in summary.layers)

@@ -1,0 +1,105 @@
+"""The fast engine against its slow references: null faults, suffix runs and weight deltas."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from harden.fi.config import CampaignConfig
+from harden.fi.engine import SiteRunner, prefix_cache
+from harden.fi.graphinfo import GraphInfo
+from harden.fi.reference import activation_full, weight_full
+from harden.fi.sites import Site, list_sites
+from harden.graph.ort import make_session
+from tests.fi.tiny_models import labelled_inputs, matmul_mlp, residual_cnn
+
+CONFIG = CampaignConfig()
+
+
+def _runner(model: onnx.ModelProto, name: str, x: np.ndarray) -> tuple[GraphInfo, SiteRunner, dict, np.ndarray, Site]:
+    info = GraphInfo(model, example=x[:1])
+    site = next(s for s in list_sites(info) if s.name == name)
+    runner = SiteRunner(info, site, CONFIG, {}, {})
+    cache, golden = prefix_cache(info, [runner], x, CONFIG)
+    return info, runner, cache, golden, site
+
+
+def _golden(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    return make_session(model, opt_level="disable").run(None, {"x": x})[0]
+
+
+@pytest.mark.parametrize("make", [residual_cnn, matmul_mlp])
+def test_null_fault_reproduces_golden_bit_for_bit(make) -> None:
+    model = make()
+    x, _ = labelled_inputs(model, 6)
+    golden = _golden(model, x)
+    for site in list_sites(GraphInfo(model, example=x[:1])):
+        _, runner, cache, prefix_golden, _ = _runner(model, site.name, x)
+        assert np.array_equal(prefix_golden, golden)
+        rows = slice(0, len(x))
+        elems = np.random.default_rng(0).integers(0, site.elements, len(x))
+        values = runner.golden_values(cache, rows, elems)
+        out = runner.scores(cache, rows, elems, values, values)
+        assert np.array_equal(out, golden), site.name
+
+
+def test_suffix_equals_whole_graph_injection() -> None:
+    model = residual_cnn()
+    x, _ = labelled_inputs(model, 8)
+    for name in ("c1", "c2", "logits"):
+        _, runner, cache, golden, site = _runner(model, name, x)
+        rng = np.random.default_rng(3)
+        elems = rng.integers(0, site.elements, len(x))
+        faulty = rng.uniform(-20, 20, len(x)).astype(np.float32)
+        rows = slice(0, len(x))
+        fast = runner.scores(cache, rows, elems, runner.golden_values(cache, rows, elems), faulty)
+        slow = activation_full(model, x, name, elems, faulty)
+        np.testing.assert_array_equal(fast, slow)
+        assert not np.array_equal(fast, golden)  # the faults did something
+
+
+def _weight_check(model: onnx.ModelProto, name: str, n: int = 6, seed: int = 0, rerun: bool = False) -> None:
+    x, _ = labelled_inputs(model, n)
+    _, runner, cache, golden, site = _runner(model, name, x)
+    rng = np.random.default_rng(seed)
+    elems = rng.permutation(site.elements)[:n] if site.elements >= n else rng.integers(0, site.elements, n)
+    rows = slice(0, n)
+    gold = runner.golden_values(cache, rows, elems)
+    faulty = (gold + rng.choice([-3.0, 2.5, 7.0], n)).astype(np.float32)
+    fast = runner.scores(cache, rows, elems, gold, faulty)
+    for i in range(n):
+        slow = weight_full(model, x[i:i + 1], site.tensor, int(elems[i]), float(faulty[i]))[0]
+        np.testing.assert_allclose(fast[i], slow, rtol=1e-5, atol=1e-5, err_msg=f"{name} row {i}")
+    assert not np.allclose(fast, golden, rtol=1e-6, atol=1e-7), f"{name}: the faults had no effect"
+    assert (runner.rerun is not None) == rerun, "the additive fast path must serve Conv/Gemm/MatMul"
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(stride=2), dict(group=2), dict(group=4, dilation=2),
+                                dict(stride=2, dilation=3), dict(trans_b=0)])
+def test_fast_weight_path_equals_slow_path_conv_gemm(kw) -> None:
+    model = residual_cnn(seed=5, **kw)
+    for name in ("w1", "b1", "w2", "b2", "wf", "bf"):
+        _weight_check(model, name)
+
+
+def test_fast_weight_path_equals_slow_path_matmul_and_constant() -> None:
+    model = matmul_mlp(seed=2)
+    for name in ("w1", "w2"):
+        _weight_check(model, name)
+
+
+def test_conv_transpose_weights_use_exact_node_rerun() -> None:
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((3, 2, 3, 3)).astype(np.float32), "wt")
+    wf = numpy_helper.from_array(rng.standard_normal((3, 2 * 9 * 9)).astype(np.float32), "wf")
+    nodes = [helper.make_node("ConvTranspose", ["x", "wt"], ["ct"], name="deconv", strides=[2, 2]),
+             helper.make_node("Flatten", ["ct"], ["f"], name="flat"),
+             helper.make_node("Gemm", ["f", "wf"], ["logits"], name="fc", transB=1)]
+    graph = helper.make_graph(nodes, "ct", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4, 4])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])], [w, wf])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    _weight_check(model, "wt", n=4, rerun=True)
