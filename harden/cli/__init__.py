@@ -22,6 +22,7 @@ SUBCOMMANDS: list[str] = [
     "export",
     "rewrite",
     "convert",
+    "inject",
 ]
 
 

@@ -1,0 +1,76 @@
+"""Campaigns from files: a model path and a dataset spec in, a JSONL file and a summary JSON out.
+
+This is the one call behind `harden inject`; `run_campaign` is the array-level
+entry point that other stages (certify) use directly.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from harden.data import Preprocess, load_dataset
+from harden.errors import HardenError
+from harden.fi.config import CampaignConfig
+from harden.fi.engine import run_campaign, write_summary
+from harden.fi.graphinfo import GraphInfo
+from harden.fi.journal import merge_journals
+from harden.fi.prepare import model_preprocess, model_ready_inputs
+from harden.fi.sites import Site, list_sites
+from harden.fi.summary import CampaignSummary, summarise_contents
+from harden.graph.onnx_io import load_model
+
+
+def summary_path_for(out_jsonl: str | os.PathLike[str]) -> Path:
+    """campaign.jsonl → campaign.summary.json, beside it."""
+    out = Path(out_jsonl)
+    return out.with_name(out.name.removesuffix(".jsonl") + ".summary.json")
+
+
+def sites_of_file(model_path: str | os.PathLike[str], all_tensors: bool = False) -> list[Site]:
+    """The fault sites of a model file (for `--list-sites`)."""
+    return list_sites(GraphInfo(load_model(model_path)), include_all_tensors=all_tensors)
+
+
+def inject_dataset(model_path: str | os.PathLike[str], data: str, config: CampaignConfig,
+                   out_jsonl: str | os.PathLike[str], limit: int | None = None, data_seed: int = 0,
+                   profile: str | None = None, profile_limit: int | None = None,
+                   preprocess: Preprocess | None = None, summary_path: str | os.PathLike[str] | None = None,
+                   progress: bool = True, fresh: bool = False) -> CampaignSummary:
+    """Load data, apply the model's preprocessing, run or resume the campaign and write its summary."""
+    if Path(out_jsonl).resolve() == Path(model_path).resolve():
+        raise HardenError(f"refusing to overwrite the input {model_path}; choose another --out")
+    model = load_model(model_path)
+    prep = model_preprocess(model, preprocess)
+    dataset = load_dataset(data, limit=limit, seed=data_seed)
+    shape = _declared_shape(model) or (prep.input_shape(dataset.images.shape[-2:]) if prep else dataset.image_shape)
+    inputs = model_ready_inputs(model, dataset.images, prep, shape)
+    profile_inputs = None
+    if profile is not None:
+        profile_inputs = model_ready_inputs(model, load_dataset(profile, limit=profile_limit, seed=data_seed).images,
+                                            prep, shape)
+    summary = run_campaign(model_path, inputs, dataset.labels, config, out_jsonl, progress=progress,
+                           profile_inputs=profile_inputs, fresh=fresh)
+    write_summary(summary, summary_path or summary_path_for(out_jsonl))
+    return summary
+
+
+def merge_files(parts: list[str], out_jsonl: str | os.PathLike[str],
+                summary_path: str | os.PathLike[str] | None = None) -> CampaignSummary:
+    """Merge `--shard` parts into one campaign file and write its summary."""
+    for part in parts:
+        if Path(part).resolve() == Path(out_jsonl).resolve():
+            raise HardenError(f"refusing to overwrite the part {part}; choose another --out")
+    summary = summarise_contents(merge_journals(parts, out_jsonl))
+    write_summary(summary, summary_path or summary_path_for(out_jsonl))
+    return summary
+
+
+def _declared_shape(model) -> tuple[int, ...] | None:  # type: ignore[no-untyped-def]
+    """The (C, H, W) the model input declares, or None when some image dimension is symbolic."""
+    init = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in init]
+    if len(inputs) != 1:
+        raise HardenError(f"expected a model with one image input, found {len(inputs)}: {[i.name for i in inputs]}")
+    dims = list(inputs[0].type.tensor_type.shape.dim)[1:]
+    return tuple(int(d.dim_value) for d in dims) if dims and all(d.HasField("dim_value") for d in dims) else None

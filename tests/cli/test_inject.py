@@ -1,0 +1,70 @@
+"""`harden inject`: list sites, run, resume, shard and merge, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from harden.cli import main
+from harden.data import Preprocess
+from harden.graph.onnx_io import set_metadata
+from tests.fi.tiny_models import labelled_inputs, residual_cnn
+
+
+@pytest.fixture()
+def files(tmp_path: Path) -> tuple[Path, Path]:
+    model = residual_cnn()
+    x, y = labelled_inputs(model, 24)
+    lo, hi = x.min(), x.max()
+    images = (x - lo) / (hi - lo)  # the dataset stores [0, 1] images; the model's preprocessing maps them back
+    set_metadata(model, {"harden.preprocess": Preprocess(3, None, (float(-lo / (hi - lo)),),
+                                                         (float(1 / (hi - lo)),)).to_json()})
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", x=images.astype(np.float32), y=y)
+    return tmp_path / "m.onnx", tmp_path / "d.npz"
+
+
+def test_list_sites(files, capsys) -> None:
+    assert main(["inject", str(files[0]), "--list-sites"]) == 0
+    out = capsys.readouterr().out
+    assert "c1" in out and "4×3×3×3" in out and "108" in out
+
+
+def test_campaign_summary_shard_and_merge(files, tmp_path: Path, capsys) -> None:
+    model, data = files
+    common = [str(model), "--data", f"npz:{data}", "--injections", "40", "--batch", "8", "--no-progress",
+              "--layers", "conv2,last"]
+    assert main(["inject", *common, "--out", str(tmp_path / "c.jsonl")]) == 0
+    out = capsys.readouterr().out
+    assert "images: " in out and "SDC %" in out and "w2" in out
+    summary = json.loads((tmp_path / "c.summary.json").read_text())
+    assert summary["complete"] and summary["opt_level"] == "disable"
+    assert summary["evaluation"]["kept"] >= 20  # the preprocessing from metadata reproduced the labels
+    for i in range(2):
+        assert main(["inject", *common, "--shard", f"{i}/2", "--out", str(tmp_path / f"p{i}.jsonl")]) == 0
+    assert main(["inject", "--merge", str(tmp_path / "p0.jsonl"), str(tmp_path / "p1.jsonl"),
+                 "--out", str(tmp_path / "m.jsonl"), "--json"]) == 0
+    assert (tmp_path / "m.jsonl").read_bytes() == (tmp_path / "c.jsonl").read_bytes()
+
+
+def test_bad_inputs_give_one_line_errors(files, tmp_path: Path, capsys) -> None:
+    model, data = files
+    (tmp_path / "bad.onnx").write_text("not a model")
+    assert main(["inject", str(tmp_path / "bad.onnx"), "--list-sites"]) == 1
+    assert "not a readable ONNX model" in capsys.readouterr().err
+    base = ["--data", f"npz:{data}", "--out", str(tmp_path / "o.jsonl"), "--no-progress"]
+    assert main(["inject", str(model), *base, "--layers", "nosuch"]) == 1
+    assert "unknown layer 'nosuch'" in capsys.readouterr().err
+    np.savez(tmp_path / "small.npz", x=np.zeros((4, 3, 6, 6), np.float32), y=np.zeros(4, np.int64))
+    assert main(["inject", str(model), "--data", f"npz:{tmp_path / 'small.npz'}", "--out",
+                 str(tmp_path / "o2.jsonl")]) == 1
+    err = capsys.readouterr().err
+    assert "(3, 6, 6)" in err and "(3, 8, 8)" in err and "Traceback" not in err
+    assert main(["inject", str(model), *base, "--bits", "40"]) == 1
+    assert "outside 0..31" in capsys.readouterr().err
+    assert main(["inject", str(model), "--data", f"npz:{data}", "--out", str(model)]) == 1
+    assert "refusing to overwrite" in capsys.readouterr().err
