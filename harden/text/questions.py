@@ -1,0 +1,84 @@
+"""The questions put to the LLM about each class, and the CLIP template fallback.
+
+The default questions are the five that Wasim et al. (NeurIPS 2023) took from
+CuPL (Pratt et al., 2023): asking *how a class looks* yields visual descriptions,
+which a text encoder places closer to images than the bare class name does. They
+are kept verbatim, "a(n)" included, so cached answers stay comparable with runs of
+the original code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from harden.errors import HardenError
+
+PLACEHOLDER = "{}"
+
+DEFAULT_QUESTIONS: tuple[str, ...] = (
+    "Describe what a(n) {} looks like",
+    "How can you identify a(n) {}?",
+    "What does a(n) {} look like?",
+    "Describe an image from the internet of a(n) {}",
+    "A caption of an image of a(n) {}:",
+)
+
+
+def render(question: str, name: str) -> str:
+    """The question with the class name in its one placeholder.
+
+    `str.replace` rather than `str.format`, so braces inside class names are inert.
+    """
+    return question.replace(PLACEHOLDER, name)
+
+
+def validate_questions(questions: list[str] | tuple[str, ...], origin: str = "questions") -> list[str]:
+    """Refuse an empty list, duplicates, and questions without exactly one `{}` for the class."""
+    cleaned = [q.strip() for q in questions]
+    if not cleaned:
+        raise HardenError(f"{origin}: no questions given")
+    for q in cleaned:
+        if q.count(PLACEHOLDER) != 1:
+            raise HardenError(f"{origin}: question {q!r} must contain exactly one '{{}}' where the class name goes")
+    dupes = sorted({q for q in cleaned if cleaned.count(q) > 1})
+    if dupes:
+        raise HardenError(f"{origin}: duplicate questions {dupes}")
+    return cleaned
+
+
+def load_questions(path: str | os.PathLike[str]) -> list[str]:
+    """Questions from a file: a JSON list of strings, or text with one question per line.
+
+    In text files, blank lines and lines starting with '#' are skipped.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as err:
+        raise HardenError(f"{path}: no such questions file") from err
+    except (OSError, UnicodeDecodeError) as err:
+        raise HardenError(f"{path}: cannot read questions ({err})") from err
+    if text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise HardenError(f"{path}: not valid JSON ({err})") from err
+        if not isinstance(data, list) or not all(isinstance(q, str) for q in data):
+            raise HardenError(f"{path}: a JSON questions file must be a list of strings")
+        return validate_questions(data, str(path))
+    lines = [ln.strip() for ln in text.splitlines()]
+    return validate_questions([ln for ln in lines if ln and not ln.startswith("#")], str(path))
+
+
+def clip_templates() -> list[str]:
+    """The 80-prompt CLIP ImageNet ensemble ("a photo of a {}." and the like), from open_clip.
+
+    Used when no LLM answer is available offline. open_clip is imported lazily
+    because it pulls in torch; the templates are rendered with the placeholder so
+    they can be stored and audited like questions.
+    """
+    from open_clip import OPENAI_IMAGENET_TEMPLATES
+
+    return [template(PLACEHOLDER) for template in OPENAI_IMAGENET_TEMPLATES]
