@@ -18,6 +18,8 @@ from harden.errors import HardenError
 
 SUBCOMMANDS: list[str] = [
     "data",
+    "describe",
+    "embed",
     "finetune",
     "export",
     "rewrite",
