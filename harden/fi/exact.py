@@ -126,9 +126,12 @@ class ExactResult:
 
 
 def outcome32(logits: np.ndarray, top1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(sdc, due) of float32 output rows: SDC when numpy's argmax (NaN counts as the max) differs from
-    the fault-free top-1; DUE-like when the row holds NaN or Inf."""
-    return np.argmax(logits, axis=1) != top1, ~np.isfinite(logits).all(axis=1)
+    """(sdc, non-finite) of float32 output rows, as the engine decides them: NaN never wins the
+    argmax, a row of NaN is class −1 (an SDC), and a row holding NaN or Inf is DUE-like."""
+    nan = np.isnan(logits)
+    cls = np.argmax(np.where(nan, -np.inf, logits), axis=1)
+    cls[nan.all(axis=1)] = -1
+    return cls != top1, ~np.isfinite(logits).all(axis=1)
 
 
 def envelope(base: np.ndarray, top1: np.ndarray, directions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from harden.fi.exact_site import (
-    U32, Site, activation_change, clamp32, clamp64, flip_bit, row_scale, tensor_scale, weight_change,
+    U32, RangePolicy, Site, activation_change, clamp32, clamp64, flip_bit, tensor_scale, weight_change,
 )
 
 # Beyond this |Δ| a logit may overflow float32; such faults are recomputed in float32.
@@ -40,17 +40,17 @@ class LinearHead:
         return out + self.bias if self.bias is not None else out
 
     def sites(self, features: np.ndarray, logits: np.ndarray, fmt: str,
-              peaks: dict[str, float] | None) -> list[Site]:
+              policy: RangePolicy) -> list[Site]:
         """Weight, bias, input and output sites for `features` (N×d) and the golden float32 `logits`."""
-        return _LinearSites(self, features, logits, fmt, peaks).all()
+        return _LinearSites(self, features, logits, fmt, policy).all()
 
 
 class _LinearSites:
     """The shared float64 quantities of one head and data set, and the sites built from them."""
 
     def __init__(self, head: LinearHead, f: np.ndarray, logits: np.ndarray, fmt: str,
-                 peaks: dict[str, float] | None) -> None:
-        self.h, self.fmt = head, fmt
+                 policy: RangePolicy) -> None:
+        self.h, self.fmt, self.policy = head, fmt, policy
         self.f = np.ascontiguousarray(f, np.float32)
         self.L = np.ascontiguousarray(logits, np.float32)
         self.W = np.ascontiguousarray(head.weight, np.float32)
@@ -58,8 +58,7 @@ class _LinearSites:
         self.b = np.zeros(self.C, np.float32) if head.bias is None else np.asarray(head.bias, np.float32)
         self.W64, self.f64, self.b64 = self.W.astype(np.float64), self.f.astype(np.float64), self.b.astype(np.float64)
         self.raw = self.f64 @ self.W64.T + self.b64
-        self.peak_out = None if peaks is None else peaks[head.output]
-        self.peak_in = None if peaks is None else peaks[head.input]
+        self.peak_out = policy.tensor_peak(head.output)
         self.tau = (self.d + 3) * U32 * np.max(np.abs(self.f64) @ np.abs(self.W64).T + np.abs(self.b64), axis=1)
         self.eye = np.eye(self.C)
 
@@ -74,13 +73,13 @@ class _LinearSites:
 
     def weight_site(self) -> Site:
         flat = self.W.ravel()
-        scale = tensor_scale(self.W, self.fmt)
+        scale, vpeak = tensor_scale(self.W, self.fmt), self.policy.weight_peak(self.W)
         base = clamp64(self.raw, self.peak_out)
         kappa = (self.d + 2) * U32
 
         def wdelta(ks: np.ndarray, bit: int) -> np.ndarray:
             with np.errstate(all="ignore"):
-                return flip_bit(flat[ks], bit, self.fmt, scale).astype(np.float64) - flat[ks]
+                return flip_bit(flat[ks], bit, self.fmt, scale, vpeak).astype(np.float64) - flat[ks]
 
         def delta(ks: np.ndarray, bit: int) -> tuple[np.ndarray, np.ndarray]:
             c, j = ks // self.d, ks % self.d
@@ -92,7 +91,7 @@ class _LinearSites:
             c, j, m = k // self.d, k % self.d, np.arange(len(k))
             rows = self._out_rows(n)
             w = self.W[c].copy()
-            w[m, j] = flip_bit(flat[k], bit, self.fmt, scale)
+            w[m, j] = flip_bit(flat[k], bit, self.fmt, scale, vpeak)
             with np.errstate(all="ignore"):
                 rows[m, c] = np.einsum("md,md->m", self.f[n], w) + self.b[c]
             return clamp32(rows, self.peak_out)
@@ -103,13 +102,14 @@ class _LinearSites:
                     weight_delta=wdelta, x_abs=np.abs(self.f64), col=k % self.d, kappa=np.full(self.C, kappa))
 
     def bias_site(self) -> Site:
-        scale = tensor_scale(self.b, self.fmt)
+        scale, vpeak = tensor_scale(self.b, self.fmt), self.policy.weight_peak(self.b)
         base = clamp64(self.raw, self.peak_out)
         kappa = 2 * U32
 
         def delta(ks: np.ndarray, bit: int) -> tuple[np.ndarray, np.ndarray]:
             with np.errstate(all="ignore"):
-                change = np.broadcast_to(flip_bit(self.b[ks], bit, self.fmt, scale).astype(np.float64) - self.b[ks],
+                change = np.broadcast_to(flip_bit(self.b[ks], bit, self.fmt, scale, vpeak).astype(np.float64)
+                                         - self.b[ks],
                                          (len(self.f), len(ks)))
             return weight_change(self.raw[:, ks], base[:, ks], change, self.peak_out, self.tau, kappa)
 
@@ -117,7 +117,7 @@ class _LinearSites:
             m = np.arange(len(k))
             rows = self._out_rows(n)
             with np.errstate(all="ignore"):
-                rows[m, k] = np.einsum("md,md->m", self.f[n], self.W[k]) + flip_bit(self.b[k], bit, self.fmt, scale)
+                rows[m, k] = np.einsum("md,md->m", self.f[n], self.W[k]) + flip_bit(self.b[k], bit, self.fmt, scale, vpeak)
             return clamp32(rows, self.peak_out)
 
         k = np.arange(self.C)
@@ -125,22 +125,22 @@ class _LinearSites:
                     np.full(self.C, LOGIT_LIMIT), delta, recompute, classes=k)
 
     def input_site(self) -> Site:
-        f_base = clamp32(self.f, self.peak_in)
+        name = self.h.input
+        f_base = clamp32(self.f, self.policy.tensor_peak(name))
+        peak = self.policy.element_peak(name)
         base = f_base.astype(np.float64) @ self.W64.T + self.b64
         vmax = np.abs(self.W64).max(axis=0)
-        scale = row_scale(self.f, self.fmt)
+        scale = self.policy.act_scale(name, self.fmt)
 
         def delta(ks: np.ndarray, bit: int) -> tuple[np.ndarray, np.ndarray]:
-            sc = scale if np.ndim(scale) == 0 else scale
-            change = activation_change(self.f[:, ks], f_base[:, ks], bit, self.fmt, self.peak_in, sc)
+            change = activation_change(self.f[:, ks], f_base[:, ks], bit, self.fmt, peak, scale)
             with np.errstate(invalid="ignore"):
                 return change, (self.d + 2) * U32 * vmax[ks] * np.abs(change)
 
         def recompute(n: np.ndarray, k: np.ndarray, bit: int) -> np.ndarray:
             m = np.arange(len(k))
             rows = f_base[n].copy()
-            sc = scale if np.ndim(scale) == 0 else np.asarray(scale)[n, 0]
-            rows[m, k] = clamp32(flip_bit(self.f[n, k], bit, self.fmt, sc), self.peak_in)
+            rows[m, k] = flip_bit(self.f[n, k], bit, self.fmt, scale, peak)
             with np.errstate(all="ignore"):
                 return (rows @ self.W.T + self.b).astype(np.float32)
 
@@ -150,10 +150,10 @@ class _LinearSites:
                     np.arange(self.d), limit, delta, recompute)
 
     def output_site(self) -> Site:
-        return output_site(self.L, self.peak_out, self.fmt, self.h.output, self.h.layer)
+        return output_site(self.L, self.policy, self.fmt, self.h.output, self.h.layer)
 
 
-def output_site(logits: np.ndarray, peak: float | None, fmt: str, tensor: str, layer: str,
+def output_site(logits: np.ndarray, policy: RangePolicy, fmt: str, tensor: str, layer: str,
                 scale: float | None = None) -> Site:
     """A flip in a stored score (logits, or cosines times a positive `scale` afterwards).
 
@@ -161,12 +161,13 @@ def output_site(logits: np.ndarray, peak: float | None, fmt: str, tensor: str, l
     scale can round (monotonically: it may turn an order into a tie, never reverse it).
     """
     n, c = logits.shape
-    base32 = clamp32(logits, peak)
+    base32 = clamp32(logits, policy.tensor_peak(tensor))
+    peak = policy.element_peak(tensor)
     base = base32.astype(np.float64)
     mult = 1.0 if scale is None else float(scale)
     err = 0.0 if scale is None else 2 * U32
     tau = err * np.abs(base).max(axis=1)
-    rscale = row_scale(logits, fmt)
+    rscale = policy.act_scale(tensor, fmt)
 
     def delta(ks: np.ndarray, bit: int) -> tuple[np.ndarray, np.ndarray]:
         change = activation_change(logits[:, ks], base32[:, ks], bit, fmt, peak, rscale)
@@ -176,8 +177,7 @@ def output_site(logits: np.ndarray, peak: float | None, fmt: str, tensor: str, l
     def recompute(rows_n: np.ndarray, k: np.ndarray, bit: int) -> np.ndarray:
         m = np.arange(len(k))
         rows = base32[rows_n].copy()
-        sc = rscale if np.ndim(rscale) == 0 else np.asarray(rscale)[rows_n, 0]
-        rows[m, k] = clamp32(flip_bit(logits[rows_n, k], bit, fmt, sc), peak)
+        rows[m, k] = flip_bit(logits[rows_n, k], bit, fmt, rscale, peak)
         with np.errstate(all="ignore"):
             return rows if scale is None else (rows * np.float32(scale)).astype(np.float32)
 

@@ -13,15 +13,66 @@ within float32 rounding of a tie), which `recompute` evaluates in float32.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from harden.errors import HardenError
 from harden.fi.bitflip import flip, int8_scale
 from harden.fi.profile import clamp_to_range
 
 # Half an ulp of 1.0 in float32: the unit roundoff of every float32 operation.
 U32 = float(np.finfo(np.float32).eps) / 2
+
+
+POLICIES = ("none", "range", "range-output")
+
+
+@dataclass(frozen=True)
+class RangePolicy:
+    """How faulty values are range-restricted, and the profiled activation peaks.
+
+    - `none`: faulty values pass through.
+    - `range`: the engine's `--clamp range` (goldeneye's range detector): the faulty
+      value alone is clamped with clamp_to_range, to ± the profiled peak of its
+      activation tensor, or ± max|W| of its weight tensor.
+    - `range-output`: what deployed Clip nodes do: the faulted tensor as a whole is
+      clamped to its profiled peak; for a weight fault, the output of the layer the
+      weight feeds.
+
+    `peaks` also sets the int8 scale of an activation (peak / 127), as in the engine.
+    """
+
+    name: str = "none"
+    peaks: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.name not in POLICIES:
+            raise HardenError(f"unknown range policy {self.name!r}; use one of {', '.join(POLICIES)}")
+
+    def _peak(self, tensor: str) -> float:
+        if tensor not in self.peaks:
+            raise HardenError(f"no profiled range for tensor {tensor!r}")
+        return float(self.peaks[tensor])
+
+    def tensor_peak(self, tensor: str) -> float | None:
+        """The clamp applied to the whole tensor (range-output only)."""
+        return self._peak(tensor) if self.name == "range-output" else None
+
+    def element_peak(self, tensor: str) -> float | None:
+        """The clamp applied to a faulty activation value."""
+        return None if self.name == "none" else self._peak(tensor)
+
+    def weight_peak(self, values: np.ndarray) -> float | None:
+        """The clamp applied to a faulty weight value (range only)."""
+        return float(np.max(np.abs(values))) if self.name == "range" and values.size else None
+
+    def act_scale(self, tensor: str, fmt: str) -> float:
+        """int8 scale of an activation tensor: profiled peak / 127, as the engine stores it."""
+        if fmt != "int8":
+            return 1.0
+        peak = float(self.peaks.get(tensor, 0.0))
+        return peak / 127.0 if peak > 0 else 1.0
 
 
 @dataclass
@@ -79,25 +130,16 @@ def dot_error(weights_abs: np.ndarray, values_abs: np.ndarray, length: int) -> n
     return (length + 2) * U32 * np.max(values_abs @ weights_abs.T, axis=1)
 
 
-def flip_bit(values: np.ndarray, bit: int, fmt: str, scale: float | np.ndarray = 1.0) -> np.ndarray:
-    """`values` (any shape, float32) with `bit` flipped in `fmt`; int8 `scale` may be per element."""
+def flip_bit(values: np.ndarray, bit: int, fmt: str, scale: float = 1.0, peak: float | None = None) -> np.ndarray:
+    """`values` (any shape, float32) with `bit` flipped in `fmt`, then clamped to ±`peak` if given."""
     values = np.asarray(values, dtype=np.float32)
     flat = values.ravel()
-    scale = np.broadcast_to(np.asarray(scale, dtype=np.float32), values.shape).ravel() \
-        if np.ndim(scale) else float(scale)
-    return flip(flat, np.full(flat.size, bit), fmt, scale).reshape(values.shape)  # type: ignore[arg-type]
+    return clamp32(flip(flat, np.full(flat.size, bit), fmt, scale).reshape(values.shape), peak)
 
 
 def tensor_scale(values: np.ndarray, fmt: str) -> float:
     """The int8 scale a weight tensor is stored with (1 for float formats)."""
     return int8_scale(values) if fmt == "int8" else 1.0
-
-
-def row_scale(values: np.ndarray, fmt: str) -> np.ndarray | float:
-    """Per-image int8 scales of an activation tensor (N×K → N×1), the tensor of one inference."""
-    if fmt != "int8":
-        return 1.0
-    return np.asarray([int8_scale(row) for row in values], dtype=np.float32)[:, None]
 
 
 def weight_change(raw_base: np.ndarray, clamped_base: np.ndarray, change: np.ndarray, peak: float | None,
@@ -119,9 +161,10 @@ def weight_change(raw_base: np.ndarray, clamped_base: np.ndarray, change: np.nda
         return delta, slack
 
 
-def activation_change(golden: np.ndarray, clamped: np.ndarray, bit: int, fmt: str, peak: float | None,
-                      scale: np.ndarray | float) -> np.ndarray:
-    """Δ (float64) when one activation value (N×K, golden float32) is flipped and the policy applied."""
-    new = clamp32(flip_bit(golden, bit, fmt, scale), peak)
+def activation_change(golden: np.ndarray, base: np.ndarray, bit: int, fmt: str, peak: float | None,
+                      scale: float) -> np.ndarray:
+    """Δ (float64) when activation values (N×K, golden float32) are flipped and clamped to ±`peak`;
+    `base` is the fault-free tensor as the faulty run sees it."""
+    new = flip_bit(golden, bit, fmt, scale, peak)
     with np.errstate(all="ignore"):
-        return new.astype(np.float64) - clamped.astype(np.float64)
+        return new.astype(np.float64) - base.astype(np.float64)

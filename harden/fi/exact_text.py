@@ -21,7 +21,7 @@ import numpy as np
 
 from harden.fi.exact_linear import LOGIT_LIMIT, output_site
 from harden.fi.exact_site import (
-    U32, Site, activation_change, clamp32, clamp64, flip_bit, row_scale, tensor_scale, weight_change,
+    U32, RangePolicy, Site, activation_change, clamp32, clamp64, flip_bit, tensor_scale, weight_change,
 )
 
 # Beyond this |Δz| the sum of squares in ‖z'‖ may overflow float32; such faults are recomputed.
@@ -67,15 +67,15 @@ class TextHead:
         return self.from_z(np.asarray(features, np.float32) @ self.proj_weight.T + self.proj_bias)
 
     def sites(self, features: np.ndarray, tensors: dict[str, np.ndarray], fmt: str,
-              peaks: dict[str, float] | None) -> list[Site]:
+              policy: RangePolicy) -> list[Site]:
         """Every site, given the features and the golden float32 z, cosines and logits by tensor name."""
-        return _TextSites(self, features, tensors, fmt, peaks).all()
+        return _TextSites(self, features, tensors, fmt, policy).all()
 
 
 class _TextSites:
     def __init__(self, head: TextHead, f: np.ndarray, tensors: dict[str, np.ndarray], fmt: str,
-                 peaks: dict[str, float] | None) -> None:
-        self.h, self.fmt = head, fmt
+                 policy: RangePolicy) -> None:
+        self.h, self.fmt, self.policy = head, fmt, policy
         self.f = np.ascontiguousarray(f, np.float32)
         self.z = np.ascontiguousarray(tensors[head.proj_output], np.float32)
         self.cos = np.ascontiguousarray(tensors[head.cosine], np.float32)
@@ -86,7 +86,6 @@ class _TextSites:
         self.C = self.W.shape[0]
         self.P64, self.W64, self.f64 = (a.astype(np.float64) for a in (self.P, self.W, self.f))
         self.b64 = self.b.astype(np.float64)
-        self.peak = (lambda name: None) if peaks is None else (lambda name: peaks[name])  # noqa: E731
         zabs = np.abs(self.f64) @ np.abs(self.P64).T + np.abs(self.b64)
         self.kz = (self.d + self.E + 10) * U32
         self.tau_z = self.kz * np.max(zabs @ np.abs(self.W64).T, axis=1)
@@ -97,20 +96,20 @@ class _TextSites:
         sites = [self.proj_weight_site(), self.proj_bias_site(), self.input_site(), self.z_site(),
                  self.weight_site()]
         if self.h.scale is not None:
-            sites.append(output_site(self.cos, self.peak(self.h.cosine), self.fmt, self.h.cosine, self.h.layer,
+            sites.append(output_site(self.cos, self.policy, self.fmt, self.h.cosine, self.h.layer,
                                      scale=self.h.scale))
-        sites.append(output_site(self.L, self.peak(self.h.output), self.fmt, self.h.output, self.h.layer))
+        sites.append(output_site(self.L, self.policy, self.fmt, self.h.output, self.h.layer))
         return sites
 
     def _z_base(self) -> tuple[np.ndarray, np.ndarray, float | None]:
-        peak = self.peak(self.h.proj_output)
+        peak = self.policy.tensor_peak(self.h.proj_output)
         zb = clamp32(self.z, peak)
         return zb, zb.astype(np.float64) @ self.W64.T, peak
 
     def _projection_site(self, values: np.ndarray, name: str, role: str, cols: int) -> Site:
         """P (cols = d, Δz = δ·f[j]) or b (cols = 1, Δz = δ): z[e] moves, e = k // cols."""
         flat = values.ravel()
-        scale = tensor_scale(values, self.fmt)
+        scale, vpeak = tensor_scale(values, self.fmt), self.policy.weight_peak(values)
         zb, base, peak = self._z_base()
         z64, zb64 = self.z.astype(np.float64), zb.astype(np.float64)
         kappa = self.kz * self.wmax
@@ -118,7 +117,7 @@ class _TextSites:
 
         def wdelta(ks: np.ndarray, bit: int) -> np.ndarray:
             with np.errstate(all="ignore"):
-                return flip_bit(flat[ks], bit, self.fmt, scale).astype(np.float64) - flat[ks]
+                return flip_bit(flat[ks], bit, self.fmt, scale, vpeak).astype(np.float64) - flat[ks]
 
         def delta(ks: np.ndarray, bit: int) -> tuple[np.ndarray, np.ndarray]:
             e, j = ks // cols, ks % cols
@@ -131,9 +130,9 @@ class _TextSites:
             rows = zb[n].copy()
             p, bias = self.P[e].copy(), self.b[e].copy()
             if cols == self.d:
-                p[m, j] = flip_bit(flat[k], bit, self.fmt, scale)
+                p[m, j] = flip_bit(flat[k], bit, self.fmt, scale, vpeak)
             else:
-                bias = flip_bit(flat[k], bit, self.fmt, scale)
+                bias = flip_bit(flat[k], bit, self.fmt, scale, vpeak)
             with np.errstate(all="ignore"):
                 rows[m, e] = np.einsum("md,md->m", self.f[n], p) + bias
             return self.h.from_z(clamp32(rows, peak))
@@ -150,12 +149,13 @@ class _TextSites:
         return self._projection_site(self.b, self.h.proj_bias_name, "proj_bias", 1)
 
     def input_site(self) -> Site:
-        peak = self.peak(self.h.input)
-        fb = clamp32(self.f, peak)
+        name = self.h.input
+        fb = clamp32(self.f, self.policy.tensor_peak(name))
+        peak = self.policy.element_peak(name)
         zb = self.z.astype(np.float64) if np.array_equal(fb, self.f) else fb.astype(np.float64) @ self.P64.T + self.b64
         base = zb @ self.W64.T
         vabs = (np.abs(self.W64) @ np.abs(self.P64)).max(axis=0)  # d
-        scale = row_scale(self.f, self.fmt)
+        scale = self.policy.act_scale(name, self.fmt)
 
         def delta(ks: np.ndarray, bit: int) -> tuple[np.ndarray, np.ndarray]:
             change = activation_change(self.f[:, ks], fb[:, ks], bit, self.fmt, peak, scale)
@@ -165,8 +165,7 @@ class _TextSites:
         def recompute(n: np.ndarray, k: np.ndarray, bit: int) -> np.ndarray:
             m = np.arange(len(k))
             rows = fb[n].copy()
-            sc = scale if np.ndim(scale) == 0 else np.asarray(scale)[n, 0]
-            rows[m, k] = clamp32(flip_bit(self.f[n, k], bit, self.fmt, sc), peak)
+            rows[m, k] = flip_bit(self.f[n, k], bit, self.fmt, scale, peak)
             with np.errstate(all="ignore"):
                 return self.h.from_z(rows @ self.P.T + self.b)
 
@@ -176,8 +175,9 @@ class _TextSites:
                     (self.W64 @ self.P64).T.copy(), np.arange(self.d), limit, delta, recompute)
 
     def z_site(self) -> Site:
-        zb, base, peak = self._z_base()
-        scale = row_scale(self.z, self.fmt)
+        zb, base, _ = self._z_base()
+        peak = self.policy.element_peak(self.h.proj_output)
+        scale = self.policy.act_scale(self.h.proj_output, self.fmt)
 
         def delta(ks: np.ndarray, bit: int) -> tuple[np.ndarray, np.ndarray]:
             change = activation_change(self.z[:, ks], zb[:, ks], bit, self.fmt, peak, scale)
@@ -187,8 +187,7 @@ class _TextSites:
         def recompute(n: np.ndarray, k: np.ndarray, bit: int) -> np.ndarray:
             m = np.arange(len(k))
             rows = zb[n].copy()
-            sc = scale if np.ndim(scale) == 0 else np.asarray(scale)[n, 0]
-            rows[m, k] = clamp32(flip_bit(self.z[n, k], bit, self.fmt, sc), peak)
+            rows[m, k] = flip_bit(self.z[n, k], bit, self.fmt, scale, peak)
             return self.h.from_z(rows)
 
         return Site(self.h.proj_output, "proj_output", self.h.proj_layer, self.E, base, self.tau_z,
@@ -197,8 +196,8 @@ class _TextSites:
     def weight_site(self) -> Site:
         """W[c, e]: cosine c moves by δ·ẑ[e]; the Gemm/MatMul output (cosines) is what the policy clamps."""
         flat = self.W.ravel()
-        scale = tensor_scale(self.W, self.fmt)
-        peak = self.peak(self.h.cosine)
+        scale, vpeak = tensor_scale(self.W, self.fmt), self.policy.weight_peak(self.W)
+        peak = self.policy.tensor_peak(self.h.cosine)
         zn64 = self.zn.astype(np.float64)
         raw = zn64 @ self.W64.T
         base = clamp64(raw, peak)
@@ -208,7 +207,7 @@ class _TextSites:
 
         def wdelta(ks: np.ndarray, bit: int) -> np.ndarray:
             with np.errstate(all="ignore"):
-                return flip_bit(flat[ks], bit, self.fmt, scale).astype(np.float64) - flat[ks]
+                return flip_bit(flat[ks], bit, self.fmt, scale, vpeak).astype(np.float64) - flat[ks]
 
         def delta(ks: np.ndarray, bit: int) -> tuple[np.ndarray, np.ndarray]:
             c, e = ks // self.E, ks % self.E
@@ -220,7 +219,7 @@ class _TextSites:
             c, e, m = k // self.E, k % self.E, np.arange(len(k))
             rows = clamp32(self.cos[n], peak).copy()
             w = self.W[c].copy()
-            w[m, e] = flip_bit(flat[k], bit, self.fmt, scale)
+            w[m, e] = flip_bit(flat[k], bit, self.fmt, scale, vpeak)
             with np.errstate(all="ignore"):
                 rows[m, c] = np.einsum("me,me->m", self.zn[n], w)
                 rows = clamp32(rows, peak)

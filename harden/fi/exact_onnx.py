@@ -1,0 +1,194 @@
+"""The exact final-layer analysis of an ONNX classifier: find its head, cut the graph there, enumerate.
+
+The head's weights come from the model's constants and its golden tensors from
+one ONNX Runtime run with those tensors exposed, so the closed form starts from
+exactly the float32 values the injection engine sees. Site names are the ONNX
+tensor names, which are the engine's site names for the same tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from harden.errors import HardenError
+from harden.fi.exact import ExactResult, analyse_sites, outcome32
+from harden.fi.exact_linear import LinearHead
+from harden.fi.exact_site import RangePolicy
+from harden.fi.exact_text import TextHead
+from harden.fi.graphinfo import named_copy
+from harden.fi.profile import profile_ranges
+from harden.graph.ort import expose, make_session, run_batched
+
+# Ops between the head and the model output that change neither values nor their order.
+SHAPE_ONLY = frozenset({"Identity", "Flatten", "Reshape", "Squeeze", "Dropout"})
+
+Head = LinearHead | TextHead
+
+
+class _Graph:
+    """Producers and constant values of a model, by tensor name."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = named_copy(model)
+        self.producer = {o: n for n in self.model.graph.node for o in n.output if o}
+        self.constants = {t.name: numpy_helper.to_array(t) for t in self.model.graph.initializer}
+        for node in self.model.graph.node:
+            if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+                self.constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+
+    def node(self, tensor: str, ops: Sequence[str], what: str) -> onnx.NodeProto:
+        node = self.producer.get(tensor)
+        if node is None or node.op_type not in ops:
+            found = "a graph input" if node is None else f"{node.op_type} {node.name!r}"
+            raise HardenError(f"exact analysis: {what} {tensor!r} comes from {found}, expected {'/'.join(ops)}")
+        return node
+
+    def const(self, tensor: str, what: str) -> np.ndarray:
+        if tensor not in self.constants:
+            raise HardenError(f"exact analysis: the {what} {tensor!r} is not a constant of the model")
+        value = self.constants[tensor]
+        if value.dtype != np.float32:
+            raise HardenError(f"exact analysis: the {what} {tensor!r} is {value.dtype}, not float32")
+        return value
+
+    def split(self, node: onnx.NodeProto) -> tuple[str, str]:
+        """(variable input, constant input) of a binary node."""
+        a, b = node.input[0], node.input[1]
+        if b in self.constants:
+            return a, b
+        if a in self.constants:
+            return b, a
+        raise HardenError(f"exact analysis: {node.op_type} {node.name!r} has no constant operand")
+
+
+def _attr(node: onnx.NodeProto, name: str, default: float) -> float:
+    for a in node.attribute:
+        if a.name == name:
+            return float(onnx.helper.get_attribute_value(a))
+    return default
+
+
+def _gemm(g: _Graph, node: onnx.NodeProto, what: str) -> tuple[str, np.ndarray, str, np.ndarray | None, str | None]:
+    """(input, weight as rows×d, weight name, bias, bias name) of a plain Gemm."""
+    if _attr(node, "transA", 0) or _attr(node, "alpha", 1.0) != 1.0 or _attr(node, "beta", 1.0) != 1.0:
+        raise HardenError(f"exact analysis: {what} Gemm {node.name!r} uses transA/alpha/beta; "
+                          "a flipped stored weight would not be the flipped effective weight")
+    weight = g.const(node.input[1], f"{what} weight")
+    weight = weight if _attr(node, "transB", 0) else weight.T
+    bias_name = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    bias = g.const(bias_name, f"{what} bias") if bias_name else None
+    if bias is not None and bias.size == weight.shape[0]:
+        bias = bias.reshape(-1)
+    elif bias is not None:
+        raise HardenError(f"exact analysis: {what} bias {bias_name!r} has shape {bias.shape}; expected one per row")
+    return node.input[0], np.ascontiguousarray(weight), node.input[1], bias, bias_name
+
+
+def locate_head(model: onnx.ModelProto) -> Head:
+    """The final classifier of `model` as a LinearHead or TextHead, or HardenError saying why not."""
+    g = _Graph(model)
+    scores = g.model.graph.output[0].name
+    node = g.producer.get(scores)
+    while node is not None and node.op_type in SHAPE_ONLY:
+        scores = node.input[0]
+        node = g.producer.get(scores)
+    if node is None:
+        raise HardenError("exact analysis: the model output is not computed by the graph")
+    if node.op_type in ("Softmax", "LogSoftmax"):
+        raise HardenError(f"exact analysis needs the class scores as the output; this model applies "
+                          f"{node.op_type} ({node.name!r}) after its classifier")
+    if node.op_type == "Mul":
+        return _text_head(g, node)
+    if node.op_type == "Gemm":
+        f, w, wname, b, bname = _gemm(g, node, "classifier")
+        return LinearHead(w, b, f, node.output[0], wname, bname, node.name)
+    if node.op_type in ("MatMul", "Add"):
+        bias = bname = None
+        if node.op_type == "Add":
+            x, bname = g.split(node)
+            bias = g.const(bname, "classifier bias").reshape(-1)
+            mm = g.node(x, ["MatMul"], "classifier input")
+        else:
+            mm = node
+        f, wname = g.split(mm)
+        if wname != mm.input[1]:
+            raise HardenError(f"exact analysis: MatMul {mm.name!r} computes W·x; expected features·W")
+        w = g.const(wname, "classifier weight").T
+        return LinearHead(np.ascontiguousarray(w), bias, f, node.output[0], wname, bname, mm.name)
+    raise HardenError(f"exact analysis: the class scores come from {node.op_type} {node.name!r}; "
+                      "expected Gemm, MatMul(+Add) or the text head")
+
+
+def _text_head(g: _Graph, mul: onnx.NodeProto) -> TextHead:
+    """Mul(MatMul(Div(z, Max(ReduceL2(z), eps)), Wᵀ), scale) with z = Gemm(f, P, b)."""
+    cos, scale_name = g.split(mul)
+    scale = g.const(scale_name, "logit scale")
+    if scale.size != 1 or not float(scale.reshape(-1)[0]) > 0:
+        raise HardenError(f"exact analysis: the scale {scale_name!r} is not one positive number")
+    mm = g.node(cos, ["MatMul"], "cosine")
+    unit, wt = g.split(mm)
+    div = g.node(unit, ["Div"], "normalised projection")
+    z, norm = div.input[0], div.input[1]
+    mx = g.node(norm, ["Max"], "norm")
+    red, eps_name = g.split(mx)
+    reduce = g.node(red, ["ReduceL2"], "norm")
+    if reduce.input[0] != z:
+        raise HardenError(f"exact analysis: {reduce.name!r} does not normalise {z!r}")
+    proj = g.node(z, ["Gemm"], "projection")
+    f, p, pname, b, bname = _gemm(g, proj, "projection")
+    if b is None or bname is None:
+        raise HardenError(f"exact analysis: the projection {proj.name!r} has no bias")
+    return TextHead(p, b, np.ascontiguousarray(g.const(wt, "class embeddings").T), float(scale.reshape(-1)[0]),
+                    float(g.const(eps_name, "eps").reshape(-1)[0]), f, z, cos, mul.output[0], pname, bname, wt,
+                    proj.name, mm.name)
+
+
+def head_tensors(head: Head) -> list[str]:
+    """The activations the analysis reads and may need ranges for."""
+    if isinstance(head, LinearHead):
+        return [head.input, head.output]
+    return [head.input, head.proj_output, head.cosine, head.output]
+
+
+def analyse_model(model: onnx.ModelProto, inputs: np.ndarray, policy: str = "none", fmt: str = "fp32",
+                  ranges: dict[str, float] | None = None, profile_inputs: np.ndarray | None = None,
+                  roles: Sequence[str] | None = None, batch: int = 64,
+                  providers: Sequence[str] = ("CPUExecutionProvider",)) -> ExactResult:
+    """Exact SDC counts of every single-bit fault in the final layer, over the model-ready `inputs`.
+
+    `inputs` should be the campaign's kept images (EvalSet.inputs). `ranges`
+    (EvalSet.ranges) are reused where they cover a tensor; the others are profiled
+    on `profile_inputs` (default `inputs`) as the engine would. `roles` limits
+    the sites (weight, bias, input, output, proj_weight, proj_bias, proj_output, cosine).
+    """
+    head = locate_head(model)
+    g = _Graph(model)
+    tensors = head_tensors(head)
+    score_name = g.model.graph.output[0].name
+    session = make_session(expose(g.model, tensors), providers=providers, opt_level="disable")
+    values = dict(zip([score_name, *tensors], run_batched(session, inputs, [score_name, *tensors], batch)))
+    scores = values[score_name].reshape(len(inputs), -1)
+    top1 = np.argmax(np.where(np.isnan(scores), -np.inf, scores), axis=1)
+    if outcome32(scores, top1)[1].any():
+        raise HardenError("exact analysis: the fault-free scores hold NaN or Inf for some images")
+    peaks = dict(ranges or {})
+    missing = [t for t in tensors if t not in peaks]
+    if missing:
+        peaks.update(profile_ranges(g.model, inputs if profile_inputs is None else profile_inputs, missing, batch,
+                                    providers))
+    rp = RangePolicy(policy, peaks)
+    feats = values[head.input].reshape(len(inputs), -1)
+    if isinstance(head, LinearHead):
+        sites = head.sites(feats, values[head.output].reshape(len(inputs), -1), fmt, rp)
+    else:
+        sites = head.sites(feats, {t: values[t].reshape(len(inputs), -1) for t in tensors}, fmt, rp)
+    if roles is not None:
+        unknown = sorted(set(roles) - {s.role for s in sites})
+        if unknown:
+            raise HardenError(f"exact analysis: no site with role {unknown}; have {sorted({s.role for s in sites})}")
+        sites = [s for s in sites if s.role in roles]
+    return analyse_sites(sites, top1, fmt, head.kind, policy)

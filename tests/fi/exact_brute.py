@@ -1,0 +1,110 @@
+"""Brute-force references for the exact analysis: every fault evaluated by a full float32 forward pass.
+
+Each fault (element, bit) is applied to the whole batch at once — every image
+gets the same corrupted weight, or its own corrupted activation at the same
+element — so the fault-free rows are computed exactly as in the golden run.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from harden.fi.bitflip import WIDTH, int8_scale
+from harden.fi.exact import outcome32
+from harden.fi.exact_linear import LinearHead
+from harden.fi.exact_site import RangePolicy, clamp32, flip_bit
+from harden.fi.exact_text import TextHead
+
+
+def _wflip(values: np.ndarray, k: int, bit: int, fmt: str, policy: RangePolicy) -> np.ndarray:
+    out = values.copy()
+    scale = int8_scale(values) if fmt == "int8" else 1.0
+    out.ravel()[k] = flip_bit(values.ravel()[k:k + 1], bit, fmt, scale, policy.weight_peak(values))[0]
+    return out
+
+
+def _aflip(values: np.ndarray, base: np.ndarray, k: int, bit: int, fmt: str, policy: RangePolicy,
+           name: str) -> np.ndarray:
+    out = base.copy()
+    out[:, k] = flip_bit(values[:, k], bit, fmt, policy.act_scale(name, fmt), policy.element_peak(name))
+    return out
+
+
+def brute_linear(h: LinearHead, f: np.ndarray, fmt: str, policy: RangePolicy) -> dict[str, tuple[np.ndarray, ...]]:
+    """{role: (sdc per bit, non-finite per bit)} by full forward passes."""
+    tp = policy.tensor_peak
+    golden = h.logits(f)
+    top1 = golden.argmax(1)
+    width = WIDTH[fmt]
+    b = h.bias if h.bias is not None else np.zeros(len(h.weight), np.float32)
+    out: dict[str, tuple[np.ndarray, ...]] = {}
+
+    def count(role: str, size: int, forward) -> None:  # type: ignore[no-untyped-def]
+        sdc, nf = np.zeros(width, np.int64), np.zeros(width, np.int64)
+        with np.errstate(all="ignore"):
+            for bit in range(width):
+                for k in range(size):
+                    s, d = outcome32(forward(k, bit), top1)
+                    sdc[bit] += s.sum()
+                    nf[bit] += d.sum()
+        out[role] = (sdc, nf)
+
+    count("weight", h.weight.size, lambda k, bit: clamp32(f @ _wflip(h.weight, k, bit, fmt, policy).T + b,
+                                                           tp(h.output)))
+    if h.bias is not None:
+        count("bias", b.size, lambda k, bit: clamp32(f @ h.weight.T + _wflip(b, k, bit, fmt, policy), tp(h.output)))
+    fb = clamp32(f, tp(h.input))
+    count("input", f.shape[1], lambda k, bit: _aflip(f, fb, k, bit, fmt, policy, h.input) @ h.weight.T + b)
+    lb = clamp32(golden, tp(h.output))
+    count("output", golden.shape[1], lambda k, bit: _aflip(golden, lb, k, bit, fmt, policy, h.output))
+    return out
+
+
+def text_tensors(h: TextHead, f: np.ndarray) -> dict[str, np.ndarray]:
+    """Golden z, cosines and logits of the numpy float32 forward pass."""
+    z = f @ h.proj_weight.T + h.proj_bias
+    cos = h.normalise(z) @ h.weight.T
+    return {h.proj_output: z, h.cosine: cos, h.output: h.from_z(z)}
+
+
+def brute_text(h: TextHead, f: np.ndarray, fmt: str, policy: RangePolicy) -> dict[str, tuple[np.ndarray, ...]]:
+    """{role: (sdc per bit, non-finite per bit)} by full forward passes of the text head."""
+    tp = policy.tensor_peak
+    t = text_tensors(h, f)
+    z, cos, golden = t[h.proj_output], t[h.cosine], t[h.output]
+    top1 = golden.argmax(1)
+    width = WIDTH[fmt]
+    out: dict[str, tuple[np.ndarray, ...]] = {}
+
+    def head(ff: np.ndarray, p: np.ndarray, b: np.ndarray, w: np.ndarray, clamp_z: bool, clamp_cos: bool) -> np.ndarray:
+        zz = ff @ p.T + b
+        zz = clamp32(zz, tp(h.proj_output)) if clamp_z else zz
+        cc = h.normalise(zz) @ w.T
+        cc = clamp32(cc, tp(h.cosine)) if clamp_cos else cc
+        return cc if h.scale is None else (cc * np.float32(h.scale)).astype(np.float32)
+
+    def count(role: str, size: int, forward) -> None:  # type: ignore[no-untyped-def]
+        sdc, nf = np.zeros(width, np.int64), np.zeros(width, np.int64)
+        with np.errstate(all="ignore"):
+            for bit in range(width):
+                for k in range(size):
+                    s, d = outcome32(forward(k, bit), top1)
+                    sdc[bit] += s.sum()
+                    nf[bit] += d.sum()
+        out[role] = (sdc, nf)
+
+    P, b, W = h.proj_weight, h.proj_bias, h.weight
+    count("proj_weight", P.size, lambda k, bit: head(f, _wflip(P, k, bit, fmt, policy), b, W, True, False))
+    count("proj_bias", b.size, lambda k, bit: head(f, P, _wflip(b, k, bit, fmt, policy), W, True, False))
+    fb = clamp32(f, tp(h.input))
+    count("input", f.shape[1], lambda k, bit: head(_aflip(f, fb, k, bit, fmt, policy, h.input), P, b, W, False, False))
+    zb = clamp32(z, tp(h.proj_output))
+    count("proj_output", z.shape[1], lambda k, bit: h.from_z(_aflip(z, zb, k, bit, fmt, policy, h.proj_output)))
+    count("weight", W.size, lambda k, bit: head(f, P, b, _wflip(W, k, bit, fmt, policy), False, True))
+    if h.scale is not None:
+        cb = clamp32(cos, tp(h.cosine))
+        count("cosine", cos.shape[1], lambda k, bit: (_aflip(cos, cb, k, bit, fmt, policy, h.cosine)
+                                                      * np.float32(h.scale)).astype(np.float32))
+    lb = clamp32(golden, tp(h.output))
+    count("output", golden.shape[1], lambda k, bit: _aflip(golden, lb, k, bit, fmt, policy, h.output))
+    return out

@@ -1,0 +1,136 @@
+"""The closed-form exact analysis equals brute-force float32 injection of every fault, in every policy and format."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from harden.errors import HardenError
+from harden.fi.exact import ExactResult, analyse_site, analyse_sites, envelope, outcome32
+from harden.fi.exact_linear import LinearHead
+from harden.fi.exact_site import RangePolicy
+from harden.fi.exact_text import TextHead
+from tests.fi.exact_brute import brute_linear, brute_text, text_tensors
+
+POLICIES = ("none", "range", "range-output")
+
+
+def _linear(seed: int) -> tuple[LinearHead, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=(3, 5)).astype(np.float32)
+    b = rng.normal(size=3).astype(np.float32)
+    f = np.abs(rng.normal(size=(12, 5))).astype(np.float32)
+    f[0, 1] = 0.0  # a zero feature: an Inf weight times it is NaN
+    return LinearHead(w, b, "f", "y", "W", "b", "fc"), f
+
+
+def _text(seed: int, scale: float | None) -> tuple[TextHead, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    p = rng.normal(size=(4, 5)).astype(np.float32)
+    b = (0.1 * rng.normal(size=4)).astype(np.float32)
+    w = rng.normal(size=(3, 4)).astype(np.float32)
+    w /= np.linalg.norm(w, axis=1, keepdims=True)
+    f = np.abs(rng.normal(size=(10, 5))).astype(np.float32)
+    out = "y" if scale is not None else "cos"
+    return TextHead(p, b, w, scale, 1e-12, "f", "z", "cos", out, "P", "pb", "W", "proj", "cls"), f
+
+
+def _peaks(tensors: dict[str, np.ndarray]) -> dict[str, float]:
+    return {k: float(np.abs(v).max()) for k, v in tensors.items()}
+
+
+def _check(sites, top1, fmt, brute) -> int:  # type: ignore[no-untyped-def]
+    recomputed = 0
+    assert {s.role for s in sites} == set(brute)
+    for site in sites:
+        r = analyse_site(site, top1, fmt)
+        sdc, nf = brute[site.role]
+        assert r.sdc == sdc.tolist(), (site.role, r.sdc, sdc.tolist())
+        assert r.due == nf.tolist(), (site.role, r.due, nf.tolist())
+        assert r.total_faults == site.size * len(top1) * len(r.faults)
+        recomputed += r.recomputed
+    return recomputed
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_linear_head_equals_brute_force_fp32(policy: str) -> None:
+    h, f = _linear(0)
+    golden = h.logits(f)
+    rp = RangePolicy(policy, _peaks({"f": f, "y": golden}))
+    recomputed = _check(h.sites(f, golden, "fp32", rp), golden.argmax(1), "fp32", brute_linear(h, f, "fp32", rp))
+    if policy == "none":
+        assert recomputed > 0  # the NaN/Inf cases went through the float32 path
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("scale", [float(np.float32(math.exp(2.0))), None])
+def test_text_head_equals_brute_force_fp32(policy: str, scale: float | None) -> None:
+    h, f = _text(1, scale)
+    t = text_tensors(h, f)
+    rp = RangePolicy(policy, _peaks({"f": f, **t}))
+    _check(h.sites(f, t, "fp32", rp), t[h.output].argmax(1), "fp32", brute_text(h, f, "fp32", rp))
+
+
+@pytest.mark.parametrize("fmt", ["fp16", "bf16", "int8"])
+def test_other_formats_equal_brute_force(fmt: str) -> None:
+    h, f = _text(3, float(np.float32(math.exp(2.0))))
+    t = text_tensors(h, f)
+    for policy in ("none", "range-output"):
+        rp = RangePolicy(policy, _peaks({"f": f, **t}))
+        _check(h.sites(f, t, fmt, rp), t[h.output].argmax(1), fmt, brute_text(h, f, fmt, rp))
+    hl, fl = _linear(4)
+    golden = hl.logits(fl)
+    rp = RangePolicy("range", _peaks({"f": fl, "y": golden}))
+    _check(hl.sites(fl, golden, fmt, rp), golden.argmax(1), fmt, brute_linear(hl, fl, fmt, rp))
+
+
+def test_huge_exponent_flips_in_projection_are_recomputed_in_float32() -> None:
+    """A P weight near 1 whose exponent MSB flips gives z ≈ 1e38: ‖z‖ overflows float32 (all cosines 0)."""
+    h, f = _text(5, 10.0)
+    h.proj_weight[0, 0] = np.float32(1.5)
+    t = text_tensors(h, f)
+    rp = RangePolicy("none", {})
+    site = h.sites(f, t, "fp32", rp)[0]
+    r = analyse_site(site, t[h.output].argmax(1), "fp32")
+    sdc, nf = brute_text(h, f, "fp32", rp)["proj_weight"]
+    assert r.sdc == sdc.tolist() and r.due == nf.tolist()
+    assert r.sdc[30] > 0 and r.recomputed > 0
+
+
+def test_envelope_matches_direct_argmax() -> None:
+    rng = np.random.default_rng(7)
+    base = rng.normal(size=(50, 6))
+    top1 = base.argmax(1)
+    dirs = rng.normal(size=(4, 6))
+    lo, hi = envelope(base, top1, dirs)
+    for delta in (-3.0, -0.5, 0.2, 2.5):
+        inside = (delta > lo) & (delta < hi)
+        direct = np.stack([(base + delta * d).argmax(1) == top1 for d in dirs], axis=1)
+        np.testing.assert_array_equal(inside, direct)
+
+
+def test_outcome_follows_the_engine_nan_rule() -> None:
+    rows = np.array([[1.0, np.nan, 0.5], [np.nan, np.nan, np.nan], [np.inf, 1.0, 0.0]], np.float32)
+    sdc, nf = outcome32(rows, np.array([0, 0, 1]))
+    assert sdc.tolist() == [False, True, True] and nf.tolist() == [True, True, True]
+
+
+def test_hit_class_breakdown_and_round_trip() -> None:
+    h, f = _linear(2)
+    golden = h.logits(f)
+    top1 = golden.argmax(1)
+    result = analyse_sites(h.sites(f, golden, "fp32", RangePolicy()), top1, "fp32", "linear", "none")
+    weight = result.site("W")
+    assert weight.hit_faults is not None and weight.hit_sdc is not None
+    # each image's top-1 row of W holds d of the C·d weights
+    assert sum(weight.hit_faults) == 32 * f.shape[1] * len(f)
+    assert 0 < sum(weight.hit_sdc) <= weight.total_sdc
+    assert result.site("f").hit_faults is None
+    again = ExactResult.from_dict(result.to_dict())
+    assert again.to_dict() == result.to_dict()
+    with pytest.raises(HardenError):
+        result.site("nope")
+    with pytest.raises(HardenError):
+        RangePolicy("clip-everything")
