@@ -132,7 +132,8 @@ def check_parity(model: onnx.ModelProto, features: str, scores: str, head: HeadP
     """max |ORT scores − HeadParams.logits(ORT features)| on a seeded random input; refuses a mismatch."""
     feeds = random_inputs(model, batch=2, seed=seed)
     feats, got = run_exposed(model, [features, scores], feeds)
-    want = head.logits(feats.reshape(len(feats), -1))
+    with np.errstate(over="ignore", invalid="ignore"):  # placeholder-weight zoo graphs have huge features
+        want = head.logits(feats.reshape(len(feats), -1))
     got = got.reshape(want.shape)
     if not np.allclose(got, want, atol=PARITY_ATOL, rtol=PARITY_RTOL):
         worst = float(np.max(np.abs(got - want)))

@@ -1,0 +1,84 @@
+"""The range-clip pass: the injector's bounds, its clamp semantics, and an unchanged fault-free model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from harden.data import load_dataset
+from harden.errors import HardenError
+from harden.fi.profile import clamp_to_range, profile_ranges
+from harden.graph.onnx_io import get_metadata
+from harden.graph.ort import make_session
+from harden.graph.passes import run_exposed
+from harden.graph.range_clip import RangeClipPass, default_layers, resolve_layers
+from tests.graph.tiny_models import tiny_classifier
+
+
+@pytest.fixture(scope="module")
+def calibration() -> np.ndarray:
+    return load_dataset("digits:train", limit=128).images
+
+
+def test_bounds_are_the_injectors_and_outputs_are_unchanged(calibration: np.ndarray) -> None:
+    model = tiny_classifier("gemm-transB1", True)
+    before = model.SerializeToString()
+    clip_pass = RangeClipPass(calibration, calibration_spec="digits:train@128")
+    out = clip_pass.run(model)
+    assert model.SerializeToString() == before
+    onnx.checker.check_model(out, full_check=True)
+    assert default_layers(model) == ["c1", "scores"]
+    assert clip_pass.ranges == profile_ranges(model, calibration, ["c1", "scores"])
+    assert clip_pass.parity_max_abs == 0.0
+    assert [o.name for o in out.graph.output] == ["probs"]
+    assert sum(n.op_type == "Clip" for n in out.graph.node) == 2
+    config = json.loads(get_metadata(out)["harden.config"])
+    assert config["ranges"] == pytest.approx(clip_pass.ranges)
+
+
+def test_out_of_range_values_are_clamped_like_clamp_to_range(calibration: np.ndarray) -> None:
+    model = tiny_classifier("gemm-transB1", False)
+    clip_pass = RangeClipPass(calibration, layers=["stem"])  # a node name resolves to its output c1
+    out = clip_pass.run(model)
+    peak = clip_pass.ranges["c1"]
+    # Feed values the calibration never saw; the consumers of c1 must see clamp_to_range(c1, peak).
+    loud = (calibration[:4] * 50.0).astype(np.float32)
+    loud[0, 0, 0, 0] = np.nan
+    loud[1, 0, 0, 0] = np.inf
+    raw_c1, = run_exposed(model, ["c1"], {"x": loud})
+    clipped_relu, = run_exposed(out, ["r1"], {"x": loud})
+    np.testing.assert_array_equal(clipped_relu, np.maximum(clamp_to_range(raw_c1, peak), 0))
+    assert np.isfinite(clipped_relu).all()
+    original = make_session(model).run(None, {"x": loud})[0]
+    hardened = make_session(out).run(None, {"x": loud})[0]
+    assert not np.allclose(original[2:], hardened[2:]), "the clip had no effect on out-of-range inputs"
+
+
+def test_clipping_a_graph_output_keeps_its_name(calibration: np.ndarray) -> None:
+    model = tiny_classifier("matmul-add", False)
+    clip_pass = RangeClipPass(calibration, layers=["scores"])
+    out = clip_pass.run(model)
+    assert [o.name for o in out.graph.output] == ["scores"]
+    loud = calibration[:2] * 100
+    (got,) = make_session(out).run(None, {"x": loud})
+    (raw,) = make_session(model).run(None, {"x": loud})
+    np.testing.assert_array_equal(got, clamp_to_range(raw, clip_pass.ranges["scores"]))
+
+
+def test_opset_9_uses_clip_attributes(calibration: np.ndarray) -> None:
+    model = tiny_classifier("gemm-transB1", True, opset=9)
+    out = RangeClipPass(calibration[:16]).run(model)
+    clips = [n for n in out.graph.node if n.op_type == "Clip"]
+    assert clips and all(len(n.input) == 1 and {a.name for a in n.attribute} == {"min", "max"} for n in clips)
+
+
+def test_refusals(calibration: np.ndarray) -> None:
+    model = tiny_classifier("gemm-transB1", True)
+    with pytest.raises(HardenError, match="neither a node nor a tensor"):
+        resolve_layers(model, ["missing"])
+    assert "calibration" in (RangeClipPass(calibration[:0]).check(model) or "")
+    with pytest.raises(HardenError):
+        RangeClipPass(calibration, layers=["missing"]).run(model)
