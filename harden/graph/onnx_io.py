@@ -64,6 +64,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str], source: str
 def _save_external(model: onnx.ModelProto, path: Path) -> None:
     """Write model and `<name>.data` into a scratch folder beside `path`, then move both in."""
     data_name = path.name + ".data"
+    path.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
     try:
         copy = onnx.ModelProto()
