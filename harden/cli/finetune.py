@@ -75,6 +75,8 @@ def run_finetune(args: argparse.Namespace) -> int:
             small_input=args.small_input, size=args.size, augment=args.augment, limit=args.limit,
             eval_limit=args.eval_limit, seed=args.seed, **runtime)
     result = finetune(config, reuse=args.reuse, log=None if args.json else print)
+    if result.rank != 0:
+        return 0
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
         return 0

@@ -145,6 +145,7 @@ class FinetuneResult:
     wall_seconds: float = 0.0
     num_parameters: int = 0
     reused: bool = False
+    rank: int = 0
 
     @property
     def final_eval_acc(self) -> float | None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -145,11 +146,14 @@ def _to_onnx(net: Any, sample: np.ndarray, opset: int) -> Any:
     import torch
 
     buffer = io.BytesIO()
-    torch.onnx.export(
-        net, (torch.from_numpy(sample),), buffer, dynamo=False, opset_version=opset,
-        input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], do_constant_folding=True,
-        dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-    )
+    with warnings.catch_warnings():
+        # the TorchScript exporter is chosen on purpose (plain Gemm/MatMul graphs); silence its deprecation
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            net, (torch.from_numpy(sample),), buffer, dynamo=False, opset_version=opset,
+            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], do_constant_folding=True,
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+        )
     return _fold_constants(onnx.load_from_string(buffer.getvalue()))
 
 

@@ -63,6 +63,8 @@ def _run(config: FinetuneConfig, dist: DistContext, use_cuda: bool, started: flo
     from harden.train.trainset import choose_preprocess, load_training_data, resolve_small_input, to_tensors
 
     device = torch.device(f"cuda:{dist.local_rank}" if use_cuda else "cpu")
+    if not dist.is_main:
+        say = _quiet
     resumed = load_checkpoint(config.resume) if config.resume else None
     if resumed is not None and resumed.config.training_key() != config.training_key():
         raise HardenError(f"{config.resume}: checkpoint was trained with {resumed.config.training_key()}, "
@@ -147,7 +149,11 @@ def _run(config: FinetuneConfig, dist: DistContext, use_cuda: bool, started: flo
     return FinetuneResult(checkpoint=str(config.output), config=config, classes=list(classes),
                           preprocess=preprocess.to_dict(), metrics=metrics,
                           wall_seconds=prior_seconds + time.perf_counter() - run_started,
-                          num_parameters=num_params)
+                          num_parameters=num_params, rank=dist.rank)
+
+
+def _quiet(_line: str) -> None:
+    """Ranks other than 0 stay silent so a torchrun job prints each line once."""
 
 
 def resume_config(checkpoint: str, epochs: int | None = None, output: str | None = None,
