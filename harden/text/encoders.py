@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import logging
 import os
 import sys
@@ -146,8 +147,12 @@ def quiet_root_logging() -> Iterator[None]:
             root.removeHandler(added)
 
 
+@functools.lru_cache(maxsize=2)
 def load_encoder(spec: EncoderSpec) -> TextEncoder:
-    """A function from texts to an N×E float32 array (rows not yet normalised)."""
+    """A function from texts to an N×E float32 array (rows not yet normalised).
+
+    Kept for reuse (two at most), since loading dominates the cost of embedding a few classes.
+    """
     with hub_offline(), quiet_root_logging():
         return _load_minilm() if spec.kind == "minilm" else _load_open_clip(spec)
 

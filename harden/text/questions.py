@@ -9,8 +9,10 @@ the original code.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import sys
 from pathlib import Path
 
 from harden.errors import HardenError
@@ -75,10 +77,22 @@ def load_questions(path: str | os.PathLike[str]) -> list[str]:
 def clip_templates() -> list[str]:
     """The 80-prompt CLIP ImageNet ensemble ("a photo of a {}." and the like), from open_clip.
 
-    Used when no LLM answer is available offline. open_clip is imported lazily
-    because it pulls in torch; the templates are rendered with the placeholder so
+    Used when no LLM answer is available offline. Importing `open_clip` costs
+    seconds (it loads torch), so unless it is already loaded, only its
+    dependency-free `zero_shot_metadata.py` is executed, found through the
+    installed package's location. Templates are rendered with the placeholder so
     they can be stored and audited like questions.
     """
-    from open_clip import OPENAI_IMAGENET_TEMPLATES
-
-    return [template(PLACEHOLDER) for template in OPENAI_IMAGENET_TEMPLATES]
+    module = sys.modules.get("open_clip")
+    if module is None:
+        package = importlib.util.find_spec("open_clip")
+        if package is None or not package.submodule_search_locations:
+            raise HardenError("open_clip_torch is not installed; it supplies the CLIP templates (pip install "
+                              "open_clip_torch)")
+        path = Path(list(package.submodule_search_locations)[0]) / "zero_shot_metadata.py"
+        spec = importlib.util.spec_from_file_location("harden_open_clip_zero_shot_metadata", path)
+        if spec is None or spec.loader is None:
+            raise HardenError(f"{path}: cannot load open_clip's zero-shot templates")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return [template(PLACEHOLDER) for template in module.OPENAI_IMAGENET_TEMPLATES]

@@ -51,7 +51,7 @@ def parse_vocabulary(text: str, origin: str) -> tuple[list[str], list[str]]:
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
-        name, _, prompt = (part.strip() for part in line.partition("\t"))
+        name, _, prompt = (part.strip() for part in raw.partition("\t"))
         if not name:
             raise HardenError(f"{origin}:{number}: empty class name")
         classes.append(name)
