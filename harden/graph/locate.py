@@ -185,8 +185,7 @@ def _gemm(graph: gs.Graph, node: gs.Node) -> Located:
 
 def _matmul_parts(graph: gs.Graph, node: gs.Node) -> tuple[gs.Variable, np.ndarray]:
     features, b = node.inputs
-    if isinstance(features, gs.Constant) or (not features.inputs and features not in graph.inputs
-                                            and isinstance(b, gs.Variable) and b in graph.inputs):
+    if isinstance(features, gs.Constant):
         raise HardenError(f"MatMul {node.name!r} multiplies weights by features (W·x); expected features·W")
     weight = _weight(graph, b, "weight")
     if weight.ndim != 2:
@@ -244,7 +243,7 @@ def _conv_on_1x1(graph: gs.Graph, node: gs.Node) -> Located:
     features = node.inputs[0]
     if not (_spatial_is_1x1(features) or _spatial_is_1x1(node.outputs[0])):
         raise HardenError(f"Conv {node.name!r} makes the scores but its input {features.name!r} is not known to "
-                          "be a 1×1 map (shape {features.shape}); a 1×1 Conv on a spatial map gives per-pixel "
+                          f"be a 1×1 map (shape {features.shape}); a 1×1 Conv on a spatial map gives per-pixel "
                           "scores, not a classifier")
     return Located(_info("conv1x1", features, weight, bias), features, node.outputs[0], [node], pool=False)
 

@@ -20,6 +20,7 @@ from harden.files import refuse_overwrite
 from harden.graph.model_input import model_inputs, model_preprocess
 from harden.graph.onnx_io import load_model, save_model, uses_external_data
 from harden.graph.range_clip import RangeClipPass
+from harden.graph.registry import PASSES
 from harden.graph.text_head import TextHeadPass
 from harden.head import HeadParams
 
@@ -73,7 +74,8 @@ def rewrite_file(model_path: str | os.PathLike[str], out_path: str | os.PathLike
         data = load_dataset(str(data_spec), limit=limit, seed=seed)
         calibration = model_inputs(model, data, model_preprocess(model, preprocess))
         passes.append(RangeClipPass(calibration, layers=layers, calibration_spec=data.spec))
-    for graph_pass in passes:
+    order = {cls.name: i for i, cls in enumerate(PASSES)}
+    for graph_pass in sorted(passes, key=lambda p: order[p.name]):
         reason = graph_pass.check(model)
         if reason:
             raise HardenError(f"{graph_pass.name}: {reason}")

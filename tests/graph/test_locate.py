@@ -122,3 +122,17 @@ def test_refuses_a_spatial_conv_and_an_unknown_producer() -> None:
     relu_out.graph.output.append(helper.make_tensor_value_info("relu_scores", TensorProto.FLOAT, None))
     with pytest.raises(HardenError, match="Relu"):
         locate_classifier(relu_out)
+
+
+def test_refuses_weights_times_features_and_transposed_features() -> None:
+    w = numpy_helper.from_array(np.ones((3, 5), np.float32), "w")
+    matmul = helper.make_graph([helper.make_node("MatMul", ["w", "x"], ["y"])], "g",
+                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, "N"])],
+                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, "N"])], initializer=[w])
+    with pytest.raises(HardenError, match="W·x"):
+        locate_classifier(helper.make_model(matmul, opset_imports=[helper.make_opsetid("", 17)]))
+    model = _gemm_model()
+    for node in model.graph.node:
+        node.attribute.append(helper.make_attribute("transA", 1))
+    with pytest.raises(HardenError, match="transA"):
+        locate_classifier(model)
