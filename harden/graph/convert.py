@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import time
-import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ import numpy as np
 
 from harden.data import Dataset, Preprocess, load_dataset
 from harden.errors import HardenError
-from harden.files import refuse_overwrite, sha256_file
+from harden.files import refuse_overwrite
 from harden.graph.head_training import HeadTrainConfig, train_head
 from harden.graph.model_input import PREPROCESS_KEY, model_classes, model_inputs, model_preprocess
 from harden.graph.onnx_io import get_metadata, load_model, save_model, set_metadata, uses_external_data
@@ -67,23 +66,10 @@ class ConvertResult:
 
 def read_embeddings(path: str | os.PathLike[str]) -> tuple[list[str], np.ndarray, str]:
     """embeddings.npz (from `harden embed`) → class names, C×E unit rows, the file's SHA-256."""
-    path = Path(path)
-    if not path.is_file():
-        raise HardenError(f"{path}: no such embeddings file")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            if "classes" not in data or "embeddings" not in data:
-                raise HardenError(f"{path}: not an embeddings.npz (needs 'classes' and 'embeddings')")
-            classes = [str(c) for c in data["classes"]]
-            matrix = np.asarray(data["embeddings"], dtype=np.float32)
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
-        raise HardenError(f"{path}: not a readable embeddings.npz ({err})") from err
-    if matrix.ndim != 2 or matrix.shape[0] != len(classes):
-        raise HardenError(f"{path}: embeddings of shape {matrix.shape} for {len(classes)} classes")
-    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
-    if not np.all(np.isfinite(matrix)) or np.any(norms == 0):
-        raise HardenError(f"{path}: embeddings hold zero or non-finite rows")
-    return classes, matrix / norms, sha256_file(path)
+    from harden.text.embeddings import load_embeddings
+
+    loaded = load_embeddings(path)
+    return list(loaded.classes), np.asarray(loaded.matrix, dtype=np.float32), loaded.sha256
 
 
 def align_embeddings(names: list[str] | None, emb_classes: list[str], matrix: np.ndarray) -> tuple[list[str], np.ndarray]:
