@@ -142,7 +142,8 @@ def ask(client: openai.OpenAI, settings: EndpointSettings, prompt: str) -> str:
     except openai.AuthenticationError as err:
         raise HardenError(f"{where}: the endpoint refused the key in {API_KEY_ENV} (HTTP 401)") from err
     except openai.RateLimitError as err:
-        raise HardenError(f"{where}: still rate-limited (HTTP 429) {tries}; lower --concurrency or retry later") from err
+        raise HardenError(f"{where}: still rate-limited (HTTP 429) {tries}; "
+                          "lower --concurrency or retry later") from err
     except openai.NotFoundError as err:
         raise HardenError(f"{where}: HTTP 404 for model {settings.model!r}; check --model and --base-url "
                           "(which usually ends in /v1)") from err

@@ -71,8 +71,8 @@ def resolve_vocabulary(spec: str | os.PathLike[str]) -> Vocabulary:
         name = spec[len(BUILTIN_PREFIX):]
         path = VOCAB_DIR / f"{name}.txt"
         if not name or "/" in name or not path.is_file():
-            raise HardenError(f"unknown built-in vocabulary {spec!r}; available: "
-                              f"{', '.join(BUILTIN_PREFIX + n for n in builtin_names()) or 'none (models/vocab missing)'}")
+            known = ", ".join(BUILTIN_PREFIX + n for n in builtin_names()) or "none (models/vocab is missing)"
+            raise HardenError(f"unknown built-in vocabulary {spec!r}; available: {known}")
         classes, prompts = parse_vocabulary(path.read_text(encoding="utf-8"), spec)
         return Vocabulary(spec, classes, prompts, builtin=name)
     path = Path(spec)

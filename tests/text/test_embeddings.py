@@ -151,6 +151,7 @@ def test_open_clip_tag_without_local_weights_names_the_alternatives(tmp_path: Pa
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     import huggingface_hub.constants
 
+    monkeypatch.delenv("HARDEN_DOWNLOAD", raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub"))
     with pytest.raises(HardenError) as err:
         embed_descriptions(descriptions({"cat": ["A cat."]}), "open_clip:RN50:openai")

@@ -89,7 +89,9 @@ def test_malformed_or_unusable_replies_are_refused(body: object) -> None:
 
 
 def test_timeout_then_success() -> None:
-    slow_first = lambda i, body: Reply(delay_s=1.5) if i == 0 else Reply(body=completion("A cat on a sofa."))  # noqa: E731
+    def slow_first(i: int, body: dict) -> Reply:
+        return Reply(delay_s=1.5) if i == 0 else Reply(body=completion("A cat on a sofa."))
+
     with ChatServer(slow_first) as server:
         assert ask_once(server, retries=1, timeout_s=0.4) == "A cat on a sofa."
     assert len(server.requests) == 2
