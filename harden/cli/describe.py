@@ -6,9 +6,10 @@ import argparse
 import sys
 from collections import Counter
 
+from harden.files import refuse_overwrite
 from harden.text.describe import DEFAULT_MODEL, describe_vocabulary
 from harden.text.questions import DEFAULT_QUESTIONS, load_questions
-from harden.text.vocab import VOCAB_HELP
+from harden.text.vocab import BUILTIN_PREFIX, VOCAB_HELP
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -37,6 +38,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    for source in (args.classes, args.questions):
+        if source and not source.startswith(BUILTIN_PREFIX):
+            refuse_overwrite(source, args.output)
     questions = load_questions(args.questions) if args.questions else DEFAULT_QUESTIONS
     result = describe_vocabulary(
         args.classes, questions=questions, model=args.model, base_url=args.base_url,

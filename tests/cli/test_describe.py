@@ -99,3 +99,11 @@ def test_bad_questions_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert main(["describe", "--classes", "builtin:mnist", "--offline", "--questions", str(questions),
                  "-o", str(tmp_path / "d.json")]) == 1
     assert "exactly one" in one_line_error(capsys)
+
+
+def test_refuses_to_overwrite_the_classes_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    classes = tmp_path / "classes.txt"
+    classes.write_text("cat\n", encoding="utf-8")
+    assert main(["describe", "--classes", str(classes), "--offline", "-o", str(classes)]) == 1
+    assert "refusing to overwrite" in one_line_error(capsys)
+    assert classes.read_text(encoding="utf-8") == "cat\n"
