@@ -1,7 +1,8 @@
 """The campaign JSONL file: a header, then each shard's records followed by its completion marker.
 
-A shard's lines and its marker go out in one write and are flushed and fsynced
-together, so after a kill -9 the file is a run of complete shards, possibly
+A shard's lines and its marker go out in one write and are flushed together
+(into the OS, which keeps them when the process is killed; the file is fsynced
+when the campaign closes), so after a kill -9 the file is a run of complete shards, possibly
 followed by part of one. Reopening truncates that tail and reports which shards
 are done; they are never rerun, and none is written twice.
 """
@@ -114,10 +115,11 @@ class Journal:
         lines.append(dumps({"type": "shard", "shard": shard, "site": site, "count": len(records)}))
         self.handle.write(("\n".join(lines) + "\n").encode())
         self.handle.flush()
-        os.fsync(self.handle.fileno())
         self.done.add(shard)
 
     def close(self) -> None:
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
         self.handle.close()
 
 

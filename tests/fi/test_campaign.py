@@ -160,3 +160,12 @@ def test_clamp_range_bounds_faulty_values(setup, tmp_path: Path) -> None:
         assert abs(float(r["faulty"])) <= ranges[r["site"]]
     summary = summarise_jsonl(path)
     assert all(layer.nonfinite.k == 0 for layer in summary.layers)
+
+
+def test_opt_level_all_takes_goldens_from_null_suffix_runs(setup, tmp_path: Path) -> None:
+    model, x, y = setup
+    path = tmp_path / "all.jsonl"
+    summary = _run(setup, path, opt_level="all", layers="c2,wf")
+    assert summary.opt_level == "all" and summary.complete
+    for r in JournalContents(path).records():
+        assert r["golden_class"] == y[r["image"]]

@@ -1,0 +1,227 @@
+"""Throughput and agreement of `harden inject` against PyTorchFI 0.6.0 on the same activation campaign.
+
+A small ResNet (stem + three basic blocks, two 1×1 projection shortcuts, linear
+classifier; 10 injectable layers) is trained briefly on Fashion-MNIST from a
+fixed seed, its BatchNorms are folded into the convolutions (so that a Conv in
+ONNX and a Conv2d hooked by PyTorchFI compute the same tensor), and it is
+exported to ONNX. The harden engine then runs a whole-network campaign of
+single fp32 bit flips in every Conv/Gemm output. PyTorchFI replays exactly the
+same faults (same image, same element, same bit) through its
+`declare_neuron_fi(function=...)` custom-hook API, one fault per batch element,
+as goldeneye drives it. Both run on the same CPU, single process.
+
+Reported: injections/s of both and their ratio (harden timed end to end,
+including graph analysis, golden run, profiling and the fsynced JSONL; PyTorchFI
+timed over its injection runs only), each engine's per-layer SDC rate with a
+Wilson interval, whether the intervals overlap, and the per-fault agreement.
+
+    .venv/bin/python tools/bench_inject.py [--injections 500] [--eval 256] [--work /tmp/harden-bench-inject]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def build_net():  # type: ignore[no-untyped-def]
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    class Block(nn.Module):
+        def __init__(self, cin: int, cout: int, stride: int) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(cout)
+            self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+            self.bn2 = nn.BatchNorm2d(cout)
+            self.proj = nn.Conv2d(cin, cout, 1, stride, bias=False) if stride != 1 or cin != cout else None
+            self.bnp = nn.BatchNorm2d(cout) if self.proj is not None else None
+
+        def forward(self, x):  # type: ignore[no-untyped-def]
+            out = F.relu(self.bn1(self.conv1(x)))
+            out = self.bn2(self.conv2(out))
+            skip = self.bnp(self.proj(x)) if self.proj is not None else x
+            return F.relu(out + skip)
+
+    class ResNet8(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Conv2d(1, 16, 3, 1, 1, bias=False)
+            self.bn = nn.BatchNorm2d(16)
+            self.blocks = nn.Sequential(Block(16, 16, 1), Block(16, 32, 2), Block(32, 64, 2))
+            self.fc = nn.Linear(64, 10)
+
+        def forward(self, x):  # type: ignore[no-untyped-def]
+            x = self.blocks(F.relu(self.bn(self.stem(x))))
+            return self.fc(x.mean(dim=(2, 3)))
+
+    return ResNet8()
+
+
+def fold_batchnorm(net) -> None:  # type: ignore[no-untyped-def]
+    """Replace every conv → BN pair by one conv with a bias (eval mode), BN by identity."""
+    import torch.nn as nn
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    net.eval()
+    net.stem, net.bn = fuse_conv_bn_eval(net.stem, net.bn), nn.Identity()
+    for block in net.blocks:
+        block.conv1, block.bn1 = fuse_conv_bn_eval(block.conv1, block.bn1), nn.Identity()
+        block.conv2, block.bn2 = fuse_conv_bn_eval(block.conv2, block.bn2), nn.Identity()
+        if block.proj is not None:
+            block.proj, block.bnp = fuse_conv_bn_eval(block.proj, block.bnp), nn.Identity()
+
+
+def train_and_export(work: Path, images: int, epochs: int) -> tuple[Path, object]:
+    """Train (or reuse) the net from seed 0 and export it; return the ONNX path and the folded torch net."""
+    import torch
+
+    from harden.data import load_dataset
+
+    onnx_path, state_path = work / "resnet8.onnx", work / "resnet8.pt"
+    torch.manual_seed(0)
+    net = build_net()
+    if state_path.exists():
+        net.load_state_dict(torch.load(state_path))
+    else:
+        data = load_dataset("fashion-mnist:train", limit=images, seed=0)
+        x, y = torch.from_numpy(data.images), torch.from_numpy(data.labels)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+        gen = torch.Generator().manual_seed(0)
+        net.train()
+        for epoch in range(epochs):
+            order = torch.randperm(len(x), generator=gen)
+            for start in range(0, len(x), 128):
+                idx = order[start:start + 128]
+                loss = torch.nn.functional.cross_entropy(net(x[idx]), y[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            print(f"epoch {epoch + 1}/{epochs}: last batch loss {loss.item():.3f}")
+        torch.save(net.state_dict(), state_path)
+    fold_batchnorm(net)
+    if not onnx_path.exists():
+        torch.onnx.export(net, (torch.zeros(1, 1, 28, 28),), str(onnx_path), dynamo=False, opset_version=17,
+                          input_names=["x"], output_names=["logits"], dynamic_axes={"x": {0: "N"}, "logits": {0: "N"}})
+    return onnx_path, net
+
+
+def pytorchfi_replay(net, x: np.ndarray, sites: list[dict], records: list[dict], batch: int) -> tuple[float, dict]:  # type: ignore[no-untyped-def]
+    """Replay the harden campaign's faults through PyTorchFI; (seconds, {site: [sdc flags]})."""
+    import torch
+    import torch.nn as nn
+    from pytorchfi.core import fault_injection
+
+    class BitFlipFI(fault_injection):
+        """PyTorchFI with an IEEE-754 bit-flip neuron hook (the library ships none)."""
+
+        bits: list[int] = []
+
+        def flip_hook(self, module, inputs, output):  # type: ignore[no-untyped-def]
+            layer = self.get_current_layer()
+            sel = [i for i, l in enumerate(self.corrupt_layer) if l == layer]
+            if sel:
+                index = [torch.tensor([self.corrupt_batch[i] for i in sel]), torch.tensor([self.corrupt_dim1[i] for i in sel])]
+                if output.dim() == 4:
+                    index += [torch.tensor([self.corrupt_dim2[i] for i in sel]), torch.tensor([self.corrupt_dim3[i] for i in sel])]
+                masks = (np.uint32(1) << np.asarray([self.bits[i] for i in sel], dtype=np.uint32)).view(np.int32)
+                values = output[tuple(index)].contiguous()
+                output[tuple(index)] = (values.view(torch.int32) ^ torch.from_numpy(masks)).view(torch.float32)
+            self.updateLayer()
+            if self.get_current_layer() >= self.get_total_layers():
+                self.reset_current_layer()
+
+    torch.set_num_threads(2)
+    pfi = BitFlipFI(net, batch, input_shape=[1, 28, 28], layer_types=[nn.Conv2d, nn.Linear])
+    for i, site in enumerate(sites):
+        if list(pfi.get_layer_shape(i)[1:]) != list(site["shape"]):
+            raise RuntimeError(f"layer {i}: PyTorchFI shape {pfi.get_layer_shape(i)} vs ONNX {site['shape']}")
+    xt = torch.from_numpy(x)
+    flags: dict[str, list[bool]] = {}
+    started = time.perf_counter()
+    with torch.no_grad():
+        for layer, site in enumerate(sites):
+            recs = [r for r in records if r["site"] == site["name"]]
+            out: list[bool] = []
+            for start in range(0, len(recs), batch):
+                chunk = recs[start:start + batch]
+                loc = np.unravel_index([r["element"] for r in chunk], site["shape"])
+                dims = [list(map(int, d)) for d in loc] + [[None] * len(chunk)] * (3 - len(loc))
+                pfi.bits = [r["bits"][0] for r in chunk]
+                model = pfi.declare_neuron_fi(function=pfi.flip_hook, batch=list(range(len(chunk))),
+                                              layer_num=[layer] * len(chunk), dim1=dims[0], dim2=dims[1], dim3=dims[2])
+                pfi.reset_current_layer()
+                scores = model(xt[[r["image"] for r in chunk]]).numpy()
+                masked = np.where(np.isnan(scores), -np.inf, scores)
+                cls = np.where(np.isnan(scores).all(axis=1), -1, masked.argmax(axis=1))
+                out += [bool(c != r["golden_class"]) for c, r in zip(cls, chunk)]
+            flags[site["name"]] = out
+    return time.perf_counter() - started, flags
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--injections", type=int, default=500, help="injections per layer")
+    parser.add_argument("--eval", type=int, default=256, help="Fashion-MNIST test images before filtering")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--train-images", type=int, default=12000)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--work", default="/tmp/harden-bench-inject")
+    args = parser.parse_args()
+
+    import torch
+
+    from harden.data import load_dataset
+    from harden.fi import CampaignConfig, run_campaign
+    from harden.fi.journal import JournalContents
+    from harden.fi.stats import binomial_rate
+
+    torch.set_num_threads(2)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    onnx_path, net = train_and_export(work, args.train_images, args.epochs)
+    data = load_dataset("fashion-mnist:test", limit=args.eval, seed=0)
+    config = CampaignConfig(layers="all", kinds=("activation",), injections=args.injections, batch=args.batch, seed=0)
+    out = work / "campaign.jsonl"
+    started = time.perf_counter()
+    summary = run_campaign(onnx_path, data.images, data.labels, config, out, progress=False, fresh=True)
+    ours_s = time.perf_counter() - started
+    contents = JournalContents(out)
+    sites, records = contents.header["sites"], list(contents.records())
+    total = len(records)
+    # PyTorchFI sees images by position in the same array the engine was given
+    pfi_s, flags = pytorchfi_replay(net, data.images, sites, records, args.batch)
+
+    print(f"model: ResNet-8 (BN folded), Fashion-MNIST; accuracy {summary.evaluation['correct']}/"
+          f"{summary.evaluation['total']}, {summary.evaluation['kept']} images kept; {len(sites)} layers × "
+          f"{args.injections} injections = {total}; fp32 single-bit flips; batch {args.batch}")
+    print(f"harden (ORT, opt={summary.opt_level}): {total / ours_s:8.1f} inj/s end to end ({ours_s:.1f} s), "
+          f"{summary.injections_per_s:.1f} inj/s in the injection phase")
+    print(f"PyTorchFI 0.6.0 (torch {torch.__version__}): {total / pfi_s:8.1f} inj/s ({pfi_s:.1f} s)")
+    print(f"speed-up: {pfi_s / ours_s:.1f}x end to end, {(total / pfi_s) and summary.injections_per_s / (total / pfi_s):.1f}x "
+          "injection phase")
+    rows = []
+    print(f"{'layer':28s} {'harden SDC % [95% CI]':>26s} {'PyTorchFI SDC % [95% CI]':>26s}  overlap  same-verdict")
+    for layer in summary.layers:
+        theirs = flags[layer.site]
+        mine = [r["sdc"] for r in records if r["site"] == layer.site]
+        rate = binomial_rate(sum(theirs), len(theirs))
+        overlap = not (rate.high < layer.sdc.low or layer.sdc.high < rate.low)
+        same = np.mean([a == b for a, b in zip(mine, theirs)])
+        rows.append({"site": layer.site, "harden": layer.sdc.to_dict(), "pytorchfi": rate.to_dict(),
+                     "overlap": overlap, "agreement": float(same)})
+        print(f"{layer.site[:28]:28s} {100 * layer.sdc.value:7.2f} [{100 * layer.sdc.low:5.2f},{100 * layer.sdc.high:6.2f}]"
+              f"    {100 * rate.value:7.2f} [{100 * rate.low:5.2f},{100 * rate.high:6.2f}]    {'yes' if overlap else 'NO':>5s}"
+              f"  {100 * same:9.2f}%")
+    (work / "bench.json").write_text(json.dumps({"injections": total, "harden_s": ours_s, "pytorchfi_s": pfi_s,
+                                                 "harden_phase_inj_per_s": summary.injections_per_s,
+                                                 "layers": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
