@@ -25,3 +25,14 @@ def test_refuse_overwrite_and_hash(tmp_path: Path) -> None:
         refuse_overwrite(model, tmp_path / "." / "m.onnx")
     refuse_overwrite(model, tmp_path / "other.onnx")
     assert sha256_file(model) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+def test_outputs_honour_the_umask(tmp_path: Path) -> None:
+    import os
+
+    old = os.umask(0o022)
+    try:
+        write_json(tmp_path / "r.json", {})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o644
