@@ -68,7 +68,7 @@ def run_finetune(args: argparse.Namespace) -> int:
             raise HardenError(f"missing {', '.join(missing)} (or give --resume CHECKPOINT)")
         config = FinetuneConfig(
             arch=args.arch, data=args.data, output=args.output, head=args.head, embeddings=args.embeddings,
-            eval_data=args.eval_data, epochs=args.epochs or 5, batch_size=args.batch_size,
+            eval_data=args.eval_data, epochs=5 if args.epochs is None else args.epochs, batch_size=args.batch_size,
             optimizer=args.optimizer, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
             schedule=args.schedule, step_size=args.step_size, gamma=args.gamma,
             label_smoothing=args.label_smoothing, freeze_head=args.freeze_head, pretrained=args.pretrained,

@@ -149,6 +149,7 @@ def _to_onnx(net: Any, sample: np.ndarray, opset: int) -> Any:
     with warnings.catch_warnings():
         # the TorchScript exporter is chosen on purpose (plain Gemm/MatMul graphs); silence its deprecation
         warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", message="Constant folding", category=UserWarning)
         torch.onnx.export(
             net, (torch.from_numpy(sample),), buffer, dynamo=False, opset_version=opset,
             input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], do_constant_folding=True,

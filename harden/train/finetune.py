@@ -58,7 +58,7 @@ def _run(config: FinetuneConfig, dist: DistContext, use_cuda: bool, started: flo
     import torch
 
     from harden.train.backbones import build_model
-    from harden.train.embeddings import load_class_embeddings
+    from harden.train.embeddings import load_aligned_embeddings
     from harden.train.loop import evaluate, train_epoch
     from harden.train.trainset import choose_preprocess, load_training_data, resolve_small_input, to_tensors
 
@@ -77,8 +77,7 @@ def _run(config: FinetuneConfig, dist: DistContext, use_cuda: bool, started: flo
     if config.head == "text" and not config.embeddings:
         raise HardenError("--head text needs --embeddings E.npz (from `harden embed`)")
     if config.head != "baseline" and config.embeddings:
-        loaded = load_class_embeddings(config.embeddings)
-        emb, emb_sha = loaded.aligned_to(classes), loaded.sha256
+        emb, emb_sha = load_aligned_embeddings(config.embeddings, classes)
     if resumed is not None and resumed.embeddings_sha256 != emb_sha:
         raise HardenError(f"{config.embeddings}: differs from the embeddings {config.resume} was trained with")
     preprocess = resumed.preprocess if resumed is not None else choose_preprocess(config, data.train)

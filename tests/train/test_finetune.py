@@ -10,16 +10,17 @@ import pytest
 import torch
 
 from harden.errors import HardenError
+from harden.files import sha256_file
 from harden.train.backbones import build_model
 from harden.train.checkpoint import load_checkpoint
-from harden.train.embeddings import load_class_embeddings
+from harden.train.embeddings import load_aligned_embeddings
 from harden.train.finetune import finetune, resume_config
 from harden.train.loop import lr_at
 from tests.train.tiny import tiny_config, write_embeddings
 
 
 def _initial_model(config):
-    emb = load_class_embeddings(config.embeddings).aligned_to([str(d) for d in range(10)])
+    emb, _ = load_aligned_embeddings(config.embeddings, [str(d) for d in range(10)])
     return build_model(config.arch, 10, config.head, emb, in_channels=1, seed=config.seed)
 
 
@@ -43,7 +44,7 @@ def test_checkpoint_records_the_run(tmp_path: Path) -> None:
     assert ckpt.epoch == 2 and [m.epoch for m in ckpt.metrics] == [1, 2]
     assert ckpt.config == config and ckpt.data_spec == "digits:train@96" and ckpt.eval_spec == "digits:test"
     assert ckpt.classes == [str(d) for d in range(10)]
-    assert ckpt.embeddings_sha256 == load_class_embeddings(config.embeddings).sha256
+    assert ckpt.embeddings_sha256 == sha256_file(config.embeddings)
     assert ckpt.preprocess.channels == 1 and 0.0 < ckpt.preprocess.mean[0] < 1.0
     assert ckpt.model.head == "text" and ckpt.model.embedding_dim == 16
     assert all(m.eval_acc is not None and 0.0 <= m.eval_acc <= 1.0 for m in ckpt.metrics)
@@ -106,7 +107,7 @@ def test_bad_inputs_are_refused(tmp_path: Path) -> None:
     with pytest.raises(HardenError, match="--embeddings"):
         finetune(tiny_config(tmp_path, embeddings=None))
     write_embeddings(tmp_path / "wrong.npz", classes=["cat", "dog"])
-    with pytest.raises(HardenError, match="no row for classes"):
+    with pytest.raises(HardenError, match="no row for classes"):  # digits are '0'..'9' 
         finetune(tiny_config(tmp_path, embeddings=str(tmp_path / "wrong.npz")))
     with pytest.raises(HardenError):
         tiny_config(tmp_path, epochs=0)
