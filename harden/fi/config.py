@@ -18,8 +18,10 @@ class CampaignConfig:
     """How to run a campaign.
 
     `injections` is N per site unless `margin` is set, in which case N comes
-    from Leveugle et al.'s formula for that error margin. `batch` is both the
-    number of images per prefix run and faults per suffix run. `shard` is
+    from Leveugle et al.'s formula for that error margin. `batch` is the
+    number of faults per suffix run (and images per prefix run); `cache_images`
+    images have their crossing tensors cached at a time (memory: that many
+    images × the tensors the selected sites' suffixes read). `shard` is
     (i, n): run only shards whose index ≡ i (mod n); None runs all.
     """
 
@@ -31,6 +33,7 @@ class CampaignConfig:
     clamp: str = "none"
     seed: int = 0
     batch: int = 64
+    cache_images: int = 512
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     opt_level: str = "disable"
     confidence: float = 0.95
@@ -43,8 +46,8 @@ class CampaignConfig:
             raise HardenError(f"--clamp must be none or range, got {self.clamp!r}")
         if self.injections < 1:
             raise HardenError(f"injections per layer must be positive, got {self.injections}")
-        if self.batch < 1:
-            raise HardenError(f"batch must be positive, got {self.batch}")
+        if self.batch < 1 or self.cache_images < 1:
+            raise HardenError(f"batch and cache_images must be positive, got {self.batch}, {self.cache_images}")
         if self.opt_level not in OPT_LEVELS:
             raise HardenError(f"unknown graph optimisation level {self.opt_level!r}; use one of {sorted(OPT_LEVELS)}")
         if self.ci not in ("wilson", "clopper-pearson"):

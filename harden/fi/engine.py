@@ -1,14 +1,16 @@
 """The campaign engine: cached prefix runs, batched suffix runs, one fault per batch element.
 
 Plan. Injection g of a site uses kept image g mod n (so every image is used
-equally). Images are processed in blocks of `batch`; a shard is (block, site,
-round) and holds the injections of that site whose image lies in the block,
-round r covering g in [r·n, (r+1)·n). The plan and every shard's faults follow
-from the config and seed alone, so the file is reproducible and resumable.
+equally). Images are cached in blocks of `cache_images`; the injections of a
+site whose image lies in a block are taken in order (round by round over the
+block's images) and cut into shards of `batch`, so almost every suffix run is
+full. The plan and every shard's faults follow from the config and seed alone,
+so the file is reproducible and resumable.
 
 Run. For each block, the full model runs once with every tensor that any
-suffix needs exposed. Each shard then corrupts one element per batch row (or
-perturbs the layer output for a weight fault) and runs only the suffix.
+suffix needs exposed (at most at level 'extended': layout changes only slow
+the exposed copies down). Each shard then corrupts one element per batch row
+(or perturbs the layer output for a weight fault) and runs only the suffix.
 """
 
 from __future__ import annotations
@@ -52,13 +54,13 @@ SAME_KERNELS = ("disable", "basic", "extended")
 
 @dataclass(frozen=True)
 class Shard:
-    """`count` injections into `site` on kept images start..start+count−1 (block `block`, round `round`)."""
+    """`count` injections into `site`: positions offset..offset+count−1 of the site's injections in `block`."""
 
     index: int
     site: str
-    round: int
     block: int
-    start: int
+    chunk: int
+    offset: int
     count: int
 
 
@@ -70,23 +72,39 @@ def injections_per_site(sites: Sequence[Site], config: CampaignConfig, images: i
     return {s.name: leveugle_sample_size(s.elements * bits * images, config.margin, config.confidence) for s in sites}
 
 
-def plan_shards(sites: Sequence[Site], counts: dict[str, int], images: int, batch: int) -> list[Shard]:
+def block_bounds(block: int, images: int, block_images: int) -> tuple[int, int]:
+    """Kept-image positions [lo, hi) of a cache block."""
+    return block * block_images, min(images, (block + 1) * block_images)
+
+
+def plan_shards(sites: Sequence[Site], counts: dict[str, int], images: int, batch: int,
+                block_images: int) -> list[Shard]:
     """The campaign's shards in canonical (= execution and file) order."""
     shards: list[Shard] = []
-    for block in range(math.ceil(images / batch)):
-        lo, hi = block * batch, min(images, (block + 1) * batch)
+    for block in range(math.ceil(images / block_images)):
+        lo, hi = block_bounds(block, images, block_images)
         for site in sites:
-            for rnd in range(math.ceil(counts[site.name] / images)):
-                count = min(hi - lo, counts[site.name] - (rnd * images + lo))
-                if count > 0:
-                    shards.append(Shard(len(shards), site.name, rnd, block, lo, count))
+            n = counts[site.name]
+            here = sum(max(0, min(hi, n - r * images) - lo) for r in range(math.ceil(n / images)))
+            for chunk in range(math.ceil(here / batch)):
+                shards.append(Shard(len(shards), site.name, block, chunk, chunk * batch,
+                                    min(batch, here - chunk * batch)))
     return shards
+
+
+def shard_rows(shard: Shard, width: int) -> np.ndarray:
+    """Rows of the block cache (images) that the shard's injections use; rounds wrap over the block's `width` images."""
+    return (shard.offset + np.arange(shard.count)) % width
 
 
 def shard_rng(seed: int, site: str, shard: Shard) -> np.random.Generator:
     """The generator of one shard's faults, independent of which other shards or sites run."""
     key = int.from_bytes(hashlib.sha256(site.encode()).digest()[:4], "little")
-    return np.random.default_rng([seed, key, shard.round, shard.block])
+    return np.random.default_rng([seed, key, shard.block, shard.chunk])
+
+
+def _as_rows(rows: slice | np.ndarray) -> np.ndarray:
+    return np.arange(rows.start, rows.stop) if isinstance(rows, slice) else np.asarray(rows)
 
 
 class SiteRunner:
@@ -95,6 +113,7 @@ class SiteRunner:
     def __init__(self, info: GraphInfo, site: Site, config: CampaignConfig, ranges: dict[str, float],
                  suffixes: dict[str, Suffix]) -> None:
         self.site, self.config = site, config
+        self.fixed_batch = info.fixed_batch
         node = info.nodes[info.node_index[site.node]]
         self.node = node
         self.out = site.tensor if site.kind == "activation" else node.output[0]
@@ -102,6 +121,10 @@ class SiteRunner:
             suffixes[self.out] = Suffix(info, self.out, config.providers, config.opt_level)
         self.suffix = suffixes[self.out]
         self.needs = set(self.suffix.inputs)
+        readers = [info.nodes[i].op_type for i in info.consumers.get(site.tensor, [])]
+        # A negative value that stays negative is erased by a following Relu: the fault is masked exactly.
+        self.relu_only = (site.kind == "activation" and bool(readers) and set(readers) == {"Relu"}
+                          and site.tensor not in {o.name for o in info.model.graph.output})
         if site.kind == "activation":
             self.peak = float(ranges.get(site.tensor, 0.0))
             self.scale = self.peak / 127.0 if self.peak > 0 else 1.0
@@ -117,48 +140,72 @@ class SiteRunner:
         self.rerun: NodeRerun | None = None
         self.rerun_args = (info, node, site.input_index, config.providers)
 
-    def golden_values(self, cache: dict[str, np.ndarray], rows: slice, elems: np.ndarray) -> np.ndarray:
+    def golden_values(self, cache: dict[str, np.ndarray], rows: slice | np.ndarray, elems: np.ndarray) -> np.ndarray:
         """The fault-free values of the chosen elements (one per batch row)."""
         if self.site.kind == "activation":
-            n = rows.stop - rows.start
-            return cache[self.site.tensor][rows].reshape(n, -1)[np.arange(n), elems].copy()
+            r = _as_rows(rows)
+            return cache[self.site.tensor].reshape(len(cache[self.site.tensor]), -1)[r, elems].copy()
         return self.weight.reshape(-1)[elems].copy()
 
     def null_scores(self, cache: dict[str, np.ndarray], n: int) -> np.ndarray:
         """Scores of the suffix with no fault, for levels whose kernels may differ between prefix and suffix."""
-        rows, elems = slice(0, n), np.zeros(n, dtype=np.int64)
-        values = self.golden_values(cache, rows, elems)
-        return self.scores(cache, rows, elems, values, values)
+        parts = []
+        step = 1 if self.fixed_batch else self.config.batch
+        for start in range(0, n, step):
+            rows = np.arange(start, min(n, start + step))
+            elems = np.zeros(len(rows), dtype=np.int64)
+            values = self.golden_values(cache, rows, elems)
+            parts.append(self.scores(cache, rows, elems, values, values))
+        return np.concatenate(parts)
 
-    def inject(self, cache: dict[str, np.ndarray], rows: slice, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    def masked(self, golden: np.ndarray, faulty: np.ndarray) -> np.ndarray:
+        """Faults whose effect provably vanishes: no change at all, or negative → negative before a Relu."""
+        same = golden.astype(np.float32).view(np.uint32) == faulty.astype(np.float32).view(np.uint32)
+        if self.relu_only:
+            same |= (golden < 0) & (faulty < 0)
+        return same
+
+    def inject(self, cache: dict[str, np.ndarray], rows: slice | np.ndarray, rng: np.random.Generator,
+               golden_scores: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """Run one shard: draw its faults, corrupt, run the suffix; return faults and faulty scores."""
-        n = rows.stop - rows.start
-        elems = rng.integers(0, self.site.elements, n)
-        bits, uniforms = self.config.fault.draw(rng, n)
-        golden = self.golden_values(cache, rows, elems)
+        r = _as_rows(rows)
+        elems = rng.integers(0, self.site.elements, len(r))
+        bits, uniforms = self.config.fault.draw(rng, len(r))
+        golden = self.golden_values(cache, r, elems)
         faulty = self.config.fault.apply(golden, bits, uniforms, self.scale, self.peak)
         if self.config.clamp == "range":
             faulty = clamp_to_range(faulty, self.peak)
-        scores = self.scores(cache, rows, elems, golden, faulty)
+        scores = self.scores(cache, r, elems, golden, faulty, golden_scores)
         return {"elems": elems, "bits": bits, "golden": golden, "faulty": faulty, "scores": scores}
 
-    def scores(self, cache: dict[str, np.ndarray], rows: slice, elems: np.ndarray, golden: np.ndarray,
-               faulty: np.ndarray) -> np.ndarray:
-        """Class scores with element elems[i] of the site set to faulty[i] in batch row i."""
-        n = rows.stop - rows.start
-        feeds = {k: cache[k][rows] for k in self.suffix.inputs}
+    def scores(self, cache: dict[str, np.ndarray], rows: slice | np.ndarray, elems: np.ndarray, golden: np.ndarray,
+               faulty: np.ndarray, golden_scores: np.ndarray | None = None) -> np.ndarray:
+        """Class scores with element elems[i] of the site set to faulty[i] in batch row i.
+
+        Given the rows' golden scores, provably masked faults take them without a run.
+        """
+        r = _as_rows(rows)
+        if golden_scores is not None:
+            skip = self.masked(golden, faulty)
+            if skip.any():
+                out = np.array(golden_scores, copy=True)
+                live = ~skip
+                if live.any():
+                    out[live] = self.scores(cache, r[live], elems[live], golden[live], faulty[live])
+                return out
+        feeds = {k: cache[k][r] for k in self.suffix.inputs}  # fancy indexing: fresh copies
         if self.site.kind == "activation":
-            t = np.array(feeds[self.site.tensor], copy=True)
-            t.reshape(n, -1)[np.arange(n), elems] = faulty
+            t = np.ascontiguousarray(feeds[self.site.tensor])
+            t.reshape(len(r), -1)[np.arange(len(r)), elems] = faulty
             feeds[self.site.tensor] = t
         else:
-            feeds[self.out] = self._weight_output(cache, rows, elems, golden, faulty)
+            feeds[self.out] = self._weight_output(cache, r, elems, golden, faulty)
         return self.suffix.run(feeds)
 
-    def _weight_output(self, cache: dict[str, np.ndarray], rows: slice, elems: np.ndarray, golden: np.ndarray,
+    def _weight_output(self, cache: dict[str, np.ndarray], rows: np.ndarray, elems: np.ndarray, golden: np.ndarray,
                        faulty: np.ndarray) -> np.ndarray:
         """The layer output under each row's weight fault (fast path, or the node recomputed)."""
-        y = np.array(cache[self.out][rows], copy=True)
+        y = np.ascontiguousarray(cache[self.out][rows])  # fancy indexing already copied
         with np.errstate(all="ignore"):
             delta = faulty.astype(np.float32) - golden.astype(np.float32)
             op, idx = self.node.op_type, self.site.input_index
@@ -178,11 +225,16 @@ class SiteRunner:
         return y
 
 
+def prefix_level(level: str) -> str:
+    """The level of the cached prefix run: layout changes ('all') only slow exposed tensors down."""
+    return "extended" if level == "all" else level
+
+
 def prefix_cache(info: GraphInfo, runners: Sequence[SiteRunner], x: np.ndarray,
                  config: CampaignConfig) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """One fault-free run of `x` caching every tensor the runners' suffixes read; also the golden scores."""
     names = sorted(set().union(*(r.needs for r in runners)) - {info.input_name})
-    session = make_session(expose(info.model, names), config.providers, opt_level=config.opt_level)
+    session = make_session(expose(info.model, names), config.providers, opt_level=prefix_level(config.opt_level))
     values = session.run([info.scores, *names], {info.input_name: x})
     cache = dict(zip(names, values[1:]))
     cache[info.input_name] = x
@@ -223,9 +275,13 @@ def run_campaign(model: str | os.PathLike[str] | onnx.ModelProto, inputs: np.nda
     act = [s.tensor for s in sites if s.kind == "activation"]
     ev = prepare_eval(info.model, inputs, labels, act, profile_inputs, config.batch, config.providers,
                       config.opt_level)
+    if info.fixed_batch not in (None, 1):
+        raise HardenError(f"the model input has a fixed batch of {info.fixed_batch}; export it with a dynamic "
+                          "(or unit) batch dimension")
     batch = info.fixed_batch or config.batch
+    block_images = info.fixed_batch or max(batch, config.cache_images)
     counts = injections_per_site(sites, config, len(ev.ids))
-    plan = plan_shards(sites, counts, len(ev.ids), batch)
+    plan = plan_shards(sites, counts, len(ev.ids), batch, block_images)
     header: dict[str, Any] = {"type": "header", "version": 1, "model_sha256": digest, "config": config.to_dict(),
                               "sites": [s.to_dict() for s in sites], "injections": counts,
                               "total_shards": len(plan), "eval": ev.header(), "packages": package_versions()}
@@ -234,7 +290,7 @@ def run_campaign(model: str | os.PathLike[str] | onnx.ModelProto, inputs: np.nda
             and (config.shard is None or s.index % config.shard[1] == config.shard[0])]
     started = time.perf_counter()
     try:
-        _execute(info, sites, ev, config, todo, journal, batch, progress)
+        _execute(info, sites, ev, config, todo, journal, block_images, progress)
     finally:
         journal.close()
     seconds = time.perf_counter() - started
@@ -246,7 +302,7 @@ def run_campaign(model: str | os.PathLike[str] | onnx.ModelProto, inputs: np.nda
 
 
 def _execute(info: GraphInfo, sites: Sequence[Site], ev: EvalSet, config: CampaignConfig, todo: Sequence[Shard],
-             journal: Journal, batch: int, progress: bool) -> None:
+             journal: Journal, block_images: int, progress: bool) -> None:
     """Run the pending shards block by block, appending each to the journal as it completes."""
     if not todo:
         return
@@ -257,28 +313,35 @@ def _execute(info: GraphInfo, sites: Sequence[Site], ev: EvalSet, config: Campai
     runners = {name: SiteRunner(info, by_name[name], config, ev.ranges, suffixes)
                for name in dict.fromkeys(s.site for s in todo)}
     exposed = sorted(set().union(*(r.needs for r in runners.values())) - {info.input_name})
-    prefix = make_session(expose(info.model, exposed), config.providers, opt_level=config.opt_level)
+    prefix = make_session(expose(info.model, exposed), config.providers, opt_level=prefix_level(config.opt_level))
     bar = tqdm(total=sum(s.count for s in todo), unit="inj", disable=not progress, file=sys.stderr,
                desc="inject", dynamic_ncols=True)
     try:
         for block in sorted({s.block for s in todo}):
             shards = [s for s in todo if s.block == block]
-            lo = block * batch
-            hi = min(len(ev.ids), lo + batch)
+            lo, hi = block_bounds(block, len(ev.ids), block_images)
             names = sorted(set().union(*(runners[s.site].needs for s in shards)) - {info.input_name})
             x = ev.inputs[lo:hi]
-            values = prefix.run([info.scores, *names], {info.input_name: x})
-            cache = dict(zip(names, values[1:]))
+            scores: list[np.ndarray] = []
+            parts: list[list[np.ndarray]] = [[] for _ in names]
+            step = info.fixed_batch or config.batch
+            for start in range(0, hi - lo, step):
+                values = prefix.run([info.scores, *names], {info.input_name: x[start:start + step]})
+                scores.append(values[0])
+                for acc, v in zip(parts, values[1:]):
+                    acc.append(v)
+            cache = {name: np.concatenate(acc) for name, acc in zip(names, parts)}
             cache[info.input_name] = x
+            prefix_scores = np.concatenate(scores)
             goldens: dict[str, np.ndarray] = {}
             for shard in shards:
-                rows = slice(shard.start - lo, shard.start - lo + shard.count)
+                rows = shard_rows(shard, hi - lo)
                 runner = runners[shard.site]
                 if config.opt_level not in SAME_KERNELS and shard.site not in goldens:
                     goldens[shard.site] = runner.null_scores(cache, hi - lo)
-                res = runner.inject(cache, rows, shard_rng(config.seed, shard.site, shard))
-                records = _records(shard, runner.site, res, goldens.get(shard.site, values[0])[rows],
-                                   ev.ids[shard.start:shard.start + shard.count])
+                golden_scores = goldens.get(shard.site, prefix_scores)[rows]
+                res = runner.inject(cache, rows, shard_rng(config.seed, shard.site, shard), golden_scores)
+                records = _records(shard, runner.site, res, golden_scores, ev.ids[lo + rows])
                 journal.append(shard.index, shard.site, records)
                 bar.update(shard.count)
     finally:

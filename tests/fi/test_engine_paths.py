@@ -106,3 +106,20 @@ def test_conv_transpose_weights_use_exact_node_rerun() -> None:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     _weight_check(model, "wt", n=4, rerun=True)
+
+
+def test_relu_masked_faults_skip_the_run_and_match_the_whole_graph() -> None:
+    model = residual_cnn()
+    x, _ = labelled_inputs(model, 8)
+    _, runner, cache, golden, site = _runner(model, "c1", x)
+    assert runner.relu_only
+    flat = cache["c1"].reshape(len(x), -1)
+    elems = np.array([int(np.flatnonzero(row < 0)[0]) if i % 2 else int(np.flatnonzero(row > 0)[0])
+                      for i, row in enumerate(flat)])
+    gold = runner.golden_values(cache, slice(0, 8), elems)
+    faulty = np.where(gold < 0, gold * 1e30, gold * -3).astype(np.float32)  # odd rows masked, even rows not
+    faulty[1] = -np.inf
+    assert runner.masked(gold, faulty).tolist() == [False, True] * 4
+    fast = runner.scores(cache, slice(0, 8), elems, gold, faulty, golden)
+    np.testing.assert_array_equal(fast, activation_full(model, x, "c1", elems, faulty))
+    np.testing.assert_array_equal(fast[1::2], golden[1::2])
