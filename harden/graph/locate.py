@@ -118,6 +118,8 @@ def locate_in_graph(graph: gs.Graph, output: str | None = None) -> Located:
     if node.op in QUANT_CLASSIFIERS:
         raise HardenError(f"the classifier is quantised ({node.op} {node.name!r}); quantised classifiers are not "
                           "supported: rewrite the float model, then quantise")
+    if node.name.startswith("harden/text_head/"):
+        raise HardenError("the model already has a text-guided head (from harden rewrite or convert)")
     handlers = {"Gemm": _gemm, "MatMul": _matmul, "Add": _matmul_add, "Conv": _conv_on_1x1,
                 "GlobalAveragePool": _conv_gap}
     if node.op not in handlers:

@@ -100,13 +100,23 @@ class RangeClipPass:
         opset = default_opset(source)
         variables = graph.tensors()
         outputs = {t.name for t in graph.outputs}
+        base = unique_prefix(graph, "harden/range_clip")
         for index, name in enumerate(tensors):
-            insert_clip(graph, opset, variables[name], self.ranges[name], f"harden/range_clip/{index}",
-                        name in outputs)
+            insert_clip(graph, opset, variables[name], self.ranges[name], f"{base}/{index}", name in outputs)
         result = finish(graph, source, self.name, self.config())
         self.parity_max_abs = check_parity(source, result, self.calibration[:PARITY_IMAGES])
         update_config(result, self.config())
         return result
+
+
+def unique_prefix(graph: gs.Graph, base: str) -> str:
+    """`base`, or `base_2`, `base_3`... so that a second run of the pass cannot reuse a tensor name."""
+    names = set(graph.tensors()) | {node.name for node in graph.nodes}
+    candidate, n = base, 1
+    while any(name.startswith(candidate + "/") for name in names):
+        n += 1
+        candidate = f"{base}_{n}"
+    return candidate
 
 
 def insert_clip(graph: gs.Graph, opset: int, tensor: gs.Variable, peak: float, prefix: str,

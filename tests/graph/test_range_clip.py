@@ -82,3 +82,12 @@ def test_refusals(calibration: np.ndarray) -> None:
     assert "calibration" in (RangeClipPass(calibration[:0]).check(model) or "")
     with pytest.raises(HardenError):
         RangeClipPass(calibration, layers=["missing"]).run(model)
+
+
+def test_a_second_run_gets_fresh_names(calibration: np.ndarray) -> None:
+    model = tiny_classifier("gemm-transB1", True)
+    once = RangeClipPass(calibration[:32]).run(model)
+    twice = RangeClipPass(calibration[:32], layers=["c1"]).run(once)
+    onnx.checker.check_model(twice, full_check=True)
+    assert sum(n.op_type == "Clip" for n in twice.graph.node) == 3
+    assert len(json.loads(get_metadata(twice)["harden.passes"])) == 2

@@ -119,3 +119,10 @@ def test_an_opset_8_model_is_upgraded_and_says_so() -> None:
     assert default_opset(out) == 9
     assert graft.config()["upgraded_from_opset"] == 8
     assert json.loads(get_metadata(out)["harden.config"])["upgraded_from_opset"] == 8
+
+
+def test_a_hardened_model_is_not_hardened_twice() -> None:
+    model = tiny_classifier("gemm-transB1", True)
+    out = TextHeadPass(_head_for(model)).run(model)
+    with pytest.raises(HardenError, match="already has a text-guided head"):
+        TextHeadPass(_head_for(model)).run(out)
