@@ -78,12 +78,13 @@ def augment(x: Any, generator: Any, max_shift: int = 2) -> Any:
     import torch
 
     n, _, h, w = x.shape
-    flip = torch.rand(n, generator=generator) < 0.5
+    # draws come from the CPU generator (reproducible everywhere), then move to x's device
+    flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
     x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-    shifts = torch.randint(-max_shift, max_shift + 1, (n, 2), generator=generator)
+    shifts = torch.randint(-max_shift, max_shift + 1, (n, 2), generator=generator).to(x.device)
     padded = torch.nn.functional.pad(x, (max_shift,) * 4)
-    rows = (torch.arange(h)[None, :] + max_shift - shifts[:, :1])  # n×h
-    cols = (torch.arange(w)[None, :] + max_shift - shifts[:, 1:])  # n×w
-    batch = torch.arange(n)[:, None, None]
+    rows = torch.arange(h, device=x.device)[None, :] + max_shift - shifts[:, :1]  # n×h
+    cols = torch.arange(w, device=x.device)[None, :] + max_shift - shifts[:, 1:]  # n×w
+    batch = torch.arange(n, device=x.device)[:, None, None]
     out = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]  # n×h×w×c
     return out.permute(0, 3, 1, 2).contiguous()

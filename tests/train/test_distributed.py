@@ -44,11 +44,11 @@ def test_incomplete_torchrun_env_is_refused(monkeypatch) -> None:
 
 
 def test_ddp_world_size_one_matches_plain_run(tmp_path: Path, monkeypatch) -> None:
-    plain = finetune(tiny_config(tmp_path, name="plain.pt", epochs=2))
+    plain = finetune(tiny_config(tmp_path, name="plain.pt"))
     for var, value in (("WORLD_SIZE", "1"), ("RANK", "0"), ("LOCAL_RANK", "0"),
                        ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port()))):
         monkeypatch.setenv(var, value)
-    ddp = finetune(tiny_config(tmp_path, name="ddp.pt", epochs=2))
+    ddp = finetune(tiny_config(tmp_path, name="ddp.pt"))
     assert not dist.is_initialized()  # the group opened for the run was closed
     a, b = load_checkpoint(plain.checkpoint).state_dict, load_checkpoint(ddp.checkpoint).state_dict
     assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)

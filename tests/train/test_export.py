@@ -15,7 +15,7 @@ from harden.data import Preprocess, load_dataset
 from harden.errors import HardenError
 from harden.head import HeadParams
 from harden.train.checkpoint import load_checkpoint
-from harden.train.export import export_onnx, head_params_path
+from harden.train.export import ExportResult, export_onnx, head_params_path
 from harden.train.finetune import finetune
 from tests.train.tiny import tiny_config
 
@@ -37,6 +37,7 @@ def test_export_matches_torch_and_records_metadata(checkpoints, tmp_path: Path, 
     out = tmp_path / f"{head}.onnx"
     result = export_onnx(checkpoints[head], out)
     assert result.max_abs_diff <= 1e-4 and result.top1_agreement == 1.0 and result.images_checked == 64
+    assert ExportResult.from_dict(json.loads(json.dumps(result.to_dict()))) == result
     model = onnx.load(str(out))
     onnx.checker.check_model(model)
     assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from harden.files import sha256_file
 from harden.train.backbones import build_model
 from harden.train.checkpoint import load_checkpoint
 from harden.train.embeddings import load_aligned_embeddings
+from harden.train.config import FinetuneResult
 from harden.train.finetune import finetune, resume_config
 from harden.train.loop import lr_at
 from tests.train.tiny import tiny_config, write_embeddings
@@ -50,6 +52,7 @@ def test_checkpoint_records_the_run(tmp_path: Path) -> None:
     assert all(m.eval_acc is not None and 0.0 <= m.eval_acc <= 1.0 for m in ckpt.metrics)
     assert ckpt.metrics[-1].logit_scale is not None
     assert result.metrics == ckpt.metrics and "torch" in ckpt.provenance["packages"]
+    assert FinetuneResult.from_dict(json.loads(json.dumps(result.to_dict()))) == result
 
 
 def test_training_learns(tmp_path: Path) -> None:
@@ -131,3 +134,18 @@ def test_lr_schedules(tmp_path: Path) -> None:
     assert lr_at(config, 2, 0, 10) == pytest.approx(0.1)
     assert lr_at(config, 3, 10, 10) == pytest.approx(0.0, abs=1e-12)
     assert np.all(np.diff([lr_at(config, e, s, 10) for e in range(4) for s in range(10)]) < 0)
+
+
+def test_augment_flips_and_shifts_reproducibly() -> None:
+    from harden.train.trainset import augment
+
+    x = torch.arange(2 * 1 * 4 * 4, dtype=torch.float32).reshape(2, 1, 4, 4) + 1
+    a = augment(x, torch.Generator().manual_seed(1), max_shift=1)
+    b = augment(x, torch.Generator().manual_seed(1), max_shift=1)
+    assert torch.equal(a, b) and a.shape == x.shape
+    for i in range(2):  # every output is a flipped and/or shifted copy of its input, zero-filled
+        candidates = []
+        for img in (x[i, 0], x[i, 0].flip(-1)):
+            padded = torch.nn.functional.pad(img, (1, 1, 1, 1))
+            candidates += [padded[1 + dy:5 + dy, 1 + dx:5 + dx] for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+        assert any(torch.equal(a[i, 0], c) for c in candidates)
