@@ -134,19 +134,20 @@ def outcome32(logits: np.ndarray, top1: np.ndarray) -> tuple[np.ndarray, np.ndar
     return cls != top1, ~np.isfinite(logits).all(axis=1)
 
 
-def envelope(base: np.ndarray, top1: np.ndarray, directions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """lo, hi (N×G): argmax(base_n + Δ·directions[g]) is top1[n] for Δ strictly inside (lo, hi).
+def envelope(base: np.ndarray, top1: np.ndarray, directions: np.ndarray) -> tuple[np.ndarray, ...]:
+    """lo, hi, up, down (N×G): argmax(base_n + Δ·directions[g]) is top1[n] for Δ strictly inside (lo, hi).
 
     Class c stays below t while a_c + Δ·b_c ≥ 0 with a_c = S_t − S_c and
     b_c = v_t − v_c: a lower bound on Δ where b_c > 0, an upper bound where b_c < 0.
+    up = min_c b_c and down = min_c −b_c are the slopes at which the margin
+    surely grows as Δ moves up or down.
     """
     n, c = base.shape
     g = directions.shape[0]
     rows = np.arange(n)
     a = base[rows, top1][:, None] - base  # N×C
     a[rows, top1] = np.inf
-    lo = np.empty((n, g))
-    hi = np.empty((n, g))
+    lo, hi, up, down = (np.empty((n, g)) for _ in range(4))
     step = max(1, CHUNK_CELLS // max(1, n * c))
     with np.errstate(divide="ignore", invalid="ignore"):
         for start in range(0, g, step):
@@ -157,7 +158,10 @@ def envelope(base: np.ndarray, top1: np.ndarray, directions: np.ndarray) -> tupl
             hi[:, start:start + step] = np.where(b < 0, ratio, np.inf).min(axis=2)
             blocked = ((b == 0) & (a[:, None, :] < 0)).any(axis=2)
             lo[:, start:start + step][blocked] = np.inf
-    return lo, hi
+            others = np.isfinite(a)[:, None, :]
+            up[:, start:start + step] = np.where(others, b, np.inf).min(axis=2)
+            down[:, start:start + step] = np.where(others, -b, np.inf).min(axis=2)
+    return lo, hi, up, down
 
 
 def margin(base: np.ndarray, top1: np.ndarray) -> np.ndarray:
@@ -168,17 +172,42 @@ def margin(base: np.ndarray, top1: np.ndarray) -> np.ndarray:
     return base[rows, top1] - others.max(axis=1)
 
 
-def _margin_bound(delta: np.ndarray, lo: np.ndarray, hi: np.ndarray, m0: np.ndarray) -> np.ndarray:
+def _margin_bound(delta: np.ndarray, lo: np.ndarray, hi: np.ndarray, up: np.ndarray, down: np.ndarray,
+                  m0: np.ndarray) -> np.ndarray:
     """A lower bound on |margin(Δ)|, the score gap that decides the top-1 at Δ.
 
     margin(Δ) = min_c (a_c + Δ b_c) is concave with margin(lo) = margin(hi) = 0, so
     on each side of 0 it lies above the chord from (0, m0) inside [lo, hi] and
     below its extension outside; with no bound on a side it is monotone there.
+    Every line is also above m0 + |Δ|·(least slope on that side), which is what
+    keeps the bound growing for huge Δ on a side without a crossing.
     """
-    with np.errstate(divide="ignore", invalid="ignore"):
-        side = np.where(delta < 0, lo, hi)
-        bound = m0 * np.abs(delta - side) / np.abs(side)
-    return np.where(np.isfinite(side), bound, m0)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        neg = delta < 0
+        side = np.where(neg, lo, hi)
+        chord = np.where(np.isfinite(side), m0 * np.abs(delta - side) / np.abs(side), m0)
+        return np.maximum(chord, m0 + np.abs(delta) * np.where(neg, down, up))
+
+
+# float32 overflow edges of an L2 normalisation, with a relative guard band on each side.
+FLT_MAX = float(np.finfo(np.float32).max)
+SQUARE_EDGE = 2.0**64 * (1 + 1e-5)  # |x| above this: x² (and so ‖z'‖) is +Inf in float32
+FINITE_EDGE = FLT_MAX * (1 - 1e-5)  # |x| below this: x itself is finite in float32
+INF_EDGE = FLT_MAX * (1 + 1e-5)  # |x| above this: x is ±Inf in float32
+
+
+def overflow_outcome(low: np.ndarray, high: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(every score NaN, every score zero) masks, from bounds on max|z'| before an L2 normalisation.
+
+    z' holding ±Inf or NaN gives ‖z'‖ = Inf or NaN and Inf/Inf = NaN: every cosine
+    is NaN (an SDC, non-finite). A finite z' whose square overflows gives ‖z'‖ = Inf
+    and z'/Inf = ±0: every score is zero and argmax picks class 0, an SDC unless
+    the golden class is 0. Values inside a guard band are left to the float32 path.
+    """
+    with np.errstate(invalid="ignore"):
+        nan = np.isnan(low) | (low > INF_EDGE)
+        zero = (low >= SQUARE_EDGE) & (high <= FINITE_EDGE)
+    return nan, zero
 
 
 def _chunks(size: int, step: int) -> Iterator[np.ndarray]:
@@ -186,70 +215,124 @@ def _chunks(size: int, step: int) -> Iterator[np.ndarray]:
         yield np.arange(start, min(size, start + step))
 
 
+# Images per block: pruning uses the smallest safe radius within a block, so small blocks prune more.
+BLOCK = 128
+
+
+@dataclass
+class _Counts:
+    """Per-bit accumulators of one site."""
+
+    width: int
+    hits: bool
+
+    def __post_init__(self) -> None:
+        z = lambda: np.zeros(self.width, np.int64)  # noqa: E731
+        self.faults, self.sdc, self.due, self.hit_faults, self.hit_sdc = z(), z(), z(), z(), z()
+        self.recomputed = 0
+
+
+@dataclass
+class _Geometry:
+    """Per-image envelope of a site: interval ends, slopes, margins and rounding bounds (N×G or N)."""
+
+    lo: np.ndarray
+    hi: np.ndarray
+    up: np.ndarray
+    down: np.ndarray
+    m0: np.ndarray
+    tau: np.ndarray
+    top1: np.ndarray
+
+
 def analyse_site(site: Site, top1: np.ndarray, fmt: str = "fp32") -> ExactSiteResult:
-    """Exact SDC/DUE counts per bit for every element × bit × image of one site."""
+    """Exact SDC/DUE counts per bit for every element × bit × image of one site.
+
+    Images go in blocks; an image whose fault-free margin is itself within
+    rounding of a tie is analysed on its own with every fault in float32.
+    """
     width = check_format(fmt)
     n = len(top1)
-    lo_all, hi_all = envelope(site.base, top1, site.directions)
+    lo, hi, up, down = envelope(site.base, top1, site.directions)
     m0 = margin(site.base, top1)
-    m0_col = m0[:, None]
-    tau_col = site.tau[:, None]
-    near_tie = (m0 <= 2 * site.tau)[:, None]
-    faults = np.zeros(width, np.int64)
-    sdc = np.zeros(width, np.int64)
-    due = np.zeros(width, np.int64)
-    hit_faults = np.zeros(width, np.int64) if site.classes is not None else None
-    hit_sdc = np.zeros(width, np.int64) if site.classes is not None else None
-    per_class = np.bincount(top1, minlength=site.base.shape[1])
-    recomputed = 0
-    radius = _safe_radius(site, lo_all, hi_all, m0) if site.weight_delta is not None else None
-    for ks in _chunks(site.size, max(1, CHUNK_CELLS // max(1, n))):
-        rho = None
-        if radius is not None:
-            assert site.x_abs is not None and site.col is not None
-            with np.errstate(divide="ignore"):
-                rho = (radius[:, site.group[ks]] / site.x_abs[:, site.col[ks]]).min(axis=0)
-        for bit in range(width):
-            live = ks
-            if rho is not None:
-                assert site.weight_delta is not None
-                small = np.abs(site.weight_delta(ks, bit)) <= rho
-                live = ks[~small]
-                faults[bit] += n * int(small.sum())
-                if hit_faults is not None:
-                    hit_faults[bit] += int(per_class[site.classes[ks[small]]].sum())  # type: ignore[index]
-                if not live.size:
-                    continue
-            delta, slack = site.delta(live, bit)
-            groups = site.group[live]
-            lo, hi = lo_all[:, groups], hi_all[:, groups]
-            with np.errstate(invalid="ignore"):
-                flips = (delta < lo) | (delta > hi)
-                unsafe = (~np.isfinite(delta) | (np.abs(delta) > site.limit[live])
-                          | (_margin_bound(delta, lo, hi, m0_col) <= 2 * (tau_col + slack)) | near_tie)
-            flips &= ~unsafe
-            fault_due = np.zeros_like(flips)
-            if unsafe.any():
-                rows, cols = np.nonzero(unsafe)
-                recomputed += len(rows)
-                for part in _chunks(len(rows), 4096):
-                    logits = site.recompute(rows[part], live[cols[part]], bit)
-                    s, d = outcome32(logits, top1[rows[part]])
-                    flips[rows[part], cols[part]] = s
-                    fault_due[rows[part], cols[part]] = d
-            faults[bit] += flips.size
-            sdc[bit] += int(flips.sum())
-            due[bit] += int(fault_due.sum())
-            if hit_faults is not None and hit_sdc is not None:
-                hit = site.classes[live][None, :] == top1[:, None]  # type: ignore[index]
-                hit_faults[bit] += int(hit.sum())
-                hit_sdc[bit] += int((flips & hit).sum())
+    geo = _Geometry(lo, hi, up, down, m0, site.tau, top1)
+    near_tie = m0 <= 2 * site.tau
+    counts = _Counts(width, site.classes is not None)
+    radius = _safe_radius(site, lo, hi, m0) if site.weight_delta is not None else None
+    step = max(1, CHUNK_CELLS // BLOCK)
+    for start in range(0, n, BLOCK):
+        rows = slice(start, min(n, start + BLOCK))
+        keep = ~near_tie[rows]
+        if keep.any():
+            for ks in _chunks(site.size, step):
+                _block(site, geo, rows, keep, ks, radius, counts)
+    for i in np.flatnonzero(near_tie):
+        for ks in _chunks(site.size, step):
+            _block(site, geo, slice(i, i + 1), np.ones(1, bool), ks, None, counts, force=True)
     return ExactSiteResult(
         tensor=site.tensor, role=site.role, layer=site.layer, elements=site.size, images=n, fmt=fmt,
-        faults=faults.tolist(), sdc=sdc.tolist(), due=due.tolist(),
-        hit_faults=None if hit_faults is None else hit_faults.tolist(),
-        hit_sdc=None if hit_sdc is None else hit_sdc.tolist(), recomputed=recomputed,
+        faults=counts.faults.tolist(), sdc=counts.sdc.tolist(), due=counts.due.tolist(),
+        hit_faults=counts.hit_faults.tolist() if counts.hits else None,
+        hit_sdc=counts.hit_sdc.tolist() if counts.hits else None, recomputed=counts.recomputed,
     )
+
+
+def _block(site: Site, geo: _Geometry, rows: slice, keep: np.ndarray, ks: np.ndarray, radius: np.ndarray | None,
+           counts: _Counts, force: bool = False) -> None:
+    """Count the faults of elements `ks` × every bit on the images `rows` where `keep`."""
+    top1 = geo.top1[rows]
+    keep_col = keep[:, None]
+    m0_col, tau_col = geo.m0[rows, None], geo.tau[rows, None]
+    kept_classes = np.bincount(top1[keep], minlength=site.base.shape[1])
+    rho = None
+    if radius is not None and site.x_abs is not None and site.col is not None:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = radius[rows][:, site.group[ks]] / site.x_abs[rows][:, site.col[ks]]
+        rho = np.where(keep_col, ratio, np.inf).min(axis=0)
+    for bit in range(counts.width):
+        live = ks
+        if rho is not None and site.weight_delta is not None:
+            small = np.abs(site.weight_delta(ks, bit)) <= rho
+            live = ks[~small]
+            counts.faults[bit] += int(keep.sum()) * int(small.sum())
+            if counts.hits and site.classes is not None:
+                counts.hit_faults[bit] += int(kept_classes[site.classes[ks[small]]].sum())
+            if not live.size:
+                continue
+        delta, slack = site.delta(rows, live, bit)
+        g = site.group[live]
+        lo, hi = geo.lo[rows][:, g], geo.hi[rows][:, g]
+        with np.errstate(invalid="ignore"):
+            flips = (delta < lo) | (delta > hi)
+            bound = _margin_bound(delta, lo, hi, geo.up[rows][:, g], geo.down[rows][:, g], m0_col)
+            unsafe = ~np.isfinite(delta) | (np.abs(delta) > site.limit[live]) | (bound <= 2 * (tau_col + slack))
+        if force:
+            unsafe[:] = True
+        nonfinite = np.zeros_like(flips)
+        if site.zmax is not None and not force:
+            nan, zero = overflow_outcome(*site.zmax(rows, live, delta))
+            unsafe &= ~(nan | zero)
+            flips = np.where(zero, (top1 != 0)[:, None], flips) | nan
+            nonfinite |= nan
+        unsafe &= keep_col
+        flips &= ~unsafe
+        if unsafe.any():
+            r, c = np.nonzero(unsafe)
+            counts.recomputed += len(r)
+            for part in _chunks(len(r), 4096):
+                logits = site.recompute(r[part] + rows.start, live[c[part]], bit)
+                s, d = outcome32(logits, top1[r[part]])
+                flips[r[part], c[part]] = s
+                nonfinite[r[part], c[part]] = d
+        flips &= keep_col
+        nonfinite &= keep_col
+        counts.faults[bit] += int(keep.sum()) * len(live)
+        counts.sdc[bit] += int(flips.sum())
+        counts.due[bit] += int(nonfinite.sum())
+        if counts.hits and site.classes is not None:
+            hit = (site.classes[live][None, :] == top1[:, None]) & keep_col
+            counts.hit_faults[bit] += int(hit.sum())
+            counts.hit_sdc[bit] += int((flips & hit).sum())
 
 
 def _safe_radius(site: Site, lo: np.ndarray, hi: np.ndarray, m0: np.ndarray) -> np.ndarray:
@@ -258,10 +341,10 @@ def _safe_radius(site: Site, lo: np.ndarray, hi: np.ndarray, m0: np.ndarray) -> 
     With |Δ| ≤ r ≤ R = min(−lo, hi) the margin is at least m0(1 − r/R) and the
     rounding bound at most 2τ + 2κr, so r < (m0 − 2τ)/(m0/R + 2κ) suffices.
     """
-    assert site.kappa is not None
+    kappa = site.kappa if site.kappa is not None else np.zeros(lo.shape[1])
     reach = np.minimum(-lo, hi)
     with np.errstate(divide="ignore", invalid="ignore"):
-        r = 0.99 * (m0[:, None] - 2 * site.tau[:, None]) / (m0[:, None] / reach + 2 * site.kappa[None, :])
+        r = 0.99 * (m0[:, None] - 2 * site.tau[:, None]) / (m0[:, None] / reach + 2 * kappa[None, :])
     r = np.where((m0[:, None] > 2 * site.tau[:, None]) & (reach > 0), r, 0.0)
     return np.minimum(np.nan_to_num(r, nan=0.0), site.limit.min() if site.limit.size else np.inf)
 

@@ -16,8 +16,8 @@ from harden.fi.exact_site import (
     U32, RangePolicy, Site, activation_change, clamp32, clamp64, flip_bit, tensor_scale, weight_change,
 )
 
-# Beyond this |Δ| a logit may overflow float32; such faults are recomputed in float32.
-LOGIT_LIMIT = 1e36
+# Beyond this |Δ| a score may overflow float32 (max 3.4e38); such faults are recomputed in float32.
+LOGIT_LIMIT = 1e38
 
 
 @dataclass
@@ -81,11 +81,11 @@ class _LinearSites:
             with np.errstate(all="ignore"):
                 return flip_bit(flat[ks], bit, self.fmt, scale, vpeak).astype(np.float64) - flat[ks]
 
-        def delta(ks: np.ndarray, bit: int) -> tuple[np.ndarray, np.ndarray]:
+        def delta(rows: slice, ks: np.ndarray, bit: int) -> tuple[np.ndarray, np.ndarray]:
             c, j = ks // self.d, ks % self.d
             with np.errstate(all="ignore"):
-                change = wdelta(ks, bit)[None, :] * self.f64[:, j]
-            return weight_change(self.raw[:, c], base[:, c], change, self.peak_out, self.tau, kappa)
+                change = wdelta(ks, bit)[None, :] * self.f64[rows, j]
+            return weight_change(self.raw[rows, c], base[rows, c], change, self.peak_out, self.tau[rows], kappa)
 
         def recompute(n: np.ndarray, k: np.ndarray, bit: int) -> np.ndarray:
             c, j, m = k // self.d, k % self.d, np.arange(len(k))
@@ -106,12 +106,12 @@ class _LinearSites:
         base = clamp64(self.raw, self.peak_out)
         kappa = 2 * U32
 
-        def delta(ks: np.ndarray, bit: int) -> tuple[np.ndarray, np.ndarray]:
+        def delta(rows: slice, ks: np.ndarray, bit: int) -> tuple[np.ndarray, np.ndarray]:
             with np.errstate(all="ignore"):
                 change = np.broadcast_to(flip_bit(self.b[ks], bit, self.fmt, scale, vpeak).astype(np.float64)
                                          - self.b[ks],
-                                         (len(self.f), len(ks)))
-            return weight_change(self.raw[:, ks], base[:, ks], change, self.peak_out, self.tau, kappa)
+                                         (len(self.f[rows]), len(ks)))
+            return weight_change(self.raw[rows, ks], base[rows, ks], change, self.peak_out, self.tau[rows], kappa)
 
         def recompute(n: np.ndarray, k: np.ndarray, bit: int) -> np.ndarray:
             m = np.arange(len(k))
@@ -132,8 +132,8 @@ class _LinearSites:
         vmax = np.abs(self.W64).max(axis=0)
         scale = self.policy.act_scale(name, self.fmt)
 
-        def delta(ks: np.ndarray, bit: int) -> tuple[np.ndarray, np.ndarray]:
-            change = activation_change(self.f[:, ks], f_base[:, ks], bit, self.fmt, peak, scale)
+        def delta(rows: slice, ks: np.ndarray, bit: int) -> tuple[np.ndarray, np.ndarray]:
+            change = activation_change(self.f[rows, ks], f_base[rows, ks], bit, self.fmt, peak, scale)
             with np.errstate(invalid="ignore"):
                 return change, (self.d + 2) * U32 * vmax[ks] * np.abs(change)
 
@@ -169,8 +169,8 @@ def output_site(logits: np.ndarray, policy: RangePolicy, fmt: str, tensor: str, 
     tau = err * np.abs(base).max(axis=1)
     rscale = policy.act_scale(tensor, fmt)
 
-    def delta(ks: np.ndarray, bit: int) -> tuple[np.ndarray, np.ndarray]:
-        change = activation_change(logits[:, ks], base32[:, ks], bit, fmt, peak, rscale)
+    def delta(rows: slice, ks: np.ndarray, bit: int) -> tuple[np.ndarray, np.ndarray]:
+        change = activation_change(logits[rows, ks], base32[rows, ks], bit, fmt, peak, rscale)
         with np.errstate(invalid="ignore"):
             return change, err * np.abs(change)
 

@@ -82,12 +82,14 @@ class Site:
     `base` (N×C, float64) is the scores of the fault-free run with this site's
     clamp applied; argmax of base + Δ·directions[group[k]] is the faulty top-1.
     `tau` (N) bounds the float32 rounding error of a fault-free score and
-    `delta(ks, bit)` returns Δ (N×len(ks)) with `slack`, the extra rounding
+    `delta(rows, ks, bit)` returns Δ (len(rows)×len(ks)) with `slack`, the extra rounding
     error the fault itself brings; `limit`[k] is the largest |Δ| for which no
     float32 overflow can occur. Weight sites, where Δ = δ(k, bit)·x[n, col[k]],
     also give `weight_delta` and `x_abs`, so that flips too small to matter for
     any image are counted without evaluating them image by image; `kappa`[g]
-    bounds slack/|δ·x| for such sites.
+    bounds slack/|δ·x| for such sites. Sites before an L2 normalisation give
+    `zmax(rows, ks, Δ)`, lower and upper bounds on max|z'|, which decide float32
+    overflow of ‖z'‖ in closed form (see `exact.overflow_outcome`).
     """
 
     tensor: str
@@ -99,9 +101,10 @@ class Site:
     directions: np.ndarray
     group: np.ndarray
     limit: np.ndarray
-    delta: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+    delta: Callable[[slice, np.ndarray, int], tuple[np.ndarray, np.ndarray]]
     recompute: Callable[[np.ndarray, np.ndarray, int], np.ndarray]
     classes: np.ndarray | None = None
+    zmax: Callable[[slice, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None
     weight_delta: Callable[[np.ndarray, int], np.ndarray] | None = None
     x_abs: np.ndarray | None = None
     col: np.ndarray | None = None

@@ -24,8 +24,8 @@ from harden.fi.exact_site import (
     U32, RangePolicy, Site, activation_change, clamp32, clamp64, flip_bit, tensor_scale, weight_change,
 )
 
-# Beyond this |Δz| the sum of squares in ‖z'‖ may overflow float32; such faults are recomputed.
-Z_LIMIT = 1e15
+# Below this |z'| the sum of squares in ‖z'‖ cannot overflow float32 (2⁶⁴ ≈ 1.8e19 squares to the limit).
+Z_LIMIT = 1e19
 
 
 @dataclass
@@ -119,11 +119,11 @@ class _TextSites:
             with np.errstate(all="ignore"):
                 return flip_bit(flat[ks], bit, self.fmt, scale, vpeak).astype(np.float64) - flat[ks]
 
-        def delta(ks: np.ndarray, bit: int) -> tuple[np.ndarray, np.ndarray]:
+        def delta(rows: slice, ks: np.ndarray, bit: int) -> tuple[np.ndarray, np.ndarray]:
             e, j = ks // cols, ks % cols
             with np.errstate(all="ignore"):
-                change = wdelta(ks, bit)[None, :] * x[:, j]
-            return weight_change(z64[:, e], zb64[:, e], change, peak, self.tau_z, kappa[e])
+                change = wdelta(ks, bit)[None, :] * x[rows, j]
+            return weight_change(z64[rows, e], zb64[rows, e], change, peak, self.tau_z[rows], kappa[e])
 
         def recompute(n: np.ndarray, k: np.ndarray, bit: int) -> np.ndarray:
             e, j, m = k // cols, k % cols, np.arange(len(k))
@@ -140,7 +140,20 @@ class _TextSites:
         k = np.arange(values.size)
         prune = {"weight_delta": wdelta, "x_abs": np.abs(x), "col": k % cols, "kappa": kappa} if cols > 1 else {}
         return Site(name, role, self.h.proj_layer, k.size, base, self.tau_z, self.W64.T.copy(), k // cols,
-                    np.full(k.size, Z_LIMIT), delta, recompute, **prune)  # type: ignore[arg-type]
+                    np.full(k.size, Z_LIMIT), delta, recompute, zmax=self._one_hot_zmax(zb, k // cols),
+                    **prune)  # type: ignore[arg-type]
+
+    @staticmethod
+    def _one_hot_zmax(zb: np.ndarray, group: np.ndarray):  # type: ignore[no-untyped-def]
+        """max|z'| is |z[e] + Δ| once that dominates, which is all the overflow test asks about."""
+        z64 = zb.astype(np.float64)
+
+        def zmax(rows: slice, ks: np.ndarray, delta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            with np.errstate(invalid="ignore", over="ignore"):
+                value = np.abs(z64[rows, group[ks]] + delta)
+            return value, value
+
+        return zmax
 
     def proj_weight_site(self) -> Site:
         return self._projection_site(self.P, self.h.proj_weight_name, "proj_weight", self.d)
@@ -157,8 +170,8 @@ class _TextSites:
         vabs = (np.abs(self.W64) @ np.abs(self.P64)).max(axis=0)  # d
         scale = self.policy.act_scale(name, self.fmt)
 
-        def delta(ks: np.ndarray, bit: int) -> tuple[np.ndarray, np.ndarray]:
-            change = activation_change(self.f[:, ks], fb[:, ks], bit, self.fmt, peak, scale)
+        def delta(rows: slice, ks: np.ndarray, bit: int) -> tuple[np.ndarray, np.ndarray]:
+            change = activation_change(self.f[rows, ks], fb[rows, ks], bit, self.fmt, peak, scale)
             with np.errstate(invalid="ignore"):
                 return change, self.kz * vabs[ks] * np.abs(change)
 
@@ -169,18 +182,26 @@ class _TextSites:
             with np.errstate(all="ignore"):
                 return self.h.from_z(rows @ self.P.T + self.b)
 
+        pmax = np.abs(self.P64).max(axis=0)
+        zbmax = np.abs(zb).max(axis=1)[:, None]
+
+        def zmax(rows: slice, ks: np.ndarray, delta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            with np.errstate(invalid="ignore", over="ignore"):
+                reach = np.abs(delta) * pmax[ks]
+                return np.where(np.isnan(delta), np.nan, reach - zbmax[rows]), reach + zbmax[rows]
+
         with np.errstate(divide="ignore"):
-            limit = Z_LIMIT / np.abs(self.P64).max(axis=0)
+            limit = Z_LIMIT / (np.sqrt(self.E) * pmax)
         return Site(self.h.input, "input", self.h.proj_layer, self.d, base, self.tau_z,
-                    (self.W64 @ self.P64).T.copy(), np.arange(self.d), limit, delta, recompute)
+                    (self.W64 @ self.P64).T.copy(), np.arange(self.d), limit, delta, recompute, zmax=zmax)
 
     def z_site(self) -> Site:
         zb, base, _ = self._z_base()
         peak = self.policy.element_peak(self.h.proj_output)
         scale = self.policy.act_scale(self.h.proj_output, self.fmt)
 
-        def delta(ks: np.ndarray, bit: int) -> tuple[np.ndarray, np.ndarray]:
-            change = activation_change(self.z[:, ks], zb[:, ks], bit, self.fmt, peak, scale)
+        def delta(rows: slice, ks: np.ndarray, bit: int) -> tuple[np.ndarray, np.ndarray]:
+            change = activation_change(self.z[rows, ks], zb[rows, ks], bit, self.fmt, peak, scale)
             with np.errstate(invalid="ignore"):
                 return change, self.kz * self.wmax[ks] * np.abs(change)
 
@@ -191,7 +212,8 @@ class _TextSites:
             return self.h.from_z(rows)
 
         return Site(self.h.proj_output, "proj_output", self.h.proj_layer, self.E, base, self.tau_z,
-                    self.W64.T.copy(), np.arange(self.E), np.full(self.E, Z_LIMIT), delta, recompute)
+                    self.W64.T.copy(), np.arange(self.E), np.full(self.E, Z_LIMIT), delta, recompute,
+                    zmax=self._one_hot_zmax(zb, np.arange(self.E)))
 
     def weight_site(self) -> Site:
         """W[c, e]: cosine c moves by δ·ẑ[e]; the Gemm/MatMul output (cosines) is what the policy clamps."""
@@ -209,11 +231,11 @@ class _TextSites:
             with np.errstate(all="ignore"):
                 return flip_bit(flat[ks], bit, self.fmt, scale, vpeak).astype(np.float64) - flat[ks]
 
-        def delta(ks: np.ndarray, bit: int) -> tuple[np.ndarray, np.ndarray]:
+        def delta(rows: slice, ks: np.ndarray, bit: int) -> tuple[np.ndarray, np.ndarray]:
             c, e = ks // self.E, ks % self.E
             with np.errstate(all="ignore"):
-                change = wdelta(ks, bit)[None, :] * zn64[:, e]
-            return weight_change(raw[:, c], base[:, c], change, peak, tau, kappa)
+                change = wdelta(ks, bit)[None, :] * zn64[rows, e]
+            return weight_change(raw[rows, c], base[rows, c], change, peak, tau[rows], kappa)
 
         def recompute(n: np.ndarray, k: np.ndarray, bit: int) -> np.ndarray:
             c, e, m = k // self.E, k % self.E, np.arange(len(k))
