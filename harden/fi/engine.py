@@ -121,10 +121,9 @@ class SiteRunner:
             suffixes[self.out] = Suffix(info, self.out, config.providers, config.opt_level)
         self.suffix = suffixes[self.out]
         self.needs = set(self.suffix.inputs)
-        readers = [info.nodes[i].op_type for i in info.consumers.get(site.tensor, [])]
-        # A negative value that stays negative is erased by a following Relu: the fault is masked exactly.
-        self.relu_only = (site.kind == "activation" and bool(readers) and set(readers) == {"Relu"}
-                          and site.tensor not in {o.name for o in info.model.graph.output})
+        self.relu_only, self.add_other = _relu_masking(info, site)
+        if self.add_other not in self.suffix.inputs:  # the skip operand must be fault-free and cached
+            self.add_other = None
         if site.kind == "activation":
             self.peak = float(ranges.get(site.tensor, 0.0))
             self.scale = self.peak / 127.0 if self.peak > 0 else 1.0
@@ -158,11 +157,20 @@ class SiteRunner:
             parts.append(self.scores(cache, rows, elems, values, values))
         return np.concatenate(parts)
 
-    def masked(self, golden: np.ndarray, faulty: np.ndarray) -> np.ndarray:
-        """Faults whose effect provably vanishes: no change at all, or negative → negative before a Relu."""
-        same = golden.astype(np.float32).view(np.uint32) == faulty.astype(np.float32).view(np.uint32)
+    def masked(self, golden: np.ndarray, faulty: np.ndarray, other: np.ndarray | None = None) -> np.ndarray:
+        """Faults whose effect provably vanishes: no change at all, or a Relu input that stays negative.
+
+        With `other` (the skip operand of an Add that feeds only Relus), the Relu
+        input is golden + other vs faulty + other, one IEEE float32 addition each,
+        exactly as the Add node computes it.
+        """
+        g, f = golden.astype(np.float32), faulty.astype(np.float32)
+        same = g.view(np.uint32) == f.view(np.uint32)
         if self.relu_only:
-            same |= (golden < 0) & (faulty < 0)
+            same |= (g < 0) & (f < 0)
+        elif other is not None:
+            with np.errstate(all="ignore"):
+                same |= ((g + other) < 0) & ((f + other) < 0)
         return same
 
     def inject(self, cache: dict[str, np.ndarray], rows: slice | np.ndarray, rng: np.random.Generator,
@@ -186,16 +194,21 @@ class SiteRunner:
         """
         r = _as_rows(rows)
         if golden_scores is not None:
-            skip = self.masked(golden, faulty)
+            other = None
+            if self.add_other is not None:
+                other = cache[self.add_other].reshape(len(cache[self.add_other]), -1)[r, elems]
+            skip = self.masked(golden, faulty, other)
             if skip.any():
                 out = np.array(golden_scores, copy=True)
                 live = ~skip
                 if live.any():
                     out[live] = self.scores(cache, r[live], elems[live], golden[live], faulty[live])
                 return out
-        feeds = {k: cache[k][r] for k in self.suffix.inputs}  # fancy indexing: fresh copies
+        # contiguous rows (the usual case) are fed as views; only the corrupted tensor is copied
+        pick: slice | np.ndarray = slice(int(r[0]), int(r[-1]) + 1) if len(r) and r[-1] - r[0] == len(r) - 1 else r
+        feeds = {k: cache[k][pick] for k in self.suffix.inputs}
         if self.site.kind == "activation":
-            t = np.ascontiguousarray(feeds[self.site.tensor])
+            t = np.array(feeds[self.site.tensor], copy=True)
             t.reshape(len(r), -1)[np.arange(len(r)), elems] = faulty
             feeds[self.site.tensor] = t
         else:
@@ -223,6 +236,28 @@ class SiteRunner:
                 self.rerun = NodeRerun(*self.rerun_args)
             self.rerun.apply(self.site.tensor, self.weight, elems, faulty, {a: cache[a][rows] for a in self.acts}, y)
         return y
+
+
+def _relu_masking(info: GraphInfo, site: Site) -> tuple[bool, str | None]:
+    """(site feeds only Relus, skip operand of an Add that feeds only Relus): where masking is exact."""
+    if site.kind != "activation":
+        return False, None
+    outputs = {o.name for o in info.model.graph.output}
+    readers = [info.nodes[i] for i in info.consumers.get(site.tensor, [])]
+    if not readers or site.tensor in outputs:
+        return False, None
+    if all(n.op_type == "Relu" for n in readers):
+        return True, None
+    if len(readers) != 1 or readers[0].op_type != "Add" or list(readers[0].input).count(site.tensor) != 1:
+        return False, None
+    add = readers[0]
+    other = next(t for t in add.input if t != site.tensor)
+    after = [info.nodes[i].op_type for i in info.consumers.get(add.output[0], [])]
+    if (other not in info.tensors or not info.tensors[other].batched or add.output[0] in outputs
+            or info.tensors[other].shape != info.tensors[site.tensor].shape or not after
+            or set(after) != {"Relu"} or info.tensors[other].dtype != np.float32):
+        return False, None
+    return False, other
 
 
 def prefix_level(level: str) -> str:

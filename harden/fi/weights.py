@@ -7,7 +7,7 @@ by w' changes the output by (w' − w) times the input values that weight meets:
   m to its input channel block); a bias fault adds δ to all of channel m.
 - Gemm: Y = α·A'B' + β·C, so a B fault adds α·δ·A[:, p] to column q (indices
   swapped under transB); a C fault adds β·δ where C broadcasts.
-- MatMul: Y = A @ W adds δ·A[..., p] to column q; Y = W @ B adds δ·B[..., q, :] to row p.
+- MatMul: Y = A @ W adds δ·A[..., p] to column q.
 
 Each batch element carries its own fault, so a whole batch of weight faults runs
 through the same suffix as activation faults. Layers this does not cover
@@ -100,19 +100,16 @@ def gemm_delta(node: onnx.NodeProto, index: int, weight: np.ndarray, elems: np.n
 
 def matmul_delta(index: int, weight: np.ndarray, elems: np.ndarray, delta: np.ndarray,
                  x: np.ndarray, y: np.ndarray) -> bool:
-    """MatMul with a 2-D constant operand; False otherwise."""
+    """MatMul with a 2-D constant right operand; False otherwise."""
     if weight.ndim != 2 or x.ndim < 2:
         return False
     n = len(elems)
     rows = np.arange(n)
     p, q = np.unravel_index(elems, weight.shape)
     d = delta.astype(np.float32)
-    if index == 1:
-        y[rows, ..., q] += d.reshape((n,) + (1,) * (y.ndim - 2)) * x[rows, ..., p]
-    else:
-        if x.ndim < 3:
-            return False
-        y[rows, ..., p, :] += d.reshape((n,) + (1,) * (y.ndim - 2)) * x[rows, ..., q, :]
+    if index != 1:
+        return False  # a constant left operand (W @ X) takes the exact node rerun
+    y[rows, ..., q] += d.reshape((n,) + (1,) * (y.ndim - 2)) * x[rows, ..., p]
     return True
 
 

@@ -123,3 +123,19 @@ def test_relu_masked_faults_skip_the_run_and_match_the_whole_graph() -> None:
     fast = runner.scores(cache, slice(0, 8), elems, gold, faulty, golden)
     np.testing.assert_array_equal(fast, activation_full(model, x, "c1", elems, faulty))
     np.testing.assert_array_equal(fast[1::2], golden[1::2])
+
+
+def test_add_then_relu_masking_matches_the_whole_graph() -> None:
+    model = residual_cnn()
+    x, _ = labelled_inputs(model, 16)
+    _, runner, cache, golden, site = _runner(model, "c2", x)
+    assert runner.add_other == "skip" and not runner.relu_only
+    rng = np.random.default_rng(1)
+    elems = rng.integers(0, site.elements, 16)
+    gold = runner.golden_values(cache, slice(0, 16), elems)
+    faulty = np.where(np.arange(16) % 2 == 0, gold - 50.0, gold + 50.0).astype(np.float32)
+    other = cache["skip"].reshape(16, -1)[np.arange(16), elems]
+    skipped = runner.masked(gold, faulty, other)
+    assert skipped.any() and not skipped.all()
+    fast = runner.scores(cache, slice(0, 16), elems, gold, faulty, golden)
+    np.testing.assert_array_equal(fast, activation_full(model, x, "c2", elems, faulty))
