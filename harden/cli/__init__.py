@@ -25,6 +25,7 @@ SUBCOMMANDS: list[str] = [
     "rewrite",
     "convert",
     "inject",
+    "certify",
 ]
 
 

@@ -1,0 +1,91 @@
+"""What hardening costs at deployment: parameters, FLOPs per image and ONNX Runtime latency.
+
+FLOPs count 2 per multiply-add of the compute nodes (Conv, ConvTranspose,
+Gemm, MatMul) at their probed batch-1 shapes; element-wise nodes are not
+counted, so the text head's normalisation appears only through its Gemm and
+MatMul. Latency is the median of timed batch runs at the deployment
+optimisation level ("all"), on whatever CPU the certification ran on.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import onnx
+
+from harden.fi.graphinfo import GraphInfo
+from harden.graph.ort import make_session
+from harden.report.schema import Cost
+
+
+def parameter_count(model: onnx.ModelProto) -> int:
+    """Elements of the float constants (initializers and Constant nodes)."""
+    total = 0
+    for t in model.graph.initializer:
+        if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
+                           onnx.TensorProto.DOUBLE):
+            total += int(np.prod(t.dims, dtype=np.int64))
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value" and attr.t.data_type == onnx.TensorProto.FLOAT:
+                    total += int(np.prod(attr.t.dims, dtype=np.int64))
+    return total
+
+
+def flop_count(info: GraphInfo) -> int:
+    """2 × multiply-adds per image of the compute nodes."""
+    total = 0
+    for node in info.nodes:
+        if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or not node.output:
+            continue
+        out = info.tensors.get(node.output[0])
+        if out is None:
+            continue
+        out_elems = int(np.prod(out.shape[1:] if out.batched else out.shape, dtype=np.int64))
+        if node.op_type in ("Conv", "ConvTranspose"):
+            w = info.constants.get(node.input[1])
+            if w is None:
+                continue
+            per_output = int(np.prod(w.shape[1:], dtype=np.int64))
+            if node.op_type == "ConvTranspose":
+                per_output = int(w.shape[0] * np.prod(w.shape[2:], dtype=np.int64)) // max(1, int(w.shape[1]))
+        else:
+            a = info.tensors.get(node.input[0])
+            b = info.constants.get(node.input[1])
+            if b is not None:
+                trans_b = any(at.name == "transB" and at.i for at in node.attribute)
+                per_output = int(b.shape[1] if trans_b and node.op_type == "Gemm" else b.shape[0])
+            elif a is not None and a.shape:
+                per_output = int(a.shape[-1])
+            else:
+                continue
+        total += 2 * out_elems * per_output
+    return total
+
+
+def latency_ms(model: onnx.ModelProto, example: np.ndarray, runs: int = 30, batch: int = 1,
+               providers: Sequence[str] = ("CPUExecutionProvider",)) -> float:
+    """Median milliseconds per batch of `batch` images over `runs` timed runs (after 3 warm-ups)."""
+    session = make_session(model, providers=providers, opt_level="all", threads=1)
+    name = session.get_inputs()[0].name
+    x = np.ascontiguousarray(np.repeat(example[:1], batch, axis=0))
+    for _ in range(3):
+        session.run(None, {name: x})
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        session.run(None, {name: x})
+        times.append(time.perf_counter() - start)
+    return float(np.median(times) * 1000.0)
+
+
+def measure_cost(model: onnx.ModelProto, example: np.ndarray, runs: int = 30, batch: int = 1,
+                 providers: Sequence[str] = ("CPUExecutionProvider",)) -> Cost:
+    """Parameters, FLOPs and latency of `model` on model-ready `example` images."""
+    info = GraphInfo(model, example=example[:1], providers=providers)
+    fixed = info.fixed_batch or batch
+    return Cost(parameter_count(model), flop_count(info), latency_ms(model, example, runs, fixed, providers),
+                fixed, runs)
