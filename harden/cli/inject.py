@@ -33,12 +33,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kinds", default="activation,weight", help="activation, weight or both (default both)")
     p.add_argument("--injections", type=int, default=1000, help="injections per layer (default 1000)")
     p.add_argument("--margin", type=float, help="choose N per layer by Leveugle et al. for this error margin")
-    p.add_argument("--fault", choices=MODELS, default="flip", help="fault model (default flip)")
+    p.add_argument("--fault", choices=MODELS, default="flip",
+                   help="fault model (default flip); random: uniform in ± the site's range, stored in --format")
     p.add_argument("--bits", help="bit positions: all (default), 30, 23-30 or 0,7,31")
     p.add_argument("--flips", type=int, default=1, help="distinct bits per fault (k-bit flips)")
     p.add_argument("--format", dest="fmt", choices=sorted(WIDTH), default="fp32", help="number format emulated")
     p.add_argument("--clamp", choices=("none", "range"), default="none",
-                   help="range: clamp NaN/Inf/out-of-range faulty values to ± the profiled max")
+                   help="range: clamp NaN/Inf/out-of-range faulty values to ± the profiled max "
+                        "(weights: ± the tensor's max |w|)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=64, help="images per prefix run and faults per suffix run")
     p.add_argument("--provider", action="append", help="ONNX Runtime provider (repeatable; default CPU)")
@@ -52,6 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fresh", action="store_true", help="start over instead of resuming --out")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
+    p.add_argument("--by-bit", action="store_true", help="also print SDCs by bit position per layer")
     p.set_defaults(func=run)
 
 
@@ -90,6 +93,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"images: {ev['kept']} kept of {ev['total']} ({ev['correct']} correct); opt level {summary.opt_level}; "
           f"{summary.config.fault.kind} {summary.config.fault.fmt}; shards {summary.shards_done}/{summary.total_shards}")
     print(summary.table())
+    if args.by_bit:
+        from harden.fi.summary import bit_table
+
+        print(bit_table(summary))
     if summary.injections_per_s:
         print(f"{summary.injections_per_s:.0f} injections/s")
     return 0

@@ -100,6 +100,15 @@ class CampaignSummary:
                          for row in rows)
 
 
+def bit_table(summary: CampaignSummary) -> str:
+    """Per layer, the bit positions that caused SDCs: 'bit: k/n' (bits never causing one are left out)."""
+    lines = []
+    for r in summary.layers:
+        hits = [f"{b}:{k}/{n}" for b, (k, n) in sorted(r.by_bit.items()) if k]
+        lines.append(f"{r.site}: " + (" ".join(hits) if hits else "no SDC"))
+    return "\n".join(lines)
+
+
 def summarise_contents(contents: JournalContents, confidence: float | None = None,
                        ci: str | None = None) -> CampaignSummary:
     """Per-layer results from a parsed journal, with the header's (or the given) interval settings."""

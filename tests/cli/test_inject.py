@@ -38,9 +38,9 @@ def test_campaign_summary_shard_and_merge(files, tmp_path: Path, capsys) -> None
     model, data = files
     common = [str(model), "--data", f"npz:{data}", "--injections", "40", "--batch", "8", "--no-progress",
               "--layers", "conv2,last"]
-    assert main(["inject", *common, "--out", str(tmp_path / "c.jsonl")]) == 0
+    assert main(["inject", *common, "--out", str(tmp_path / "c.jsonl"), "--by-bit"]) == 0
     out = capsys.readouterr().out
-    assert "images: " in out and "SDC %" in out and "w2" in out
+    assert "images: " in out and "SDC %" in out and "w2" in out and "w2: " in out
     summary = json.loads((tmp_path / "c.summary.json").read_text())
     assert summary["complete"] and summary["opt_level"] == "disable"
     assert summary["evaluation"]["kept"] >= 20  # the preprocessing from metadata reproduced the labels
