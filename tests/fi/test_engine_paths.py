@@ -7,7 +7,7 @@ import onnx
 import pytest
 
 from harden.fi.config import CampaignConfig
-from harden.fi.engine import SAME_KERNELS, SiteRunner, prefix_cache
+from harden.fi.runner import SAME_KERNELS, SiteRunner, prefix_cache
 from harden.fi.graphinfo import GraphInfo
 from harden.fi.reference import activation_full, weight_full
 from harden.fi.sites import Site, list_sites

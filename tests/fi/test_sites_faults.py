@@ -88,7 +88,7 @@ def test_data_shape_mismatch_names_both_shapes() -> None:
 
 def test_shape_arithmetic_is_pulled_into_the_suffix() -> None:
     """A Reshape whose target shape is computed from the batch size must still re-batch."""
-    from harden.fi.engine import SiteRunner, prefix_cache
+    from harden.fi.runner import SiteRunner, prefix_cache
     from harden.fi.config import CampaignConfig
 
     model = residual_cnn()

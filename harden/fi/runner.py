@@ -1,0 +1,202 @@
+"""One fault site's injector: draw faults, corrupt the cached tensors, run the suffix.
+
+Activation faults replace one element per batch row; weight faults become an
+additive change of the layer's output (harden.fi.weights). Faults that are
+provably masked (value unchanged, or a Relu input that stays negative) take the
+golden scores without a run, which is exact and saves a large share of runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from harden.errors import HardenError
+from harden.fi.bitflip import int8_scale
+from harden.fi.config import CampaignConfig
+from harden.fi.graphinfo import GraphInfo
+from harden.fi.profile import clamp_to_range
+from harden.fi.sites import Site
+from harden.fi.suffix import Suffix
+from harden.fi.weights import NodeRerun, conv_delta, gemm_delta, matmul_delta
+from harden.graph.ort import expose, make_session
+
+
+# At these ORT levels the prefix and every suffix run the same kernels, so the prefix's scores are
+# each site's golden bit for bit (tested). 'all' changes layouts (NCHWc) per graph, so there the
+# golden of a site is its own suffix run with no fault.
+SAME_KERNELS = ("disable", "basic", "extended")
+
+
+def _as_rows(rows: slice | np.ndarray) -> np.ndarray:
+    return np.arange(rows.start, rows.stop) if isinstance(rows, slice) else np.asarray(rows)
+
+
+class SiteRunner:
+    """Everything needed to inject into one site: its suffix and, for weights, the layer's fast path."""
+
+    def __init__(self, info: GraphInfo, site: Site, config: CampaignConfig, ranges: dict[str, float],
+                 suffixes: dict[str, Suffix]) -> None:
+        self.site, self.config = site, config
+        self.fixed_batch = info.fixed_batch
+        node = info.nodes[info.node_index[site.node]]
+        self.node = node
+        self.out = site.tensor if site.kind == "activation" else node.output[0]
+        if self.out not in suffixes:
+            suffixes[self.out] = Suffix(info, self.out, config.providers, config.opt_level)
+        self.suffix = suffixes[self.out]
+        self.needs = set(self.suffix.inputs)
+        self.relu_only, self.add_other = _relu_masking(info, site)
+        if self.add_other not in self.suffix.inputs:  # the skip operand must be fault-free and cached
+            self.add_other = None
+        if site.kind == "activation":
+            self.peak = float(ranges.get(site.tensor, 0.0))
+            self.scale = self.peak / 127.0 if self.peak > 0 else 1.0
+            return
+        if site.shared:
+            raise HardenError(f"weight {site.tensor!r} is read by several layers; injecting into shared weights "
+                              "is not supported")
+        self.weight = info.constants[site.tensor].astype(np.float32)
+        self.peak = float(np.max(np.abs(self.weight))) if self.weight.size else 0.0
+        self.scale = int8_scale(self.weight)
+        self.acts = [n for n in node.input if n and n not in info.constants]
+        self.needs.update(self.acts)
+        self.rerun: NodeRerun | None = None
+        self.rerun_args = (info, node, site.input_index, config.providers)
+
+    def golden_values(self, cache: dict[str, np.ndarray], rows: slice | np.ndarray, elems: np.ndarray) -> np.ndarray:
+        """The fault-free values of the chosen elements (one per batch row)."""
+        if self.site.kind == "activation":
+            r = _as_rows(rows)
+            return cache[self.site.tensor].reshape(len(cache[self.site.tensor]), -1)[r, elems].copy()
+        return self.weight.reshape(-1)[elems].copy()
+
+    def null_scores(self, cache: dict[str, np.ndarray], n: int) -> np.ndarray:
+        """Scores of the suffix with no fault, for levels whose kernels may differ between prefix and suffix."""
+        parts = []
+        step = 1 if self.fixed_batch else self.config.batch
+        for start in range(0, n, step):
+            rows = np.arange(start, min(n, start + step))
+            elems = np.zeros(len(rows), dtype=np.int64)
+            values = self.golden_values(cache, rows, elems)
+            parts.append(self.scores(cache, rows, elems, values, values))
+        return np.concatenate(parts)
+
+    def masked(self, golden: np.ndarray, faulty: np.ndarray, other: np.ndarray | None = None) -> np.ndarray:
+        """Faults whose effect provably vanishes: no change at all, or a Relu input that stays negative.
+
+        With `other` (the skip operand of an Add that feeds only Relus), the Relu
+        input is golden + other vs faulty + other, one IEEE float32 addition each,
+        exactly as the Add node computes it.
+        """
+        g, f = golden.astype(np.float32), faulty.astype(np.float32)
+        same = g.view(np.uint32) == f.view(np.uint32)
+        if self.relu_only:
+            same |= (g < 0) & (f < 0)
+        elif other is not None:
+            with np.errstate(all="ignore"):
+                same |= ((g + other) < 0) & ((f + other) < 0)
+        return same
+
+    def inject(self, cache: dict[str, np.ndarray], rows: slice | np.ndarray, rng: np.random.Generator,
+               golden_scores: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Run one shard: draw its faults, corrupt, run the suffix; return faults and faulty scores."""
+        r = _as_rows(rows)
+        elems = rng.integers(0, self.site.elements, len(r))
+        bits, uniforms = self.config.fault.draw(rng, len(r))
+        golden = self.golden_values(cache, r, elems)
+        faulty = self.config.fault.apply(golden, bits, uniforms, self.scale, self.peak)
+        if self.config.clamp == "range":
+            faulty = clamp_to_range(faulty, self.peak)
+        scores = self.scores(cache, r, elems, golden, faulty, golden_scores)
+        return {"elems": elems, "bits": bits, "golden": golden, "faulty": faulty, "scores": scores}
+
+    def scores(self, cache: dict[str, np.ndarray], rows: slice | np.ndarray, elems: np.ndarray, golden: np.ndarray,
+               faulty: np.ndarray, golden_scores: np.ndarray | None = None) -> np.ndarray:
+        """Class scores with element elems[i] of the site set to faulty[i] in batch row i.
+
+        Given the rows' golden scores, provably masked faults take them without a run.
+        """
+        r = _as_rows(rows)
+        if golden_scores is not None:
+            other = None
+            if self.add_other is not None:
+                other = cache[self.add_other].reshape(len(cache[self.add_other]), -1)[r, elems]
+            skip = self.masked(golden, faulty, other)
+            if skip.any():
+                out = np.array(golden_scores, copy=True)
+                live = ~skip
+                if live.any():
+                    out[live] = self.scores(cache, r[live], elems[live], golden[live], faulty[live])
+                return out
+        # contiguous rows (the usual case) are fed as views; only the corrupted tensor is copied
+        pick: slice | np.ndarray = slice(int(r[0]), int(r[-1]) + 1) if len(r) and r[-1] - r[0] == len(r) - 1 else r
+        feeds = {k: cache[k][pick] for k in self.suffix.inputs}
+        if self.site.kind == "activation":
+            t = np.array(feeds[self.site.tensor], copy=True)
+            t.reshape(len(r), -1)[np.arange(len(r)), elems] = faulty
+            feeds[self.site.tensor] = t
+        else:
+            feeds[self.out] = self._weight_output(cache, r, elems, golden, faulty)
+        return self.suffix.run(feeds)
+
+    def _weight_output(self, cache: dict[str, np.ndarray], rows: np.ndarray, elems: np.ndarray, golden: np.ndarray,
+                       faulty: np.ndarray) -> np.ndarray:
+        """The layer output under each row's weight fault (fast path, or the node recomputed)."""
+        y = np.ascontiguousarray(cache[self.out][rows])  # fancy indexing already copied
+        with np.errstate(all="ignore"):
+            delta = faulty.astype(np.float32) - golden.astype(np.float32)
+            op, idx = self.node.op_type, self.site.input_index
+            x = cache[self.acts[0]][rows] if self.acts else None
+            done = False
+            if op == "Conv" and x is not None:
+                conv_delta(self.node, idx, self.weight, elems, delta, x, y)
+                done = True
+            elif op == "Gemm" and x is not None:
+                done = gemm_delta(self.node, idx, self.weight, elems, delta, x, y)
+            elif op == "MatMul" and x is not None:
+                done = matmul_delta(idx, self.weight, elems, delta, x, y)
+        if not done:
+            if self.rerun is None:
+                self.rerun = NodeRerun(*self.rerun_args)
+            self.rerun.apply(self.site.tensor, self.weight, elems, faulty, {a: cache[a][rows] for a in self.acts}, y)
+        return y
+
+
+def _relu_masking(info: GraphInfo, site: Site) -> tuple[bool, str | None]:
+    """(site feeds only Relus, skip operand of an Add that feeds only Relus): where masking is exact."""
+    if site.kind != "activation":
+        return False, None
+    outputs = {o.name for o in info.model.graph.output}
+    readers = [info.nodes[i] for i in info.consumers.get(site.tensor, [])]
+    if not readers or site.tensor in outputs:
+        return False, None
+    if all(n.op_type == "Relu" for n in readers):
+        return True, None
+    if len(readers) != 1 or readers[0].op_type != "Add" or list(readers[0].input).count(site.tensor) != 1:
+        return False, None
+    add = readers[0]
+    other = next(t for t in add.input if t != site.tensor)
+    after = [info.nodes[i].op_type for i in info.consumers.get(add.output[0], [])]
+    if (other not in info.tensors or not info.tensors[other].batched or add.output[0] in outputs
+            or info.tensors[other].shape != info.tensors[site.tensor].shape or not after
+            or set(after) != {"Relu"} or info.tensors[other].dtype != np.float32):
+        return False, None
+    return False, other
+
+
+def prefix_level(level: str) -> str:
+    """The level of the cached prefix run: layout changes ('all') only slow exposed tensors down."""
+    return "extended" if level == "all" else level
+
+
+def prefix_cache(info: GraphInfo, runners: Sequence[SiteRunner], x: np.ndarray,
+                 config: CampaignConfig) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """One fault-free run of `x` caching every tensor the runners' suffixes read; also the golden scores."""
+    names = sorted(set().union(*(r.needs for r in runners)) - {info.input_name})
+    session = make_session(expose(info.model, names), config.providers, opt_level=prefix_level(config.opt_level))
+    values = session.run([info.scores, *names], {info.input_name: x})
+    cache = dict(zip(names, values[1:]))
+    cache[info.input_name] = x
+    return cache, values[0]
