@@ -45,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"range-clip: {len(config['ranges'])} tensors clipped to profiled ±max over "
                   f"{config['calibration_images']} images of {config['calibration']}, "
                   f"parity on calibration data: max |Δ| = {config['parity_max_abs']:.3g}")
+        for note in config.get("notes", []):
+            print(f"  note: {note}")
         if config.get("upgraded_from_opset"):
             print(f"  note: upgraded the model from opset {config['upgraded_from_opset']}")
     print(f"wrote {result.output}"

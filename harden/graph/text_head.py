@@ -44,12 +44,13 @@ class TextHeadPass:
         self.parity_max_abs: float | None = None
         self.upgraded_from: int | None = None
         self.classifier: str = ""
+        self.notes: list[str] = []
 
     def config(self) -> dict[str, Any]:
         return {"output": self.output, "in_features": self.head.in_features, "num_classes": self.head.num_classes,
                 "embed_dim": int(self.head.embeddings.shape[1]), "logit_scale": float(self.head.logit_scale),
                 "eps": float(self.head.eps), "classifier": self.classifier, "upgraded_from_opset": self.upgraded_from,
-                "parity_max_abs": self.parity_max_abs}
+                "parity_max_abs": self.parity_max_abs, "notes": self.notes}
 
     def check(self, model: onnx.ModelProto) -> str | None:
         try:
@@ -75,6 +76,7 @@ class TextHeadPass:
         graph = import_graph(source)
         located = self._locate(graph)
         self.classifier = located.info.describe()
+        self.notes = list(located.info.notes)
         head_input = head_input_tensor(graph, located)
         build_head(graph, default_opset(source), head_input, located, self.head)
         extra = {"harden.embeddings_sha256": self.head.embeddings_sha256} if self.head.embeddings_sha256 else {}
