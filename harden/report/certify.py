@@ -28,7 +28,7 @@ from harden.files import refuse_overwrite, sha256_file
 from harden.graph.onnx_io import load_model
 from harden.provenance import environment
 from harden.report.cost import measure_cost
-from harden.report.gates import evaluate
+from harden.report.gates import check_gates, evaluate
 from harden.report.plots import write_plots
 from harden.report.render import render_html
 from harden.report.schema import ModelRecord, Report
@@ -85,8 +85,7 @@ def certify(config: CertifyConfig) -> Report:
     campaign = config.campaign()
     preprocess = Preprocess.from_json(config.preprocess) if config.preprocess else None
     # Gate arguments are validated before any campaign runs, so a typo fails in seconds.
-    if config.min_improvement is not None and config.baseline is None:
-        raise HardenError("--min-improvement needs --baseline")
+    check_gates(config.max_sdc, config.min_improvement, config.sdc_scope, config.baseline is not None)
     roles = [("model", config.model)] + ([("baseline", config.baseline)] if config.baseline else [])
     records = [_certify_one(role, path, config, campaign, preprocess, out) for role, path in roles]
     baseline = records[1].campaign if len(records) > 1 else None

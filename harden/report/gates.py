@@ -43,17 +43,22 @@ def _improvement(scope: str, base: Rate, model: Rate) -> Improvement:
     return Improvement(scope, base, model, point, low, high)
 
 
-def evaluate(model: CampaignSummary, baseline: CampaignSummary | None, max_sdc: float | None,
-             min_improvement: float | None, scope: str = "both") -> tuple[Verdict, list[Improvement]]:
-    """The verdict of the requested gates, and the improvements over the baseline (if any)."""
+def check_gates(max_sdc: float | None, min_improvement: float | None, scope: str, has_baseline: bool) -> None:
+    """Refuse gate arguments that cannot be evaluated (before any campaign runs)."""
     if scope not in SCOPES:
         raise HardenError(f"--sdc-scope must be one of {', '.join(SCOPES)}, got {scope!r}")
     if max_sdc is not None and not 0 <= max_sdc <= 1:
         raise HardenError(f"--max-sdc is a rate in [0, 1], got {max_sdc}")
-    if min_improvement is not None and baseline is None:
+    if min_improvement is not None and not has_baseline:
         raise HardenError("--min-improvement needs --baseline")
-    if min_improvement is not None and min_improvement <= 0:
+    if min_improvement is not None and not min_improvement > 0:
         raise HardenError(f"--min-improvement must be positive, got {min_improvement}")
+
+
+def evaluate(model: CampaignSummary, baseline: CampaignSummary | None, max_sdc: float | None,
+             min_improvement: float | None, scope: str = "both") -> tuple[Verdict, list[Improvement]]:
+    """The verdict of the requested gates, and the improvements over the baseline (if any)."""
+    check_gates(max_sdc, min_improvement, scope, baseline is not None)
     gates: list[Gate] = []
     conf = f"{model.config.confidence:.0%} {model.config.ci}"
     if max_sdc is not None:

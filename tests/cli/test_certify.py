@@ -1,0 +1,48 @@
+"""`harden certify` as a CI step: exit 0 when the gates pass, 3 when one fails (and says which), 1 on errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from harden.cli import main
+from tests.report.tiny_models import write_models
+
+FAST = ["--data", "digits", "--limit", "100", "--injections", "100", "--latency-runs", "2", "--no-progress",
+        "--no-exact"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return write_models(tmp_path_factory.mktemp("models"))
+
+
+def test_exit_0_when_every_gate_passes(models: tuple[Path, Path], tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    hard, base = models
+    code = main(["certify", str(hard), "--baseline", str(base), *FAST, "--max-sdc", "0.9",
+                 "--min-improvement", "0.01", "-o", str(tmp_path / "r")])
+    assert code == 0
+    assert "PASSED" in capsys.readouterr().out
+    assert (tmp_path / "r" / "report.json").is_file() and (tmp_path / "r" / "report.html").is_file()
+
+
+def test_exit_3_lists_the_failing_gates(models: tuple[Path, Path], tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    hard, base = models
+    code = main(["certify", str(hard), "--baseline", str(base), *FAST, "--max-sdc", "0.0001",
+                 "--sdc-scope", "overall", "--min-improvement", "1000", "-o", str(tmp_path / "r")])
+    out = capsys.readouterr().out
+    assert code == 3
+    assert "FAIL max-sdc[overall]" in out and "FAIL min-improvement[overall]" in out and "FAILED (2 gate(s))" in out
+
+
+def test_exit_1_on_errors(models: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    hard, _ = models
+    assert main(["certify", str(tmp_path / "missing.onnx"), *FAST, "-o", str(tmp_path / "r")]) == 1
+    assert main(["certify", str(hard), *FAST, "--min-improvement", "2", "-o", str(tmp_path / "r")]) == 1
+    assert main(["certify", str(hard), *FAST, "--max-sdc", "7", "-o", str(tmp_path / "r")]) == 1
+    err = capsys.readouterr().err
+    assert "no such file" in err and "--baseline" in err and "--max-sdc" in err
+    assert "Traceback" not in err

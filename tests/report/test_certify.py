@@ -1,0 +1,77 @@
+"""certify end to end on tiny digits models: report.json round-trips, plots and HTML are written,
+exact fractions sit inside the sampled intervals of the same sites."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from harden.errors import HardenError
+from harden.report.certify import CertifyConfig, certify
+from harden.report.schema import SCHEMA_VERSION, Report
+from tests.report.tiny_models import write_models
+
+
+@pytest.fixture(scope="module")
+def report_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Report]:
+    folder = tmp_path_factory.mktemp("certify")
+    hard, base = write_models(folder / "models")
+    out = folder / "report"
+    config = CertifyConfig(model=str(hard), baseline=str(base), data="digits", output=str(out), limit=150,
+                           injections=200, max_sdc=0.5, min_improvement=0.01, latency_runs=3, progress=False)
+    return out, certify(config)
+
+
+def test_report_json_round_trips_and_records_provenance(report_dir: tuple[Path, Report]) -> None:
+    out, report = report_dir
+    data = json.loads((out / "report.json").read_text())
+    assert data["schema"] == SCHEMA_VERSION
+    again = Report.load(out / "report.json")
+    assert json.dumps(again.to_dict(), sort_keys=True) == json.dumps(data, sort_keys=True)
+    model = again.model("model")
+    assert len(model.sha256) == 64 and model.sha256 != again.model("baseline").sha256
+    assert data["environment"]["packages"]["onnxruntime"]
+    assert data["config"]["seed"] == 0 and data["config"]["injections"] == 200
+    assert (out / model.campaign_file).is_file()
+    assert 0.8 < model.accuracy.value <= 1.0
+    assert model.cost.parameters > again.model("baseline").cost.parameters
+    assert again.overhead["flops_added"] > 0
+
+
+def test_plots_and_html_are_written(report_dir: tuple[Path, Report]) -> None:
+    out, _ = report_dir
+    for name in ("per_layer_sdc.png", "sdc_by_bit.png", "top2diff.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 3 and "PASSED" in page and "SDC (exact)" in page
+
+
+def test_exact_sits_inside_the_sampled_intervals(report_dir: tuple[Path, Report]) -> None:
+    _, report = report_dir
+    checked = 0
+    for model in report.models:
+        assert model.exact is not None, model.exact_skipped
+        exact = {s.tensor: s for s in model.exact.sites}
+        for layer in model.campaign.layers:
+            if layer.site in exact:
+                # 95% intervals: a miss is possible but rare; allow a little slack around them
+                assert layer.sdc.low - 0.01 <= exact[layer.site].sdc_fraction <= layer.sdc.high + 0.01
+                checked += 1
+    assert checked >= 6
+
+
+def test_improvement_and_verdict(report_dir: tuple[Path, Report]) -> None:
+    _, report = report_dir
+    assert report.improvements[0].scope == "overall"
+    assert bool(report.verdict) == all(g.passed for g in report.verdict.gates)
+    assert any(g.name == "min-improvement[overall]" for g in report.verdict.gates)
+
+
+def test_refuses_to_write_over_an_input(tmp_path: Path) -> None:
+    hard, _ = write_models(tmp_path)
+    with pytest.raises(HardenError):
+        certify(CertifyConfig(model=str(hard), data="digits", output=str(hard)))
+    with pytest.raises(HardenError, match="baseline"):
+        certify(CertifyConfig(model=str(hard), data="digits", output=str(tmp_path / "r"), min_improvement=2.0))
