@@ -172,6 +172,8 @@ def main() -> None:
     parser.add_argument("--train-images", type=int, default=12000)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--work", default="/tmp/harden-bench-inject")
+    parser.add_argument("--levels", default="disable,all",
+                        help="ORT optimisation levels to time harden at; the first is compared fault by fault")
     args = parser.parse_args()
 
     import torch
@@ -186,26 +188,44 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     onnx_path, net = train_and_export(work, args.train_images, args.epochs)
     data = load_dataset("fashion-mnist:test", limit=args.eval, seed=0)
-    config = CampaignConfig(layers="all", kinds=("activation",), injections=args.injections, batch=args.batch, seed=0)
-    out = work / "campaign.jsonl"
-    started = time.perf_counter()
-    summary = run_campaign(onnx_path, data.images, data.labels, config, out, progress=False, fresh=True)
-    ours_s = time.perf_counter() - started
-    contents = JournalContents(out)
+    from harden.fi.stats import binomial_rate as _warm  # import scipy before timing: it is not campaign work
+
+    _warm(1, 2)
+    timings: dict[str, tuple[float, float]] = {}
+    summaries = {}
+    for level in args.levels.split(","):
+        config = CampaignConfig(layers="all", kinds=("activation",), injections=args.injections, batch=args.batch,
+                                seed=0, opt_level=level)
+        out = work / f"campaign-{level}.jsonl"
+        started = time.perf_counter()
+        summaries[level] = run_campaign(onnx_path, data.images, data.labels, config, out, progress=False, fresh=True)
+        timings[level] = (time.perf_counter() - started, float(summaries[level].injections_per_s or 0.0))
+    level = args.levels.split(",")[0]
+    summary = summaries[level]
+    contents = JournalContents(work / f"campaign-{level}.jsonl")
     sites, records = contents.header["sites"], list(contents.records())
     total = len(records)
     # PyTorchFI sees images by position in the same array the engine was given
     pfi_s, flags = pytorchfi_replay(net, data.images, sites, records, args.batch)
+    pfi_rate = total / pfi_s
 
     print(f"model: ResNet-8 (BN folded), Fashion-MNIST; accuracy {summary.evaluation['correct']}/"
           f"{summary.evaluation['total']}, {summary.evaluation['kept']} images kept; {len(sites)} layers × "
-          f"{args.injections} injections = {total}; fp32 single-bit flips; batch {args.batch}")
-    print(f"harden (ORT, opt={summary.opt_level}): {total / ours_s:8.1f} inj/s end to end ({ours_s:.1f} s), "
-          f"{summary.injections_per_s:.1f} inj/s in the injection phase")
-    print(f"PyTorchFI 0.6.0 (torch {torch.__version__}): {total / pfi_s:8.1f} inj/s ({pfi_s:.1f} s)")
-    print(f"speed-up: {pfi_s / ours_s:.1f}x end to end, {(total / pfi_s) and summary.injections_per_s / (total / pfi_s):.1f}x "
-          "injection phase")
+          f"{args.injections} injections = {total}; fp32 single-bit flips; batch {args.batch}; "
+          f"torch threads {torch.get_num_threads()}")
+    print(f"PyTorchFI 0.6.0 (torch {torch.__version__}): {pfi_rate:8.1f} inj/s ({pfi_s:.1f} s)")
+    torch_s, ort_s = plain_forward_times(net, onnx_path, data.images[:args.batch], list(timings))
+    print(f"plain forward of {args.batch} images (no faults): torch {1e3 * torch_s:.1f} ms; "
+          + ", ".join(f"ORT opt={k} {1e3 * v:.1f} ms ({torch_s / v:.1f}x)" for k, v in ort_s.items()))
+    for lvl, (secs, phase) in timings.items():
+        print(f"harden (ORT {ort_version()}, opt={lvl}): {total / secs:8.1f} inj/s end to end ({secs:.1f} s; "
+              f"{total / secs / pfi_rate:.1f}x PyTorchFI), {phase:8.1f} inj/s injection phase "
+              f"({phase / pfi_rate:.1f}x)")
+    agree = [summaries[lvl] for lvl in timings]
+    same_levels = all([l.sdc.k for l in s.layers] == [l.sdc.k for l in summary.layers] for s in agree)
+    print(f"SDC counts identical across opt levels: {same_levels}")
     rows = []
+    print(f"harden (opt={level}) vs PyTorchFI, same faults:")
     print(f"{'layer':28s} {'harden SDC % [95% CI]':>26s} {'PyTorchFI SDC % [95% CI]':>26s}  overlap  same-verdict")
     for layer in summary.layers:
         theirs = flags[layer.site]
@@ -218,9 +238,44 @@ def main() -> None:
         print(f"{layer.site[:28]:28s} {100 * layer.sdc.value:7.2f} [{100 * layer.sdc.low:5.2f},{100 * layer.sdc.high:6.2f}]"
               f"    {100 * rate.value:7.2f} [{100 * rate.low:5.2f},{100 * rate.high:6.2f}]    {'yes' if overlap else 'NO':>5s}"
               f"  {100 * same:9.2f}%")
-    (work / "bench.json").write_text(json.dumps({"injections": total, "harden_s": ours_s, "pytorchfi_s": pfi_s,
-                                                 "harden_phase_inj_per_s": summary.injections_per_s,
+    (work / "bench.json").write_text(json.dumps({"injections": total, "pytorchfi_s": pfi_s,
+                                                 "harden": {k: {"seconds": v[0], "phase_inj_per_s": v[1]}
+                                                            for k, v in timings.items()},
                                                  "layers": rows}, indent=2))
+
+
+def plain_forward_times(net, onnx_path: Path, x: np.ndarray, levels: list[str],  # type: ignore[no-untyped-def]
+                        repeats: int = 10) -> tuple[float, dict[str, float]]:
+    """Median seconds of one fault-free forward in torch and in ORT at each level: the raw-speed ceiling."""
+    import torch
+
+    from harden.graph.onnx_io import load_model
+    from harden.graph.ort import make_session
+
+    def median(fn) -> float:  # type: ignore[no-untyped-def]
+        fn()
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return float(np.median(times))
+
+    xt = torch.from_numpy(x)
+    with torch.no_grad():
+        torch_s = median(lambda: net(xt))
+    model = load_model(onnx_path)
+    ort_s = {}
+    for level in levels:
+        session = make_session(model, opt_level=level)
+        ort_s[level] = median(lambda: session.run(None, {"x": x}))
+    return torch_s, ort_s
+
+
+def ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
 
 
 if __name__ == "__main__":

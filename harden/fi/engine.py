@@ -149,15 +149,16 @@ def _records(shard: Shard, site: Site, res: dict[str, np.ndarray], golden_scores
     cls, nonfinite, loss = outcome(res["scores"], golden_class)
     with np.errstate(invalid="ignore"):
         dloss = np.abs(loss - outcome(golden_scores, golden_class)[2])
-    out = []
-    for i in range(shard.count):
-        out.append({"type": "fault", "shard": shard.index, "site": site.name, "kind": site.kind,
-                    "image": int(ids[i]), "element": int(res["elems"][i]), "bits": [int(b) for b in res["bits"][i]],
-                    "golden": num(res["golden"][i]), "faulty": num(res["faulty"][i]),
-                    "golden_class": int(golden_class[i]), "faulty_class": int(cls[i]),
-                    "sdc": bool(cls[i] != golden_class[i]), "nonfinite": bool(nonfinite[i]),
-                    "dloss": num(dloss[i])})
-    return out
+    def nums(values: np.ndarray) -> list[float | str]:
+        v = np.asarray(values, dtype=np.float64)
+        return v.tolist() if np.isfinite(v).all() else [num(x) for x in v.tolist()]
+
+    cols = zip(ids.tolist(), res["elems"].tolist(), res["bits"].tolist(), nums(res["golden"]), nums(res["faulty"]),
+               golden_class.tolist(), cls.tolist(), nonfinite.tolist(), nums(dloss))
+    return [{"type": "fault", "shard": shard.index, "site": site.name, "kind": site.kind, "image": image,
+             "element": element, "bits": bits, "golden": gold, "faulty": faulty, "golden_class": gc,
+             "faulty_class": fc, "sdc": fc != gc, "nonfinite": nf, "dloss": dl}
+            for image, element, bits, gold, faulty, gc, fc, nf, dl in cols]
 
 
 def write_summary(summary: CampaignSummary, path: str | os.PathLike[str]) -> None:
