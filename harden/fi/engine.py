@@ -150,7 +150,8 @@ def _records(shard: Shard, site: Site, res: dict[str, np.ndarray], golden_scores
     with np.errstate(invalid="ignore"):
         dloss = np.abs(loss - outcome(golden_scores, golden_class)[2])
     def nums(values: np.ndarray) -> list[float | str]:
-        v = np.asarray(values, dtype=np.float64)
+        with np.errstate(all="ignore"):
+            v = np.asarray(values, dtype=np.float64)
         return v.tolist() if np.isfinite(v).all() else [num(x) for x in v.tolist()]
 
     cols = zip(ids.tolist(), res["elems"].tolist(), res["bits"].tolist(), nums(res["golden"]), nums(res["faulty"]),
