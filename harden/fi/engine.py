@@ -36,10 +36,12 @@ from harden.graph.ort import expose, make_session
 from harden.provenance import package_versions
 
 
-def outcome(scores: np.ndarray, golden_class: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(faulty class, non-finite flag, |Δloss| against the golden class's cross-entropy) per row.
+def outcome(scores: np.ndarray, golden_class: np.ndarray,
+            probabilities: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(class, non-finite flag, cross-entropy loss of the golden class) per row.
 
     NaN scores never win the argmax; a row of NaN has class −1 (always an SDC).
+    Probability outputs (an exported Softmax) give the loss −log p directly.
     """
     with np.errstate(all="ignore"):
         s = scores.astype(np.float64)
@@ -50,7 +52,8 @@ def outcome(scores: np.ndarray, golden_class: np.ndarray) -> tuple[np.ndarray, n
     with np.errstate(all="ignore"):
         top = masked.max(axis=1, keepdims=True)
         lse = top[:, 0] + np.log(np.exp(s - top).sum(axis=1))
-        loss = lse - s[np.arange(len(s)), golden_class]
+        picked = s[np.arange(len(s)), golden_class]
+        loss = -np.log(picked) if probabilities else lse - picked
     return cls, nonfinite, loss
 
 
@@ -136,7 +139,7 @@ def _execute(info: GraphInfo, sites: Sequence[Site], ev: EvalSet, config: Campai
                     goldens[shard.site] = runner.null_scores(cache, hi - lo)
                 golden_scores = goldens.get(shard.site, prefix_scores)[rows]
                 res = runner.inject(cache, rows, shard_rng(config.seed, shard.site, shard), golden_scores)
-                records = _records(shard, runner.site, res, golden_scores, ev.ids[lo + rows])
+                records = _records(shard, runner.site, res, golden_scores, ev.ids[lo + rows], ev.probabilities)
                 journal.append(shard.index, shard.site, records)
                 bar.update(shard.count)
     finally:
@@ -144,11 +147,11 @@ def _execute(info: GraphInfo, sites: Sequence[Site], ev: EvalSet, config: Campai
 
 
 def _records(shard: Shard, site: Site, res: dict[str, np.ndarray], golden_scores: np.ndarray,
-             ids: np.ndarray) -> list[dict[str, Any]]:
+             ids: np.ndarray, probabilities: bool) -> list[dict[str, Any]]:
     golden_class = np.argmax(golden_scores, axis=1)
-    cls, nonfinite, loss = outcome(res["scores"], golden_class)
+    cls, nonfinite, loss = outcome(res["scores"], golden_class, probabilities)
     with np.errstate(invalid="ignore"):
-        dloss = np.abs(loss - outcome(golden_scores, golden_class)[2])
+        dloss = np.abs(loss - outcome(golden_scores, golden_class, probabilities)[2])
     def nums(values: np.ndarray) -> list[float | str]:
         with np.errstate(all="ignore"):
             v = np.asarray(values, dtype=np.float64)

@@ -34,6 +34,7 @@ class EvalSet:
     ranges: dict[str, float]
     total: int
     correct: int
+    probabilities: bool = False
 
     @property
     def accuracy(self) -> float:
@@ -42,15 +43,25 @@ class EvalSet:
     def header(self) -> dict[str, object]:
         """What the campaign header records about the evaluation set."""
         return {"total": self.total, "correct": self.correct, "kept": int(len(self.ids)),
+                "scores": "probabilities" if self.probabilities else "logits",
                 "ids": [int(i) for i in self.ids], "top2diff": [float(t) for t in self.top2diff],
                 "ranges": dict(self.ranges)}
 
 
-def softmax_top2diff(scores: np.ndarray) -> np.ndarray:
-    """(softmax top-1 − top-2) × 100 per row, computed in float64."""
+def are_probabilities(scores: np.ndarray) -> bool:
+    """Whether a model's outputs are already probabilities (an exported Softmax): rows ≥ 0 summing to 1."""
     s = scores.astype(np.float64)
-    p = np.exp(s - s.max(axis=1, keepdims=True))
-    p /= p.sum(axis=1, keepdims=True)
+    return bool(np.isfinite(s).all() and (s >= 0).all() and np.allclose(s.sum(axis=1), 1.0, atol=1e-4))
+
+
+def softmax_top2diff(scores: np.ndarray, probabilities: bool = False) -> np.ndarray:
+    """(softmax top-1 − top-2) × 100 per row, computed in float64 (no softmax for probability outputs)."""
+    s = scores.astype(np.float64)
+    if probabilities:
+        p = s
+    else:
+        p = np.exp(s - s.max(axis=1, keepdims=True))
+        p /= p.sum(axis=1, keepdims=True)
     top = np.sort(p, axis=1)[:, -2:]
     return (top[:, 1] - top[:, 0]) * 100.0
 
@@ -88,7 +99,8 @@ def prepare_eval(model: onnx.ModelProto, inputs: np.ndarray, labels: np.ndarray,
     if labels.max(initial=0) >= scores.shape[1]:
         raise HardenError(f"labels go up to {int(labels.max())} but the model scores {scores.shape[1]} classes")
     golden = np.argmax(scores, axis=1)
-    t2d = softmax_top2diff(scores)
+    probabilities = are_probabilities(scores)
+    t2d = softmax_top2diff(scores, probabilities)
     correct = golden == labels
     keep = np.flatnonzero(correct & (t2d > 0) & np.isfinite(scores).all(axis=1))
     if len(keep) == 0:
@@ -97,4 +109,4 @@ def prepare_eval(model: onnx.ModelProto, inputs: np.ndarray, labels: np.ndarray,
     ranges = profile_ranges(model, inputs if profile_inputs is None else profile_inputs, list(tensors),
                             batch=batch, providers=providers) if tensors else {}
     return EvalSet(np.ascontiguousarray(inputs[keep]), labels[keep].astype(np.int64), keep, golden[keep],
-                   t2d[keep], ranges, int(len(inputs)), int(correct.sum()))
+                   t2d[keep], ranges, int(len(inputs)), int(correct.sum()), probabilities)

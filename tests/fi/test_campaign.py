@@ -169,3 +169,26 @@ def test_opt_level_all_takes_goldens_from_null_suffix_runs(setup, tmp_path: Path
     assert summary.opt_level == "all" and summary.complete
     for r in JournalContents(path).records():
         assert r["golden_class"] == y[r["image"]]
+
+
+def test_probability_outputs_use_probabilities_directly(setup, tmp_path: Path) -> None:
+    from onnx import helper
+
+    from harden.fi.prepare import prepare_eval, softmax_top2diff
+
+    model, x, y = setup
+    soft = onnx.ModelProto()
+    soft.CopyFrom(model)
+    soft.graph.node[-1].output[0] = "z"
+    soft.graph.node.append(helper.make_node("Softmax", ["z"], ["logits"], name="softmax", axis=1))
+    ev = prepare_eval(soft, x, y)
+    assert ev.probabilities and ev.header()["scores"] == "probabilities"
+    logits_ev = prepare_eval(model, x, y)
+    assert not logits_ev.probabilities
+    np.testing.assert_allclose(ev.top2diff, logits_ev.top2diff, rtol=1e-4)  # same quantity either way
+    assert not np.allclose(softmax_top2diff(np.log(np.full((1, 3), 1 / 3) + [[0.2, 0, -0.2]]), True),
+                           softmax_top2diff(np.log(np.full((1, 3), 1 / 3) + [[0.2, 0, -0.2]])))
+    path = tmp_path / "p.jsonl"
+    run_campaign(soft, x, y, CampaignConfig(injections=20, batch=8, layers="last"), path, progress=False)
+    records = list(JournalContents(path).records())
+    assert records and all(r["dloss"] == 0.0 for r in records if r["faulty"] == r["golden"])
