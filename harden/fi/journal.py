@@ -39,6 +39,9 @@ def unnum(x: float | str) -> float:
     return float(x)
 
 
+_FAULT = '{"type":"fault",'
+
+
 class JournalContents:
     """A parsed journal: header, complete shards (index → record lines) and where the valid part ends."""
 
@@ -58,6 +61,9 @@ class JournalContents:
                 if not raw.endswith(b"\n"):
                     break
                 line = raw.decode("utf-8", errors="replace").rstrip("\n")
+                if self.header and line.startswith(_FAULT):
+                    pending.append(line)  # whole lines are only ever written whole; parsed when summarised
+                    continue
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError:
