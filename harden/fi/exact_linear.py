@@ -33,6 +33,8 @@ class LinearHead:
     layer: str
 
     kind = "linear"
+    # weight tensors the model stores transposed relative to the layout above (set by exact_onnx)
+    transposed: tuple[str, ...] = ()
 
     def logits(self, features: np.ndarray) -> np.ndarray:
         """float32 reference forward pass."""

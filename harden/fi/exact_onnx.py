@@ -17,7 +17,7 @@ from onnx import numpy_helper
 from harden.errors import HardenError
 from harden.fi.exact import ExactResult, analyse_sites, outcome32
 from harden.fi.exact_linear import LinearHead
-from harden.fi.exact_site import RangePolicy
+from harden.fi.exact_site import RangePolicy, Site
 from harden.fi.exact_text import TextHead
 from harden.fi.graphinfo import named_copy
 from harden.fi.profile import profile_ranges
@@ -34,6 +34,7 @@ class _Graph:
 
     def __init__(self, model: onnx.ModelProto) -> None:
         self.model = named_copy(model)
+        self.transposed: set[str] = set()  # weights stored as the transpose of the head's layout
         self.producer = {o: n for n in self.model.graph.node for o in n.output if o}
         self.constants = {t.name: numpy_helper.to_array(t) for t in self.model.graph.initializer}
         for node in self.model.graph.node:
@@ -73,12 +74,14 @@ def _attr(node: onnx.NodeProto, name: str, default: float) -> float:
 
 
 def _gemm(g: _Graph, node: onnx.NodeProto, what: str) -> tuple[str, np.ndarray, str, np.ndarray | None, str | None]:
-    """(input, weight as rows×d, weight name, bias, bias name) of a plain Gemm."""
+    """(input, weight as rows×d, weight name, bias, bias name) of a plain Gemm; records a transposed store."""
     if _attr(node, "transA", 0) or _attr(node, "alpha", 1.0) != 1.0 or _attr(node, "beta", 1.0) != 1.0:
         raise HardenError(f"exact analysis: {what} Gemm {node.name!r} uses transA/alpha/beta; "
                           "a flipped stored weight would not be the flipped effective weight")
     weight = g.const(node.input[1], f"{what} weight")
-    weight = weight if _attr(node, "transB", 0) else weight.T
+    if not _attr(node, "transB", 0):
+        weight = weight.T
+        g.transposed.add(node.input[1])
     bias_name = node.input[2] if len(node.input) > 2 and node.input[2] else None
     bias = g.const(bias_name, f"{what} bias") if bias_name else None
     if bias is not None and bias.size == weight.shape[0]:
@@ -105,7 +108,7 @@ def locate_head(model: onnx.ModelProto) -> Head:
         return _text_head(g, node)
     if node.op_type == "Gemm":
         f, w, wname, b, bname = _gemm(g, node, "classifier")
-        return LinearHead(w, b, f, node.output[0], wname, bname, node.name)
+        return _with_layout(LinearHead(w, b, f, node.output[0], wname, bname, node.name), g)
     if node.op_type in ("MatMul", "Add"):
         bias = bname = None
         if node.op_type == "Add":
@@ -118,7 +121,8 @@ def locate_head(model: onnx.ModelProto) -> Head:
         if wname != mm.input[1]:
             raise HardenError(f"exact analysis: MatMul {mm.name!r} computes W·x; expected features·W")
         w = g.const(wname, "classifier weight").T
-        return LinearHead(np.ascontiguousarray(w), bias, f, node.output[0], wname, bname, mm.name)
+        g.transposed.add(wname)
+        return _with_layout(LinearHead(np.ascontiguousarray(w), bias, f, node.output[0], wname, bname, mm.name), g)
     raise HardenError(f"exact analysis: the class scores come from {node.op_type} {node.name!r}; "
                       "expected Gemm, MatMul(+Add) or the text head")
 
@@ -142,9 +146,33 @@ def _text_head(g: _Graph, mul: onnx.NodeProto) -> TextHead:
     f, p, pname, b, bname = _gemm(g, proj, "projection")
     if b is None or bname is None:
         raise HardenError(f"exact analysis: the projection {proj.name!r} has no bias")
-    return TextHead(p, b, np.ascontiguousarray(g.const(wt, "class embeddings").T), float(scale.reshape(-1)[0]),
+    g.transposed.add(wt)
+    return _with_layout(TextHead(p, b, np.ascontiguousarray(g.const(wt, "class embeddings").T), float(scale.reshape(-1)[0]),
                     float(g.const(eps_name, "eps").reshape(-1)[0]), f, z, cos, mul.output[0], pname, bname, wt,
-                    proj.name, mm.name)
+                    proj.name, mm.name), g)
+
+
+def _with_layout(head: Head, g: _Graph) -> Head:
+    head.transposed = tuple(sorted(g.transposed))
+    return head
+
+
+def stored_to_element(head: Head, tensor: str, stored: np.ndarray) -> np.ndarray:
+    """Site element indices of flat indices into the weight as the model stores it.
+
+    The analysis enumerates weights as C×d (or E×d, C×E) matrices; a Gemm with
+    transB=0, a MatMul or the text head's Wᵀ store the transpose.
+    """
+    stored = np.asarray(stored, dtype=np.int64)
+    if tensor not in head.transposed:
+        return stored
+    shapes = {"weight_name": "weight", "proj_weight_name": "proj_weight"}
+    for name_attr, array_attr in shapes.items():
+        if getattr(head, name_attr, None) == tensor:
+            rows, cols = getattr(head, array_attr).shape
+            i, j = np.divmod(stored, rows)  # stored is cols × rows
+            return j * cols + i
+    raise HardenError(f"exact analysis: {tensor!r} is not a weight matrix of the head")
 
 
 def head_tensors(head: Head) -> list[str]:
@@ -165,6 +193,15 @@ def analyse_model(model: onnx.ModelProto, inputs: np.ndarray, policy: str = "non
     on `profile_inputs` (default `inputs`) as the engine would. `roles` limits
     the sites (weight, bias, input, output, proj_weight, proj_bias, proj_output, cosine).
     """
+    head, sites, top1 = model_sites(model, inputs, policy, fmt, ranges, profile_inputs, roles, batch, providers)
+    return analyse_sites(sites, top1, fmt, head.kind, policy)
+
+
+def model_sites(model: onnx.ModelProto, inputs: np.ndarray, policy: str = "none", fmt: str = "fp32",
+                ranges: dict[str, float] | None = None, profile_inputs: np.ndarray | None = None,
+                roles: Sequence[str] | None = None, batch: int = 64,
+                providers: Sequence[str] = ("CPUExecutionProvider",)) -> tuple[Head, list[Site], np.ndarray]:
+    """The head, its fault sites and the golden top-1 classes (arguments as `analyse_model`)."""
     head = locate_head(model)
     g = _Graph(model)
     tensors = head_tensors(head)
@@ -191,4 +228,4 @@ def analyse_model(model: onnx.ModelProto, inputs: np.ndarray, policy: str = "non
         if unknown:
             raise HardenError(f"exact analysis: no site with role {unknown}; have {sorted({s.role for s in sites})}")
         sites = [s for s in sites if s.role in roles]
-    return analyse_sites(sites, top1, fmt, head.kind, policy)
+    return head, sites, top1

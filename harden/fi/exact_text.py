@@ -48,6 +48,8 @@ class TextHead:
     layer: str
 
     kind = "text"
+    # weight tensors the model stores transposed relative to the layout above (set by exact_onnx)
+    transposed: tuple[str, ...] = ()
 
     def normalise(self, z: np.ndarray) -> np.ndarray:
         """ẑ in float32, as ReduceL2 → Max(eps) → Div compute it."""

@@ -137,3 +137,18 @@ def test_hit_class_breakdown_and_round_trip() -> None:
         result.site("nope")
     with pytest.raises(HardenError):
         RangePolicy("clip-everything")
+
+
+def test_fault_sdc_matches_the_per_bit_totals() -> None:
+    """The per-fault audit path agrees with the enumeration: summing it over elements gives each bit's count."""
+    from harden.fi.exact import fault_sdc
+
+    h, f = _text(6, 10.0)
+    t = text_tensors(h, f)
+    top1 = t[h.output].argmax(1)
+    for site in h.sites(f, t, "fp32", RangePolicy())[:2]:
+        total = analyse_site(site, top1, "fp32")
+        pairs = np.array([(k, b) for b in (3, 30, 31) for k in range(site.size)])
+        per_fault = fault_sdc(site, top1, pairs)
+        for i, b in enumerate((3, 30, 31)):
+            assert per_fault[i * site.size:(i + 1) * site.size].sum() == total.sdc[b]

@@ -149,3 +149,14 @@ def test_int8_on_onnx_model_matches_brute_force() -> None:
     top1 = _run(model, {"x": x}).argmax(1)
     brute = _brute_weight(model, "fc.weight", x, top1, RangePolicy("none"), "int8")
     assert result.site("fc.weight").sdc == brute.tolist()
+
+
+def test_stored_index_maps_to_the_transposed_layout() -> None:
+    from harden.fi.exact_onnx import stored_to_element
+
+    head = locate_head(_text_model(4))
+    wt = head.weight_name
+    assert wt in head.transposed and head.proj_weight_name not in head.transposed
+    e, c = 2, 1  # stored Wᵀ is E×C; the analysis enumerates W as C×E
+    assert stored_to_element(head, wt, np.array([e * C + c]))[0] == c * E + e
+    assert stored_to_element(head, head.proj_weight_name, np.array([7]))[0] == 7
