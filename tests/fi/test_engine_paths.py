@@ -139,3 +139,22 @@ def test_add_then_relu_masking_matches_the_whole_graph() -> None:
     assert skipped.any() and not skipped.all()
     fast = runner.scores(cache, slice(0, 16), elems, gold, faulty, golden)
     np.testing.assert_array_equal(fast, activation_full(model, x, "c2", elems, faulty))
+
+
+@pytest.mark.parametrize("auto_pad", ["SAME_UPPER", "SAME_LOWER", "VALID"])
+def test_fast_conv_weight_path_with_auto_pad(auto_pad: str) -> None:
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(4)
+    out = {"VALID": 3, "SAME_UPPER": 4, "SAME_LOWER": 4}[auto_pad]  # 7×7 input, kernel 3, stride 2
+    w = numpy_helper.from_array(rng.standard_normal((2, 3, 3, 3)).astype(np.float32), "wc")
+    wf = numpy_helper.from_array(rng.standard_normal((3, 2 * out * out)).astype(np.float32), "wf")
+    nodes = [helper.make_node("Conv", ["x", "wc"], ["c"], name="conv", strides=[2, 2], auto_pad=auto_pad,
+                              kernel_shape=[3, 3]),
+             helper.make_node("Flatten", ["c"], ["f"], name="flat"),
+             helper.make_node("Gemm", ["f", "wf"], ["logits"], name="fc", transB=1)]
+    graph = helper.make_graph(nodes, "ap", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 7, 7])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])], [w, wf])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    _weight_check(model, "wc", n=8)
