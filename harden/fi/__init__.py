@@ -22,7 +22,19 @@ Public API (what `harden inject` and `harden certify` call):
 - `CampaignSummary.layers: list[LayerResult]` (site, kind, node, op_type, elements,
   injections, sdc: Rate, nonfinite: Rate, mean_abs_dloss, golden_top2diff, by_bit),
   `CampaignSummary.layer(name)`, `to_dict`/`from_dict`, `table()`.
-- Slow references for tests and audits: `harden.fi.reference`.
+- Slow references for tests and audits: `harden.fi.reference` (`activation_full`,
+  `weight_full`: whole-model runs with a spliced Where node or a changed initializer).
+
+Engine layout: `plan` (shards and their seeds), `runner` (one site: suffix,
+weight deltas from `weights`, exact masking), `engine` (campaign loop),
+`journal` (resumable JSONL), `summary` (per-layer results).
+
+Optimisation levels: faults always enter through the declared tensor, because
+every suffix is cut at it and the prefix exposes it, whatever the level. At
+'disable' (default), 'basic' and 'extended' the prefix's scores are each site's
+golden bit for bit; at 'all' (NCHWc layouts, about 2-3x faster on CPU) each
+site's golden comes from its own fault-free suffix run, so a null fault is still
+exactly the golden.
 """
 
 from harden.fi.config import CampaignConfig
