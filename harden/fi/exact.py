@@ -11,9 +11,13 @@ The closed form is real arithmetic; the model runs in float32. A fault is
 decided in closed form only when a rigorous float32 rounding bound cannot
 change the comparison (the score margin at Δ, bounded below through the
 concavity of the margin in Δ, exceeds twice the rounding bound), and when Δ is
-finite and far from overflow. Every other fault — non-finite values, huge
-exponent flips, margins within rounding of a tie — is recomputed by a float32
-forward pass of the head, so the counts equal those of brute-force injection.
+finite and far from overflow. Before an L2 normalisation, float32 overflow has
+a closed form too (z' with Inf/NaN: every score NaN; a finite z' whose square
+overflows: every score 0, so class 0 wins). Every other fault — non-finite
+logits, huge exponent flips, margins within rounding of a tie — is recomputed
+by a numpy float32 forward pass of the head. The closed-form decisions hold for
+any float32 accumulation order; the recomputed ones follow numpy's order, which
+ONNX Runtime may not share for a fault that sits exactly at a rounding tie.
 """
 
 from __future__ import annotations
