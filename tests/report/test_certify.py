@@ -11,7 +11,7 @@ import pytest
 from harden.errors import HardenError
 from harden.report.certify import CertifyConfig, certify
 from harden.report.schema import SCHEMA_VERSION, Report
-from tests.report.tiny_models import write_models
+from tests.report.tiny_models import write_models, write_softmax_model
 
 
 @pytest.fixture(scope="module")
@@ -75,3 +75,12 @@ def test_refuses_to_write_over_an_input(tmp_path: Path) -> None:
         certify(CertifyConfig(model=str(hard), data="digits", output=str(hard)))
     with pytest.raises(HardenError, match="baseline"):
         certify(CertifyConfig(model=str(hard), data="digits", output=str(tmp_path / "r"), min_improvement=2.0))
+
+
+def test_exact_is_skipped_with_its_reason_when_softmax_follows(tmp_path: Path) -> None:
+    model = write_softmax_model(tmp_path)
+    report = certify(CertifyConfig(model=str(model), data="digits", output=str(tmp_path / "r"), limit=60,
+                                   injections=30, latency_runs=2, progress=False))
+    record = report.model("model")
+    assert record.exact is None and record.exact_skipped is not None and "Softmax" in record.exact_skipped
+    assert "Softmax" in (tmp_path / "r" / "report.html").read_text()

@@ -36,17 +36,32 @@ def _fit(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return w.T.astype(np.float32), b.astype(np.float32)
 
 
+def write_softmax_model(folder: Path) -> Path:
+    """The baseline with a Softmax after its classifier (probabilities as the output)."""
+    w, b = _fit()
+    nodes = [helper.make_node("Flatten", ["x"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "W", "b"], ["logits"], name="fc", transB=1),
+             helper.make_node("Softmax", ["logits"], ["prob"], name="softmax", axis=1)]
+    model = _model(nodes, "prob", w, b)
+    folder.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(folder / "softmax.onnx"))
+    return folder / "softmax.onnx"
+
+
+def _model(nodes: list[onnx.NodeProto], out: str, w: np.ndarray, b: np.ndarray) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "digits", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 8, 8])],
+                              [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["N", 10])],
+                              [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
 def write_models(folder: Path) -> tuple[Path, Path]:
     """(hardened, baseline) ONNX files in `folder`."""
     w, b = _fit()
-    graph = helper.make_graph(
-        [helper.make_node("Flatten", ["x"], ["f"], name="flatten"),
-         helper.make_node("Gemm", ["f", "W", "b"], ["logits"], name="fc", transB=1)], "digits",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 8, 8])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
-        [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "b")])
-    base = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    base.ir_version = 8
+    base = _model([helper.make_node("Flatten", ["x"], ["f"], name="flatten"),
+                   helper.make_node("Gemm", ["f", "W", "b"], ["logits"], name="fc", transB=1)], "logits", w, b)
     head = HeadParams(w, b, np.eye(10, dtype=np.float32), float(np.log(100)), [str(i) for i in range(10)])
     hard = TextHeadPass(head).run(base)
     folder.mkdir(parents=True, exist_ok=True)
