@@ -16,7 +16,7 @@ images: correct with Top2Diff > 0):
    injections/s, EXTRAPOLATED to every fault of the exact enumeration.
 
     .venv/bin/python tools/bench_exact.py MODEL.onnx [MODEL2.onnx ...] [--data fashion-mnist:test]
-        [--images 1000] [--sample 128] [--engine-injections 2000] [--json out.json]
+        [--images 1000] [--all-images] [--sample 128] [--engine-injections 2000] [--policy none] [--json out.json]
 """
 
 from __future__ import annotations
@@ -130,6 +130,8 @@ def main() -> None:
     parser.add_argument("--sample", type=int, default=128, help="(element, bit) faults timed per site")
     parser.add_argument("--engine-injections", type=int, default=2000)
     parser.add_argument("--policy", default="none", choices=("none", "range", "range-output"))
+    parser.add_argument("--all-images", action="store_true",
+                        help="analyse every image, not only the campaign's kept ones (correct, Top2Diff > 0)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json")
     args = parser.parse_args()
@@ -145,12 +147,12 @@ def main() -> None:
         data = load_dataset(args.data, limit=args.images, seed=args.seed)
         info = GraphInfo(model, example=None)
         x = model_ready_inputs(model, data.images, model_preprocess(model), info.input_shape())
-        ev = prepare_eval(model, x, data.labels)
+        images = x if args.all_images else prepare_eval(model, x, data.labels).inputs
         start = time.perf_counter()
-        result = analyse_model(model, ev.inputs, policy=args.policy, profile_inputs=x)
+        result = analyse_model(model, images, policy=args.policy, profile_inputs=x)
         exact_s = time.perf_counter() - start
-        _, sites, top1 = model_sites(model, ev.inputs, policy=args.policy, profile_inputs=x)
-        brute = brute_force(model, ev.inputs, result, sites, top1, args.sample, args.seed)
+        _, sites, top1 = model_sites(model, images, policy=args.policy, profile_inputs=x)
+        brute = brute_force(model, images, result, sites, top1, args.sample, args.seed)
         layers = sorted({s.layer for s in result.sites})
         work = f"/tmp/bench_exact_{len(report)}.jsonl"
         rate = engine_rate(path, x, data.labels, layers, args.engine_injections, work)
@@ -167,7 +169,8 @@ def main() -> None:
                  "engine_extrapolated_seconds": total / rate if rate else None,
                  "engine_speedup": (total / rate) / exact_s if rate else None}
         report.append(entry)
-        print(f"{path}: {result.head} head, {total:,} faults over {result.images} kept images of {len(x)}")
+        print(f"{path}: {result.head} head, {total:,} faults over {result.images} images "
+              f"({'all' if args.all_images else 'kept'}) of {len(x)}")
         print(f"  exact: {exact_s:.1f} s end to end ({result.seconds:.1f} s enumeration, "
               f"{result.recomputed:,} faults recomputed in float32)")
         for s in result.sites:
