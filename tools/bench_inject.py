@@ -10,7 +10,8 @@ same faults (same image, same element, same bit) through its
 `declare_neuron_fi(function=...)` custom-hook API, one fault per batch element,
 as goldeneye drives it. Both run on the same CPU, single process.
 
-Reported: injections/s of both and their ratio (harden timed end to end,
+The CPU may be shared, so the engines alternate for --repeats rounds and
+medians are reported. Reported: injections/s of both and their ratio (harden timed end to end,
 including graph analysis, golden run, profiling and the fsynced JSONL; PyTorchFI
 timed over its injection runs only), each engine's per-layer SDC rate with a
 Wilson interval, whether the intervals overlap, and the per-fault agreement.
@@ -172,6 +173,7 @@ def main() -> None:
     parser.add_argument("--train-images", type=int, default=12000)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--work", default="/tmp/harden-bench-inject")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating rounds; medians are reported")
     parser.add_argument("--levels", default="disable,all",
                         help="ORT optimisation levels to time harden at; the first is compared fault by fault")
     args = parser.parse_args()
@@ -191,28 +193,40 @@ def main() -> None:
     from harden.fi.stats import binomial_rate as _warm  # import scipy before timing: it is not campaign work
 
     _warm(1, 2)
-    timings: dict[str, tuple[float, float]] = {}
+    # The CPU is shared: engines alternate for --repeats rounds and each reports its median time.
+    runs: dict[str, list[tuple[float, float]]] = {}
     summaries = {}
-    for level in args.levels.split(","):
-        config = CampaignConfig(layers="all", kinds=("activation",), injections=args.injections, batch=args.batch,
-                                seed=0, opt_level=level)
-        out = work / f"campaign-{level}.jsonl"
-        started = time.perf_counter()
-        summaries[level] = run_campaign(onnx_path, data.images, data.labels, config, out, progress=False, fresh=True)
-        timings[level] = (time.perf_counter() - started, float(summaries[level].injections_per_s or 0.0))
-    level = args.levels.split(",")[0]
+    pfi_times: list[float] = []
+    levels = args.levels.split(",")
+    flags: dict[str, list[bool]] = {}
+    for _ in range(args.repeats):
+        for level in levels:
+            config = CampaignConfig(layers="all", kinds=("activation",), injections=args.injections,
+                                    batch=args.batch, seed=0, opt_level=level)
+            started = time.perf_counter()
+            summaries[level] = run_campaign(onnx_path, data.images, data.labels, config,
+                                            work / f"campaign-{level}.jsonl", progress=False, fresh=True)
+            runs.setdefault(level, []).append((time.perf_counter() - started,
+                                               float(summaries[level].injections_per_s or 0.0)))
+        contents = JournalContents(work / f"campaign-{levels[0]}.jsonl")
+        sites, records = contents.header["sites"], list(contents.records())
+        # PyTorchFI sees images by position in the same array the engine was given
+        seconds, flags = pytorchfi_replay(net, data.images, sites, records, args.batch)
+        pfi_times.append(seconds)
+    timings = {k: (float(np.median([r[0] for r in v])), float(np.median([r[1] for r in v]))) for k, v in runs.items()}
+    level = levels[0]
     summary = summaries[level]
-    contents = JournalContents(work / f"campaign-{level}.jsonl")
-    sites, records = contents.header["sites"], list(contents.records())
     total = len(records)
-    # PyTorchFI sees images by position in the same array the engine was given
-    pfi_s, flags = pytorchfi_replay(net, data.images, sites, records, args.batch)
+    pfi_s = float(np.median(pfi_times))
     pfi_rate = total / pfi_s
 
     print(f"model: ResNet-8 (BN folded), Fashion-MNIST; accuracy {summary.evaluation['correct']}/"
           f"{summary.evaluation['total']}, {summary.evaluation['kept']} images kept; {len(sites)} layers × "
           f"{args.injections} injections = {total}; fp32 single-bit flips; batch {args.batch}; "
           f"torch threads {torch.get_num_threads()}")
+    print(f"medians of {args.repeats} alternating rounds; all times: PyTorchFI "
+          + ", ".join(f"{t:.1f}" for t in pfi_times) + " s; "
+          + "; ".join(f"harden {k} " + ", ".join(f"{r[0]:.1f}" for r in v) + " s" for k, v in runs.items()))
     print(f"PyTorchFI 0.6.0 (torch {torch.__version__}): {pfi_rate:8.1f} inj/s ({pfi_s:.1f} s)")
     torch_s, ort_s = plain_forward_times(net, onnx_path, data.images[:args.batch], list(timings))
     print(f"plain forward of {args.batch} images (no faults): torch {1e3 * torch_s:.1f} ms; "
@@ -238,9 +252,9 @@ def main() -> None:
         print(f"{layer.site[:28]:28s} {100 * layer.sdc.value:7.2f} [{100 * layer.sdc.low:5.2f},{100 * layer.sdc.high:6.2f}]"
               f"    {100 * rate.value:7.2f} [{100 * rate.low:5.2f},{100 * rate.high:6.2f}]    {'yes' if overlap else 'NO':>5s}"
               f"  {100 * same:9.2f}%")
-    (work / "bench.json").write_text(json.dumps({"injections": total, "pytorchfi_s": pfi_s,
-                                                 "harden": {k: {"seconds": v[0], "phase_inj_per_s": v[1]}
-                                                            for k, v in timings.items()},
+    (work / "bench.json").write_text(json.dumps({"injections": total, "pytorchfi_s": pfi_times,
+                                                 "harden": {k: [{"seconds": r[0], "phase_inj_per_s": r[1]} for r in v]
+                                                            for k, v in runs.items()},
                                                  "layers": rows}, indent=2))
 
 
