@@ -42,7 +42,8 @@ class SiteRunner:
         self.fixed_batch = info.fixed_batch
         node = info.nodes[info.node_index[site.node]]
         self.node = node
-        self.out = site.tensor if site.kind == "activation" else node.output[0]
+        self.via = info.nodes[info.node_index[site.via]] if site.via else None
+        self.out = site.tensor if site.kind == "activation" else (self.via or node).output[0]
         if self.out not in suffixes:
             suffixes[self.out] = Suffix(info, self.out, config.providers, config.opt_level)
         self.suffix = suffixes[self.out]
@@ -60,7 +61,7 @@ class SiteRunner:
         self.weight = info.constants[site.tensor].astype(np.float32)
         self.peak = float(np.max(np.abs(self.weight))) if self.weight.size else 0.0
         self.scale = int8_scale(self.weight)
-        self.acts = [n for n in node.input if n and n not in info.constants]
+        self.acts = [n for n in (self.via or node).input if n and n not in info.constants]
         self.needs.update(self.acts)
         self.rerun: NodeRerun | None = None
         self.rerun_args = (info, node, site.input_index, config.providers)
@@ -145,6 +146,18 @@ class SiteRunner:
                        faulty: np.ndarray) -> np.ndarray:
         """The layer output under each row's weight fault (fast path, or the node recomputed)."""
         y = np.ascontiguousarray(cache[self.out][rows])  # fancy indexing already copied
+        if self.via is not None:
+            # bias through an Add: recompute the touched outputs as the Add does, one float32 addition each
+            a = cache[self.acts[0]][rows].reshape(len(rows), -1)
+            flat = y.reshape(len(rows), -1)
+            per_image = (1, *y.shape[1:])
+            for i, (e, f) in enumerate(zip(elems.tolist(), faulty.astype(np.float32))):
+                unit = np.zeros(self.weight.shape, dtype=bool)
+                unit.flat[e] = True
+                pos = np.flatnonzero(np.broadcast_to(unit, per_image))
+                with np.errstate(all="ignore"):
+                    flat[i, pos] = a[i, pos] + f
+            return y
         with np.errstate(all="ignore"):
             delta = faulty.astype(np.float32) - golden.astype(np.float32)
             op, idx = self.node.op_type, self.site.input_index

@@ -29,6 +29,8 @@ class Site:
     `shape`/`elements` are per image for activations (batch axis dropped) and
     the whole tensor for weights. `input_index` is the node input a weight
     feeds (-1 for activations); `shared` marks a weight read by several nodes.
+    `via` names the Add node through which a separate bias enters the layer
+    (MatMul + Add, as exporters write Linear); such a bias has input_index 2.
     """
 
     name: str
@@ -40,6 +42,7 @@ class Site:
     elements: int
     input_index: int = -1
     shared: bool = False
+    via: str = ""
 
     def to_dict(self) -> dict[str, object]:
         d = asdict(self)
@@ -86,7 +89,31 @@ def list_sites(model: onnx.ModelProto | GraphInfo, include_all_tensors: bool = F
             shared = len(compute_readers.get(name, [])) > 1
             sites.append(Site(f"{name}@{node.name}" if shared else name, "weight", name, node.name, node.op_type,
                               tuple(int(s) for s in value.shape), int(value.size), j, shared))
+        bias = _separate_bias(info, node)
+        if bias is not None:
+            add, name = bias
+            value = info.constants[name]
+            sites.append(Site(name, "weight", name, node.name, node.op_type, tuple(int(s) for s in value.shape),
+                              int(value.size), 2, len(info.consumers.get(name, [])) > 1, add.name))
     return sites
+
+
+def _separate_bias(info: GraphInfo, node: onnx.NodeProto) -> tuple[onnx.NodeProto, str] | None:
+    """(Add node, bias name) when the layer's output goes only into an Add with a per-image float constant."""
+    readers = info.consumers.get(node.output[0], [])
+    if len(readers) != 1 or info.nodes[readers[0]].op_type != "Add" or node.output[0] in {
+            o.name for o in info.model.graph.output}:
+        return None
+    add = info.nodes[readers[0]]
+    others = [t for t in add.input if t != node.output[0]]
+    if len(others) != 1 or others[0] not in info.constants or info.constants[others[0]].dtype != np.float32:
+        return None
+    per_image = (1, *info.tensors[node.output[0]].shape[1:])
+    try:
+        fits = np.broadcast_shapes(per_image, info.constants[others[0]].shape) == per_image
+    except ValueError:
+        fits = False
+    return (add, others[0]) if fits else None
 
 
 def select_sites(sites: Sequence[Site], spec: str | Sequence[str], kinds: Sequence[str] = ("activation", "weight")) -> list[Site]:
@@ -119,7 +146,7 @@ def select_sites(sites: Sequence[Site], spec: str | Sequence[str], kinds: Sequen
                 raise HardenError(f"bad layer regex {token[3:]!r}: {err}") from err
             matched = [s.name for s in pool if pattern.search(s.name) or pattern.search(s.node)]
         else:
-            matched = [s.name for s in pool if token in (s.name, s.tensor, s.node)]
+            matched = [s.name for s in pool if token in (s.name, s.tensor, s.node) or (s.via and token == s.via)]
             if not matched:
                 known = ", ".join(sorted({s.node for s in sites})[:12])
                 raise HardenError(f"unknown layer {token!r} (for kinds {list(kinds)}); known nodes include: {known}")

@@ -88,7 +88,7 @@ def test_fast_weight_path_equals_slow_path_conv_gemm(kw) -> None:
 
 def test_fast_weight_path_equals_slow_path_matmul_and_constant() -> None:
     model = matmul_mlp(seed=2)
-    for name in ("w1", "w2"):
+    for name in ("w1", "w2", "b1", "b2"):  # b1, b2 enter through the Add after each MatMul
         _weight_check(model, name)
 
 
@@ -158,3 +158,17 @@ def test_fast_conv_weight_path_with_auto_pad(auto_pad: str) -> None:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     _weight_check(model, "wc", n=8)
+
+
+def test_bias_through_add_is_bit_exact() -> None:
+    model = matmul_mlp(seed=3)
+    x, _ = labelled_inputs(model, 5)
+    for name in ("b1", "b2"):
+        _, runner, cache, golden, site = _runner(model, name, x)
+        elems = np.arange(5) % site.elements
+        gold = runner.golden_values(cache, slice(0, 5), elems)
+        faulty = (gold * 3 - 1).astype(np.float32)
+        fast = runner.scores(cache, slice(0, 5), elems, gold, faulty)
+        for i in range(5):
+            np.testing.assert_array_equal(fast[i], weight_full(model, x[i:i + 1], name, int(elems[i]),
+                                                               float(faulty[i]))[0])

@@ -20,8 +20,10 @@ def test_list_sites_activations_weights_and_all_tensors() -> None:
     assert {s.name: s.elements for s in sites}["c2"] == 4 * 8 * 8
     everything = {s.name for s in list_sites(residual_cnn(), include_all_tensors=True)}
     assert {"r1", "skip", "sum", "gap", "flat"} <= everything
-    constant_weight = [s for s in list_sites(matmul_mlp()) if s.name == "w2"]
-    assert constant_weight and constant_weight[0].shape == (8, 5)
+    mlp = {s.name: s for s in list_sites(matmul_mlp())}
+    assert mlp["w2"].shape == (8, 5)  # a Constant node's tensor
+    assert (mlp["b1"].node, mlp["b1"].via, mlp["b1"].input_index) == ("mm1", "add1", 2)
+    assert [s.name for s in select_sites(list(mlp.values()), "last")] == ["o", "w2", "b2"]
 
 
 def test_select_sites() -> None:
