@@ -69,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
     elif args.list_sites:
         if not args.model:
             raise HardenError("--list-sites needs a MODEL")
-        print(format_sites(sites_of_file(args.model, args.all_tensors)))
+        prep = Preprocess.from_json(args.preprocess) if args.preprocess else None
+        print(format_sites(sites_of_file(args.model, args.all_tensors, args.data, prep)))
         return 0
     else:
         if not args.model or not args.data or not args.out:

@@ -27,9 +27,17 @@ def summary_path_for(out_jsonl: str | os.PathLike[str]) -> Path:
     return out.with_name(out.name.removesuffix(".jsonl") + ".summary.json")
 
 
-def sites_of_file(model_path: str | os.PathLike[str], all_tensors: bool = False) -> list[Site]:
-    """The fault sites of a model file (for `--list-sites`)."""
-    return list_sites(GraphInfo(load_model(model_path)), include_all_tensors=all_tensors)
+def sites_of_file(model_path: str | os.PathLike[str], all_tensors: bool = False, data: str | None = None,
+                  preprocess: Preprocess | None = None) -> list[Site]:
+    """The fault sites of a model file (for `--list-sites`); `data` gives the shape of symbolic inputs."""
+    model = load_model(model_path)
+    example = None
+    if _declared_shape(model) is None and data is not None:
+        prep = model_preprocess(model, preprocess)
+        images = load_dataset(data, limit=1).images
+        example = model_ready_inputs(model, images, prep, prep.input_shape(images.shape[-2:]) if prep
+                                     else images.shape[1:])
+    return list_sites(GraphInfo(model, example=example), include_all_tensors=all_tensors)
 
 
 def inject_dataset(model_path: str | os.PathLike[str], data: str, config: CampaignConfig,

@@ -68,3 +68,16 @@ def test_bad_inputs_give_one_line_errors(files, tmp_path: Path, capsys) -> None:
     assert "outside 0..31" in capsys.readouterr().err
     assert main(["inject", str(model), "--data", f"npz:{data}", "--out", str(model)]) == 1
     assert "refusing to overwrite" in capsys.readouterr().err
+
+
+def test_list_sites_of_a_model_with_symbolic_image_size(tmp_path: Path, capsys) -> None:
+    model = residual_cnn()
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    dims[2].dim_param, dims[3].dim_param = "H", "W"
+    onnx.save(model, tmp_path / "sym.onnx")
+    assert main(["inject", str(tmp_path / "sym.onnx"), "--list-sites"]) == 1
+    assert "symbolic image dimensions" in capsys.readouterr().err
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).random((2, 3, 10, 10), dtype=np.float32),
+             y=np.zeros(2, np.int64))
+    assert main(["inject", str(tmp_path / "sym.onnx"), "--list-sites", "--data", f"npz:{tmp_path / 'd.npz'}"]) == 0
+    assert "4×10×10" in capsys.readouterr().out
