@@ -43,6 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(weights: ± the tensor's max |w|)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=64, help="images per prefix run and faults per suffix run")
+    p.add_argument("--cache-mb", type=float, default=1024.0,
+                   help="memory for cached fault-free tensors (default 1024 MiB; fewer images per block if needed)")
     p.add_argument("--provider", action="append", help="ONNX Runtime provider (repeatable; default CPU)")
     p.add_argument("--opt-level", choices=sorted(OPT_LEVELS), default="disable", help="graph optimisation level")
     p.add_argument("--confidence", type=float, default=0.95)
@@ -79,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
             layers=args.layers, kinds=tuple(k.strip() for k in args.kinds.split(",") if k.strip()),
             injections=args.injections, margin=args.margin,
             fault=FaultModel(args.fault, args.fmt, parse_bits(args.bits), args.flips), clamp=args.clamp,
-            seed=args.seed, batch=args.batch, providers=tuple(args.provider or ["CPUExecutionProvider"]),
+            seed=args.seed, batch=args.batch, cache_mb=args.cache_mb, providers=tuple(args.provider or ["CPUExecutionProvider"]),
             opt_level=args.opt_level, confidence=args.confidence, ci=args.ci, all_tensors=args.all_tensors,
             shard=parse_shard(args.shard))
         summary = inject_dataset(args.model, args.data, config, args.out, limit=args.limit,

@@ -19,9 +19,9 @@ class CampaignConfig:
 
     `injections` is N per site unless `margin` is set, in which case N comes
     from Leveugle et al.'s formula for that error margin. `batch` is the
-    number of faults per suffix run (and images per prefix run); `cache_images`
-    images have their crossing tensors cached at a time (memory: that many
-    images × the tensors the selected sites' suffixes read). `shard` is
+    number of faults per suffix run (and images per prefix run); up to
+    `cache_images` images have their crossing tensors cached at a time, fewer
+    when those tensors would take more than `cache_mb` MiB. `shard` is
     (i, n): run only shards whose index ≡ i (mod n); None runs all.
     """
 
@@ -34,6 +34,7 @@ class CampaignConfig:
     seed: int = 0
     batch: int = 64
     cache_images: int = 512
+    cache_mb: float = 1024.0
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     opt_level: str = "disable"
     confidence: float = 0.95
@@ -46,7 +47,7 @@ class CampaignConfig:
             raise HardenError(f"--clamp must be none or range, got {self.clamp!r}")
         if self.injections < 1:
             raise HardenError(f"injections per layer must be positive, got {self.injections}")
-        if self.batch < 1 or self.cache_images < 1:
+        if self.batch < 1 or self.cache_images < 1 or self.cache_mb <= 0:
             raise HardenError(f"batch and cache_images must be positive, got {self.batch}, {self.cache_images}")
         if self.opt_level not in OPT_LEVELS:
             raise HardenError(f"unknown graph optimisation level {self.opt_level!r}; use one of {sorted(OPT_LEVELS)}")

@@ -63,6 +63,23 @@ def _model_and_hash(model: str | os.PathLike[str] | onnx.ModelProto) -> tuple[on
     return load_model(model), sha256_file(model)
 
 
+def cache_block_images(info: GraphInfo, sites: Sequence[Site], config: CampaignConfig) -> int:
+    """Images per cache block: `cache_images`, fewer when their crossing tensors would exceed `cache_mb`.
+
+    Fixed by the model and config alone, so the plan (and file) stays reproducible.
+    """
+    names: set[str] = set()
+    for site in sites:
+        node = info.nodes[info.node_index[site.via or site.node]]
+        names.update(info.cut(site.tensor if site.kind == "activation" else node.output[0]))
+        if site.kind == "weight":
+            names.update(t for t in node.input if t and t not in info.constants)
+    per_image = sum(int(np.prod(info.tensors[n].shape[1:], dtype=np.int64)) * info.tensors[n].dtype.itemsize
+                    for n in names)
+    fit = int(config.cache_mb * 2**20 // max(per_image, 1))
+    return max(1, min(config.cache_images, fit))
+
+
 def run_campaign(model: str | os.PathLike[str] | onnx.ModelProto, inputs: np.ndarray, labels: np.ndarray,
                  config: CampaignConfig, out_jsonl: str | os.PathLike[str], progress: bool = True,
                  profile_inputs: np.ndarray | None = None, fresh: bool = False) -> CampaignSummary:
@@ -77,7 +94,7 @@ def run_campaign(model: str | os.PathLike[str] | onnx.ModelProto, inputs: np.nda
         raise HardenError(f"the model input has a fixed batch of {info.fixed_batch}; export it with a dynamic "
                           "(or unit) batch dimension")
     batch = info.fixed_batch or config.batch
-    block_images = info.fixed_batch or max(batch, config.cache_images)
+    block_images = info.fixed_batch or cache_block_images(info, sites, config)
     counts = injections_per_site(sites, config, len(ev.ids))
     plan = plan_shards(sites, counts, len(ev.ids), batch, block_images)
     header: dict[str, Any] = {"type": "header", "version": 1, "model_sha256": digest, "config": config.to_dict(),

@@ -192,3 +192,19 @@ def test_probability_outputs_use_probabilities_directly(setup, tmp_path: Path) -
     run_campaign(soft, x, y, CampaignConfig(injections=20, batch=8, layers="last"), path, progress=False)
     records = list(JournalContents(path).records())
     assert records and all(r["dloss"] == 0.0 for r in records if r["faulty"] == r["golden"])
+
+
+def test_small_cache_budget_still_runs_every_injection(setup, tmp_path: Path) -> None:
+    from harden.fi.engine import cache_block_images
+    from harden.fi.graphinfo import GraphInfo
+    from harden.fi.sites import list_sites
+
+    model, x, y = setup
+    tight = CampaignConfig(cache_mb=0.02)
+    info = GraphInfo(model, example=x[:1])
+    assert 1 <= cache_block_images(info, list_sites(info), tight) < 8 <= cache_block_images(info, list_sites(info),
+                                                                                           CampaignConfig())
+    summary = _run(setup, tmp_path / "t.jsonl", cache_mb=0.02)
+    assert summary.complete and all(layer.injections == 30 for layer in summary.layers)
+    images = {r["image"] for r in JournalContents(tmp_path / "t.jsonl").records()}
+    assert images == set(range(len(x)))
