@@ -19,6 +19,7 @@ MODEL_NAME = "efficientnet-lite0"
 # The TensorFlow Lite models normalise with mean 127 and std 128 on 0..255 pixels.
 LITE_PREPROCESS = dict(channels=3, mean=(127.0 / 255,) * 3, std=(128.0 / 255,) * 3)
 FEATURES = 1280
+BN_MOMENTUM_TF = 0.9  # TF convention (1 - PyTorch momentum): PyTorch's default 0.1
 
 
 def weights_path() -> Path:
@@ -50,7 +51,10 @@ def build_efficientnet_lite0(image_size: int, pretrained: bool) -> Any:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError as err:
         raise HardenError("efficientnet_lite0 needs: pip install efficientnet-lite-pytorch") from err
-    model = EfficientNet.from_name(MODEL_NAME, image_size=image_size)
+    # TF's batch-norm momentum 0.99 (PyTorch 0.01) keeps ImageNet's running statistics for hundreds of
+    # steps, so a short fine-tune on another domain evaluates with stale statistics; PyTorch's default
+    # 0.1 adapts them within an epoch. The weights and statistics loaded are unchanged.
+    model = EfficientNet.from_name(MODEL_NAME, image_size=image_size, batch_norm_momentum=BN_MOMENTUM_TF)
     if pretrained:
         path = weights_path()
         try:
