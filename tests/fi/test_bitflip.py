@@ -48,8 +48,8 @@ def test_flipping_twice_restores_the_stored_bits(x: float, fmt: str, data: st.Da
     v = np.float32([x])
     scale = bitflip.int8_scale(v)
     once = bitflip.flip(v, np.array([bit]), fmt, scale)
-    if np.isnan(once).any():
-        return  # NaN payloads are not preserved through float32 by every format
+    if not np.isfinite(once).all():
+        return  # NaN payloads, and int8's -128 × a huge scale, do not survive float32
     twice = bitflip.flip(once, np.array([bit]), fmt, scale)
     np.testing.assert_array_equal(bitflip.encode(twice, fmt, scale), bitflip.encode(v, fmt, scale))
 
