@@ -131,9 +131,15 @@ def _torch_head_class() -> type:
                 raise HardenError(f"unknown head init {init!r}; use 'text' or 'random'")
             self.weight = nn.Parameter(weight.clone())
             self.logit_scale = nn.Parameter(torch.tensor(LOGIT_SCALE_INIT))
+            self.register_buffer("eps", torch.tensor(NORM_EPS), persistent=False)
 
         def forward(self, features: torch.Tensor) -> torch.Tensor:
-            z = nn.functional.normalize(self.proj(features), dim=1, eps=NORM_EPS)
+            # z / max(‖z‖, eps) is F.normalize's maths, written out so the ONNX export is
+            # ReduceL2 → Max → Div: the same graph as the rewrite pass, which the exact
+            # final-layer analysis recognises (F.normalize exports as Clip → Expand).
+            z = self.proj(features)
+            norm = torch.linalg.vector_norm(z, dim=1, keepdim=True)
+            z = z / torch.maximum(norm, self.eps.to(z.dtype))
             return self.logit_scale.clamp(max=LOGIT_SCALE_MAX).exp() * (z @ self.weight.t())
 
         def to_params(self, classes: list[str], embeddings_sha256: str = "") -> HeadParams:
