@@ -26,6 +26,7 @@ SUBCOMMANDS: list[str] = [
     "convert",
     "inject",
     "certify",
+    "demo",
 ]
 
 
