@@ -6,6 +6,7 @@ or repeated from the checkpoint alone.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -146,6 +147,10 @@ class FinetuneResult:
     num_parameters: int = 0
     reused: bool = False
     rank: int = 0
+
+    def __post_init__(self) -> None:
+        # JSON form (lists, not tuples), so a result equals itself after a JSON round trip
+        self.preprocess = json.loads(json.dumps(self.preprocess))
 
     @property
     def final_eval_acc(self) -> float | None:

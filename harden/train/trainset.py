@@ -40,7 +40,7 @@ def load_training_data(config: FinetuneConfig) -> TrainingData:
 
 
 def choose_preprocess(config: FinetuneConfig, train: Dataset) -> Preprocess:
-    """Pretrained Lite0: its 3-channel TF normalisation. Otherwise: native channels, train-set mean/std."""
+    """Pretrained Lite0: its 3-channel TF normalisation. Otherwise: native channels and size, train-set mean/std."""
     if config.arch == "efficientnet_lite0" and config.pretrained:
         from harden.train.efficientnet_lite import lite_preprocess
 
@@ -51,7 +51,10 @@ def choose_preprocess(config: FinetuneConfig, train: Dataset) -> Preprocess:
     std = tuple(round(max(float(v), 1e-3), 4) for v in per_channel.std(axis=1))
     if channels != train.image_shape[0]:
         mean, std = mean[:1], std[:1]
-    return Preprocess(channels=channels, size=config.size, mean=mean, std=std)
+    # record the concrete input size, so other datasets are resized to what the model was trained on
+    _, h, w = train.image_shape
+    size = config.size if config.size is not None else (h if h == w else None)
+    return Preprocess(channels=channels, size=size, mean=mean, std=std)
 
 
 def resolve_small_input(config: FinetuneConfig, input_hw: tuple[int, int]) -> bool:

@@ -47,7 +47,7 @@ def test_checkpoint_records_the_run(tmp_path: Path) -> None:
     assert ckpt.config == config and ckpt.data_spec == "digits:train@96" and ckpt.eval_spec == "digits:test"
     assert ckpt.classes == [str(d) for d in range(10)]
     assert ckpt.embeddings_sha256 == sha256_file(config.embeddings)
-    assert ckpt.preprocess.channels == 1 and 0.0 < ckpt.preprocess.mean[0] < 1.0
+    assert ckpt.preprocess.channels == 1 and ckpt.preprocess.size == 8 and 0.0 < ckpt.preprocess.mean[0] < 1.0
     assert ckpt.model.head == "text" and ckpt.model.embedding_dim == 16
     assert all(m.eval_acc is not None and 0.0 <= m.eval_acc <= 1.0 for m in ckpt.metrics)
     assert ckpt.metrics[-1].logit_scale is not None
