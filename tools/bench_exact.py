@@ -137,16 +137,16 @@ def main() -> None:
     args = parser.parse_args()
 
     from harden.data import load_dataset
-    from harden.fi import GraphInfo, model_preprocess, model_ready_inputs, prepare_eval
+    from harden.fi import prepare_eval
     from harden.fi.exact_onnx import analyse_model, model_sites
+    from harden.graph.model_input import model_inputs
     from harden.graph.onnx_io import load_model
 
     report = []
     for path in args.models:
         model = load_model(path)
         data = load_dataset(args.data, limit=args.images, seed=args.seed)
-        info = GraphInfo(model, example=None)
-        x = model_ready_inputs(model, data.images, model_preprocess(model), info.input_shape())
+        x = model_inputs(model, data)
         images = x if args.all_images else prepare_eval(model, x, data.labels).inputs
         start = time.perf_counter()
         result = analyse_model(model, images, policy=args.policy, profile_inputs=x)

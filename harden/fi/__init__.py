@@ -16,7 +16,7 @@ Public API (what `harden inject` and `harden certify` call):
   golden run, keep correct images with Top2Diff > 0, profile ranges of `tensors`.
 - `run_campaign(model_path_or_proto, inputs, labels, config, out_jsonl, progress=True,
   profile_inputs=None, fresh=False) -> CampaignSummary`: runs or resumes a campaign;
-  `inputs` are model-ready float32 arrays (see `model_ready_inputs`).
+  `inputs` are model-ready float32 arrays (see `harden.graph.model_input.model_inputs`).
 - `summarise_jsonl(path, confidence=None, ci=None) -> CampaignSummary` and
   `merge_shards(paths, out) -> CampaignSummary` (joins `--shard i/n` parts).
 - `CampaignSummary.layers: list[LayerResult]` (site, kind, node, op_type, elements,
@@ -42,7 +42,7 @@ from harden.fi.engine import run_campaign
 from harden.fi.faults import FaultModel
 from harden.fi.graphinfo import GraphInfo
 from harden.fi.journal import merge_journals
-from harden.fi.prepare import EvalSet, model_preprocess, model_ready_inputs, prepare_eval
+from harden.fi.prepare import EvalSet, prepare_eval
 from harden.fi.sites import Site, list_sites, select_sites
 from harden.fi.summary import CampaignSummary, LayerResult, summarise_jsonl
 
@@ -56,6 +56,6 @@ def merge_shards(paths: list[str], out: str) -> CampaignSummary:
 
 __all__ = [
     "CampaignConfig", "CampaignSummary", "EvalSet", "FaultModel", "GraphInfo", "LayerResult", "Site",
-    "list_sites", "merge_shards", "model_preprocess", "model_ready_inputs", "prepare_eval", "run_campaign",
+    "list_sites", "merge_shards", "prepare_eval", "run_campaign",
     "select_sites", "summarise_jsonl",
 ]

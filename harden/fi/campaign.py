@@ -15,9 +15,9 @@ from harden.fi.config import CampaignConfig
 from harden.fi.engine import run_campaign, write_summary
 from harden.fi.graphinfo import GraphInfo
 from harden.fi.journal import merge_journals
-from harden.fi.prepare import model_preprocess, model_ready_inputs
 from harden.fi.sites import Site, list_sites
 from harden.fi.summary import CampaignSummary, summarise_contents
+from harden.graph.model_input import input_dims, load_inputs, model_inputs, model_preprocess
 from harden.graph.onnx_io import load_model
 
 
@@ -32,11 +32,8 @@ def sites_of_file(model_path: str | os.PathLike[str], all_tensors: bool = False,
     """The fault sites of a model file (for `--list-sites`); `data` gives the shape of symbolic inputs."""
     model = load_model(model_path)
     example = None
-    if _declared_shape(model) is None and data is not None:
-        prep = model_preprocess(model, preprocess)
-        images = load_dataset(data, limit=1).images
-        example = model_ready_inputs(model, images, prep, prep.input_shape(images.shape[-2:]) if prep
-                                     else images.shape[1:])
+    if data is not None and None in input_dims(model):
+        example = model_inputs(model, load_dataset(data, limit=1), preprocess)
     return list_sites(GraphInfo(model, example=example), include_all_tensors=all_tensors)
 
 
@@ -50,14 +47,11 @@ def inject_dataset(model_path: str | os.PathLike[str], data: str, config: Campai
         raise HardenError(f"refusing to overwrite the input {model_path}; choose another --out")
     model = load_model(model_path)
     prep = model_preprocess(model, preprocess)
-    dataset = load_dataset(data, limit=limit, seed=data_seed)
-    shape = _declared_shape(model) or (prep.input_shape(dataset.images.shape[-2:]) if prep else dataset.image_shape)
-    inputs = model_ready_inputs(model, dataset.images, prep, shape)
+    inputs, labels = load_inputs(model, data, limit, data_seed, prep)
     profile_inputs = None
     if profile is not None:
-        profile_inputs = model_ready_inputs(model, load_dataset(profile, limit=profile_limit, seed=data_seed).images,
-                                            prep, shape)
-    summary = run_campaign(model_path, inputs, dataset.labels, config, out_jsonl, progress=progress,
+        profile_inputs = load_inputs(model, profile, profile_limit, data_seed, prep)[0]
+    summary = run_campaign(model_path, inputs, labels, config, out_jsonl, progress=progress,
                            profile_inputs=profile_inputs, fresh=fresh)
     write_summary(summary, summary_path or summary_path_for(out_jsonl))
     return summary
@@ -73,12 +67,3 @@ def merge_files(parts: list[str], out_jsonl: str | os.PathLike[str],
     write_summary(summary, summary_path or summary_path_for(out_jsonl))
     return summary
 
-
-def _declared_shape(model) -> tuple[int, ...] | None:  # type: ignore[no-untyped-def]
-    """The (C, H, W) the model input declares, or None when some image dimension is symbolic."""
-    init = {t.name for t in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in init]
-    if len(inputs) != 1:
-        raise HardenError(f"expected a model with one image input, found {len(inputs)}: {[i.name for i in inputs]}")
-    dims = list(inputs[0].type.tensor_type.shape.dim)[1:]
-    return tuple(int(d.dim_value) for d in dims) if dims and all(d.HasField("dim_value") for d in dims) else None

@@ -13,13 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from harden.data.preprocess import Preprocess
 from harden.errors import HardenError
 from harden.fi.profile import profile_ranges
-from harden.graph.onnx_io import get_metadata
 from harden.graph.ort import make_session, run_batched
-
-PREPROCESS_KEY = "harden.preprocess"
 
 
 @dataclass
@@ -64,25 +60,6 @@ def softmax_top2diff(scores: np.ndarray, probabilities: bool = False) -> np.ndar
         p /= p.sum(axis=1, keepdims=True)
     top = np.sort(p, axis=1)[:, -2:]
     return (top[:, 1] - top[:, 0]) * 100.0
-
-
-def model_preprocess(model: onnx.ModelProto, override: Preprocess | None = None) -> Preprocess | None:
-    """The preprocessing the model declares in metadata, unless the user gave one."""
-    if override is not None:
-        return override
-    text = get_metadata(model).get(PREPROCESS_KEY)
-    return Preprocess.from_json(text) if text else None
-
-
-def model_ready_inputs(model: onnx.ModelProto, images: np.ndarray, preprocess: Preprocess | None,
-                       image_shape: Sequence[int]) -> np.ndarray:
-    """Apply the preprocessing and check the result against the model input's (C, H, W)."""
-    x = preprocess.apply(images) if preprocess is not None else np.ascontiguousarray(images, dtype=np.float32)
-    want = tuple(int(d) for d in image_shape)
-    if tuple(x.shape[1:]) != want:
-        how = "after preprocessing" if preprocess is not None else "(no preprocessing declared; give --preprocess)"
-        raise HardenError(f"data shape {tuple(x.shape[1:])} {how} does not match the model input shape {want}")
-    return x
 
 
 def prepare_eval(model: onnx.ModelProto, inputs: np.ndarray, labels: np.ndarray, tensors: Sequence[str] = (),

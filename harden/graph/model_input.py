@@ -3,7 +3,10 @@
 Models exported by `harden export` declare their preprocessing in the
 `harden.preprocess` metadata entry. Zoo models declare nothing, so the user
 says it (`--preprocess`), or the usual convention applies: ImageNet
-normalisation for a 3×224×224 input, identity otherwise.
+normalisation for a 3×224×224 input, identity otherwise. convert, rewrite,
+inject and certify all resolve and apply it here, so a zoo model and the
+hardened copy that convert writes (which records the resolved preprocessing)
+see the same tensor from the same data.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import json
 import numpy as np
 import onnx
 
-from harden.data import Dataset, Preprocess
+from harden.data import Dataset, Preprocess, load_dataset
 from harden.data.preprocess import IMAGENET
 from harden.errors import HardenError
 from harden.graph.onnx_io import get_metadata
@@ -23,17 +26,22 @@ PREPROCESS_HELP = ("the model's input preprocessing when it declares none: 'imag
                    "object, or channels=C,size=S,mean=m1/m2/m3,std=s1/s2/s3")
 
 
-def input_chw(model: onnx.ModelProto) -> tuple[int | None, int | None, int | None]:
-    """(C, H, W) of the model's single image input; None where a dimension is symbolic."""
+def input_dims(model: onnx.ModelProto) -> tuple[int | None, ...]:
+    """Per-image dimensions (all but the batch) of the model's single input; None where symbolic."""
     initializers = {t.name for t in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in initializers]
     if len(inputs) != 1:
-        raise HardenError(f"expected a model with one image input, found {[i.name for i in inputs]}")
-    dims = inputs[0].type.tensor_type.shape.dim
-    if len(dims) != 4:
-        raise HardenError(f"input {inputs[0].name!r} has rank {len(dims)}; expected an N×C×H×W image batch")
-    values = [d.dim_value if d.HasField("dim_value") else None for d in dims[1:]]
-    return values[0], values[1], values[2]
+        raise HardenError(f"expected a model with one image input, found {len(inputs)}: {[i.name for i in inputs]}")
+    dims = list(inputs[0].type.tensor_type.shape.dim)[1:]
+    return tuple(d.dim_value if d.HasField("dim_value") else None for d in dims)
+
+
+def input_chw(model: onnx.ModelProto) -> tuple[int | None, int | None, int | None]:
+    """(C, H, W) of the model's single image input; None where a dimension is symbolic."""
+    dims = input_dims(model)
+    if len(dims) != 3:
+        raise HardenError(f"the model input has rank {len(dims) + 1}; expected an N×C×H×W image batch")
+    return dims[0], dims[1], dims[2]
 
 
 def parse_preprocess(text: str) -> Preprocess:
@@ -77,15 +85,28 @@ def model_preprocess(model: onnx.ModelProto, override: Preprocess | None = None)
     return Preprocess(channels=channels, size=size)
 
 
-def model_inputs(model: onnx.ModelProto, data: Dataset, preprocess: Preprocess) -> np.ndarray:
-    """The dataset's images as the model's input tensor, refusing a shape the model would reject."""
-    x = preprocess.apply(data.images)
+def model_inputs(model: onnx.ModelProto, data: Dataset, preprocess: Preprocess | None = None) -> np.ndarray:
+    """The dataset's images as the model's input tensor, refusing a shape the model would reject.
+
+    `preprocess` defaults to `model_preprocess(model)`. Every stage that feeds a
+    model (convert, rewrite, inject, certify) goes through here, so one model gets
+    the same tensor from the same data everywhere.
+    """
+    x = (preprocess if preprocess is not None else model_preprocess(model)).apply(data.images)
     want = input_chw(model)
-    got = x.shape[1:]
+    got = tuple(int(g) for g in x.shape[1:])
     if any(w is not None and w != g for w, g in zip(want, got)):
-        raise HardenError(f"{data.spec}: preprocessed images are {list(got)} but the model takes "
-                          f"{[w if w is not None else '?' for w in want]}; set --preprocess")
+        shape = ", ".join("?" if w is None else str(w) for w in want)
+        raise HardenError(f"{data.spec}: images are {got} after preprocessing but the model takes ({shape}); "
+                          "set --preprocess")
     return x
+
+
+def load_inputs(model: onnx.ModelProto, spec: str, limit: int | None = None, seed: int = 0,
+                preprocess: Preprocess | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(model-ready inputs, labels) of a dataset spec: what a campaign on `spec` with this limit and seed sees."""
+    data = load_dataset(spec, limit=limit, seed=seed)
+    return model_inputs(model, data, preprocess), data.labels
 
 
 def model_classes(model: onnx.ModelProto) -> list[str] | None:

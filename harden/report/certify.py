@@ -15,16 +15,16 @@ from pathlib import Path
 
 import numpy as np
 
-from harden.data import Preprocess, load_dataset
+from harden.data import Preprocess
 from harden.errors import HardenError
 from harden.fi.campaign import inject_dataset
 from harden.fi.config import CampaignConfig
 from harden.fi.exact_onnx import analyse_model
 from harden.fi.faults import FaultModel
 from harden.fi.journal import JournalContents
-from harden.fi.prepare import model_preprocess, model_ready_inputs
 from harden.fi.stats import binomial_rate
 from harden.files import refuse_overwrite, sha256_file
+from harden.graph.model_input import load_inputs
 from harden.graph.onnx_io import load_model
 from harden.provenance import environment
 from harden.report.cost import measure_cost
@@ -107,20 +107,6 @@ def certify(config: CertifyConfig) -> Report:
     return report
 
 
-def _inputs(model_path: str, config: CertifyConfig, preprocess: Preprocess | None) -> tuple[np.ndarray, np.ndarray]:
-    """The model-ready images and labels the campaign saw (same spec, limit and seed)."""
-    model = load_model(model_path)
-    prep = model_preprocess(model, preprocess)
-    data = load_dataset(config.data, limit=config.limit, seed=config.data_seed)
-    init = {t.name for t in model.graph.initializer}
-    dims = [list(i.type.tensor_type.shape.dim)[1:] for i in model.graph.input if i.name not in init][0]
-    if dims and all(d.HasField("dim_value") for d in dims):
-        shape: tuple[int, ...] = tuple(int(d.dim_value) for d in dims)
-    else:
-        shape = prep.input_shape(data.images.shape[-2:]) if prep else data.image_shape
-    return model_ready_inputs(model, data.images, prep, shape), data.labels
-
-
 def _certify_one(role: str, path: str, config: CertifyConfig, campaign: CampaignConfig,
                  preprocess: Preprocess | None, out: Path) -> ModelRecord:
     jsonl = out / "campaigns" / f"{role}.jsonl"
@@ -133,8 +119,8 @@ def _certify_one(role: str, path: str, config: CertifyConfig, campaign: Campaign
     ev = contents.header["eval"]
     top2diff = {int(i): float(t) for i, t in zip(ev["ids"], ev["top2diff"])}
     sdc_t2d = [top2diff[int(r["image"])] for r in contents.records() if r["sdc"]]
-    inputs, _ = _inputs(path, config, preprocess)
     model = load_model(path)
+    inputs, _ = load_inputs(model, config.data, config.limit, config.data_seed, preprocess)
     exact = None
     skipped = None
     if config.exact:

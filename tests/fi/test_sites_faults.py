@@ -7,10 +7,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from harden.data import Dataset, Preprocess
 from harden.errors import HardenError
 from harden.fi import FaultModel, GraphInfo, list_sites, select_sites
 from harden.fi.faults import parse_bits
-from harden.fi.prepare import model_ready_inputs
+from harden.graph.model_input import model_inputs
 from tests.fi.tiny_models import matmul_mlp, residual_cnn
 
 
@@ -84,8 +85,9 @@ def test_model_output_must_be_class_scores() -> None:
 
 def test_data_shape_mismatch_names_both_shapes() -> None:
     model = residual_cnn()
+    data = Dataset("grey", np.zeros((2, 1, 8, 8), np.float32), np.zeros(2, np.int64), ["a"])
     with pytest.raises(HardenError, match=r"\(1, 8, 8\).*\(3, 8, 8\)"):
-        model_ready_inputs(model, np.zeros((2, 1, 8, 8), np.float32), None, (3, 8, 8))
+        model_inputs(model, data, Preprocess(channels=1))
 
 
 def test_shape_arithmetic_is_pulled_into_the_suffix() -> None:
