@@ -46,7 +46,8 @@ def brute_force(model: onnx.ModelProto, inputs: np.ndarray, result, sites, top1_
     """Time a random sample of (element, bit) faults per site with ORT, extrapolate to all of them,
     and compare each sampled fault's SDC count over all images with the closed form's."""
     from harden.fi.bitflip import WIDTH
-    from harden.fi.exact import fault_sdc, outcome32
+    from harden.fi.exact import fault_sdc
+    from harden.fi.outcome import fault_outcome
     from harden.fi.exact_onnx import head_tensors, locate_head, stored_to_element
     from harden.fi.exact_site import flip_bit
     from harden.graph.ort import expose, make_session, run_batched
@@ -81,7 +82,7 @@ def brute_force(model: onnx.ModelProto, inputs: np.ndarray, result, sites, top1_
                 w = value.copy()
                 w.ravel()[k] = flip_bit(value.ravel()[k:k + 1], bit, "fp32")[0]
                 scores = session.run([out], {**base_feeds, site.tensor: w})[0].reshape(len(inputs), -1)
-                per_fault.append(int(outcome32(scores, top1)[0].sum()))
+                per_fault.append(int(fault_outcome(scores, top1)[0].sum()))
             seconds = time.perf_counter() - start
         elif site.tensor == head.input:
             start = time.perf_counter()
@@ -90,7 +91,7 @@ def brute_force(model: onnx.ModelProto, inputs: np.ndarray, result, sites, top1_
                 f = feats.copy()
                 f.reshape(len(f), -1)[:, k] = flip_bit(feats.reshape(len(f), -1)[:, k], bit, "fp32")
                 scores = session.run([out], {**base_feeds, head.input: f})[0].reshape(len(inputs), -1)
-                per_fault.append(int(outcome32(scores, top1)[0].sum()))
+                per_fault.append(int(fault_outcome(scores, top1)[0].sum()))
             seconds = time.perf_counter() - start
         else:
             continue  # inner activations need another cut; their cost per run is the same order

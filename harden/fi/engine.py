@@ -24,6 +24,7 @@ from harden.errors import HardenError
 from harden.fi.config import CampaignConfig
 from harden.fi.graphinfo import GraphInfo
 from harden.fi.journal import Journal, JournalContents, num
+from harden.fi.outcome import nonfinite_rows, top1_class
 from harden.fi.plan import Shard, block_bounds, injections_per_site, plan_shards, shard_rng, shard_rows
 from harden.fi.prepare import EvalSet, prepare_eval
 from harden.fi.runner import SAME_KERNELS, SiteRunner, prefix_level
@@ -40,17 +41,14 @@ def outcome(scores: np.ndarray, golden_class: np.ndarray,
             probabilities: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(class, non-finite flag, cross-entropy loss of the golden class) per row.
 
-    NaN scores never win the argmax; a row of NaN has class −1 (always an SDC).
+    Class and flag follow `harden.fi.outcome` (the rule the exact analysis shares).
     Probability outputs (an exported Softmax) give the loss −log p directly.
     """
     with np.errstate(all="ignore"):
         s = scores.astype(np.float64)
-    nonfinite = ~np.isfinite(s).all(axis=1)
-    masked = np.where(np.isnan(s), -np.inf, s)
-    cls = np.argmax(masked, axis=1)
-    cls[np.isnan(s).all(axis=1)] = -1
+    cls, nonfinite = top1_class(s), nonfinite_rows(s)
     with np.errstate(all="ignore"):
-        top = masked.max(axis=1, keepdims=True)
+        top = np.where(np.isnan(s), -np.inf, s).max(axis=1, keepdims=True)
         lse = top[:, 0] + np.log(np.exp(s - top).sum(axis=1))
         picked = s[np.arange(len(s)), golden_class]
         loss = -np.log(picked) if probabilities else lse - picked

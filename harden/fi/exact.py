@@ -32,6 +32,7 @@ import numpy as np
 from harden.errors import HardenError
 from harden.fi.bitflip import check_format
 from harden.fi.exact_site import Site
+from harden.fi.outcome import fault_outcome
 
 SCHEMA = "harden.exact/1"
 # float64 cells per working array; bounds the memory of a chunk to a few tens of MB.
@@ -127,15 +128,6 @@ class ExactResult:
         return cls(head=str(data["head"]), policy=str(data["policy"]), fmt=str(data["fmt"]),
                    images=int(data["images"]), seconds=float(data["seconds"]),  # type: ignore[arg-type]
                    sites=[ExactSiteResult.from_dict(s) for s in data["sites"]])  # type: ignore[union-attr]
-
-
-def outcome32(logits: np.ndarray, top1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(sdc, non-finite) of float32 output rows, as the engine decides them: NaN never wins the
-    argmax, a row of NaN is class −1 (an SDC), and a row holding NaN or Inf is DUE-like."""
-    nan = np.isnan(logits)
-    cls = np.argmax(np.where(nan, -np.inf, logits), axis=1)
-    cls[nan.all(axis=1)] = -1
-    return cls != top1, ~np.isfinite(logits).all(axis=1)
 
 
 def envelope(base: np.ndarray, top1: np.ndarray, directions: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -351,7 +343,7 @@ def _block(site: Site, geo: _Geometry, rows: slice, keep: np.ndarray, ks: np.nda
             counts.recomputed += len(r)
             for part in _chunks(len(r), 4096):
                 logits = site.recompute(r[part] + rows.start, live[c[part]], bit)
-                s, d = outcome32(logits, top1[r[part]])
+                s, d = fault_outcome(logits, top1[r[part]])
                 flips[r[part], c[part]] = s
                 nonfinite[r[part], c[part]] = d
         flips &= keep_col

@@ -15,11 +15,12 @@ import onnx
 from onnx import numpy_helper
 
 from harden.errors import HardenError
-from harden.fi.exact import ExactResult, analyse_sites, outcome32
+from harden.fi.exact import ExactResult, analyse_sites
 from harden.fi.exact_linear import LinearHead
 from harden.fi.exact_site import RangePolicy, Site
 from harden.fi.exact_text import TextHead
 from harden.fi.graphinfo import named_copy
+from harden.fi.outcome import nonfinite_rows
 from harden.fi.profile import profile_ranges
 from harden.graph.ort import expose, make_session, run_batched
 
@@ -209,9 +210,9 @@ def model_sites(model: onnx.ModelProto, inputs: np.ndarray, policy: str = "none"
     session = make_session(expose(g.model, tensors), providers=providers, opt_level="disable")
     values = dict(zip([score_name, *tensors], run_batched(session, inputs, [score_name, *tensors], batch)))
     scores = values[score_name].reshape(len(inputs), -1)
-    top1 = np.argmax(np.where(np.isnan(scores), -np.inf, scores), axis=1)
-    if outcome32(scores, top1)[1].any():
+    if nonfinite_rows(scores).any():
         raise HardenError("exact analysis: the fault-free scores hold NaN or Inf for some images")
+    top1 = np.argmax(scores, axis=1)
     peaks = dict(ranges or {})
     missing = [t for t in tensors if t not in peaks]
     if missing:

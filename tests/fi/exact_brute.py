@@ -10,10 +10,10 @@ from __future__ import annotations
 import numpy as np
 
 from harden.fi.bitflip import WIDTH, int8_scale
-from harden.fi.exact import outcome32
 from harden.fi.exact_linear import LinearHead
 from harden.fi.exact_site import RangePolicy, clamp32, flip_bit
 from harden.fi.exact_text import TextHead
+from harden.fi.outcome import fault_outcome
 
 
 def _wflip(values: np.ndarray, k: int, bit: int, fmt: str, policy: RangePolicy) -> np.ndarray:
@@ -44,7 +44,7 @@ def brute_linear(h: LinearHead, f: np.ndarray, fmt: str, policy: RangePolicy) ->
         with np.errstate(all="ignore"):
             for bit in range(width):
                 for k in range(size):
-                    s, d = outcome32(forward(k, bit), top1)
+                    s, d = fault_outcome(forward(k, bit), top1)
                     sdc[bit] += s.sum()
                     nf[bit] += d.sum()
         out[role] = (sdc, nf)
@@ -88,7 +88,7 @@ def brute_text(h: TextHead, f: np.ndarray, fmt: str, policy: RangePolicy) -> dic
         with np.errstate(all="ignore"):
             for bit in range(width):
                 for k in range(size):
-                    s, d = outcome32(forward(k, bit), top1)
+                    s, d = fault_outcome(forward(k, bit), top1)
                     sdc[bit] += s.sum()
                     nf[bit] += d.sum()
         out[role] = (sdc, nf)

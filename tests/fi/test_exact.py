@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 
 from harden.errors import HardenError
-from harden.fi.exact import ExactResult, analyse_site, analyse_sites, envelope, outcome32
+from harden.fi.engine import outcome
+from harden.fi.exact import ExactResult, analyse_site, analyse_sites, envelope
 from harden.fi.exact_linear import LinearHead
 from harden.fi.exact_site import RangePolicy
 from harden.fi.exact_text import TextHead
+from harden.fi.outcome import fault_outcome
 from tests.fi.exact_brute import brute_linear, brute_text, text_tensors
 
 POLICIES = ("none", "range", "range-output")
@@ -116,8 +118,11 @@ def test_envelope_matches_direct_argmax() -> None:
 
 def test_outcome_follows_the_engine_nan_rule() -> None:
     rows = np.array([[1.0, np.nan, 0.5], [np.nan, np.nan, np.nan], [np.inf, 1.0, 0.0]], np.float32)
-    sdc, nf = outcome32(rows, np.array([0, 0, 1]))
+    golden = np.array([0, 0, 1])
+    sdc, nf = fault_outcome(rows, golden)
     assert sdc.tolist() == [False, True, True] and nf.tolist() == [True, True, True]
+    cls, engine_nf, _ = outcome(rows, golden)
+    assert (cls != golden).tolist() == sdc.tolist() and engine_nf.tolist() == nf.tolist()
 
 
 def test_hit_class_breakdown_and_round_trip() -> None:

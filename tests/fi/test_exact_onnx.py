@@ -15,10 +15,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from harden.errors import HardenError
 from harden.fi.bitflip import WIDTH, int8_scale
-from harden.fi.exact import outcome32
 from harden.fi.exact_linear import LinearHead
 from harden.fi.exact_onnx import analyse_model, head_tensors, locate_head
 from harden.fi.exact_site import RangePolicy, flip_bit
+from harden.fi.outcome import fault_outcome
 from harden.fi.profile import profile_ranges
 from harden.graph.ort import expose, make_session
 from harden.graph.text_head import TextHeadPass
@@ -84,7 +84,7 @@ def _brute_weight(model: onnx.ModelProto, name: str, x: np.ndarray, top1: np.nda
             w = value.copy()
             w.ravel()[k] = flip_bit(value.ravel()[k:k + 1], bit, fmt, int8_scale(value) if fmt == "int8" else 1.0,
                                     policy.weight_peak(value))[0]
-            sdc[bit] += outcome32(session.run([out], {"x": x, name: w})[0].reshape(len(x), -1), top1)[0].sum()
+            sdc[bit] += fault_outcome(session.run([out], {"x": x, name: w})[0].reshape(len(x), -1), top1)[0].sum()
     return sdc
 
 
@@ -102,7 +102,7 @@ def _brute_activation(model: onnx.ModelProto, tensor: str, x: np.ndarray, top1: 
             t = flat.copy()
             t[:, k] = flip_bit(flat[:, k], bit, fmt, policy.act_scale(tensor, fmt), policy.element_peak(tensor))
             scores = session.run(None, {tensor: t.reshape(golden.shape)})[0]
-            sdc[bit] += outcome32(scores.reshape(len(x), -1), top1)[0].sum()
+            sdc[bit] += fault_outcome(scores.reshape(len(x), -1), top1)[0].sum()
     return sdc
 
 
