@@ -13,6 +13,7 @@ import json
 import math
 import os
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,43 @@ def unnum(x: float | str) -> float:
 
 
 _FAULT = '{"type":"fault",'
+
+
+@dataclass(frozen=True)
+class EvalHeader:
+    """The header's record of a campaign's evaluation set: what certify and summaries read back.
+
+    `ids` are the kept images' indices in the loaded dataset (in campaign order),
+    `top2diff` their fault-free Top2Diff, `ranges` the profiled max |activation|
+    per tensor. `to_dict` is the exact header form, so a resumed campaign's
+    header compares equal byte for byte.
+    """
+
+    total: int
+    correct: int
+    ids: list[int]
+    top2diff: list[float]
+    ranges: dict[str, float]
+    probabilities: bool = False
+
+    @property
+    def kept(self) -> int:
+        return len(self.ids)
+
+    def top2diff_by_image(self) -> dict[int, float]:
+        """Dataset index → fault-free Top2Diff of each kept image."""
+        return dict(zip(self.ids, self.top2diff))
+
+    def to_dict(self) -> dict[str, object]:
+        return {"total": self.total, "correct": self.correct, "kept": self.kept,
+                "scores": "probabilities" if self.probabilities else "logits",
+                "ids": list(self.ids), "top2diff": list(self.top2diff), "ranges": dict(self.ranges)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EvalHeader:
+        return cls(int(data["total"]), int(data["correct"]), [int(i) for i in data["ids"]],
+                   [float(t) for t in data["top2diff"]], dict(data.get("ranges", {})),
+                   data.get("scores") == "probabilities")
 
 
 class JournalContents:
@@ -85,6 +123,11 @@ class JournalContents:
                     break
         if not self.header:
             raise HardenError(f"{path}: empty or unreadable campaign file")
+
+    @property
+    def evaluation(self) -> EvalHeader:
+        """The evaluation set the header records (kept image ids, their Top2Diff, profiled ranges)."""
+        return EvalHeader.from_dict(self.header["eval"])
 
     def records(self) -> Iterable[dict[str, Any]]:
         """Every fault record of the complete shards, in shard order."""

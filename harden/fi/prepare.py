@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 
 from harden.errors import HardenError
+from harden.fi.journal import EvalHeader
 from harden.fi.profile import profile_ranges
 from harden.graph.ort import make_session, run_batched
 
@@ -38,10 +39,8 @@ class EvalSet:
 
     def header(self) -> dict[str, object]:
         """What the campaign header records about the evaluation set."""
-        return {"total": self.total, "correct": self.correct, "kept": int(len(self.ids)),
-                "scores": "probabilities" if self.probabilities else "logits",
-                "ids": [int(i) for i in self.ids], "top2diff": [float(t) for t in self.top2diff],
-                "ranges": dict(self.ranges)}
+        return EvalHeader(self.total, self.correct, [int(i) for i in self.ids], [float(t) for t in self.top2diff],
+                          dict(self.ranges), self.probabilities).to_dict()
 
 
 def are_probabilities(scores: np.ndarray) -> bool:

@@ -116,7 +116,8 @@ def summarise_contents(contents: JournalContents, confidence: float | None = Non
     config = CampaignConfig.from_dict(header["config"])
     conf = config.confidence if confidence is None else confidence
     method = config.ci if ci is None else ci
-    t2d = dict(zip(header["eval"]["ids"], header["eval"]["top2diff"]))
+    ev = contents.evaluation
+    t2d = ev.top2diff_by_image()
     acc: dict[str, dict[str, Any]] = {s["name"]: {"n": 0, "sdc": 0, "nf": 0, "dl": [], "t2d": [], "bits": {}}
                                       for s in header["sites"]}
     for rec in contents.records():
@@ -139,9 +140,8 @@ def summarise_contents(contents: JournalContents, confidence: float | None = Non
             binomial_rate(a["sdc"], a["n"], conf, method), binomial_rate(a["nf"], a["n"], conf, method),  # type: ignore[arg-type]
             float(np.mean(a["dl"])) if a["dl"] else None, float(np.mean(a["t2d"])) if a["t2d"] else None,
             dict(sorted(a["bits"].items()))))
-    ev = header["eval"]
     return CampaignSummary(header["model_sha256"], config, config.opt_level, header["packages"],
-                           {"total": ev["total"], "correct": ev["correct"], "kept": ev["kept"]},
+                           {"total": ev.total, "correct": ev.correct, "kept": ev.kept},
                            layers, len(contents.shards), int(header["total_shards"]))
 
 

@@ -116,8 +116,8 @@ def _certify_one(role: str, path: str, config: CertifyConfig, campaign: Campaign
         raise HardenError(f"the {role} campaign in {jsonl} is incomplete ({summary.shards_done}/"
                           f"{summary.total_shards} shards)")
     contents = JournalContents(jsonl)
-    ev = contents.header["eval"]
-    top2diff = {int(i): float(t) for i, t in zip(ev["ids"], ev["top2diff"])}
+    ev = contents.evaluation
+    top2diff = ev.top2diff_by_image()
     sdc_t2d = [top2diff[int(r["image"])] for r in contents.records() if r["sdc"]]
     model = load_model(path)
     inputs, _ = load_inputs(model, config.data, config.limit, config.data_seed, preprocess)
@@ -125,16 +125,16 @@ def _certify_one(role: str, path: str, config: CertifyConfig, campaign: Campaign
     skipped = None
     if config.exact:
         try:
-            exact = analyse_model(model, inputs[np.asarray(ev["ids"], dtype=np.int64)], policy=config.clamp,
-                                  fmt=config.fmt, ranges=ev.get("ranges", {}), profile_inputs=inputs,
+            exact = analyse_model(model, inputs[np.asarray(ev.ids, dtype=np.int64)], policy=config.clamp,
+                                  fmt=config.fmt, ranges=ev.ranges, profile_inputs=inputs,
                                   batch=config.batch)
         except HardenError as err:
             skipped = str(err)
     else:
         skipped = "disabled with --no-exact"
     return ModelRecord(role=role, path=os.fspath(path), sha256=sha256_file(path),
-                       accuracy=binomial_rate(int(ev["correct"]), int(ev["total"]), config.confidence,
+                       accuracy=binomial_rate(ev.correct, ev.total, config.confidence,
                                               config.ci),  # type: ignore[arg-type]
                        campaign=summary, campaign_file=os.fspath(jsonl.relative_to(out)),
                        cost=measure_cost(model, inputs[:1], runs=config.latency_runs),
-                       top2diff=list(top2diff.values()), sdc_top2diff=sdc_t2d, exact=exact, exact_skipped=skipped)
+                       top2diff=list(ev.top2diff), sdc_top2diff=sdc_t2d, exact=exact, exact_skipped=skipped)

@@ -155,7 +155,9 @@ def test_clamp_range_bounds_faulty_values(setup, tmp_path: Path) -> None:
     path = tmp_path / "c.jsonl"
     _run(setup, path, clamp="range", layers="c1,c2", fault=FaultModel("flip", "fp32", bits=(30,)))
     contents = JournalContents(path)
-    ranges = contents.header["eval"]["ranges"]
+    ev = contents.evaluation
+    assert ev.to_dict() == contents.header["eval"] and ev.ranges.keys() == {"c1", "c2"}
+    ranges = ev.ranges
     for r in contents.records():
         assert abs(float(r["faulty"])) <= ranges[r["site"]]
     summary = summarise_jsonl(path)
