@@ -241,6 +241,13 @@ class _Geometry:
     top1: np.ndarray
 
 
+def _geometry(site: Site, top1: np.ndarray) -> tuple[_Geometry, np.ndarray]:
+    """The site's per-image envelope, and which images sit within rounding of a tie (analysed one by one)."""
+    lo, hi, up, down = envelope(site.base, top1, site.directions)
+    m0 = margin(site.base, top1)
+    return _Geometry(lo, hi, up, down, m0, site.tau, top1), m0 <= 2 * site.tau
+
+
 def analyse_site(site: Site, top1: np.ndarray, fmt: str = "fp32") -> ExactSiteResult:
     """Exact SDC/DUE counts per bit for every element × bit × image of one site.
 
@@ -249,12 +256,9 @@ def analyse_site(site: Site, top1: np.ndarray, fmt: str = "fp32") -> ExactSiteRe
     """
     width = check_format(fmt)
     n = len(top1)
-    lo, hi, up, down = envelope(site.base, top1, site.directions)
-    m0 = margin(site.base, top1)
-    geo = _Geometry(lo, hi, up, down, m0, site.tau, top1)
-    near_tie = m0 <= 2 * site.tau
+    geo, near_tie = _geometry(site, top1)
     counts = _Counts(width, site.classes is not None)
-    radius = _safe_radius(site, lo, hi, m0) if site.weight_delta is not None else None
+    radius = _safe_radius(site, geo.lo, geo.hi, geo.m0) if site.weight_delta is not None else None
     bits = range(width)
     step = max(1, CHUNK_CELLS // BLOCK)
     for start in range(0, n, BLOCK):
@@ -281,10 +285,7 @@ def fault_sdc(site: Site, top1: np.ndarray, faults: np.ndarray, fmt: str = "fp32
     """
     width = check_format(fmt)
     n = len(top1)
-    lo, hi, up, down = envelope(site.base, top1, site.directions)
-    m0 = margin(site.base, top1)
-    geo = _Geometry(lo, hi, up, down, m0, site.tau, top1)
-    near_tie = m0 <= 2 * site.tau
+    geo, near_tie = _geometry(site, top1)
     out = np.zeros(len(faults), np.int64)
     for i, (k, bit) in enumerate(np.asarray(faults, dtype=np.int64)):
         counts = _Counts(width, False)
