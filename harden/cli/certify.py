@@ -10,6 +10,7 @@ import argparse
 
 from harden.data import SPEC_HELP
 from harden.fi.bitflip import WIDTH
+from harden.graph.model_input import PREPROCESS_HELP
 
 GATE_FAILED = 3
 
@@ -24,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help=SPEC_HELP)
     p.add_argument("--limit", type=int, default=500, help="evaluation images drawn from --data (default 500)")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the --limit subset")
-    p.add_argument("--preprocess", help="Preprocess JSON, when the models declare none")
+    p.add_argument("--preprocess", help=PREPROCESS_HELP)
     p.add_argument("--max-sdc", type=float, help="pass when the UPPER confidence bound of SDC is <= this rate")
     p.add_argument("--sdc-scope", choices=("overall", "layer", "both"), default="both",
                    help="--max-sdc applies to the pooled rate, every layer, or both (default)")

@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--output", help="the class-score output, when the model has several")
     parser.add_argument("--distill", action="store_true",
                         help="learn from the original model's scores instead of labels")
-    parser.add_argument("--preprocess", type=parse_preprocess, help=PREPROCESS_HELP)
+    parser.add_argument("--preprocess", help=PREPROCESS_HELP)  # parsed in run(), where errors are one line
     defaults = HeadTrainConfig()
     parser.add_argument("--steps", type=int, default=defaults.steps, help="AdamW steps")
     parser.add_argument("--batch", type=int, default=defaults.batch, help="mini-batch size")
@@ -36,8 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = HeadTrainConfig(steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed, distill=args.distill)
+    preprocess = parse_preprocess(args.preprocess) if args.preprocess else None
     result = convert_model(args.model, args.data, args.embeddings, args.out, eval_spec=args.eval,
-                           output=args.output, preprocess=args.preprocess, config=config, limit=args.limit,
+                           output=args.output, preprocess=preprocess, config=config, limit=args.limit,
                            eval_limit=args.eval_limit, head_path=args.head_out)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))

@@ -8,11 +8,12 @@ from __future__ import annotations
 import argparse
 import json
 
-from harden.data import SPEC_HELP, Preprocess
+from harden.data import SPEC_HELP
 from harden.errors import HardenError
 from harden.fi.bitflip import WIDTH
 from harden.fi.config import CampaignConfig, parse_shard
 from harden.fi.faults import MODELS, FaultModel, parse_bits
+from harden.graph.model_input import PREPROCESS_HELP, parse_preprocess
 from harden.graph.ort import OPT_LEVELS
 
 
@@ -28,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-seed", type=int, default=0, help="seed of the --limit subset")
     p.add_argument("--profile-data", help="profiling set for ranges (default: the evaluation images)")
     p.add_argument("--profile-limit", type=int, default=None)
-    p.add_argument("--preprocess", help="Preprocess JSON, when the model declares none in harden.preprocess")
+    p.add_argument("--preprocess", help=PREPROCESS_HELP)
     p.add_argument("--layers", default="all", help="all, last, names (site/tensor/node) or re:REGEX, comma-separated")
     p.add_argument("--kinds", default="activation,weight", help="activation, weight or both (default both)")
     p.add_argument("--injections", type=int, default=1000, help="injections per layer (default 1000)")
@@ -71,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.list_sites:
         if not args.model:
             raise HardenError("--list-sites needs a MODEL")
-        prep = Preprocess.from_json(args.preprocess) if args.preprocess else None
+        prep = parse_preprocess(args.preprocess) if args.preprocess else None
         print(format_sites(sites_of_file(args.model, args.all_tensors, args.data, prep)))
         return 0
     else:
@@ -87,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         summary = inject_dataset(args.model, args.data, config, args.out, limit=args.limit,
                                  data_seed=args.data_seed, profile=args.profile_data,
                                  profile_limit=args.profile_limit,
-                                 preprocess=Preprocess.from_json(args.preprocess) if args.preprocess else None,
+                                 preprocess=parse_preprocess(args.preprocess) if args.preprocess else None,
                                  summary_path=args.summary, progress=not args.no_progress, fresh=args.fresh)
     if args.json:
         print(json.dumps(summary.to_dict(), indent=2))

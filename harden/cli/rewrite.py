@@ -22,16 +22,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--limit", type=int, default=512, help="calibration images (seeded random subset)")
     parser.add_argument("--layers", nargs="+", help="node or tensor names to clip (default: every Conv, "
                         "ConvTranspose, Gemm and MatMul output)")
-    parser.add_argument("--preprocess", type=parse_preprocess, help=PREPROCESS_HELP)
+    parser.add_argument("--preprocess", help=PREPROCESS_HELP)  # parsed in run(), where errors are one line
     parser.add_argument("--seed", type=int, default=0, help="seed for calibration sampling and parity inputs")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    preprocess = parse_preprocess(args.preprocess) if args.preprocess else None
     result = rewrite_file(args.model, args.out, head_path=args.head, output=args.output,
                           range_clip=args.range_clip, data_spec=args.data, limit=args.limit,
-                          layers=args.layers, preprocess=args.preprocess, seed=args.seed)
+                          layers=args.layers, preprocess=preprocess, seed=args.seed)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
         return 0

@@ -24,7 +24,7 @@ from harden.fi.faults import FaultModel
 from harden.fi.journal import JournalContents
 from harden.fi.stats import binomial_rate
 from harden.files import refuse_overwrite, sha256_file
-from harden.graph.model_input import load_inputs
+from harden.graph.model_input import load_inputs, parse_preprocess
 from harden.graph.onnx_io import load_model
 from harden.provenance import environment
 from harden.report.cost import measure_cost
@@ -83,7 +83,7 @@ def certify(config: CertifyConfig) -> Report:
         if not Path(source).is_file():
             raise HardenError(f"{source}: no such file")
     campaign = config.campaign()
-    preprocess = Preprocess.from_json(config.preprocess) if config.preprocess else None
+    preprocess = parse_preprocess(config.preprocess) if config.preprocess else None
     # Gate arguments are validated before any campaign runs, so a typo fails in seconds.
     check_gates(config.max_sdc, config.min_improvement, config.sdc_scope, config.baseline is not None)
     roles = [("model", config.model)] + ([("baseline", config.baseline)] if config.baseline else [])

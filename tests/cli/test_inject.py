@@ -66,6 +66,9 @@ def test_bad_inputs_give_one_line_errors(files, tmp_path: Path, capsys) -> None:
     assert "(3, 6, 6)" in err and "(3, 8, 8)" in err and "Traceback" not in err
     assert main(["inject", str(model), *base, "--bits", "40"]) == 1
     assert "outside 0..31" in capsys.readouterr().err
+    assert main(["inject", str(model), *base, "--preprocess", "colour=3"]) == 1
+    err = capsys.readouterr().err
+    assert "--preprocess: cannot read 'colour=3'" in err and len(err.strip().splitlines()) == 1
     assert main(["inject", str(model), "--data", f"npz:{data}", "--out", str(model)]) == 1
     assert "refusing to overwrite" in capsys.readouterr().err
 

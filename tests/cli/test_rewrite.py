@@ -56,6 +56,7 @@ def test_text_output(files: tuple[Path, Path], tmp_path: Path, capsys: pytest.Ca
     ([], "nothing to do"),
     (["--range-clip"], "--data"),
     (["--head", "HEAD", "--output", "nope"], "not an output"),
+    (["--head", "HEAD", "--preprocess", "colour=3"], "--preprocess: cannot read 'colour=3'"),
 ])
 def test_errors_are_one_line_and_write_nothing(files: tuple[Path, Path], tmp_path: Path, argv: list[str],
                                                message: str, capsys: pytest.CaptureFixture[str]) -> None:
