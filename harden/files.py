@@ -63,6 +63,22 @@ def refuse_overwrite(inp: str | os.PathLike[str], out: str | os.PathLike[str]) -
         raise HardenError(f"refusing to overwrite the input {inp}; choose another output path")
 
 
+def read_text(path: str | os.PathLike[str], what: str, missing_hint: str = "") -> str:
+    """A user's UTF-8 text file, or a one-line HardenError saying why it cannot be read.
+
+    `what` names the file in messages ("descriptions" -> "no such descriptions file").
+    """
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError as err:
+        raise HardenError(f"{path}: no such {what} file{missing_hint}") from err
+    except IsADirectoryError as err:
+        raise HardenError(f"{path}: is a folder, not a {what} file") from err
+    except (OSError, UnicodeDecodeError) as err:
+        raise HardenError(f"{path}: cannot read {what} ({err})") from err
+
+
 def sha256_file(path: str | os.PathLike[str]) -> str:
     """Hex SHA-256 of a file, streamed, for provenance records."""
     digest = hashlib.sha256()

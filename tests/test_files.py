@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from harden.errors import HardenError
-from harden.files import atomic_open, refuse_overwrite, sha256_file, write_json
+from harden.files import atomic_open, read_text, refuse_overwrite, sha256_file, write_json
 
 
 def test_error_leaves_no_file_and_keeps_the_old_one(tmp_path: Path) -> None:
@@ -36,3 +36,15 @@ def test_outputs_honour_the_umask(tmp_path: Path) -> None:
     finally:
         os.umask(old)
     assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_read_text_names_the_file_and_why(tmp_path: Path) -> None:
+    (tmp_path / "q.txt").write_text("é\n", encoding="utf-8")
+    assert read_text(tmp_path / "q.txt", "questions") == "é\n"
+    with pytest.raises(HardenError, match=r"missing\.txt: no such questions file \(hint\)$"):
+        read_text(tmp_path / "missing.txt", "questions", " (hint)")
+    with pytest.raises(HardenError, match="is a folder, not a questions file"):
+        read_text(tmp_path, "questions")
+    (tmp_path / "bad.txt").write_bytes(b"\xff\xfe\xfa")
+    with pytest.raises(HardenError, match="cannot read questions"):
+        read_text(tmp_path / "bad.txt", "questions")

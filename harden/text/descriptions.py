@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from harden.errors import HardenError
-from harden.files import write_json
+from harden.files import read_text, write_json
 
 SCHEMA = "harden.descriptions/1"
 SOURCES = ("llm", "cache", "builtin", "template")
@@ -124,12 +124,7 @@ def validate(data: Any, origin: str) -> None:
 def load_descriptions(path: str | os.PathLike[str]) -> Descriptions:
     """Read and validate a descriptions.json."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError as err:
-        raise HardenError(f"{path}: no such descriptions file") from err
-    except (OSError, UnicodeDecodeError) as err:
-        raise HardenError(f"{path}: cannot read descriptions ({err})") from err
+    text = read_text(path, "descriptions")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:

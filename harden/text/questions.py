@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from harden.errors import HardenError
+from harden.files import read_text
 
 PLACEHOLDER = "{}"
 
@@ -56,12 +57,7 @@ def load_questions(path: str | os.PathLike[str]) -> list[str]:
     In text files, blank lines and lines starting with '#' are skipped.
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError as err:
-        raise HardenError(f"{path}: no such questions file") from err
-    except (OSError, UnicodeDecodeError) as err:
-        raise HardenError(f"{path}: cannot read questions ({err})") from err
+    text = read_text(path, "questions")
     if text.lstrip().startswith("["):
         try:
             data = json.loads(text)

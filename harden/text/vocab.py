@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harden.errors import HardenError
+from harden.files import read_text
 
 VOCAB_DIR = Path(__file__).resolve().parents[2] / "models" / "vocab"
 BUILTIN_PREFIX = "builtin:"
@@ -76,14 +77,7 @@ def resolve_vocabulary(spec: str | os.PathLike[str]) -> Vocabulary:
         classes, prompts = parse_vocabulary(path.read_text(encoding="utf-8"), spec)
         return Vocabulary(spec, classes, prompts, builtin=name)
     path = Path(spec)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError as err:
-        raise HardenError(f"{path}: no such classes file (or use {VOCAB_HELP})") from err
-    except IsADirectoryError as err:
-        raise HardenError(f"{path}: is a folder, not a classes file") from err
-    except (OSError, UnicodeDecodeError) as err:
-        raise HardenError(f"{path}: cannot read class names ({err})") from err
+    text = read_text(path, "classes", f" (or use {VOCAB_HELP})")
     classes, prompts = parse_vocabulary(text, str(path))
     return Vocabulary(spec, classes, prompts)
 
