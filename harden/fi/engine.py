@@ -80,14 +80,18 @@ def cache_block_images(info: GraphInfo, sites: Sequence[Site], config: CampaignC
 
 def run_campaign(model: str | os.PathLike[str] | onnx.ModelProto, inputs: np.ndarray, labels: np.ndarray,
                  config: CampaignConfig, out_jsonl: str | os.PathLike[str], progress: bool = True,
-                 profile_inputs: np.ndarray | None = None, fresh: bool = False) -> CampaignSummary:
-    """Run (or resume) a campaign on model-ready `inputs` and stream it to `out_jsonl`; return its summary."""
+                 profile_inputs: np.ndarray | None = None, fresh: bool = False, threads: int = 0) -> CampaignSummary:
+    """Run (or resume) a campaign on model-ready `inputs` and stream it to `out_jsonl`; return its summary.
+
+    `threads` is ORT's intra-op thread count (0: one per physical core). It
+    changes speed only, never a result, so it is not part of the config.
+    """
     proto, digest = _model_and_hash(model)
     info = GraphInfo(proto, example=inputs[:1], providers=config.providers)
     sites = select_sites(list_sites(info, config.all_tensors), config.layers, config.kinds)
     act = [s.tensor for s in sites if s.kind == "activation"]
     ev = prepare_eval(info.model, inputs, labels, act, profile_inputs, config.batch, config.providers,
-                      config.opt_level)
+                      config.opt_level, threads)
     if info.fixed_batch not in (None, 1):
         raise HardenError(f"the model input has a fixed batch of {info.fixed_batch}; export it with a dynamic "
                           "(or unit) batch dimension")
@@ -103,7 +107,7 @@ def run_campaign(model: str | os.PathLike[str] | onnx.ModelProto, inputs: np.nda
             and (config.shard is None or s.index % config.shard[1] == config.shard[0])]
     started = time.perf_counter()
     try:
-        _execute(info, sites, ev, config, todo, journal, block_images, progress)
+        _execute(info, sites, ev, config, todo, journal, block_images, progress, threads)
     finally:
         journal.close()
     seconds = time.perf_counter() - started
@@ -115,7 +119,7 @@ def run_campaign(model: str | os.PathLike[str] | onnx.ModelProto, inputs: np.nda
 
 
 def _execute(info: GraphInfo, sites: Sequence[Site], ev: EvalSet, config: CampaignConfig, todo: Sequence[Shard],
-             journal: Journal, block_images: int, progress: bool) -> None:
+             journal: Journal, block_images: int, progress: bool, threads: int = 0) -> None:
     """Run the pending shards block by block, appending each to the journal as it completes."""
     if not todo:
         return
@@ -123,10 +127,11 @@ def _execute(info: GraphInfo, sites: Sequence[Site], ev: EvalSet, config: Campai
 
     by_name = {s.name: s for s in sites}
     suffixes: dict[str, Suffix] = {}
-    runners = {name: SiteRunner(info, by_name[name], config, ev.ranges, suffixes)
+    runners = {name: SiteRunner(info, by_name[name], config, ev.ranges, suffixes, threads)
                for name in dict.fromkeys(s.site for s in todo)}
     exposed = sorted(set().union(*(r.needs for r in runners.values())) - {info.input_name})
-    prefix = make_session(expose(info.model, exposed), config.providers, opt_level=prefix_level(config.opt_level))
+    prefix = make_session(expose(info.model, exposed), config.providers, opt_level=prefix_level(config.opt_level),
+                          threads=threads, spinning=False)
     bar = tqdm(total=sum(s.count for s in todo), unit="inj", disable=not progress, file=sys.stderr,
                desc="inject", dynamic_ncols=True)
     try:

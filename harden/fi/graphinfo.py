@@ -104,7 +104,7 @@ class GraphInfo:
                                   "give data so that its shape is known")
             per_image = tuple(int(d.dim_value) for d in list(dims)[1:])
         names = [o for n in self.nodes for o in n.output if o]
-        session = make_session(expose(self.model, names), providers=providers, opt_level="disable")
+        session = make_session(expose(self.model, names), providers=providers, opt_level="disable", spinning=False)
         sizes = [self.fixed_batch] if self.fixed_batch else [1, 2]
         runs = []
         for b in sizes:

@@ -15,7 +15,7 @@ import onnx
 
 from harden.errors import HardenError
 from harden.fi.journal import EvalHeader
-from harden.fi.profile import profile_ranges
+from harden.fi.profile import profile_ranges, profile_with_outputs
 from harden.graph.ort import make_session, run_batched
 
 
@@ -63,13 +63,20 @@ def softmax_top2diff(scores: np.ndarray, probabilities: bool = False) -> np.ndar
 
 def prepare_eval(model: onnx.ModelProto, inputs: np.ndarray, labels: np.ndarray, tensors: Sequence[str] = (),
                  profile_inputs: np.ndarray | None = None, batch: int = 64,
-                 providers: Sequence[str] = ("CPUExecutionProvider",), opt_level: str = "disable") -> EvalSet:
+                 providers: Sequence[str] = ("CPUExecutionProvider",), opt_level: str = "disable",
+                 threads: int = 0) -> EvalSet:
     """Golden run on `inputs`, keep correct images with Top2Diff > 0, profile `tensors` on `profile_inputs`.
 
-    The profiling set defaults to the evaluation inputs themselves.
+    The profiling set defaults to the evaluation inputs themselves; then, at
+    level 'disable', one pass gives both the golden scores and the ranges.
     """
-    session = make_session(model, providers=providers, opt_level=opt_level)
-    scores = run_batched(session, inputs, outputs=[model.graph.output[0].name], batch=batch)[0]
+    output = model.graph.output[0].name
+    ranges: dict[str, float] | None = None
+    if tensors and profile_inputs is None and opt_level == "disable":
+        ranges, (scores,) = profile_with_outputs(model, inputs, list(tensors), [output], batch, providers, threads)
+    else:
+        session = make_session(model, providers=providers, opt_level=opt_level, threads=threads, spinning=False)
+        scores = run_batched(session, inputs, outputs=[output], batch=batch)[0]
     if scores.ndim != 2 or scores.shape[0] != len(inputs) or scores.shape[1] < 2:
         raise HardenError(f"model output has shape {list(scores.shape)}; expected class scores N×C with C ≥ 2")
     if labels.max(initial=0) >= scores.shape[1]:
@@ -82,7 +89,8 @@ def prepare_eval(model: onnx.ModelProto, inputs: np.ndarray, labels: np.ndarray,
     if len(keep) == 0:
         raise HardenError(f"no evaluation image is classified correctly (accuracy {correct.mean():.1%}); "
                           "check the data and preprocessing")
-    ranges = profile_ranges(model, inputs if profile_inputs is None else profile_inputs, list(tensors),
-                            batch=batch, providers=providers) if tensors else {}
+    if ranges is None:
+        ranges = profile_ranges(model, inputs if profile_inputs is None else profile_inputs, list(tensors),
+                                batch=batch, providers=providers, threads=threads) if tensors else {}
     return EvalSet(np.ascontiguousarray(inputs[keep]), labels[keep].astype(np.int64), keep, golden[keep],
                    t2d[keep], ranges, int(len(inputs)), int(correct.sum()), probabilities)

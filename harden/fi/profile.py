@@ -17,18 +17,39 @@ from harden.graph.ort import expose, make_session, run_batched
 
 
 def profile_ranges(model: onnx.ModelProto, inputs: np.ndarray, tensors: Sequence[str],
-                   batch: int = 128, providers: Sequence[str] = ("CPUExecutionProvider",)) -> dict[str, float]:
+                   batch: int = 128, providers: Sequence[str] = ("CPUExecutionProvider",),
+                   threads: int = 0) -> dict[str, float]:
     """max |value| of each named tensor over `inputs` (model-ready float32 NCHW)."""
+    return profile_with_outputs(model, inputs, tensors, (), batch, providers, threads)[0]
+
+
+def profile_with_outputs(model: onnx.ModelProto, inputs: np.ndarray, tensors: Sequence[str],
+                         outputs: Sequence[str], batch: int = 128,
+                         providers: Sequence[str] = ("CPUExecutionProvider",),
+                         threads: int = 0) -> tuple[dict[str, float], list[np.ndarray]]:
+    """The ranges of `tensors`, and the values of `outputs`, from one pass over `inputs` at level 'disable'.
+
+    A campaign's golden scores come from the same pass as its profile when both
+    use the evaluation images, which saves one run of the whole model over
+    them; at level 'disable' exposing tensors changes no kernel, so the scores
+    are those of the plain model bit for bit.
+    """
     names = list(dict.fromkeys(tensors))
-    session = make_session(expose(model, names), providers=providers, opt_level="disable")
+    wanted = list(dict.fromkeys([*outputs, *names]))
+    session = make_session(expose(model, names), providers=providers, opt_level="disable", threads=threads,
+                           spinning=False)
     peaks = dict.fromkeys(names, 0.0)
+    kept: list[list[np.ndarray]] = [[] for _ in outputs]
     for start in range(0, len(inputs), batch):
-        values = run_batched(session, inputs[start:start + batch], outputs=names, batch=batch)
-        for name, value in zip(names, values):
+        values = dict(zip(wanted, run_batched(session, inputs[start:start + batch], outputs=wanted, batch=batch)))
+        for acc, name in zip(kept, outputs):
+            acc.append(values[name])
+        for name in names:
+            value = values[name]
             finite = value[np.isfinite(value)]
             if finite.size:
                 peaks[name] = max(peaks[name], float(np.max(np.abs(finite))))
-    return peaks
+    return peaks, [np.concatenate(acc) for acc in kept]
 
 
 def clamp_to_range(values: np.ndarray, peak: float) -> np.ndarray:

@@ -37,7 +37,7 @@ class SiteRunner:
     """Everything needed to inject into one site: its suffix and, for weights, the layer's fast path."""
 
     def __init__(self, info: GraphInfo, site: Site, config: CampaignConfig, ranges: dict[str, float],
-                 suffixes: dict[str, Suffix]) -> None:
+                 suffixes: dict[str, Suffix], threads: int = 0) -> None:
         self.site, self.config = site, config
         self.fixed_batch = info.fixed_batch
         node = info.nodes[info.node_index[site.node]]
@@ -45,7 +45,7 @@ class SiteRunner:
         self.via = info.nodes[info.node_index[site.via]] if site.via else None
         self.out = site.tensor if site.kind == "activation" else (self.via or node).output[0]
         if self.out not in suffixes:
-            suffixes[self.out] = Suffix(info, self.out, config.providers, config.opt_level)
+            suffixes[self.out] = Suffix(info, self.out, config.providers, config.opt_level, threads)
         self.suffix = suffixes[self.out]
         self.needs = set(self.suffix.inputs)
         self.relu_only, self.add_other = _relu_masking(info, site)
@@ -64,7 +64,7 @@ class SiteRunner:
         self.acts = [n for n in (self.via or node).input if n and n not in info.constants]
         self.needs.update(self.acts)
         self.rerun: NodeRerun | None = None
-        self.rerun_args = (info, node, site.input_index, config.providers)
+        self.rerun_args = (info, node, site.input_index, config.providers, threads)
 
     def golden_values(self, cache: dict[str, np.ndarray], rows: slice | np.ndarray, elems: np.ndarray) -> np.ndarray:
         """The fault-free values of the chosen elements (one per batch row)."""
@@ -205,10 +205,11 @@ def prefix_level(level: str) -> str:
 
 
 def prefix_cache(info: GraphInfo, runners: Sequence[SiteRunner], x: np.ndarray,
-                 config: CampaignConfig) -> tuple[dict[str, np.ndarray], np.ndarray]:
+                 config: CampaignConfig, threads: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """One fault-free run of `x` caching every tensor the runners' suffixes read; also the golden scores."""
     names = sorted(set().union(*(r.needs for r in runners)) - {info.input_name})
-    session = make_session(expose(info.model, names), config.providers, opt_level=prefix_level(config.opt_level))
+    session = make_session(expose(info.model, names), config.providers, opt_level=prefix_level(config.opt_level),
+                           threads=threads, spinning=False)
     values = session.run([info.scores, *names], {info.input_name: x})
     cache = dict(zip(names, values[1:]))
     cache[info.input_name] = x

@@ -22,13 +22,15 @@ from harden.graph.ort import make_session
 class Suffix:
     """Runs the graph from a site tensor to the class scores on a batch of (possibly corrupted) cut tensors."""
 
-    def __init__(self, info: GraphInfo, tensor: str, providers: Sequence[str], opt_level: str) -> None:
+    def __init__(self, info: GraphInfo, tensor: str, providers: Sequence[str], opt_level: str,
+                 threads: int = 0) -> None:
         self.tensor = tensor
         self.inputs = info.cut(tensor)
         self.session: ort.InferenceSession | None = None
         if tensor != info.scores:
             model = extract(info, self.inputs, [info.scores])
-            self.session = make_session(model, providers=providers, opt_level=opt_level)
+            self.session = make_session(model, providers=providers, opt_level=opt_level, threads=threads,
+                                        spinning=False)
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         """Class scores for the fed cut tensors (the site tensor already corrupted)."""

@@ -116,7 +116,8 @@ def matmul_delta(index: int, weight: np.ndarray, elems: np.ndarray, delta: np.nd
 class NodeRerun:
     """Recompute one node per fault with its parameter fed as an input: exact for any op."""
 
-    def __init__(self, info: GraphInfo, node: onnx.NodeProto, index: int, providers: Sequence[str]) -> None:
+    def __init__(self, info: GraphInfo, node: onnx.NodeProto, index: int, providers: Sequence[str],
+                 threads: int = 0) -> None:
         self.node, self.index = node, index
         names = [n for n in node.input if n]
         inputs = []
@@ -132,7 +133,7 @@ class NodeRerun:
         model = helper.make_model(graph, opset_imports=list(info.model.opset_import))
         model.ir_version = info.model.ir_version
         self.constants = {n: info.constants[n] for n in names if n in info.constants}
-        self.session = make_session(model, providers=providers, opt_level="disable")
+        self.session = make_session(model, providers=providers, opt_level="disable", threads=threads, spinning=False)
 
     def apply(self, weight_name: str, weight: np.ndarray, elems: np.ndarray, faulty: np.ndarray,
               acts: dict[str, np.ndarray], y: np.ndarray) -> None:

@@ -29,8 +29,16 @@ def make_session(
     providers: Sequence[str] = ("CPUExecutionProvider",),
     opt_level: str = "basic",
     threads: int = 0,
+    spinning: bool = True,
 ) -> ort.InferenceSession:
-    """An inference session for an in-memory model, on the given providers."""
+    """An inference session for an in-memory model, on the given providers.
+
+    `threads` sets the intra-op thread count (0: ORT's default, one per physical
+    core). `spinning=False` makes idle intra-op threads sleep instead of
+    busy-waiting and runs nodes sequentially on one inter-op thread: on a CPU
+    shared with other jobs, spinning threads fight over cores and a small
+    model's run can get several times slower. Neither setting changes results.
+    """
     if opt_level not in OPT_LEVELS:
         raise HardenError(f"unknown graph optimisation level {opt_level!r}; use one of {sorted(OPT_LEVELS)}")
     available = set(ort.get_available_providers())
@@ -42,6 +50,11 @@ def make_session(
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
+    if not spinning:
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(model.SerializeToString(), options, providers=list(providers))
     except Exception as err:  # ORT raises its own exception types for unsupported graphs

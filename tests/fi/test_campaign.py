@@ -45,6 +45,29 @@ def test_same_seed_same_bytes_other_seed_other_faults(setup, tmp_path: Path) -> 
     assert a.read_bytes() != c.read_bytes()
 
 
+def test_thread_count_changes_no_byte(setup, tmp_path: Path) -> None:
+    model, x, y = setup
+    cfg = CampaignConfig(injections=30, batch=8)
+    files = [tmp_path / f"t{n}.jsonl" for n in (1, 2)]
+    for n, path in zip((1, 2), files):
+        run_campaign(model, x, y, cfg, path, progress=False, threads=n)
+    assert files[0].read_bytes() == files[1].read_bytes()
+
+
+def test_golden_scores_from_the_profiling_pass_are_the_plain_models(setup) -> None:
+    from harden.fi.prepare import prepare_eval
+    from harden.graph.ort import make_session
+
+    model, x, y = setup
+    plain = make_session(model, opt_level="disable").run(None, {"x": x})[0]
+    tensors = [n.output[0] for n in model.graph.node if n.op_type == "Conv"]
+    ev = prepare_eval(model, x, y, tensors)  # one pass: golden scores and ranges
+    separate = prepare_eval(model, x, y, tensors, profile_inputs=x)  # golden run and profiling apart
+    assert ev.ranges == separate.ranges and all(v > 0 for v in ev.ranges.values())
+    assert np.array_equal(ev.ids, separate.ids) and np.array_equal(ev.top2diff, separate.top2diff)
+    assert np.array_equal(ev.golden_class, plain.argmax(axis=1)[ev.ids])
+
+
 def test_records_count_and_summary(setup, tmp_path: Path) -> None:
     path = tmp_path / "a.jsonl"
     summary = _run(setup, path)
