@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from harden.fi.exact_site import (
-    U32, RangePolicy, Site, activation_change, clamp32, clamp64, flip_bit, tensor_scale, weight_change,
+    U32, RangePolicy, Site, activation_change, clamp32, clamp64, flip_bit, flip_delta, tensor_scale, weight_change,
 )
 
 # Beyond this |Δ| a score may overflow float32 (max 3.4e38); such faults are recomputed in float32.
@@ -79,9 +79,7 @@ class _LinearSites:
         base = clamp64(self.raw, self.peak_out)
         kappa = (self.d + 2) * U32
 
-        def wdelta(ks: np.ndarray, bit: int) -> np.ndarray:
-            with np.errstate(all="ignore"):
-                return flip_bit(flat[ks], bit, self.fmt, scale, vpeak).astype(np.float64) - flat[ks]
+        wdelta = flip_delta(self.W, self.fmt, scale, vpeak)
 
         def delta(rows: slice, ks: np.ndarray, bit: int) -> tuple[np.ndarray, np.ndarray]:
             c, j = ks // self.d, ks % self.d
@@ -108,11 +106,10 @@ class _LinearSites:
         base = clamp64(self.raw, self.peak_out)
         kappa = 2 * U32
 
+        bdelta = flip_delta(self.b, self.fmt, scale, vpeak)
+
         def delta(rows: slice, ks: np.ndarray, bit: int) -> tuple[np.ndarray, np.ndarray]:
-            with np.errstate(all="ignore"):
-                change = np.broadcast_to(flip_bit(self.b[ks], bit, self.fmt, scale, vpeak).astype(np.float64)
-                                         - self.b[ks],
-                                         (len(self.f[rows]), len(ks)))
+            change = np.broadcast_to(bdelta(ks, bit), (len(self.f[rows]), len(ks)))
             return weight_change(self.raw[rows, ks], base[rows, ks], change, self.peak_out, self.tau[rows], kappa)
 
         def recompute(n: np.ndarray, k: np.ndarray, bit: int) -> np.ndarray:

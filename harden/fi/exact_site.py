@@ -140,6 +140,21 @@ def flip_bit(values: np.ndarray, bit: int, fmt: str, scale: float = 1.0, peak: f
     return clamp32(flip(flat, np.full(flat.size, bit), fmt, scale).reshape(values.shape), peak)
 
 
+def flip_delta(values: np.ndarray, fmt: str, scale: float = 1.0,
+               peak: float | None = None) -> Callable[[np.ndarray, int], np.ndarray]:
+    """δ(ks, bit): the float64 change that flipping `bit` makes to elements `ks` of a (flattened) weight tensor.
+
+    Every weight site's closed form and its pruning radius start from this one quantity.
+    """
+    flat = np.asarray(values, dtype=np.float32).ravel()
+
+    def delta(ks: np.ndarray, bit: int) -> np.ndarray:
+        with np.errstate(all="ignore"):
+            return flip_bit(flat[ks], bit, fmt, scale, peak).astype(np.float64) - flat[ks]
+
+    return delta
+
+
 def tensor_scale(values: np.ndarray, fmt: str) -> float:
     """The int8 scale a weight tensor is stored with (1 for float formats)."""
     return int8_scale(values) if fmt == "int8" else 1.0

@@ -21,7 +21,7 @@ import numpy as np
 
 from harden.fi.exact_linear import LOGIT_LIMIT, output_site
 from harden.fi.exact_site import (
-    U32, RangePolicy, Site, activation_change, clamp32, clamp64, flip_bit, tensor_scale, weight_change,
+    U32, RangePolicy, Site, activation_change, clamp32, clamp64, flip_bit, flip_delta, tensor_scale, weight_change,
 )
 
 # Below this |z'| the sum of squares in ‖z'‖ cannot overflow float32 (2⁶⁴ ≈ 1.8e19 squares to the limit).
@@ -117,9 +117,7 @@ class _TextSites:
         kappa = self.kz * self.wmax
         x = self.f64 if cols == self.d else np.ones((len(self.f), 1))
 
-        def wdelta(ks: np.ndarray, bit: int) -> np.ndarray:
-            with np.errstate(all="ignore"):
-                return flip_bit(flat[ks], bit, self.fmt, scale, vpeak).astype(np.float64) - flat[ks]
+        wdelta = flip_delta(values, self.fmt, scale, vpeak)
 
         def delta(rows: slice, ks: np.ndarray, bit: int) -> tuple[np.ndarray, np.ndarray]:
             e, j = ks // cols, ks % cols
@@ -229,9 +227,7 @@ class _TextSites:
         tau = kappa * np.max(np.abs(zn64) @ np.abs(self.W64).T, axis=1) + 2 * U32 * np.abs(raw).max(axis=1)
         mult = 1.0 if self.h.scale is None else float(self.h.scale)
 
-        def wdelta(ks: np.ndarray, bit: int) -> np.ndarray:
-            with np.errstate(all="ignore"):
-                return flip_bit(flat[ks], bit, self.fmt, scale, vpeak).astype(np.float64) - flat[ks]
+        wdelta = flip_delta(self.W, self.fmt, scale, vpeak)
 
         def delta(rows: slice, ks: np.ndarray, bit: int) -> tuple[np.ndarray, np.ndarray]:
             c, e = ks // self.E, ks % self.E
