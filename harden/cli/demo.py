@@ -15,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", default="auto", choices=["auto", "fashion-mnist", "mnist5k"],
                    help="auto: Fashion-MNIST when installed, else MNIST-5k")
     p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--train-limit", type=int, default=12_000, help="training images (0: all)")
+    p.add_argument("--train-limit", type=int, default=30_000, help="training images (0: all 60,000)")
     p.add_argument("--injections", type=int, default=300, help="injections per layer and model")
     p.add_argument("--certify-limit", type=int, default=500, help="test images drawn for certification")
     p.add_argument("--heads", nargs="+", default=["text", "random"], choices=["text", "random", "templates"],

@@ -60,7 +60,7 @@ class DemoConfig:
     dataset: str = "auto"
     arch: str = "tinyresnet"
     epochs: int = 3
-    train_limit: int | None = 12_000
+    train_limit: int | None = 30_000
     eval_limit: int = 2_000
     certify_limit: int = 500
     injections: int = 300
