@@ -21,9 +21,12 @@ from harden.errors import HardenError
 from harden.files import atomic_open
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)  # built once: a line per fault is encoded
+
+
 def dumps(obj: dict[str, Any]) -> str:
     """One compact JSON line; the same object always gives the same bytes."""
-    return json.dumps(obj, separators=(",", ":"), allow_nan=False)
+    return _ENCODER.encode(obj)
 
 
 def num(x: float) -> float | str:

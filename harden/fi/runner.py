@@ -204,6 +204,12 @@ def prefix_level(level: str) -> str:
     return "extended" if level == "all" else level
 
 
+def session_levels(level: str) -> dict[str, str]:
+    """What a campaign at `level` runs: the prefix's and the suffixes' ORT levels, and where goldens come from."""
+    golden = "prefix run" if level in SAME_KERNELS else "fault-free run of each site's suffix"
+    return {"prefix": prefix_level(level), "suffix": level, "golden": golden}
+
+
 def prefix_cache(info: GraphInfo, runners: Sequence[SiteRunner], x: np.ndarray,
                  config: CampaignConfig, threads: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """One fault-free run of `x` caching every tensor the runners' suffixes read; also the golden scores."""

@@ -192,6 +192,8 @@ def test_opt_level_all_takes_goldens_from_null_suffix_runs(setup, tmp_path: Path
     path = tmp_path / "all.jsonl"
     summary = _run(setup, path, opt_level="all", layers="c2,wf")
     assert summary.opt_level == "all" and summary.complete
+    assert summary.to_dict()["session_levels"] == {"prefix": "extended", "suffix": "all",
+                                                   "golden": "fault-free run of each site's suffix"}
     for r in JournalContents(path).records():
         assert r["golden_class"] == y[r["image"]]
 
