@@ -15,8 +15,10 @@ Public API (what `harden inject` and `harden certify` call):
 - `prepare_eval(model, inputs, labels, tensors, profile_inputs=None, ...) -> EvalSet`:
   golden run, keep correct images with Top2Diff > 0, profile ranges of `tensors`.
 - `run_campaign(model_path_or_proto, inputs, labels, config, out_jsonl, progress=True,
-  profile_inputs=None, fresh=False) -> CampaignSummary`: runs or resumes a campaign;
-  `inputs` are model-ready float32 arrays (see `harden.graph.model_input.model_inputs`).
+  profile_inputs=None, fresh=False, threads=0) -> CampaignSummary`: runs or resumes a campaign;
+  `inputs` are model-ready float32 arrays (see `harden.graph.model_input.model_inputs`);
+  `threads` is ORT's intra-op thread count (0: one per core; sessions never spin-wait),
+  which changes speed only, never a byte of the file.
 - `summarise_jsonl(path, confidence=None, ci=None) -> CampaignSummary` and
   `merge_shards(paths, out) -> CampaignSummary` (joins `--shard i/n` parts).
 - `CampaignSummary.layers: list[LayerResult]` (site, kind, node, op_type, elements,
@@ -33,8 +35,11 @@ Optimisation levels: faults always enter through the declared tensor, because
 every suffix is cut at it and the prefix exposes it, whatever the level. At
 'disable' (default), 'basic' and 'extended' the prefix's scores are each site's
 golden bit for bit; at 'all' (NCHWc layouts, about 2-3x faster on CPU) each
-site's golden comes from its own fault-free suffix run, so a null fault is still
-exactly the golden.
+site's golden comes from its own fault-free suffix run (once per site and cached
+image block), so a null fault is still exactly the golden; the summary's
+`session_levels` records the prefix's and the suffixes' levels. On the bench
+models 'all' gives the same SDC verdict for every fault as 'disable', but its
+recorded |Δloss| differs in the last bits, which is why it is not the default.
 """
 
 from harden.fi.config import CampaignConfig
