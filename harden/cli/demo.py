@@ -16,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="auto: Fashion-MNIST when installed, else MNIST-5k")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--train-limit", type=int, default=30_000, help="training images (0: all 60,000)")
-    p.add_argument("--injections", type=int, default=300, help="injections per layer and model")
+    p.add_argument("--injections", type=int, default=1000, help="injections per layer and model")
     p.add_argument("--certify-limit", type=int, default=500, help="test images drawn for certification")
     p.add_argument("--heads", nargs="+", default=["text", "random"], choices=["text", "random", "templates"],
                    help="heads compared with the baseline; 'templates' is the text head from CLIP templates "

@@ -63,7 +63,7 @@ class DemoConfig:
     train_limit: int | None = 30_000
     eval_limit: int = 2_000
     certify_limit: int = 500
-    injections: int = 300
+    injections: int = 1000
     heads: tuple[str, ...] = ("text", "random")
     protocols: tuple[str, ...] = PROTOCOLS
     encoder: str = "minilm"
