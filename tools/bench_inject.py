@@ -366,7 +366,7 @@ def report(args, net, onnx_path: Path, images: np.ndarray, levels: list[str], ru
     print(f"SDC counts identical across opt levels: {same_levels}")
     rows = []
     print(f"harden (opt={level}) vs PyTorchFI, same faults:")
-    print(f"{'layer':36s} {'harden SDC % [95% CI]':>26s} {'PyTorchFI SDC % [95% CI]':>26s}  overlap  same-verdict")
+    print(f"{'layer':46s} {'harden SDC % [95% CI]':>26s} {'PyTorchFI SDC % [95% CI]':>26s}  overlap  same-verdict")
     for layer in summary.layers:
         theirs = flags[layer.site]
         mine = [r["sdc"] for r in records if r["site"] == layer.site]
@@ -375,7 +375,7 @@ def report(args, net, onnx_path: Path, images: np.ndarray, levels: list[str], ru
         same = np.mean([a == b for a, b in zip(mine, theirs)])
         rows.append({"site": layer.site, "harden": layer.sdc.to_dict(), "pytorchfi": rate.to_dict(),
                      "overlap": overlap, "agreement": float(same)})
-        print(f"{layer.site[-36:]:36s} {100 * layer.sdc.value:7.2f} [{100 * layer.sdc.low:5.2f},{100 * layer.sdc.high:6.2f}]"
+        print(f"{layer.site[-46:]:46s} {100 * layer.sdc.value:7.2f} [{100 * layer.sdc.low:5.2f},{100 * layer.sdc.high:6.2f}]"
               f"    {100 * rate.value:7.2f} [{100 * rate.low:5.2f},{100 * rate.high:6.2f}]    {'yes' if overlap else 'NO':>5s}"
               f"  {100 * same:9.2f}%")
     (work / f"bench-{args.model}.json").write_text(json.dumps(
