@@ -1,10 +1,11 @@
 """The paper-style comparison table, computed from certification reports.
 
-The "final layer" of each model is the set of sites that the two graphs do not
-share: the baseline's Linear classifier against the text head's projection,
-normalisation and cosine layers (the backbones share node names, as both are
-exported from the same architecture). Rates over a set of layers are pooled:
-the SDC probability of one fault drawn uniformly over those layers' injections.
+The "final layer" of each model is its classifier head: every site whose node
+lies downstream of the features tensor that feeds the classifier (the
+baseline's Linear layer; the text head's projection, normalisation and cosine
+layers). It is found in the graph, not by name, because exporters number
+weights differently in every model. Rates over a set of layers are pooled: the
+SDC probability of one fault drawn uniformly over those layers' injections.
 """
 
 from __future__ import annotations
@@ -13,16 +14,42 @@ import math
 from typing import Any
 
 import numpy as np
+import onnx
 
+from harden.errors import HardenError
+from harden.fi.exact_onnx import locate_head
+from harden.fi.graphinfo import named_copy
 from harden.fi.stats import Rate, binomial_rate, ratio_interval
 from harden.fi.summary import CampaignSummary
+from harden.graph.locate import locate_classifier
+from harden.graph.onnx_io import load_model
 from harden.report.schema import Report
 
 
-def head_sites(model: CampaignSummary, other: CampaignSummary) -> list[str]:
-    """Sites of `model` that `other` lacks: its classifier head."""
-    theirs = {layer.site for layer in other.layers}
-    return [layer.site for layer in model.layers if layer.site not in theirs]
+def head_nodes(model: onnx.ModelProto) -> set[str]:
+    """Names of the nodes downstream of the classifier's input features."""
+    try:
+        features = locate_head(model).input
+    except HardenError:
+        features = locate_classifier(model).features
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    found: set[str] = set()
+    frontier = [features]
+    while frontier:
+        for node in consumers.get(frontier.pop(), []):
+            if node.name not in found:
+                found.add(node.name)
+                frontier.extend(node.output)
+    return found
+
+
+def head_sites(summary: CampaignSummary, model: onnx.ModelProto) -> list[str]:
+    """The campaign's sites that belong to the classifier head of `model`."""
+    nodes = head_nodes(named_copy(model))
+    return [layer.site for layer in summary.layers if layer.node in nodes]
 
 
 def pooled(summary: CampaignSummary, sites: list[str]) -> Rate:
@@ -44,8 +71,8 @@ def _finite(x: float) -> float | None:
 def comparison_row(name: str, report: Report) -> dict[str, Any]:
     """One row: accuracy, final-layer and overall SDC with improvements, exact head fractions, Top2Diff."""
     model, base = report.model("model"), report.model("baseline")
-    m_head = head_sites(model.campaign, base.campaign)
-    b_head = head_sites(base.campaign, model.campaign)
+    m_head = head_sites(model.campaign, load_model(model.path))
+    b_head = head_sites(base.campaign, load_model(base.path))
     m_last, b_last = pooled(model.campaign, m_head), pooled(base.campaign, b_head)
     m_all, b_all = pooled(model.campaign, [x.site for x in model.campaign.layers]), \
         pooled(base.campaign, [x.site for x in base.campaign.layers])
