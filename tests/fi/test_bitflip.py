@@ -51,6 +51,8 @@ def test_flipping_twice_restores_the_stored_bits(x: float, fmt: str, data: st.Da
     if not np.isfinite(once).all():
         return  # NaN payloads, and int8's -128 × a huge scale, do not survive float32
     twice = bitflip.flip(once, np.array([bit]), fmt, scale)
+    if not np.isfinite(twice).all():
+        return  # int8 codes times a scale near FLT_MAX/127 can round past float32's range
     np.testing.assert_array_equal(bitflip.encode(twice, fmt, scale), bitflip.encode(v, fmt, scale))
 
 

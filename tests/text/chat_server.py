@@ -74,19 +74,21 @@ class ChatServer:
                         time.sleep(reply.delay_s)
                     payload = reply.body if reply.body is not None else echo(index, body).body
                     data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-                    try:
-                        self.send_response(reply.status)
-                        self.send_header("Content-Type", "application/json")
-                        self.send_header("Content-Length", str(len(data)))
-                        for name, value in reply.headers.items():
-                            self.send_header(name, value)
-                        self.end_headers()
-                        self.wfile.write(data)
-                    except (BrokenPipeError, ConnectionResetError):
-                        pass  # the client gave up (a timeout test); nothing to report
                 finally:
+                    # Leave the in-flight count before answering: once the client has the reply it may send
+                    # its next request, which must not be counted as overlapping this one.
                     with server._lock:
                         server.inflight -= 1
+                try:
+                    self.send_response(reply.status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    for name, value in reply.headers.items():
+                        self.send_header(name, value)
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (a timeout test); nothing to report
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
