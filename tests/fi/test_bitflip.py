@@ -41,7 +41,7 @@ def test_bad_bits_and_formats_are_refused() -> None:
         bitflip.flip(np.float32([1.0]), np.array([0]), "fp8")
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, derandomize=True)
 @given(st.floats(width=32, allow_nan=False), st.sampled_from(["fp32", "fp16", "bf16", "int8"]), st.data())
 def test_flipping_twice_restores_the_stored_bits(x: float, fmt: str, data: st.DataObject) -> None:
     bit = data.draw(st.integers(0, bitflip.WIDTH[fmt] - 1))
