@@ -44,6 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(weights: ± the tensor's max |w|)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=64, help="images per prefix run and faults per suffix run")
+    p.add_argument("--threads", type=int, default=0,
+                   help="ONNX Runtime threads (default 0: one per core); results do not depend on it")
     p.add_argument("--cache-mb", type=float, default=1024.0,
                    help="memory for cached fault-free tensors (default 1024 MiB; fewer images per block if needed)")
     p.add_argument("--provider", action="append", help="ONNX Runtime provider (repeatable; default CPU)")
@@ -89,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
                                  data_seed=args.data_seed, profile=args.profile_data,
                                  profile_limit=args.profile_limit,
                                  preprocess=parse_preprocess(args.preprocess) if args.preprocess else None,
-                                 summary_path=args.summary, progress=not args.no_progress, fresh=args.fresh)
+                                 summary_path=args.summary, progress=not args.no_progress, fresh=args.fresh,
+                                 threads=args.threads)
     if args.json:
         print(json.dumps(summary.to_dict(), indent=2))
         return 0

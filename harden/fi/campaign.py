@@ -41,8 +41,11 @@ def inject_dataset(model_path: str | os.PathLike[str], data: str, config: Campai
                    out_jsonl: str | os.PathLike[str], limit: int | None = None, data_seed: int = 0,
                    profile: str | None = None, profile_limit: int | None = None,
                    preprocess: Preprocess | None = None, summary_path: str | os.PathLike[str] | None = None,
-                   progress: bool = True, fresh: bool = False) -> CampaignSummary:
-    """Load data, apply the model's preprocessing, run or resume the campaign and write its summary."""
+                   progress: bool = True, fresh: bool = False, threads: int = 0) -> CampaignSummary:
+    """Load data, apply the model's preprocessing, run or resume the campaign and write its summary.
+
+    threads: ONNX Runtime intra-op threads (0: one per core); results do not depend on it.
+    """
     if Path(out_jsonl).resolve() == Path(model_path).resolve():
         raise HardenError(f"refusing to overwrite the input {model_path}; choose another --out")
     model = load_model(model_path)
@@ -52,7 +55,7 @@ def inject_dataset(model_path: str | os.PathLike[str], data: str, config: Campai
     if profile is not None:
         profile_inputs = load_inputs(model, profile, profile_limit, data_seed, prep)[0]
     summary = run_campaign(model_path, inputs, labels, config, out_jsonl, progress=progress,
-                           profile_inputs=profile_inputs, fresh=fresh)
+                           profile_inputs=profile_inputs, fresh=fresh, threads=threads)
     write_summary(summary, summary_path or summary_path_for(out_jsonl))
     return summary
 

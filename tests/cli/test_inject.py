@@ -49,6 +49,9 @@ def test_campaign_summary_shard_and_merge(files, tmp_path: Path, capsys) -> None
     assert main(["inject", "--merge", str(tmp_path / "p0.jsonl"), str(tmp_path / "p1.jsonl"),
                  "--out", str(tmp_path / "m.jsonl"), "--json"]) == 0
     assert (tmp_path / "m.jsonl").read_bytes() == (tmp_path / "c.jsonl").read_bytes()
+    # The thread count is a speed knob only: one thread writes the same bytes.
+    assert main(["inject", *common, "--threads", "1", "--out", str(tmp_path / "t1.jsonl")]) == 0
+    assert (tmp_path / "t1.jsonl").read_bytes() == (tmp_path / "c.jsonl").read_bytes()
 
 
 def test_bad_inputs_give_one_line_errors(files, tmp_path: Path, capsys) -> None:
