@@ -125,7 +125,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         exact = f"{100 * ex['baseline']:.3f}% → {100 * ex['model']:.3f}% ({ratio}x)" if ex else "n/a"
         t2d = r["top2diff_mean"]
         lines.append(
-            f"| {r['name'].split('-vs-')[0]} vs baseline | {r['clamp']} | {100 * r['accuracy']['baseline']:.2f}% | "
+            f"| {r['name'].split('-clamp-')[0].replace('-vs-', ' vs ')} | {r['clamp']} | {100 * r['accuracy']['baseline']:.2f}% | "
             f"{100 * r['accuracy']['model']:.2f}% | {_pct(r['final_layer']['baseline'])} → "
             f"{_pct(r['final_layer']['model'])} | {_x(r['final_layer']['improvement'])} | {exact} | "
             f"{_pct(r['overall']['baseline'])} → {_pct(r['overall']['model'])} | {_x(r['overall']['improvement'])} | "
