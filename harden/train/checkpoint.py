@@ -98,8 +98,10 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # zip, pickle and torch errors all mean "not a checkpoint"
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise HardenError(f"{path}: not a readable harden checkpoint ({first[:200]})") from err
+        # torch's own text for a non-checkpoint file is advice about weights_only, which would mislead
+        # here; name the failure instead.
+        raise HardenError(f"{path}: not a readable harden checkpoint (expected a .pt file written by "
+                          f"`harden finetune`; torch.load failed with {type(err).__name__})") from err
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise HardenError(f"{path}: not a harden finetune checkpoint")
     if raw.get("format_version") != FORMAT_VERSION:
