@@ -30,6 +30,18 @@ def _aflip(values: np.ndarray, base: np.ndarray, k: int, bit: int, fmt: str, pol
     return out
 
 
+def _count_faults(width: int, size: int, forward, top1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # type: ignore[no-untyped-def]
+    """(SDC per bit, non-finite per bit) over every element k and bit of one site, by full forward passes."""
+    sdc, nf = np.zeros(width, np.int64), np.zeros(width, np.int64)
+    with np.errstate(all="ignore"):
+        for bit in range(width):
+            for k in range(size):
+                s, d = fault_outcome(forward(k, bit), top1)
+                sdc[bit] += s.sum()
+                nf[bit] += d.sum()
+    return sdc, nf
+
+
 def brute_linear(h: LinearHead, f: np.ndarray, fmt: str, policy: RangePolicy) -> dict[str, tuple[np.ndarray, ...]]:
     """{role: (sdc per bit, non-finite per bit)} by full forward passes."""
     tp = policy.tensor_peak
@@ -40,14 +52,7 @@ def brute_linear(h: LinearHead, f: np.ndarray, fmt: str, policy: RangePolicy) ->
     out: dict[str, tuple[np.ndarray, ...]] = {}
 
     def count(role: str, size: int, forward) -> None:  # type: ignore[no-untyped-def]
-        sdc, nf = np.zeros(width, np.int64), np.zeros(width, np.int64)
-        with np.errstate(all="ignore"):
-            for bit in range(width):
-                for k in range(size):
-                    s, d = fault_outcome(forward(k, bit), top1)
-                    sdc[bit] += s.sum()
-                    nf[bit] += d.sum()
-        out[role] = (sdc, nf)
+        out[role] = _count_faults(width, size, forward, top1)
 
     count("weight", h.weight.size, lambda k, bit: clamp32(f @ _wflip(h.weight, k, bit, fmt, policy).T + b,
                                                            tp(h.output)))
@@ -84,14 +89,7 @@ def brute_text(h: TextHead, f: np.ndarray, fmt: str, policy: RangePolicy) -> dic
         return cc if h.scale is None else (cc * np.float32(h.scale)).astype(np.float32)
 
     def count(role: str, size: int, forward) -> None:  # type: ignore[no-untyped-def]
-        sdc, nf = np.zeros(width, np.int64), np.zeros(width, np.int64)
-        with np.errstate(all="ignore"):
-            for bit in range(width):
-                for k in range(size):
-                    s, d = fault_outcome(forward(k, bit), top1)
-                    sdc[bit] += s.sum()
-                    nf[bit] += d.sum()
-        out[role] = (sdc, nf)
+        out[role] = _count_faults(width, size, forward, top1)
 
     P, b, W = h.proj_weight, h.proj_bias, h.weight
     count("proj_weight", P.size, lambda k, bit: head(f, _wflip(P, k, bit, fmt, policy), b, W, True, False))
