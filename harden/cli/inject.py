@@ -11,7 +11,7 @@ import json
 from harden.data import SPEC_HELP
 from harden.errors import HardenError
 from harden.fi.bitflip import WIDTH
-from harden.fi.config import CampaignConfig, parse_shard
+from harden.fi.config import ENGINES, CampaignConfig, parse_shard
 from harden.fi.faults import MODELS, FaultModel, parse_bits
 from harden.graph.model_input import PREPROCESS_HELP, parse_preprocess
 from harden.graph.ort import OPT_LEVELS
@@ -49,7 +49,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-mb", type=float, default=1024.0,
                    help="memory for cached fault-free tensors (default 1024 MiB; fewer images per block if needed)")
     p.add_argument("--provider", action="append", help="ONNX Runtime provider (repeatable; default CPU)")
-    p.add_argument("--opt-level", choices=sorted(OPT_LEVELS), default="disable", help="graph optimisation level")
+    p.add_argument("--engine", choices=ENGINES, default="cone",
+                   help="activation faults: cone (default) recomputes only the windows a fault reaches, node by "
+                        "node; suffix reruns the whole downstream graph at --opt-level")
+    p.add_argument("--opt-level", choices=sorted(OPT_LEVELS), default="disable",
+                   help="graph optimisation level of the suffix engine (weight faults, --engine suffix)")
     p.add_argument("--confidence", type=float, default=0.95)
     p.add_argument("--ci", choices=("wilson", "clopper-pearson"), default="wilson")
     p.add_argument("--shard", help="run part i of n: i/n")
@@ -86,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
             fault=FaultModel(args.fault, args.fmt, parse_bits(args.bits), args.flips), clamp=args.clamp,
             seed=args.seed, batch=args.batch, cache_mb=args.cache_mb, providers=tuple(args.provider or ["CPUExecutionProvider"]),
             opt_level=args.opt_level, confidence=args.confidence, ci=args.ci, all_tensors=args.all_tensors,
-            shard=parse_shard(args.shard))
+            shard=parse_shard(args.shard), engine=args.engine)
         summary = inject_dataset(args.model, args.data, config, args.out, limit=args.limit,
                                  data_seed=args.data_seed, profile=args.profile_data,
                                  profile_limit=args.profile_limit,
@@ -97,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(summary.to_dict(), indent=2))
         return 0
     ev = summary.evaluation
-    print(f"images: {ev['kept']} kept of {ev['total']} ({ev['correct']} correct); opt level {summary.opt_level}; "
+    print(f"images: {ev['kept']} kept of {ev['total']} ({ev['correct']} correct); engine {summary.config.engine}, "
+          f"opt level {summary.opt_level}; "
           f"{summary.config.fault.kind} {summary.config.fault.fmt}; shards {summary.shards_done}/{summary.total_shards}")
     print(summary.table())
     if args.by_bit:

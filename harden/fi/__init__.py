@@ -11,7 +11,7 @@ Public API (what `harden inject` and `harden certify` call):
   'last' (the classifier node), names (site, tensor or node) or 're:REGEX', comma-separated.
 - `FaultModel(kind='flip'|'stuck-at-0'|'stuck-at-1'|'random', fmt='fp32'|'fp16'|'bf16'|'int8', bits=None, k=1)`.
 - `CampaignConfig(...)`: layers, kinds, injections or margin, fault, clamp, seed,
-  batch, providers, opt_level, confidence, ci, all_tensors, shard; `to_dict`/`from_dict`.
+  batch, providers, opt_level, confidence, ci, all_tensors, shard, engine; `to_dict`/`from_dict`.
 - `prepare_eval(model, inputs, labels, tensors, profile_inputs=None, ...) -> EvalSet`:
   golden run, keep correct images with Top2Diff > 0, profile ranges of `tensors`.
 - `run_campaign(model_path_or_proto, inputs, labels, config, out_jsonl, progress=True,
@@ -27,9 +27,19 @@ Public API (what `harden inject` and `harden certify` call):
 - Slow references for tests and audits: `harden.fi.reference` (`activation_full`,
   `weight_full`: whole-model runs with a spliced Where node or a changed initializer).
 
-Engine layout: `plan` (shards and their seeds), `runner` (one site: suffix,
-weight deltas from `weights`, exact masking), `engine` (campaign loop),
+Engine layout: `plan` (shards and their seeds), `runner` (one site: suffix or
+cone, weight deltas from `weights`, exact masking), `engine` (campaign loop),
 `journal` (resumable JSONL), `summary` (per-layer results).
+
+Two engines run activation faults (`CampaignConfig.engine`). `cone` (default)
+walks the nodes downstream of the site one at a time (`nodes`: single-node
+sessions at level 'all') on per-row windows (`window`): pointwise ops and
+channel concats run on the window, Conv and pooling on a crop of the padded
+golden input, anything else on whole tensors; rows whose only faulty value has
+become bit-identical to the golden are finished early with the golden scores.
+Golden tensors and scores come from a node-by-node run of the same kernels, so
+the cone's results equal a whole-graph run bit for bit (tested). `suffix` runs
+the extracted downstream subgraph at `opt_level`; weight faults always do.
 
 Optimisation levels: faults always enter through the declared tensor, because
 every suffix is cut at it and the prefix exposes it, whatever the level. At

@@ -12,6 +12,8 @@ from harden.errors import HardenError
 from harden.fi.faults import FaultModel
 from harden.graph.ort import OPT_LEVELS
 
+ENGINES = ("cone", "suffix")
+
 
 @dataclass(frozen=True)
 class CampaignConfig:
@@ -23,6 +25,10 @@ class CampaignConfig:
     `cache_images` images have their crossing tensors cached at a time, fewer
     when those tensors would take more than `cache_mb` MiB. `shard` is
     (i, n): run only shards whose index ≡ i (mod n); None runs all.
+    `engine` says how an activation fault is propagated: 'cone' recomputes
+    only the windows it can reach, node by node (harden.fi.cone); 'suffix'
+    reruns the whole downstream graph at `opt_level` (harden.fi.suffix).
+    Weight faults always take the suffix path.
     """
 
     layers: str = "all"
@@ -41,8 +47,11 @@ class CampaignConfig:
     ci: str = "wilson"
     all_tensors: bool = False
     shard: tuple[int, int] | None = None
+    engine: str = "cone"
 
     def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise HardenError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.clamp not in ("none", "range"):
             raise HardenError(f"--clamp must be none or range, got {self.clamp!r}")
         if self.injections < 1:
@@ -78,6 +87,7 @@ class CampaignConfig:
         d["kinds"] = tuple(d["kinds"])  # type: ignore[arg-type]
         d["providers"] = tuple(d["providers"])  # type: ignore[arg-type]
         d["shard"] = None if d.get("shard") is None else tuple(d["shard"])  # type: ignore[arg-type]
+        d.setdefault("engine", "suffix")  # files written before the cone engine existed
         return cls(**d)  # type: ignore[arg-type]
 
 

@@ -21,9 +21,11 @@ import numpy as np
 import onnx
 
 from harden.errors import HardenError
+from harden.fi.cone import Cone, GoldenBlock
 from harden.fi.config import CampaignConfig
 from harden.fi.graphinfo import GraphInfo
 from harden.fi.journal import Journal, JournalContents, num
+from harden.fi.nodes import NODE_LEVEL, NodeSessions, golden_pass
 from harden.fi.outcome import nonfinite_rows, top1_class
 from harden.fi.plan import Shard, block_bounds, injections_per_site, plan_shards, shard_rng, shard_rows
 from harden.fi.prepare import EvalSet, prepare_eval
@@ -68,6 +70,9 @@ def cache_block_images(info: GraphInfo, sites: Sequence[Site], config: CampaignC
     """
     names: set[str] = set()
     for site in sites:
+        if config.engine == "cone" and site.kind == "activation":
+            names.update(Cone(info, None, site.tensor).needs())
+            continue
         node = info.nodes[info.node_index[site.via or site.node]]
         names.update(info.cut(site.tensor if site.kind == "activation" else node.output[0]))
         if site.kind == "weight":
@@ -90,8 +95,10 @@ def run_campaign(model: str | os.PathLike[str] | onnx.ModelProto, inputs: np.nda
     info = GraphInfo(proto, example=inputs[:1], providers=config.providers)
     sites = select_sites(list_sites(info, config.all_tensors), config.layers, config.kinds)
     act = [s.tensor for s in sites if s.kind == "activation"]
+    # the cone engine's goldens come from level-'all' kernels, so its evaluation pass runs at 'all' too
+    eval_level = NODE_LEVEL if config.engine == "cone" and act else config.opt_level
     ev = prepare_eval(info.model, inputs, labels, act, profile_inputs, config.batch, config.providers,
-                      config.opt_level, threads)
+                      eval_level, threads)
     if info.fixed_batch not in (None, 1):
         raise HardenError(f"the model input has a fixed batch of {info.fixed_batch}; export it with a dynamic "
                           "(or unit) batch dimension")
@@ -127,43 +134,58 @@ def _execute(info: GraphInfo, sites: Sequence[Site], ev: EvalSet, config: Campai
 
     by_name = {s.name: s for s in sites}
     suffixes: dict[str, Suffix] = {}
-    runners = {name: SiteRunner(info, by_name[name], config, ev.ranges, suffixes, threads)
+    sessions = NodeSessions(info, config.providers, threads) if config.engine == "cone" else None
+    runners = {name: SiteRunner(info, by_name[name], config, ev.ranges, suffixes, threads, sessions)
                for name in dict.fromkeys(s.site for s in todo)}
     exposed = sorted(set().union(*(r.needs for r in runners.values())) - {info.input_name})
     prefix = make_session(expose(info.model, exposed), config.providers, opt_level=prefix_level(config.opt_level),
                           threads=threads, spinning=False)
+    cone_keep = set().union(*(r.cone.needs() for r in runners.values() if r.cone is not None))
     bar = tqdm(total=sum(s.count for s in todo), unit="inj", disable=not progress, file=sys.stderr,
                desc="inject", dynamic_ncols=True)
     try:
         for block in sorted({s.block for s in todo}):
             shards = [s for s in todo if s.block == block]
             lo, hi = block_bounds(block, len(ev.ids), block_images)
-            names = sorted(set().union(*(runners[s.site].needs for s in shards)) - {info.input_name})
             x = ev.inputs[lo:hi]
-            scores: list[np.ndarray] = []
-            parts: list[list[np.ndarray]] = [[] for _ in names]
             step = info.fixed_batch or config.batch
-            for start in range(0, hi - lo, step):
-                values = prefix.run([info.scores, *names], {info.input_name: x[start:start + step]})
-                scores.append(values[0])
-                for acc, v in zip(parts, values[1:]):
-                    acc.append(v)
-            cache = {name: np.concatenate(acc) for name, acc in zip(names, parts)}
-            cache[info.input_name] = x
-            prefix_scores = np.concatenate(scores)
+            if any(runners[s.site].cone is None for s in shards):
+                cache, prefix_scores = _prefix_block(info, prefix, x, step,
+                                                     set().union(*(runners[s.site].needs for s in shards)))
+            if sessions is not None and any(runners[s.site].cone is not None for s in shards):
+                nodes = GoldenBlock(golden_pass(sessions, x, step, cone_keep))
             goldens: dict[str, np.ndarray] = {}
             for shard in shards:
                 rows = shard_rows(shard, hi - lo)
                 runner = runners[shard.site]
-                if config.opt_level not in SAME_KERNELS and shard.site not in goldens:
-                    goldens[shard.site] = runner.null_scores(cache, hi - lo)
-                golden_scores = goldens.get(shard.site, prefix_scores)[rows]
-                res = runner.inject(cache, rows, shard_rng(config.seed, shard.site, shard), golden_scores)
+                if runner.cone is not None:
+                    source, golden_scores = nodes, nodes[info.scores][rows]
+                else:
+                    if config.opt_level not in SAME_KERNELS and shard.site not in goldens:
+                        goldens[shard.site] = runner.null_scores(cache, hi - lo)
+                    source, golden_scores = cache, goldens.get(shard.site, prefix_scores)[rows]
+                res = runner.inject(source, rows, shard_rng(config.seed, shard.site, shard), golden_scores)
                 records = _records(shard, runner.site, res, golden_scores, ev.ids[lo + rows], ev.probabilities)
                 journal.append(shard.index, shard.site, records)
                 bar.update(shard.count)
     finally:
         bar.close()
+
+
+def _prefix_block(info: GraphInfo, prefix: Any, x: np.ndarray, step: int,
+                  needs: set[str]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """One fault-free run of a block's images through the prefix session: the cached tensors and the scores."""
+    names = sorted(needs - {info.input_name})
+    scores: list[np.ndarray] = []
+    parts: list[list[np.ndarray]] = [[] for _ in names]
+    for start in range(0, len(x), step):
+        values = prefix.run([info.scores, *names], {info.input_name: x[start:start + step]})
+        scores.append(values[0])
+        for acc, v in zip(parts, values[1:]):
+            acc.append(v)
+    cache = {name: np.concatenate(acc) for name, acc in zip(names, parts)}
+    cache[info.input_name] = x
+    return cache, np.concatenate(scores)
 
 
 def _records(shard: Shard, site: Site, res: dict[str, np.ndarray], golden_scores: np.ndarray,

@@ -151,6 +151,20 @@ class GraphInfo:
                 stack.extend(self.consumers.get(out, []))
         return found
 
+    def suffix_nodes(self, tensor: str) -> set[int]:
+        """The nodes a suffix from `tensor` runs: those downstream of it, plus the producers of the shape
+        arithmetic they read (which has no batch axis, so it cannot be cached per image and re-batched)."""
+        nodes = self.downstream_nodes(tensor)
+        while True:
+            produced = {o for i in nodes for o in self.nodes[i].output}
+            fed = {inp for i in nodes for inp in self.nodes[i].input
+                   if inp and inp not in produced and inp not in self.constants_initializers() and inp != tensor}
+            pull = [t for t in fed if t in self.producer and not self.tensors[t].batched
+                    and self.nodes[self.producer[t]].op_type != "Constant"]
+            if not pull:
+                return nodes
+            nodes.update(self.producer[t] for t in pull)
+
     def cut(self, tensor: str) -> list[str]:
         """Tensors a suffix starting at `tensor` must be fed: `tensor` plus everything its nodes read from outside.
 
@@ -159,17 +173,11 @@ class GraphInfo:
         re-batched, so its producer joins the suffix, until every fed tensor is
         per-image.
         """
-        nodes = self.downstream_nodes(tensor)
-        while True:
-            produced = {o for i in nodes for o in self.nodes[i].output}
-            fed = {inp for i in nodes for inp in self.nodes[i].input
-                   if inp and inp not in produced and inp not in self.constants_initializers()}
-            fed.discard(tensor)
-            pull = [t for t in fed if t in self.producer and not self.tensors[t].batched
-                    and self.nodes[self.producer[t]].op_type != "Constant"]
-            if not pull:
-                break
-            nodes.update(self.producer[t] for t in pull)
+        nodes = self.suffix_nodes(tensor)
+        produced = {o for i in nodes for o in self.nodes[i].output}
+        fed = {inp for i in nodes for inp in self.nodes[i].input
+               if inp and inp not in produced and inp not in self.constants_initializers()}
+        fed.discard(tensor)
         constant_outputs = {t for t in fed if t in self.producer and self.nodes[self.producer[t]].op_type == "Constant"}
         return [tensor, *sorted(fed - constant_outputs)]
 

@@ -14,9 +14,11 @@ import numpy as np
 
 from harden.errors import HardenError
 from harden.fi.bitflip import int8_scale
+from harden.fi.cone import Cone, GoldenBlock
 from harden.fi.config import CampaignConfig
 from harden.fi.graphinfo import GraphInfo
 from harden.fi.profile import clamp_to_range
+from harden.fi.nodes import NODE_LEVEL, NodeSessions
 from harden.fi.sites import Site
 from harden.fi.suffix import Suffix
 from harden.fi.weights import NodeRerun, conv_delta, gemm_delta, matmul_delta
@@ -37,19 +39,24 @@ class SiteRunner:
     """Everything needed to inject into one site: its suffix and, for weights, the layer's fast path."""
 
     def __init__(self, info: GraphInfo, site: Site, config: CampaignConfig, ranges: dict[str, float],
-                 suffixes: dict[str, Suffix], threads: int = 0) -> None:
+                 suffixes: dict[str, Suffix], threads: int = 0, sessions: NodeSessions | None = None) -> None:
         self.site, self.config = site, config
         self.fixed_batch = info.fixed_batch
         node = info.nodes[info.node_index[site.node]]
         self.node = node
         self.via = info.nodes[info.node_index[site.via]] if site.via else None
         self.out = site.tensor if site.kind == "activation" else (self.via or node).output[0]
-        if self.out not in suffixes:
-            suffixes[self.out] = Suffix(info, self.out, config.providers, config.opt_level, threads)
-        self.suffix = suffixes[self.out]
-        self.needs = set(self.suffix.inputs)
+        # the cone engine takes activation faults; its golden tensors come from a node-by-node run, not the prefix
+        self.cone = Cone(info, sessions, site.tensor) if sessions is not None and site.kind == "activation" else None
+        if self.cone is not None:
+            self.needs: set[str] = set()
+        else:
+            if self.out not in suffixes:
+                suffixes[self.out] = Suffix(info, self.out, config.providers, config.opt_level, threads)
+            self.suffix = suffixes[self.out]
+            self.needs = set(self.suffix.inputs)
         self.relu_only, self.add_other = _relu_masking(info, site)
-        if self.add_other not in self.suffix.inputs:  # the skip operand must be fault-free and cached
+        if self.cone is None and self.add_other not in self.suffix.inputs:  # the skip operand must be cached
             self.add_other = None
         if site.kind == "activation":
             self.peak = float(ranges.get(site.tensor, 0.0))
@@ -129,8 +136,17 @@ class SiteRunner:
                 out = np.array(golden_scores, copy=True)
                 live = ~skip
                 if live.any():
-                    out[live] = self.scores(cache, r[live], elems[live], golden[live], faulty[live])
+                    out[live] = self._run(cache, r[live], elems[live], golden[live], faulty[live],
+                                          out[live])
                 return out
+        return self._run(cache, r, elems, golden, faulty, golden_scores)
+
+    def _run(self, cache: dict[str, np.ndarray], r: np.ndarray, elems: np.ndarray, golden: np.ndarray,
+             faulty: np.ndarray, golden_scores: np.ndarray | None) -> np.ndarray:
+        """Scores of rows that need a run: through the cone engine, or the suffix."""
+        if self.cone is not None:
+            assert isinstance(cache, GoldenBlock) and golden_scores is not None
+            return self.cone.scores(cache, r, elems, faulty, golden_scores)[0]
         # contiguous rows (the usual case) are fed as views; only the corrupted tensor is copied
         pick: slice | np.ndarray = slice(int(r[0]), int(r[-1]) + 1) if len(r) and r[-1] - r[0] == len(r) - 1 else r
         feeds = {k: cache[k][pick] for k in self.suffix.inputs}
@@ -204,10 +220,15 @@ def prefix_level(level: str) -> str:
     return "extended" if level == "all" else level
 
 
-def session_levels(level: str) -> dict[str, str]:
-    """What a campaign at `level` runs: the prefix's and the suffixes' ORT levels, and where goldens come from."""
+def session_levels(level: str, engine: str = "suffix") -> dict[str, str]:
+    """What a campaign runs: the prefix's and the suffixes' ORT levels, where goldens come from, and for the
+    cone engine how activation faults are run."""
     golden = "prefix run" if level in SAME_KERNELS else "fault-free run of each site's suffix"
-    return {"prefix": prefix_level(level), "suffix": level, "golden": golden}
+    levels = {"prefix": prefix_level(level), "suffix": level, "golden": golden}
+    if engine == "cone":
+        levels["activations"] = (f"cone engine: single-node sessions at level {NODE_LEVEL}, golden from a "
+                                 "node-by-node run")
+    return levels
 
 
 def prefix_cache(info: GraphInfo, runners: Sequence[SiteRunner], x: np.ndarray,

@@ -78,7 +78,7 @@ class CampaignSummary:
         from harden.fi.runner import session_levels
 
         return {"model_sha256": self.model_sha256, "config": self.config.to_dict(), "opt_level": self.opt_level,
-                "session_levels": session_levels(self.opt_level),
+                "session_levels": session_levels(self.opt_level, self.config.engine),
                 "packages": self.packages, "evaluation": self.evaluation,
                 "layers": [layer.to_dict() for layer in self.layers], "shards_done": self.shards_done,
                 "total_shards": self.total_shards, "complete": self.complete, "seconds": self.seconds,

@@ -190,12 +190,22 @@ def test_clamp_range_bounds_faulty_values(setup, tmp_path: Path) -> None:
 def test_opt_level_all_takes_goldens_from_null_suffix_runs(setup, tmp_path: Path) -> None:
     model, x, y = setup
     path = tmp_path / "all.jsonl"
-    summary = _run(setup, path, opt_level="all", layers="c2,wf")
+    summary = _run(setup, path, opt_level="all", layers="c2,wf", engine="suffix")
     assert summary.opt_level == "all" and summary.complete
     assert summary.to_dict()["session_levels"] == {"prefix": "extended", "suffix": "all",
                                                    "golden": "fault-free run of each site's suffix"}
     for r in JournalContents(path).records():
         assert r["golden_class"] == y[r["image"]]
+
+
+def test_cone_engine_is_the_default_and_recorded(setup, tmp_path: Path) -> None:
+    summary = _run(setup, tmp_path / "cone.jsonl", layers="c1,w1")
+    levels = summary.to_dict()["session_levels"]
+    assert summary.config.engine == "cone" and "cone engine" in levels["activations"]
+    assert levels["suffix"] == "disable"  # the weight site still takes the suffix path
+    old = summary.config.to_dict()
+    del old["engine"]  # a file written before the engine existed resumes as the suffix engine it was
+    assert CampaignConfig.from_dict(old).engine == "suffix"
 
 
 def test_probability_outputs_use_probabilities_directly(setup, tmp_path: Path) -> None:

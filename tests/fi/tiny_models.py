@@ -73,3 +73,58 @@ def labelled_inputs(model: onnx.ModelProto, n: int, seed: int = 1) -> tuple[np.n
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     y = np.argmax(sess.run(None, {"x": x})[0], axis=1).astype(np.int64)
     return x, y
+
+
+def windowed_cnn(seed: int = 0, classes: int = 4, squeeze: bool = False) -> onnx.ModelProto:
+    """A 16×16 net with every op the cone engine windows, so that windows stay smaller than the maps.
+
+    conv (pad 1) → BatchNorm → Relu → MaxPool (3×3, stride 2, pad 1, ceil mode) → [dilated conv ‖ AveragePool
+    (count_include_pad)] → Concat → Add (per-channel constant) → Clip → 1×1 conv (stride 2) → Relu → global
+    pool → flatten → gemm. With `squeeze`, a squeeze-and-excitation gate (global pool → Sigmoid → Mul) after
+    the Concat sends the fault through a whole-tensor op in the middle.
+    """
+    rng = np.random.default_rng(seed)
+    nodes = [
+        helper.make_node("Conv", ["x", "w0", "b0"], ["c0"], name="conv0", pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c0", "g", "beta", "mean", "var"], ["n0"], name="bn"),
+        helper.make_node("Relu", ["n0"], ["r0"], name="relu0"),
+        helper.make_node("MaxPool", ["r0"], ["m"], name="pool", kernel_shape=[3, 3], strides=[2, 2],
+                         pads=[1, 1, 1, 1], ceil_mode=1),
+        helper.make_node("Conv", ["m", "w1"], ["c1"], name="conv1", dilations=[2, 2], pads=[2, 1, 2, 3],
+                         kernel_shape=[3, 3]),
+        helper.make_node("AveragePool", ["m"], ["a"], name="avg", kernel_shape=[3, 3], pads=[1, 1, 1, 1],
+                         count_include_pad=1),
+        helper.make_node("Concat", ["c1", "a"], ["cat"], name="cat", axis=1),
+    ]
+    top = "cat"
+    if squeeze:
+        nodes += [helper.make_node("GlobalAveragePool", ["cat"], ["se_gap"], name="se_gap"),
+                  helper.make_node("Sigmoid", ["se_gap"], ["se"], name="se_sigmoid"),
+                  helper.make_node("Mul", ["cat", "se"], ["gated"], name="se_mul")]
+        top = "gated"
+    nodes += [
+        helper.make_node("Add", [top, "shift"], ["shifted"], name="shift"),
+        helper.make_node("Clip", ["shifted", "lo", "hi"], ["clipped"], name="clip"),
+        helper.make_node("Conv", ["clipped", "w2", "b2"], ["c2"], name="conv2", strides=[2, 2]),
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("GlobalAveragePool", ["r2"], ["gap"], name="gap"),
+        helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"),
+        helper.make_node("Gemm", ["flat", "wf", "bf"], ["logits"], name="fc", transB=1),
+    ]
+    inits = [
+        _init("w0", rng, 4, 2, 3, 3), _init("b0", rng, 4, scale=0.1),
+        numpy_helper.from_array((1 + 0.1 * rng.standard_normal(4)).astype(np.float32), "g"),
+        _init("beta", rng, 4, scale=0.1), _init("mean", rng, 4, scale=0.1),
+        numpy_helper.from_array((1 + rng.random(4)).astype(np.float32), "var"),
+        _init("w1", rng, 4, 4, 3, 3),
+        _init("shift", rng, 1, 8, 1, 1, scale=0.3),
+        numpy_helper.from_array(np.array(0.0, np.float32), "lo"), numpy_helper.from_array(np.array(6.0, np.float32), "hi"),
+        _init("w2", rng, 6, 8, 1, 1), _init("b2", rng, 6, scale=0.1),
+        _init("wf", rng, classes, 6, scale=1.0), _init("bf", rng, classes, scale=0.1),
+    ]
+    graph = helper.make_graph(nodes, "windowed", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 16, 16])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model

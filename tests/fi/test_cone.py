@@ -1,0 +1,160 @@
+"""The cone-of-influence engine against whole-tensor runs of the same kernels, and its window geometry."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from harden.fi.engine import run_campaign
+from harden.fi.cone import Cone, GoldenBlock
+from harden.fi.config import CampaignConfig
+from harden.fi.graphinfo import GraphInfo
+from harden.fi.journal import JournalContents
+from harden.fi.nodes import NodeSessions, golden_pass
+from harden.fi.sites import list_sites
+from harden.fi.window import Axis
+from tests.fi.tiny_models import labelled_inputs, residual_cnn, windowed_cnn
+
+
+def _whole_graph(info: GraphInfo, sessions: NodeSessions, x: np.ndarray, tensor: str, elem: int,
+                 value: np.float32) -> np.ndarray:
+    """Scores of one image with one element of `tensor` replaced, every node run on whole tensors."""
+    values = {info.input_name: x[None]}
+    for i, node in enumerate(info.nodes):
+        values.update(sessions.run(i, values))
+        if tensor in node.output:
+            t = values[tensor].copy()
+            t.reshape(-1)[elem] = value
+            values[tensor] = t
+    return values[info.scores][0]
+
+
+def _faults(rng: np.random.Generator, golden: np.ndarray) -> np.ndarray:
+    """Faulty values of every kind: bit flips of the golden value (sign, exponent, mantissa), NaN and ±inf."""
+    bits = rng.integers(0, 32, len(golden)).astype(np.uint32)
+    flipped = (golden.astype(np.float32).view(np.uint32) ^ (np.uint32(1) << bits)).view(np.float32)
+    special = rng.choice(np.array([np.nan, np.inf, -np.inf, 1e30], dtype=np.float32), len(golden))
+    return np.where(rng.random(len(golden)) < 0.1, special, flipped).astype(np.float32)
+
+
+@pytest.mark.parametrize("make", [lambda: windowed_cnn(), lambda: windowed_cnn(squeeze=True),
+                                  lambda: residual_cnn(stride=2), lambda: residual_cnn(dilation=2, group=2)],
+                         ids=["windowed", "squeeze", "residual-stride2", "residual-dilated-grouped"])
+def test_cone_equals_the_whole_graph_bit_for_bit(make) -> None:  # type: ignore[no-untyped-def]
+    """Every activation site, random positions (borders included) and faults: identical score bits."""
+    model = make()
+    x, _ = labelled_inputs(model, 5)
+    info = GraphInfo(model, example=x[:1])
+    sessions = NodeSessions(info, ["CPUExecutionProvider"], threads=1)
+    golden = GoldenBlock(golden_pass(sessions, x, batch=2))
+    rng = np.random.default_rng(0)
+    for site in [s for s in list_sites(info) if s.kind == "activation"]:
+        cone = Cone(info, sessions, site.tensor)
+        rows = rng.integers(0, len(x), 40)
+        elems = rng.integers(0, site.elements, 40)
+        faulty = _faults(rng, golden[site.tensor].reshape(len(x), -1)[rows, elems])
+        got, _ = cone.scores(golden, rows, elems, faulty, golden[info.scores][rows])
+        want = np.stack([_whole_graph(info, sessions, x[r], site.tensor, e, f) for r, e, f in zip(rows, elems, faulty)])
+        assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), site.name
+
+
+def test_golden_pass_scores_match_the_plain_model() -> None:
+    """Node by node at level 'all' is the model: its scores equal a plain session's to float rounding."""
+    from harden.graph.ort import make_session
+
+    model = windowed_cnn()
+    x, _ = labelled_inputs(model, 6)
+    info = GraphInfo(model, example=x[:1])
+    golden = golden_pass(NodeSessions(info, ["CPUExecutionProvider"]), x, batch=4)
+    plain = make_session(model, opt_level="disable").run(None, {"x": x})[0]
+    np.testing.assert_allclose(golden[info.scores], plain, rtol=1e-5, atol=1e-5)
+    assert set(golden) >= {n.output[0] for n in info.nodes}
+
+
+def test_masked_faults_end_early_with_golden_scores() -> None:
+    """A null fault, or a negative value that stays negative before a Relu, ends at the first check."""
+    model = windowed_cnn()
+    x, _ = labelled_inputs(model, 4)
+    info = GraphInfo(model, example=x[:1])
+    sessions = NodeSessions(info, ["CPUExecutionProvider"])
+    golden = GoldenBlock(golden_pass(sessions, x, batch=4))
+    cone = Cone(info, sessions, "n0")  # BatchNorm output, read only by a Relu
+    values = golden["n0"].reshape(len(x), -1)
+    rows = np.repeat(np.arange(len(x)), 8)
+    elems = np.concatenate([np.flatnonzero(values[r] < 0)[:8] for r in range(len(x))])
+    faulty = values[rows, elems] * np.float32(4)  # still negative
+    scores, early = cone.scores(golden, rows, elems, faulty, golden[info.scores][rows])
+    assert early == len(rows)
+    assert np.array_equal(scores, golden[info.scores][rows])
+    scores, early = cone.scores(golden, rows, elems, values[rows, elems], golden[info.scores][rows])
+    assert early == len(rows) and np.array_equal(scores, golden[info.scores][rows])
+
+
+@pytest.mark.parametrize("kernel,stride,dilation,pads", [(3, 1, 1, (1, 1)), (3, 2, 1, (1, 1)), (1, 2, 1, (0, 0)),
+                                                         (3, 1, 2, (2, 2)), (7, 2, 1, (3, 3)), (3, 2, 1, (0, 2)),
+                                                         (2, 2, 1, (0, 0)), (5, 3, 2, (1, 4))])
+def test_axis_reach_holds_every_output_a_window_touches(kernel: int, stride: int, dilation: int,
+                                                        pads: tuple[int, int]) -> None:
+    """Against brute force: every output reading a changed input lies in the window, which stays in bounds."""
+    n_in = 23
+    n_out = (n_in + sum(pads) - (kernel - 1) * dilation - 1) // stride + 1
+    axis = Axis(kernel, stride, dilation, pads[0], pads[1], n_in, n_out)
+    reads = [{o * stride - pads[0] + k * dilation for k in range(kernel)} for o in range(n_out)]
+    for size in (1, 2, 5):
+        starts = np.arange(0, n_in - size + 1)
+        origin, n = axis.reach(starts, size)
+        assert 1 <= n <= n_out
+        for s, o in zip(starts.tolist(), origin.tolist()):
+            assert 0 <= o and o + n <= n_out
+            touched = [j for j in range(n_out) if reads[j] & set(range(s, s + size))]
+            assert all(o <= j < o + n for j in touched), (s, o, n, touched)
+    assert axis.crop_length(n_out) <= n_in + pads[0] + axis.padding_after()
+
+
+def test_unsupported_ops_in_the_middle_fall_back_to_whole_tensors() -> None:
+    """A Transpose pair (no window rule) between two convs: the walk goes on whole tensors, still exact."""
+    rng = np.random.default_rng(3)
+    w = lambda *s: numpy_helper.from_array(rng.standard_normal(s).astype(np.float32) * 0.5)  # noqa: E731
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["c0"], pads=[1, 1, 1, 1]),
+             helper.make_node("Transpose", ["c0"], ["t0"], perm=[0, 1, 3, 2]),
+             helper.make_node("Relu", ["t0"], ["r0"]),
+             helper.make_node("Transpose", ["r0"], ["t1"], perm=[0, 1, 3, 2]),
+             helper.make_node("Conv", ["t1", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("ReduceMean", ["c1"], ["m"], axes=[2, 3], keepdims=0),
+             helper.make_node("Gemm", ["m", "wf"], ["logits"], transB=1)]
+    inits = [w(3, 1, 3, 3), w(3, 3, 3, 3), w(4, 3)]
+    for init, name in zip(inits, ("w0", "w1", "wf")):
+        init.name = name
+    graph = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 12, 12])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    x = rng.standard_normal((3, 1, 12, 12)).astype(np.float32)
+    info = GraphInfo(model, example=x[:1])
+    sessions = NodeSessions(info, ["CPUExecutionProvider"])
+    golden = GoldenBlock(golden_pass(sessions, x, batch=3))
+    cone = Cone(info, sessions, "c0")
+    rows, elems = np.array([0, 1, 2, 2]), np.array([0, 77, 200, 431])
+    faulty = np.array([5.0, -3.0, 1e6, np.nan], dtype=np.float32)
+    got, _ = cone.scores(golden, rows, elems, faulty, golden[info.scores][rows])
+    want = np.stack([_whole_graph(info, sessions, x[r], "c0", e, f) for r, e, f in zip(rows, elems, faulty)])
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+def test_cone_and_suffix_campaigns_agree(tmp_path: Path) -> None:
+    """Same faults through both engines: the SDC verdicts match (their kernels differ only in rounding)."""
+    model = windowed_cnn()
+    x, y = labelled_inputs(model, 24)
+    flags = {}
+    for engine in ("cone", "suffix"):
+        config = CampaignConfig(kinds=("activation",), injections=120, batch=16, engine=engine)
+        run_campaign(model, x, y, config, tmp_path / f"{engine}.jsonl", progress=False)
+        records = list(JournalContents(tmp_path / f"{engine}.jsonl").records())
+        flags[engine] = [(r["site"], r["image"], r["element"], r["bits"], r["sdc"]) for r in records]
+    assert len(flags["cone"]) == len(flags["suffix"]) > 0
+    same = np.mean([a == b for a, b in zip(flags["cone"], flags["suffix"])])
+    assert same >= 0.99
+    assert sum(f[-1] for f in flags["cone"]) > 0  # the campaign did see SDCs
