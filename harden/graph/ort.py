@@ -94,4 +94,4 @@ def run_batched(session: ort.InferenceSession, x: np.ndarray, outputs: Sequence[
             parts = [[] for _ in result]
         for acc, value in zip(parts, result):
             acc.append(value)
-    return [np.concatenate(acc) for acc in parts]
+    return [acc[0] if len(acc) == 1 else np.concatenate(acc) for acc in parts]
