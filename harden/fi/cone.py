@@ -269,7 +269,26 @@ class Cone:
         feeds = {t: base if t == node.input[0] else self._golden(t, golden, rows)
                  for t in dict.fromkeys(node.input) if t and t not in self.info.constants}
         (data,) = self.sessions.run(i, feeds, override).values()
+        if fill != 0.0:
+            self._maxpool_nan_rows(i, node, win, golden, rows, oy, ox, data)
         return Window(oy, ox, data, (ay.length_out, ax.length_out))
+
+    def _maxpool_nan_rows(self, i: int, node: onnx.NodeProto, win: Window, golden: GoldenBlock, rows: np.ndarray,
+                          oy: np.ndarray, ox: np.ndarray, data: np.ndarray) -> None:
+        """Redo rows whose window holds a NaN on the whole tensor, with the node's own padding.
+
+        ORT's MaxPool keeps a NaN only when it is the first element of a pooling
+        window, and its implicit padding is not an element, so at a border the
+        explicit −inf padding of the crop would change which element comes first.
+        """
+        nan = np.isnan(win.data).reshape(len(rows), -1).any(axis=1)
+        if not nan.any():
+            return
+        whole = self._whole(node.input[0], win.take(nan), golden, rows[nan])
+        feeds = {t: whole if t == node.input[0] else self._golden(t, golden, rows[nan])
+                 for t in dict.fromkeys(node.input) if t and t not in self.info.constants}
+        (out,) = self.sessions.run(i, feeds).values()
+        data[nan] = crop(out, np.arange(int(nan.sum())), oy[nan], ox[nan], *data.shape[2:])
 
 
 def _bits(a: np.ndarray) -> np.ndarray:

@@ -158,3 +158,30 @@ def test_cone_and_suffix_campaigns_agree(tmp_path: Path) -> None:
     same = np.mean([a == b for a, b in zip(flags["cone"], flags["suffix"])])
     assert same >= 0.99
     assert sum(f[-1] for f in flags["cone"]) > 0  # the campaign did see SDCs
+
+
+def test_nan_at_a_maxpool_border_follows_orts_implicit_padding() -> None:
+    """ORT's MaxPool keeps a NaN only as a window's first element; explicit −inf padding would move that first
+    element at the borders, so NaN rows are redone on the whole tensor. Every position of one map is tried."""
+    rng = np.random.default_rng(4)
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["c0"], pads=[1, 1, 1, 1]),
+             helper.make_node("MaxPool", ["c0"], ["m"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["m", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("GlobalAveragePool", ["c1"], ["g"]),
+             helper.make_node("Flatten", ["g"], ["f"]),
+             helper.make_node("Gemm", ["f", "wf"], ["logits"], transB=1)]
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+             for n, s in (("w0", (2, 1, 3, 3)), ("w1", (3, 2, 3, 3)), ("wf", (4, 3)))]
+    graph = helper.make_graph(nodes, "p", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 8, 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    x = rng.standard_normal((2, 1, 8, 8)).astype(np.float32)
+    info = GraphInfo(model, example=x[:1])
+    sessions = NodeSessions(info, ["CPUExecutionProvider"])
+    golden = GoldenBlock(golden_pass(sessions, x, batch=2))
+    elems = np.arange(64)
+    rows = np.zeros(64, dtype=np.int64)
+    faulty = np.full(64, np.nan, dtype=np.float32)
+    got, _ = Cone(info, sessions, "c0").scores(golden, rows, elems, faulty, golden[info.scores][rows])
+    want = np.stack([_whole_graph(info, sessions, x[0], "c0", e, np.float32(np.nan)) for e in elems])
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
