@@ -10,6 +10,7 @@ import argparse
 
 from harden.data import SPEC_HELP
 from harden.fi.bitflip import WIDTH
+from harden.fi.config import ENGINES
 from harden.graph.model_input import PREPROCESS_HELP
 
 GATE_FAILED = 3
@@ -41,6 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--clamp", choices=("none", "range"), default="none", help="range policy of the campaigns")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--engine", choices=ENGINES, default="cone",
+                   help="activation-fault engine of the campaigns (as harden inject)")
     p.add_argument("--no-exact", action="store_true", help="skip the exact final-layer analysis")
     p.add_argument("--latency-runs", type=int, default=30, help="timed runs per latency measurement")
     p.add_argument("--no-progress", action="store_true")
@@ -56,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         data_seed=args.data_seed, preprocess=args.preprocess, max_sdc=args.max_sdc, sdc_scope=args.sdc_scope,
         min_improvement=args.min_improvement, confidence=args.confidence, ci=args.ci, layers=args.layers,
         kinds=tuple(k.strip() for k in args.kinds.split(",") if k.strip()), injections=args.injections,
-        margin=args.margin, fmt=args.fmt, clamp=args.clamp, seed=args.seed, batch=args.batch,
+        margin=args.margin, fmt=args.fmt, clamp=args.clamp, seed=args.seed, batch=args.batch, engine=args.engine,
         exact=not args.no_exact, latency_runs=args.latency_runs, progress=not args.no_progress)
     report = certify(config)
     for model in report.models:

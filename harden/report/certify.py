@@ -58,6 +58,7 @@ class CertifyConfig:
     clamp: str = "none"
     seed: int = 0
     batch: int = 64
+    engine: str = "cone"
     exact: bool = True
     latency_runs: int = 30
     progress: bool = True
@@ -67,7 +68,7 @@ class CertifyConfig:
         """The engine config both models' campaigns share."""
         return CampaignConfig(layers=self.layers, kinds=self.kinds, injections=self.injections, margin=self.margin,
                               fault=FaultModel("flip", self.fmt), clamp=self.clamp, seed=self.seed,
-                              batch=self.batch, confidence=self.confidence, ci=self.ci)
+                              batch=self.batch, confidence=self.confidence, ci=self.ci, engine=self.engine)
 
     def to_dict(self) -> dict[str, object]:
         d = asdict(self)
