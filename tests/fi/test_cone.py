@@ -19,6 +19,8 @@ from harden.fi.sites import list_sites
 from harden.fi.window import Axis
 from tests.fi.tiny_models import labelled_inputs, residual_cnn, windowed_cnn
 
+LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
+
 
 def _whole_graph(info: GraphInfo, sessions: NodeSessions, x: np.ndarray, tensor: str, elem: int,
                  value: np.float32) -> np.ndarray:
@@ -41,25 +43,47 @@ def _faults(rng: np.random.Generator, golden: np.ndarray) -> np.ndarray:
     return np.where(rng.random(len(golden)) < 0.1, special, flipped).astype(np.float32)
 
 
+def _check_against_whole_graph(model: onnx.ModelProto, x: np.ndarray, faults: int,
+                               max_sites: int | None = None) -> None:
+    """Random positions (borders included) and faults at evenly spread activation sites: identical score bits.
+
+    A model with a fixed batch of 1 gets one row per walk, as the engine gives it.
+    """
+    info = GraphInfo(model, example=x[:1])
+    sessions = NodeSessions(info, ["CPUExecutionProvider"], threads=1)
+    golden = GoldenBlock(golden_pass(sessions, x, batch=info.fixed_batch or 2))
+    rng = np.random.default_rng(0)
+    sites = [s for s in list_sites(info) if s.kind == "activation"]
+    if max_sites is not None:
+        sites = [sites[i] for i in sorted(set(np.linspace(0, len(sites) - 1, max_sites).astype(int).tolist()))]
+    step = info.fixed_batch or faults
+    for site in sites:
+        cone = Cone(info, sessions, site.tensor)
+        rows = rng.integers(0, len(x), faults)
+        elems = rng.integers(0, site.elements, faults)
+        faulty = _faults(rng, golden[site.tensor].reshape(len(x), -1)[rows, elems])
+        got = np.concatenate([cone.scores(golden, rows[i:i + step], elems[i:i + step], faulty[i:i + step],
+                                          golden[info.scores][rows[i:i + step]])[0] for i in range(0, faults, step)])
+        want = np.stack([_whole_graph(info, sessions, x[r], site.tensor, e, f) for r, e, f in zip(rows, elems, faulty)])
+        assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), site.name
+
+
 @pytest.mark.parametrize("make", [lambda: windowed_cnn(), lambda: windowed_cnn(squeeze=True),
                                   lambda: residual_cnn(stride=2), lambda: residual_cnn(dilation=2, group=2)],
                          ids=["windowed", "squeeze", "residual-stride2", "residual-dilated-grouped"])
 def test_cone_equals_the_whole_graph_bit_for_bit(make) -> None:  # type: ignore[no-untyped-def]
-    """Every activation site, random positions (borders included) and faults: identical score bits."""
+    """Every activation site, NaN and ±inf faults included."""
     model = make()
     x, _ = labelled_inputs(model, 5)
-    info = GraphInfo(model, example=x[:1])
-    sessions = NodeSessions(info, ["CPUExecutionProvider"], threads=1)
-    golden = GoldenBlock(golden_pass(sessions, x, batch=2))
-    rng = np.random.default_rng(0)
-    for site in [s for s in list_sites(info) if s.kind == "activation"]:
-        cone = Cone(info, sessions, site.tensor)
-        rows = rng.integers(0, len(x), 40)
-        elems = rng.integers(0, site.elements, 40)
-        faulty = _faults(rng, golden[site.tensor].reshape(len(x), -1)[rows, elems])
-        got, _ = cone.scores(golden, rows, elems, faulty, golden[info.scores][rows])
-        want = np.stack([_whole_graph(info, sessions, x[r], site.tensor, e, f) for r, e, f in zip(rows, elems, faulty)])
-        assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), site.name
+    _check_against_whole_graph(model, x, faults=40)
+
+
+@pytest.mark.parametrize("name", ["inception_v1", "resnet50"])
+def test_cone_equals_the_whole_graph_on_zoo_graphs(name: str) -> None:
+    """The onnx wheel's light zoo graphs (opset 9: Concat, LRN, padded pools, Reshape to a fixed [1, N])."""
+    model = onnx.load(str(LIGHT / f"light_{name}.onnx"))
+    x = np.random.default_rng(1).standard_normal((2, 3, 224, 224)).astype(np.float32)
+    _check_against_whole_graph(model, x, faults=3, max_sites=5)
 
 
 def test_golden_pass_scores_match_the_plain_model() -> None:
