@@ -4,7 +4,10 @@ A small ResNet (stem + three basic blocks, two 1×1 projection shortcuts, linear
 classifier; 10 injectable layers; `--model resnet8`, the default) or
 torchvision's ResNet-18 (one-channel stem, 21 injectable layers, images padded
 to 32 px; `--model resnet18`) is trained briefly on Fashion-MNIST from a
-fixed seed, its BatchNorms are folded into the convolutions (so that a Conv in
+fixed seed. `--model resnet18-224` is the same ResNet-18 at ImageNet's 224 px
+(images upscaled 8x by pixel repetition), fine-tuned there from the 32 px
+weights, since training it from scratch is beyond a CPU bench. Its BatchNorms
+are folded into the convolutions (so that a Conv in
 ONNX and a Conv2d hooked by PyTorchFI compute the same tensor), and it is
 exported to ONNX. The harden engine then runs a whole-network campaign of
 single fp32 bit flips in every Conv/Gemm output. PyTorchFI replays exactly the
@@ -21,8 +24,12 @@ including graph analysis, golden run, profiling and the fsynced JSONL; PyTorchFI
 timed over its injection runs only), each engine's per-layer SDC rate with a
 Wilson interval, whether the intervals overlap, and the per-fault agreement.
 
-    .venv/bin/python tools/bench_inject.py [--model resnet8|resnet18] [--threads 1] [--repeats 3]
-        [--injections 500] [--eval 256] [--work /tmp/harden-bench-inject]
+    .venv/bin/python tools/bench_inject.py [--model resnet8|resnet18|resnet18-224] [--threads 1] [--repeats 3]
+        [--injections 500] [--eval 256] [--variants cone,suffix:disable] [--work /tmp/harden-bench-inject]
+
+`--variants` lists the harden engines timed (each against the same PyTorchFI
+rounds): `cone` (the default engine) and `suffix:LEVEL`; the first one's
+faults are the ones PyTorchFI replays.
 """
 
 from __future__ import annotations
@@ -95,12 +102,19 @@ def fold_resnet18(net) -> None:  # type: ignore[no-untyped-def]
                 block.downsample = nn.Sequential(fuse_conv_bn_eval(block.downsample[0], block.downsample[1]))
 
 
-# name → (builder, BN folder, image side the net sees: Fashion-MNIST's 28 px are zero-padded to it)
-MODELS = {"resnet8": (build_net, None, 28), "resnet18": (build_resnet18, fold_resnet18, 32)}
+# name → (builder, BN folder, image side the net sees: Fashion-MNIST's 28 px are zero-padded or upscaled to it)
+MODELS = {"resnet8": (build_net, None, 28), "resnet18": (build_resnet18, fold_resnet18, 32),
+          "resnet18-224": (build_resnet18, fold_resnet18, 224)}
+# nets fine-tuned from another one's weights (same architecture) instead of trained from scratch
+FINETUNED_FROM = {"resnet18-224": "resnet18"}
 
 
 def model_images(images: np.ndarray, side: int) -> np.ndarray:
-    """Fashion-MNIST images zero-padded to `side` px (an exact, model-independent preprocessing)."""
+    """Fashion-MNIST images zero-padded to `side` px, or upscaled by pixel repetition when `side` is a multiple
+    of 28 (ImageNet's 224 px); both exact and model-independent."""
+    if side > images.shape[-1] and side % images.shape[-1] == 0:
+        k = side // images.shape[-1]
+        return np.ascontiguousarray(images.repeat(k, axis=-2).repeat(k, axis=-1))
     pad = (side - images.shape[-1]) // 2
     if pad <= 0:
         return images
@@ -131,18 +145,26 @@ def train_and_export(work: Path, images: int, epochs: int, name: str = "resnet8"
     onnx_path, state_path = work / f"{name}.onnx", work / f"{name}.pt"
     torch.manual_seed(0)
     net = build()
+    lr, batch = 0.1, 128
+    if name in FINETUNED_FROM and not state_path.exists():
+        # training at 224 px from scratch is beyond a CPU bench: start from the small-image net, adapt briefly
+        base = FINETUNED_FROM[name]
+        train_and_export(work, 12000, 2, base)
+        net.load_state_dict(torch.load(work / f"{base}.pt"))
+        torch.manual_seed(0)
+        lr, batch = 0.01, 32
     if state_path.exists():
         net.load_state_dict(torch.load(state_path))
     else:
         data = load_dataset("fashion-mnist:train", limit=images, seed=0)
         x, y = torch.from_numpy(model_images(data.images, side)), torch.from_numpy(data.labels)
-        opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+        opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
         gen = torch.Generator().manual_seed(0)
         net.train()
         for epoch in range(epochs):
             order = torch.randperm(len(x), generator=gen)
-            for start in range(0, len(x), 128):
-                idx = order[start:start + 128]
+            for start in range(0, len(x), batch):
+                idx = order[start:start + batch]
                 loss = torch.nn.functional.cross_entropy(net(x[idx]), y[idx])
                 opt.zero_grad()
                 loss.backward()
@@ -266,8 +288,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed alternating rounds (after one warm-up)")
     parser.add_argument("--threads", type=int, default=1,
                         help="threads of both engines (torch.set_num_threads, ORT intra-op threads)")
-    parser.add_argument("--levels", default="disable,all",
-                        help="ORT optimisation levels to time harden at; the first is compared fault by fault")
+    parser.add_argument("--variants", default="cone,suffix:disable",
+                        help="harden engines to time: cone, or suffix:LEVEL (an ORT optimisation level); "
+                             "the first is compared fault by fault")
     args = parser.parse_args()
 
     import torch
@@ -285,11 +308,12 @@ def main() -> None:
     from harden.fi.stats import binomial_rate as _warm  # import scipy before timing: it is not campaign work
 
     _warm(1, 2)
-    levels = args.levels.split(",")
+    levels = args.variants.split(",")
 
     def harden_round(level: str, injections: int) -> tuple[float, object]:
+        engine, _, opt = level.partition(":")
         config = CampaignConfig(layers="all", kinds=("activation",), injections=injections,
-                                batch=args.batch, seed=0, opt_level=level)
+                                batch=args.batch, seed=0, opt_level=opt or "disable", engine=engine)
         started = time.perf_counter()
         summary = run_campaign(onnx_path, images, data.labels, config, work / f"campaign-{level}.jsonl",
                                progress=False, fresh=True, threads=args.threads)
@@ -351,21 +375,24 @@ def report(args, net, onnx_path: Path, images: np.ndarray, levels: list[str], ru
           + "; ".join(f"harden {k} " + ", ".join(f"{r[0]:.2f}" for r in v) + " s" for k, v in runs.items()))
     print(f"PyTorchFI 0.6.0 (torch {torch.__version__}): median {total / pfi_med:8.1f} inj/s, "
           f"best {total / pfi_best:8.1f} inj/s (injection runs only)")
-    torch_s, ort_s = plain_forward_times(net, onnx_path, images[:args.batch], levels, args.threads)
+    plain = sorted({v.partition(":")[2] or "all" for v in levels})
+    torch_s, ort_s = plain_forward_times(net, onnx_path, images[:args.batch], plain, args.threads)
     print(f"plain forward of {args.batch} images (no faults): torch {1e3 * torch_s:.1f} ms; "
           + ", ".join(f"ORT opt={k} {1e3 * v:.1f} ms ({torch_s / v:.1f}x)" for k, v in ort_s.items()))
     for lvl, rounds in runs.items():
         med, best = float(np.median([r[0] for r in rounds])), min(r[0] for r in rounds)
         phase = float(np.median([r[1] for r in rounds]))
-        prefix = "extended" if lvl == "all" else lvl
-        print(f"harden (ORT {ort_version()}, opt={lvl}: prefix {prefix}, suffixes {lvl}): "
+        engine, _, opt = lvl.partition(":")
+        how = ("cone engine: windows node by node at opt=all" if engine == "cone" else
+               f"suffix engine, opt={opt}: prefix {'extended' if opt == 'all' else opt}, suffixes {opt}")
+        print(f"harden (ORT {ort_version()}, {how}): "
               f"median {total / med:8.1f} inj/s end to end ({med:.2f} s; {pfi_med / med:.1f}x PyTorchFI's median), "
               f"best {total / best:8.1f} inj/s ({pfi_best / best:.1f}x PyTorchFI's best); "
               f"injection phase median {phase:8.1f} inj/s")
     same_levels = all([l.sdc.k for l in s.layers] == [l.sdc.k for l in summary.layers] for s in summaries.values())
-    print(f"SDC counts identical across opt levels: {same_levels}")
+    print(f"SDC counts identical across harden variants: {same_levels}")
     rows = []
-    print(f"harden (opt={level}) vs PyTorchFI, same faults:")
+    print(f"harden ({level}) vs PyTorchFI, same faults:")
     print(f"{'layer':46s} {'harden SDC % [95% CI]':>26s} {'PyTorchFI SDC % [95% CI]':>26s}  overlap  same-verdict")
     for layer in summary.layers:
         theirs = flags[layer.site]
