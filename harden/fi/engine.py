@@ -64,15 +64,16 @@ def _model_and_hash(model: str | os.PathLike[str] | onnx.ModelProto) -> tuple[on
 
 
 def cache_block_images(info: GraphInfo, sites: Sequence[Site], config: CampaignConfig) -> int:
-    """Images per cache block: `cache_images`, fewer when their crossing tensors would exceed `cache_mb`.
+    """Images per cache block: `cache_images`, fewer when their cached tensors would exceed `cache_mb`.
 
-    Fixed by the model and config alone, so the plan (and file) stays reproducible.
+    Fixed by the model and config alone, so the plan (and file) stays
+    reproducible. Both engines' needs count whichever engine runs, so that
+    switching engines keeps the plan, and with it every drawn fault.
     """
     names: set[str] = set()
     for site in sites:
-        if config.engine == "cone" and site.kind == "activation":
+        if site.kind == "activation":
             names.update(Cone(info, None, site.tensor).needs())
-            continue
         node = info.nodes[info.node_index[site.via or site.node]]
         names.update(info.cut(site.tensor if site.kind == "activation" else node.output[0]))
         if site.kind == "weight":
