@@ -9,6 +9,7 @@ are done; they are never rerun, and none is written twice.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -143,23 +144,42 @@ class Journal:
     """Appends shards to a campaign file, resuming it when its header matches."""
 
     def __init__(self, path: str | os.PathLike[str], header: dict[str, Any], fresh: bool = False) -> None:
+        """Open `path` for this campaign, holding an exclusive lock on it until `close`.
+
+        Two campaigns writing one file would interleave their shards, so a
+        second writer is refused instead of corrupting the first one's file.
+        """
         self.path = Path(path)
         self.done: set[int] = set()
-        if self.path.exists() and not fresh:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.handle = os.fdopen(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666), "r+b")
+        try:
+            fcntl.flock(self.handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.handle.close()
+            raise HardenError(f"{path} is being written by another running campaign; wait for it to finish "
+                              "or choose another output") from None
+        try:
+            self._start(header, fresh)
+        except BaseException:
+            self.handle.close()
+            raise
+
+    def _start(self, header: dict[str, Any], fresh: bool) -> None:
+        """Resume the file when it holds this campaign; else write the header to an empty one."""
+        if os.fstat(self.handle.fileno()).st_size and not fresh:
             contents = JournalContents(self.path)
             if dumps(contents.header) != dumps(header):
-                raise HardenError(f"{path} holds a different campaign (model, data or config differ); "
+                raise HardenError(f"{self.path} holds a different campaign (model, data or config differ); "
                                   "choose another output or pass --fresh to start over")
             self.done = set(contents.shards)
-            with open(self.path, "r+b") as handle:
-                handle.truncate(contents.end)
+            self.handle.truncate(contents.end)
         else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "wb") as handle:
-                handle.write((dumps(header) + "\n").encode())
-                handle.flush()
-                os.fsync(handle.fileno())
-        self.handle = open(self.path, "ab")
+            self.handle.truncate(0)
+            self.handle.write((dumps(header) + "\n").encode())
+            self.handle.flush()
+            os.fsync(self.handle.fileno())
+        self.handle.seek(0, os.SEEK_END)
 
     def append(self, shard: int, site: str, records: Sequence[dict[str, Any]]) -> None:
         """Write one shard's records and its marker together, durably."""

@@ -165,6 +165,23 @@ def test_resume_refuses_a_different_campaign(setup, tmp_path: Path) -> None:
     assert JournalContents(path).header["config"]["seed"] == 7
 
 
+def test_a_second_writer_is_refused_and_the_file_left_intact(setup, tmp_path: Path) -> None:
+    from harden.fi.journal import Journal
+
+    path = tmp_path / "a.jsonl"
+    _run(setup, path)
+    before = path.read_bytes()
+    header = JournalContents(path).header
+    first = Journal(path, header)
+    try:
+        with pytest.raises(HardenError, match="another running campaign"):
+            Journal(path, header, fresh=True)
+    finally:
+        first.close()
+    assert path.read_bytes() == before
+    Journal(path, header).close()  # free again once the first writer closed
+
+
 def test_margin_chooses_leveugle_sample_size(setup, tmp_path: Path) -> None:
     from harden.fi.stats import leveugle_sample_size
 
