@@ -77,6 +77,10 @@ class Cone:
             names.update(t for t in (*node.input, *node.output) if t and t not in self.info.constants)
         return names
 
+    def padded_inputs(self) -> set[str]:
+        """Inputs of the walk's Conv and pooling nodes, of which a padded copy is kept per cache block."""
+        return {self.info.nodes[i].input[0] for i in self.order if self.info.nodes[i].op_type in SLIDING}
+
     # -- the walk ---------------------------------------------------------------------------------------
 
     def scores(self, golden: GoldenBlock, rows: np.ndarray, elems: np.ndarray, faulty: np.ndarray,

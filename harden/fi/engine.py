@@ -71,15 +71,18 @@ def cache_block_images(info: GraphInfo, sites: Sequence[Site], config: CampaignC
     switching engines keeps the plan, and with it every drawn fault.
     """
     names: set[str] = set()
+    padded: set[str] = set()  # the cone also keeps a padded copy of every Conv and pooling input
     for site in sites:
         if site.kind == "activation":
-            names.update(Cone(info, None, site.tensor).needs())
+            cone = Cone(info, None, site.tensor)
+            names.update(cone.needs())
+            padded.update(cone.padded_inputs())
         node = info.nodes[info.node_index[site.via or site.node]]
         names.update(info.cut(site.tensor if site.kind == "activation" else node.output[0]))
         if site.kind == "weight":
             names.update(t for t in node.input if t and t not in info.constants)
     per_image = sum(int(np.prod(info.tensors[n].shape[1:], dtype=np.int64)) * info.tensors[n].dtype.itemsize
-                    for n in names)
+                    for group in (names, padded) for n in group)
     fit = int(config.cache_mb * 2**20 // max(per_image, 1))
     return max(1, min(config.cache_images, fit))
 

@@ -1,0 +1,100 @@
+"""Where the cone engine spends its time: per site, the cost per fault, the share of faults that end early
+(masked), and the time spent in each top-level stage of the network.
+
+It explains the throughput that `tools/bench_inject.py` measures: faults that end early are nearly free, and
+what remains is the part of the network after the fault's window has spread over whole maps. Runs on a model
+that bench_inject.py has trained and exported into its work folder (run that first).
+
+    .venv/bin/python tools/cone_profile.py [--model resnet18-224] [--faults 64] [--images 16]
+        [--work /tmp/harden-bench-inject]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+
+def stage(name: str) -> str:
+    """The top-level module of an exported node name ('/layer4/layer4.0/conv1/Conv' → 'layer4')."""
+    parts = name.strip("/").split("/")
+    return parts[0] if len(parts) > 1 else name
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="resnet18-224")
+    parser.add_argument("--faults", type=int, default=64, help="single-bit fp32 flips per site (one batch)")
+    parser.add_argument("--images", type=int, default=16, help="Fashion-MNIST test images the faults use")
+    parser.add_argument("--work", default="/tmp/harden-bench-inject")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+
+    import onnx
+
+    from bench_inject import MODELS, model_images
+    from harden.data import load_dataset
+    from harden.fi.cone import Cone, GoldenBlock
+    from harden.fi.faults import FaultModel
+    from harden.fi.graphinfo import GraphInfo
+    from harden.fi.nodes import NodeSessions, golden_pass
+    from harden.fi.sites import list_sites
+
+    path = Path(args.work) / f"{args.model}.onnx"
+    if not path.exists():
+        raise SystemExit(f"{path} is missing: run tools/bench_inject.py --model {args.model} first")
+    data = load_dataset("fashion-mnist:test", limit=args.images, seed=0)
+    x = model_images(data.images, MODELS[args.model][2])
+    info = GraphInfo(onnx.load(str(path)), example=x[:1])
+    sessions = NodeSessions(info, ["CPUExecutionProvider"], args.threads)
+    golden = GoldenBlock(golden_pass(sessions, x, len(x)))
+    spent: dict[tuple[str, str], float] = defaultdict(float)
+    current = [""]
+    run = sessions.run
+
+    def timed(i: int, values: dict, override: tuple = ()) -> dict:  # type: ignore[type-arg]
+        started = time.perf_counter()
+        out = run(i, values, override)
+        spent[(current[0], stage(info.nodes[i].name))] += time.perf_counter() - started
+        return out
+
+    sessions.run = timed  # type: ignore[method-assign]
+    sites = [s for s in list_sites(info) if s.kind == "activation"]
+    fault = FaultModel()
+    results = {}
+    for rep in range(2):  # the first pass builds the sessions; the second is timed
+        spent.clear()
+        rng = np.random.default_rng(0)
+        for site in sites:
+            current[0] = site.tensor
+            cone = Cone(info, sessions, site.tensor)
+            rows = rng.integers(0, len(x), args.faults)
+            elems = rng.integers(0, site.elements, args.faults)
+            values = golden[site.tensor].reshape(len(x), -1)[rows, elems]
+            bits, uniforms = fault.draw(rng, args.faults)
+            faulty = fault.apply(values, bits, uniforms, 1.0, 1.0)
+            started = time.perf_counter()
+            _, early = cone.scores(golden, rows, elems, faulty, golden[info.scores][rows])
+            results[site.tensor] = (time.perf_counter() - started, early)
+    total = sum(t for t, _ in results.values())
+    print(f"{args.model}: {len(sites)} activation sites × {args.faults} faults, {args.threads} thread(s); "
+          f"{1e3 * total / (len(sites) * args.faults):.2f} ms per fault on average")
+    by_stage: dict[str, float] = defaultdict(float)
+    for (_, name), t in spent.items():
+        by_stage[name] += t
+    print("time in each stage, all sites: " + ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in by_stage.items()
+                                                          if v / total >= 0.01))
+    print(f"{'site':44s} {'ms/fault':>8s} {'ended early':>12s}  top stages")
+    for site in sites:
+        seconds, early = results[site.tensor]
+        parts = sorted(((v, k[1]) for k, v in spent.items() if k[0] == site.tensor), reverse=True)[:2]
+        tops = ", ".join(f"{name} {1e3 * v / args.faults:.2f}" for v, name in parts if v > 0)
+        print(f"{site.tensor[-44:]:44s} {1e3 * seconds / args.faults:8.2f} {early:5d}/{args.faults:<5d}  {tops}")
+
+
+if __name__ == "__main__":
+    main()
