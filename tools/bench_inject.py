@@ -405,6 +405,13 @@ def report(args, net, onnx_path: Path, images: np.ndarray, levels: list[str], ru
         print(f"{layer.site[-46:]:46s} {100 * layer.sdc.value:7.2f} [{100 * layer.sdc.low:5.2f},{100 * layer.sdc.high:6.2f}]"
               f"    {100 * rate.value:7.2f} [{100 * rate.low:5.2f},{100 * rate.high:6.2f}]    {'yes' if overlap else 'NO':>5s}"
               f"  {100 * same:9.2f}%")
+    differ = [(r, theirs) for layer in summary.layers
+              for r, theirs in zip([r for r in records if r["site"] == layer.site], flags[layer.site])
+              if r["sdc"] != theirs]
+    for r, theirs in differ:
+        print(f"disagreement at {r['site']}: image {r['image']}, element {r['element']}, bits {r['bits']}, "
+              f"golden {r['golden']} -> faulty {r['faulty']}; harden SDC {r['sdc']} (class {r['faulty_class']}), "
+              f"PyTorchFI SDC {theirs}")
     (work / f"bench-{args.model}.json").write_text(json.dumps(
         {"model": args.model, "threads": args.threads, "injections": total, "pytorchfi_s": pfi_times,
          "harden": {k: [{"seconds": r[0], "phase_inj_per_s": r[1]} for r in v] for k, v in runs.items()},

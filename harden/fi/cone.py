@@ -281,9 +281,9 @@ class Cone:
                           oy: np.ndarray, ox: np.ndarray, data: np.ndarray) -> None:
         """Redo rows whose window holds a NaN on the whole tensor, with the node's own padding.
 
-        ORT's MaxPool keeps a NaN only when it is the first element of a pooling
-        window, and its implicit padding is not an element, so at a border the
-        explicit −inf padding of the crop would change which element comes first.
+        Whether ORT's MaxPool keeps or drops a NaN depends on where the NaN sits
+        in its pooling window, and its implicit padding is not an element, so at
+        a border the crop's explicit −inf padding could change the answer.
         """
         nan = np.isnan(win.data).reshape(len(rows), -1).any(axis=1)
         if not nan.any():

@@ -186,8 +186,8 @@ def test_cone_and_suffix_campaigns_agree(tmp_path: Path) -> None:
 
 
 def test_nan_at_a_maxpool_border_follows_orts_implicit_padding() -> None:
-    """ORT's MaxPool keeps a NaN only as a window's first element; explicit −inf padding would move that first
-    element at the borders, so NaN rows are redone on the whole tensor. Every position of one map is tried."""
+    """Whether ORT's MaxPool keeps a NaN depends on its place in the pooling window, which explicit −inf padding
+    would shift at the borders, so NaN rows are redone on the whole tensor. Every position of one map is tried."""
     rng = np.random.default_rng(4)
     nodes = [helper.make_node("Conv", ["x", "w0"], ["c0"], pads=[1, 1, 1, 1]),
              helper.make_node("MaxPool", ["c0"], ["m"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
