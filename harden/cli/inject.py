@@ -13,6 +13,7 @@ from harden.errors import HardenError
 from harden.fi.bitflip import WIDTH
 from harden.fi.config import ENGINES, CampaignConfig, parse_shard
 from harden.fi.faults import MODELS, FaultModel, parse_bits
+from harden.fi.nodes import NODE_LEVEL
 from harden.graph.model_input import PREPROCESS_HELP, parse_preprocess
 from harden.graph.ort import OPT_LEVELS
 
@@ -101,8 +102,9 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(summary.to_dict(), indent=2))
         return 0
     ev = summary.evaluation
-    print(f"images: {ev['kept']} kept of {ev['total']} ({ev['correct']} correct); engine {summary.config.engine}, "
-          f"opt level {summary.opt_level}; "
+    engine = (f"cone engine (activations node by node at ORT level {NODE_LEVEL}; weights: suffix at level "
+              f"{summary.opt_level})" if summary.config.engine == "cone" else f"suffix engine at level {summary.opt_level}")
+    print(f"images: {ev['kept']} kept of {ev['total']} ({ev['correct']} correct); {engine}; "
           f"{summary.config.fault.kind} {summary.config.fault.fmt}; shards {summary.shards_done}/{summary.total_shards}")
     print(summary.table())
     if args.by_bit:
