@@ -143,12 +143,16 @@ class Cone:
         hit = [t for t in inputs if t in state]
         windows = [t for t in hit if isinstance(state[t], Window)]
         if hit and len(windows) == len(hit):
+            out: Window | None = None
             if node.op_type in SLIDING and hit == [node.input[0]]:
                 plan = self._sliding_plan(i, node)
                 if plan is not None:
-                    return {node.output[0]: self._slide(i, node, state[hit[0]], plan, golden, rows)}
+                    out = self._slide(i, node, state[hit[0]], plan, golden, rows)
             elif self._pointwise_ok(node, state[windows[0]].full):
-                return {node.output[0]: self._pointwise(i, node, inputs, state, golden, rows)}
+                out = self._pointwise(i, node, inputs, state, golden, rows)
+            if out is not None:
+                # a window over the whole map is the whole tensor: from here on no crops are needed
+                return {node.output[0]: out.data if out.covers_all() else out}
         feeds = {t: self._whole(t, state[t], golden, rows) if t in state else self._golden(t, golden, rows)
                  for t in inputs}
         return dict(self.sessions.run(i, feeds))
