@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 from harden.fi.engine import run_campaign
 from harden.fi.cone import Cone, GoldenBlock
@@ -17,7 +17,7 @@ from harden.fi.journal import JournalContents
 from harden.fi.nodes import NodeSessions, golden_pass
 from harden.fi.sites import list_sites
 from harden.fi.window import Axis
-from tests.fi.tiny_models import labelled_inputs, residual_cnn, windowed_cnn
+from tests.fi.tiny_models import classifier, labelled_inputs, residual_cnn, windowed_cnn
 
 LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
 
@@ -35,6 +35,13 @@ def _whole_graph(info: GraphInfo, sessions: NodeSessions, x: np.ndarray, tensor:
     return values[info.scores][0]
 
 
+def _walk_setup(model: onnx.ModelProto, x: np.ndarray) -> tuple[GraphInfo, NodeSessions, GoldenBlock]:
+    """The graph analysis, node sessions and golden tensors a cone walk over `x` needs."""
+    info = GraphInfo(model, example=x[:1])
+    sessions = NodeSessions(info, ["CPUExecutionProvider"], threads=1)
+    return info, sessions, GoldenBlock(golden_pass(sessions, x, batch=info.fixed_batch or len(x)))
+
+
 def _faults(rng: np.random.Generator, golden: np.ndarray) -> np.ndarray:
     """Faulty values of every kind: bit flips of the golden value (sign, exponent, mantissa), NaN and ±inf."""
     bits = rng.integers(0, 32, len(golden)).astype(np.uint32)
@@ -49,9 +56,7 @@ def _check_against_whole_graph(model: onnx.ModelProto, x: np.ndarray, faults: in
 
     A model with a fixed batch of 1 gets one row per walk, as the engine gives it.
     """
-    info = GraphInfo(model, example=x[:1])
-    sessions = NodeSessions(info, ["CPUExecutionProvider"], threads=1)
-    golden = GoldenBlock(golden_pass(sessions, x, batch=info.fixed_batch or 2))
+    info, sessions, golden = _walk_setup(model, x)
     rng = np.random.default_rng(0)
     sites = [s for s in list_sites(info) if s.kind == "activation"]
     if max_sites is not None:
@@ -103,9 +108,7 @@ def test_masked_faults_end_early_with_golden_scores() -> None:
     """A null fault, or a negative value that stays negative before a Relu, ends at the first check."""
     model = windowed_cnn()
     x, _ = labelled_inputs(model, 4)
-    info = GraphInfo(model, example=x[:1])
-    sessions = NodeSessions(info, ["CPUExecutionProvider"])
-    golden = GoldenBlock(golden_pass(sessions, x, batch=4))
+    info, sessions, golden = _walk_setup(model, x)
     cone = Cone(info, sessions, "n0")  # BatchNorm output, read only by a Relu
     values = golden["n0"].reshape(len(x), -1)
     rows = np.repeat(np.arange(len(x)), 8)
@@ -153,13 +156,8 @@ def test_unsupported_ops_in_the_middle_fall_back_to_whole_tensors() -> None:
     inits = [w(3, 1, 3, 3), w(3, 3, 3, 3), w(4, 3)]
     for init, name in zip(inits, ("w0", "w1", "wf")):
         init.name = name
-    graph = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 12, 12])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     x = rng.standard_normal((3, 1, 12, 12)).astype(np.float32)
-    info = GraphInfo(model, example=x[:1])
-    sessions = NodeSessions(info, ["CPUExecutionProvider"])
-    golden = GoldenBlock(golden_pass(sessions, x, batch=3))
+    info, sessions, golden = _walk_setup(classifier(nodes, inits, "t", (1, 12, 12), 4, opset=13), x)
     cone = Cone(info, sessions, "c0")
     rows, elems = np.array([0, 1, 2, 2]), np.array([0, 77, 200, 431])
     faulty = np.array([5.0, -3.0, 1e6, np.nan], dtype=np.float32)
@@ -197,13 +195,8 @@ def test_nan_at_a_maxpool_border_follows_orts_implicit_padding() -> None:
              helper.make_node("Gemm", ["f", "wf"], ["logits"], transB=1)]
     inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
              for n, s in (("w0", (2, 1, 3, 3)), ("w1", (3, 2, 3, 3)), ("wf", (4, 3)))]
-    graph = helper.make_graph(nodes, "p", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 8, 8])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     x = rng.standard_normal((2, 1, 8, 8)).astype(np.float32)
-    info = GraphInfo(model, example=x[:1])
-    sessions = NodeSessions(info, ["CPUExecutionProvider"])
-    golden = GoldenBlock(golden_pass(sessions, x, batch=2))
+    info, sessions, golden = _walk_setup(classifier(nodes, inits, "p", (1, 8, 8), 4, opset=13), x)
     elems = np.arange(64)
     rows = np.zeros(64, dtype=np.int64)
     faulty = np.full(64, np.nan, dtype=np.float32)

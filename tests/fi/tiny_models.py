@@ -11,6 +11,17 @@ def _init(name: str, rng: np.random.Generator, *shape: int, scale: float = 0.5) 
     return numpy_helper.from_array((rng.standard_normal(shape) * scale).astype(np.float32), name)
 
 
+def classifier(nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto], name: str, image: tuple[int, ...],
+               classes: int, opset: int = 17) -> onnx.ModelProto:
+    """A checked model from nodes reading image 'x' (N × image) and writing class scores 'logits' (N × classes)."""
+    graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", *image])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
 def residual_cnn(seed: int = 0, classes: int = 4, group: int = 1, stride: int = 1, dilation: int = 1,
                  trans_b: int = 1, pad: int = 1) -> onnx.ModelProto:
     """conv → relu → conv (+ skip) → relu → global pool → flatten → gemm; input 1×3×8×8 (dynamic batch)."""
@@ -33,12 +44,7 @@ def residual_cnn(seed: int = 0, classes: int = 4, group: int = 1, stride: int = 
         _init("w2", rng, c, c // group, 3, 3), _init("b2", rng, c, scale=0.1),
         _init("wf", rng, *((classes, c) if trans_b else (c, classes)), scale=1.0), _init("bf", rng, classes, scale=0.1),
     ]
-    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
+    return classifier(nodes, inits, "tiny", (3, 8, 8), classes)
 
 
 def matmul_mlp(seed: int = 0, classes: int = 5) -> onnx.ModelProto:
@@ -56,12 +62,7 @@ def matmul_mlp(seed: int = 0, classes: int = 5) -> onnx.ModelProto:
         helper.make_node("Add", ["o", "b2"], ["logits"], name="add2"),
     ]
     inits = [_init("w1", rng, 16, 8), _init("b1", rng, 8, scale=0.1), _init("b2", rng, classes, scale=0.1)]
-    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 4, 4])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
+    return classifier(nodes, inits, "mlp", (1, 4, 4), classes)
 
 
 def labelled_inputs(model: onnx.ModelProto, n: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -122,9 +123,4 @@ def windowed_cnn(seed: int = 0, classes: int = 4, squeeze: bool = False) -> onnx
         _init("w2", rng, 6, 8, 1, 1), _init("b2", rng, 6, scale=0.1),
         _init("wf", rng, classes, 6, scale=1.0), _init("bf", rng, classes, scale=0.1),
     ]
-    graph = helper.make_graph(nodes, "windowed", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 16, 16])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
+    return classifier(nodes, inits, "windowed", (2, 16, 16), classes)
