@@ -11,6 +11,7 @@ import pytest
 
 from harden.cli import main
 from harden.data import Preprocess
+from harden.fi.journal import JournalContents
 from harden.graph.onnx_io import set_metadata
 from tests.fi.tiny_models import labelled_inputs, residual_cnn
 
@@ -52,6 +53,13 @@ def test_campaign_summary_shard_and_merge(files, tmp_path: Path, capsys) -> None
     # The thread count is a speed knob only: one thread writes the same bytes.
     assert main(["inject", *common, "--threads", "1", "--out", str(tmp_path / "t1.jsonl")]) == 0
     assert (tmp_path / "t1.jsonl").read_bytes() == (tmp_path / "c.jsonl").read_bytes()
+    # Both engines draw the same faults; the line says which one ran.
+    capsys.readouterr()
+    assert main(["inject", *common, "--engine", "suffix", "--out", str(tmp_path / "s.jsonl")]) == 0
+    assert "suffix engine at level disable" in capsys.readouterr().out
+    faults = [[(r["site"], r["image"], r["element"], r["bits"]) for r in JournalContents(p).records()]
+              for p in (tmp_path / "c.jsonl", tmp_path / "s.jsonl")]
+    assert faults[0] == faults[1]
 
 
 def test_bad_inputs_give_one_line_errors(files, tmp_path: Path, capsys) -> None:
