@@ -141,9 +141,11 @@ def _execute(info: GraphInfo, sites: Sequence[Site], ev: EvalSet, config: Campai
     sessions = NodeSessions(info, config.providers, threads) if config.engine == "cone" else None
     runners = {name: SiteRunner(info, by_name[name], config, ev.ranges, suffixes, threads, sessions)
                for name in dict.fromkeys(s.site for s in todo)}
-    exposed = sorted(set().union(*(r.needs for r in runners.values())) - {info.input_name})
-    prefix = make_session(expose(info.model, exposed), config.providers, opt_level=prefix_level(config.opt_level),
-                          threads=threads, spinning=False)
+    prefix = None
+    if any(r.cone is None for r in runners.values()):  # only suffix runs read the prefix's cache
+        exposed = sorted(set().union(*(r.needs for r in runners.values())) - {info.input_name})
+        prefix = make_session(expose(info.model, exposed), config.providers,
+                              opt_level=prefix_level(config.opt_level), threads=threads, spinning=False)
     cone_keep = set().union(*(r.cone.needs() for r in runners.values() if r.cone is not None))
     bar = tqdm(total=sum(s.count for s in todo), unit="inj", disable=not progress, file=sys.stderr,
                desc="inject", dynamic_ncols=True)
@@ -153,17 +155,17 @@ def _execute(info: GraphInfo, sites: Sequence[Site], ev: EvalSet, config: Campai
             lo, hi = block_bounds(block, len(ev.ids), block_images)
             x = ev.inputs[lo:hi]
             step = info.fixed_batch or config.batch
-            if any(runners[s.site].cone is None for s in shards):
+            if prefix is not None and any(runners[s.site].cone is None for s in shards):
                 cache, prefix_scores = _prefix_block(info, prefix, x, step,
                                                      set().union(*(runners[s.site].needs for s in shards)))
             if sessions is not None and any(runners[s.site].cone is not None for s in shards):
-                nodes = GoldenBlock(golden_pass(sessions, x, step, cone_keep))
+                golden_block = GoldenBlock(golden_pass(sessions, x, step, cone_keep))
             goldens: dict[str, np.ndarray] = {}
             for shard in shards:
                 rows = shard_rows(shard, hi - lo)
                 runner = runners[shard.site]
                 if runner.cone is not None:
-                    source, golden_scores = nodes, nodes[info.scores][rows]
+                    source, golden_scores = golden_block, golden_block[info.scores][rows]
                 else:
                     if config.opt_level not in SAME_KERNELS and shard.site not in goldens:
                         goldens[shard.site] = runner.null_scores(cache, hi - lo)

@@ -17,8 +17,8 @@ from harden.fi.bitflip import int8_scale
 from harden.fi.cone import Cone, GoldenBlock
 from harden.fi.config import CampaignConfig
 from harden.fi.graphinfo import GraphInfo
-from harden.fi.profile import clamp_to_range
 from harden.fi.nodes import NODE_LEVEL, NodeSessions
+from harden.fi.profile import clamp_to_range
 from harden.fi.sites import Site
 from harden.fi.suffix import Suffix
 from harden.fi.weights import NodeRerun, conv_delta, gemm_delta, matmul_delta
