@@ -4,10 +4,11 @@ The cone-of-influence engine (harden.fi.cone) recomputes only the part of each
 tensor that a fault can reach, so it must run a node on a crop of its input.
 That is exact only if the crop gives the same bits as the whole tensor. At ORT
 level 'all', a single Conv computes every output element the same way whatever
-the input's spatial size (its NCHWc kernels do); at 'disable' it does not
-(checked in the tests). So every node, for the golden run as much as for the
-windows, runs in its own session at level 'all', and the golden values the
-windows are compared with come from the very same kernels.
+the input's spatial size (its NCHWc kernels do; the cone tests rely on it);
+at 'disable' it does not (seen with ORT 1.32). So every node, for the golden
+run as much as for the windows, runs in its own session at level 'all', and
+the golden values the windows are compared with come from the very same
+kernels.
 """
 
 from __future__ import annotations
