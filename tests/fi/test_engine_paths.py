@@ -12,7 +12,7 @@ from harden.fi.graphinfo import GraphInfo
 from harden.fi.reference import activation_full, weight_full
 from harden.fi.sites import Site, list_sites
 from harden.graph.ort import make_session
-from tests.fi.tiny_models import labelled_inputs, matmul_mlp, residual_cnn
+from tests.fi.tiny_models import classifier, labelled_inputs, matmul_mlp, residual_cnn
 
 CONFIG = CampaignConfig()
 
@@ -93,7 +93,7 @@ def test_fast_weight_path_equals_slow_path_matmul_and_constant() -> None:
 
 
 def test_conv_transpose_weights_use_exact_node_rerun() -> None:
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     rng = np.random.default_rng(0)
     w = numpy_helper.from_array(rng.standard_normal((3, 2, 3, 3)).astype(np.float32), "wt")
@@ -101,11 +101,7 @@ def test_conv_transpose_weights_use_exact_node_rerun() -> None:
     nodes = [helper.make_node("ConvTranspose", ["x", "wt"], ["ct"], name="deconv", strides=[2, 2]),
              helper.make_node("Flatten", ["ct"], ["f"], name="flat"),
              helper.make_node("Gemm", ["f", "wf"], ["logits"], name="fc", transB=1)]
-    graph = helper.make_graph(nodes, "ct", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4, 4])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])], [w, wf])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    _weight_check(model, "wt", n=4, rerun=True)
+    _weight_check(classifier(nodes, [w, wf], "ct", (3, 4, 4), 3), "wt", n=4, rerun=True)
 
 
 def test_relu_masked_faults_skip_the_run_and_match_the_whole_graph() -> None:
@@ -143,7 +139,7 @@ def test_add_then_relu_masking_matches_the_whole_graph() -> None:
 
 @pytest.mark.parametrize("auto_pad", ["SAME_UPPER", "SAME_LOWER", "VALID"])
 def test_fast_conv_weight_path_with_auto_pad(auto_pad: str) -> None:
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     rng = np.random.default_rng(4)
     out = {"VALID": 3, "SAME_UPPER": 4, "SAME_LOWER": 4}[auto_pad]  # 7×7 input, kernel 3, stride 2
@@ -153,11 +149,7 @@ def test_fast_conv_weight_path_with_auto_pad(auto_pad: str) -> None:
                               kernel_shape=[3, 3]),
              helper.make_node("Flatten", ["c"], ["f"], name="flat"),
              helper.make_node("Gemm", ["f", "wf"], ["logits"], name="fc", transB=1)]
-    graph = helper.make_graph(nodes, "ap", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 7, 7])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])], [w, wf])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    _weight_check(model, "wc", n=8)
+    _weight_check(classifier(nodes, [w, wf], "ap", (3, 7, 7), 3), "wc", n=8)
 
 
 def test_bias_through_add_is_bit_exact() -> None:
