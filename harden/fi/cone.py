@@ -37,19 +37,7 @@ SLIDING = {"Conv", "MaxPool", "AveragePool"}
 
 
 class GoldenBlock(dict[str, np.ndarray]):
-    """The golden tensors of one cache block (a node-by-node run), and their padded copies made on demand."""
-
-    def __init__(self, tensors: dict[str, np.ndarray]) -> None:
-        super().__init__(tensors)
-        self._padded: dict[tuple[str, tuple[int, ...], float], np.ndarray] = {}
-
-    def padded(self, name: str, pads: tuple[int, int, int, int], value: float) -> np.ndarray:
-        """The tensor with (top, bottom, left, right) padding of `value` on its spatial axes."""
-        key = (name, pads, value)
-        if key not in self._padded:
-            t, b, l, r = pads
-            self._padded[key] = np.pad(self[name], ((0, 0), (0, 0), (t, b), (l, r)), constant_values=value)
-        return self._padded[key]
+    """The golden tensors of one cache block: every tensor of a node-by-node run, not a prefix cache."""
 
 
 def _attrs(node: onnx.NodeProto) -> dict[str, object]:
@@ -76,10 +64,6 @@ class Cone:
             node = self.info.nodes[i]
             names.update(t for t in (*node.input, *node.output) if t and t not in self.info.constants)
         return names
-
-    def padded_inputs(self) -> set[str]:
-        """Inputs of the walk's Conv and pooling nodes, of which a padded copy is kept per cache block."""
-        return {self.info.nodes[i].input[0] for i in self.order if self.info.nodes[i].op_type in SLIDING}
 
     # -- the walk ---------------------------------------------------------------------------------------
 
@@ -269,11 +253,10 @@ class Cone:
         h, w = win.size
         oy, n_y = ay.reach(win.y0, h)
         ox, n_x = ax.reach(win.x0, w)
-        padded = golden.padded(node.input[0], (ay.pad_begin, ay.padding_after(), ax.pad_begin, ax.padding_after()),
-                               fill)
-        cy, cx = oy * ay.stride, ox * ax.stride
-        base = crop(padded, rows, cy, cx, ay.crop_length(n_y), ax.crop_length(n_x))
-        paste(base, win.data, win.y0 + ay.pad_begin - cy, win.x0 + ax.pad_begin - cx)
+        # the input rows and columns the outputs read, in unpadded coordinates (the padding is made up by crop)
+        cy, cx = oy * ay.stride - ay.pad_begin, ox * ax.stride - ax.pad_begin
+        base = crop(golden[node.input[0]], rows, cy, cx, ay.crop_length(n_y), ax.crop_length(n_x), fill)
+        paste(base, win.data, win.y0 - cy, win.x0 - cx)
         feeds = {t: base if t == node.input[0] else self._golden(t, golden, rows)
                  for t in dict.fromkeys(node.input) if t and t not in self.info.constants}
         (data,) = self.sessions.run(i, feeds, override).values()

@@ -21,14 +21,14 @@ import numpy as np
 import onnx
 
 from harden.errors import HardenError
-from harden.fi.cone import Cone, GoldenBlock
+from harden.fi.cone import SLIDING, Cone, GoldenBlock
 from harden.fi.config import CampaignConfig
 from harden.fi.graphinfo import GraphInfo
 from harden.fi.journal import Journal, JournalContents, num
 from harden.fi.nodes import NODE_LEVEL, NodeSessions, golden_pass
 from harden.fi.outcome import nonfinite_rows, top1_class
 from harden.fi.plan import Shard, block_bounds, injections_per_site, plan_shards, shard_rng, shard_rows
-from harden.fi.prepare import EvalSet, prepare_eval
+from harden.fi.prepare import EvalSet, prepare_eval, prepare_eval_nodes
 from harden.fi.runner import SAME_KERNELS, SiteRunner, prefix_level
 from harden.fi.sites import Site, list_sites, select_sites
 from harden.fi.suffix import Suffix
@@ -71,12 +71,14 @@ def cache_block_images(info: GraphInfo, sites: Sequence[Site], config: CampaignC
     switching engines keeps the plan, and with it every drawn fault.
     """
     names: set[str] = set()
-    padded: set[str] = set()  # the cone also keeps a padded copy of every Conv and pooling input
+    # Until 2026-11-27 the cone kept a padded copy of every Conv and pooling input. Those copies still count
+    # here, so that campaign files written before keep their plan and resume.
+    padded: set[str] = set()
     for site in sites:
         if site.kind == "activation":
             cone = Cone(info, None, site.tensor)
             names.update(cone.needs())
-            padded.update(cone.padded_inputs())
+            padded.update(info.nodes[i].input[0] for i in cone.order if info.nodes[i].op_type in SLIDING)
         node = info.nodes[info.node_index[site.via or site.node]]
         names.update(info.cut(site.tensor if site.kind == "activation" else node.output[0]))
         if site.kind == "weight":
@@ -99,15 +101,22 @@ def run_campaign(model: str | os.PathLike[str] | onnx.ModelProto, inputs: np.nda
     info = GraphInfo(proto, example=inputs[:1], providers=config.providers)
     sites = select_sites(list_sites(info, config.all_tensors), config.layers, config.kinds)
     act = [s.tensor for s in sites if s.kind == "activation"]
-    # the cone engine's goldens come from level-'all' kernels, so its evaluation pass runs at 'all' too
-    eval_level = NODE_LEVEL if config.engine == "cone" and act else config.opt_level
-    ev = prepare_eval(info.model, inputs, labels, act, profile_inputs, config.batch, config.providers,
-                      eval_level, threads)
     if info.fixed_batch not in (None, 1):
         raise HardenError(f"the model input has a fixed batch of {info.fixed_batch}; export it with a dynamic "
                           "(or unit) batch dimension")
     batch = info.fixed_batch or config.batch
     block_images = info.fixed_batch or cache_block_images(info, sites, config)
+    sessions = NodeSessions(info, config.providers, threads) if config.engine == "cone" else None
+    first_block: dict[str, np.ndarray] | None = None
+    if sessions is not None and act and profile_inputs is None:
+        # one node-by-node pass gives the golden scores, the ranges and the first block's tensors
+        keep = set().union(*(Cone(info, None, t).needs() for t in act))
+        ev, first_block = prepare_eval_nodes(sessions, inputs, labels, act, batch, keep, block_images)
+    else:
+        # the cone engine's goldens come from level-'all' kernels, so its evaluation pass runs at 'all' too
+        eval_level = NODE_LEVEL if sessions is not None and act else config.opt_level
+        ev = prepare_eval(info.model, inputs, labels, act, profile_inputs, config.batch, config.providers,
+                          eval_level, threads)
     counts = injections_per_site(sites, config, len(ev.ids))
     plan = plan_shards(sites, counts, len(ev.ids), batch, block_images)
     header: dict[str, Any] = {"type": "header", "version": 1, "model_sha256": digest, "config": config.to_dict(),
@@ -118,7 +127,8 @@ def run_campaign(model: str | os.PathLike[str] | onnx.ModelProto, inputs: np.nda
             and (config.shard is None or s.index % config.shard[1] == config.shard[0])]
     started = time.perf_counter()
     try:
-        _execute(info, sites, ev, config, todo, journal, block_images, progress, threads)
+        _execute(info, sites, ev, config, todo, journal, block_images, progress, threads, sessions,
+                 None if first_block is None else GoldenBlock(first_block))
     finally:
         journal.close()
     seconds = time.perf_counter() - started
@@ -130,15 +140,19 @@ def run_campaign(model: str | os.PathLike[str] | onnx.ModelProto, inputs: np.nda
 
 
 def _execute(info: GraphInfo, sites: Sequence[Site], ev: EvalSet, config: CampaignConfig, todo: Sequence[Shard],
-             journal: Journal, block_images: int, progress: bool, threads: int = 0) -> None:
-    """Run the pending shards block by block, appending each to the journal as it completes."""
+             journal: Journal, block_images: int, progress: bool, threads: int = 0,
+             sessions: NodeSessions | None = None, first_block: GoldenBlock | None = None) -> None:
+    """Run the pending shards block by block, appending each to the journal as it completes.
+
+    `sessions` are the cone engine's node sessions (None: suffix engine), and
+    `first_block` the golden tensors of block 0 when the evaluation pass kept them.
+    """
     if not todo:
         return
     from tqdm import tqdm
 
     by_name = {s.name: s for s in sites}
     suffixes: dict[str, Suffix] = {}
-    sessions = NodeSessions(info, config.providers, threads) if config.engine == "cone" else None
     runners = {name: SiteRunner(info, by_name[name], config, ev.ranges, suffixes, threads, sessions)
                for name in dict.fromkeys(s.site for s in todo)}
     prefix = None
@@ -159,7 +173,10 @@ def _execute(info: GraphInfo, sites: Sequence[Site], ev: EvalSet, config: Campai
                 cache, prefix_scores = _prefix_block(info, prefix, x, step,
                                                      set().union(*(runners[s.site].needs for s in shards)))
             if sessions is not None and any(runners[s.site].cone is not None for s in shards):
-                golden_block = GoldenBlock(golden_pass(sessions, x, step, cone_keep))
+                if block == 0 and first_block is not None:
+                    golden_block = first_block
+                else:  # one chunk: the block's tensors need no concatenation
+                    golden_block = GoldenBlock(golden_pass(sessions, x, info.fixed_batch or len(x), cone_keep))
             goldens: dict[str, np.ndarray] = {}
             for shard in shards:
                 rows = shard_rows(shard, hi - lo)

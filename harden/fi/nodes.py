@@ -13,7 +13,7 @@ kernels.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import onnx
@@ -76,16 +76,12 @@ class NodeSessions:
         return dict(zip(outputs, results))
 
 
-def golden_pass(sessions: NodeSessions, x: np.ndarray, batch: int, keep: Iterable[str] | None = None,
-                ) -> dict[str, np.ndarray]:
-    """Every tensor of a fault-free node-by-node run of `x` (or only those in `keep`, plus the scores).
-
-    Runs `batch` images at a time and concatenates per-image tensors; tensors
-    without a batch axis (shape arithmetic) are kept from the first batch.
-    """
+def node_pass(sessions: NodeSessions, x: np.ndarray, batch: int, keep: Iterable[str] | None = None,
+              ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    """A fault-free node-by-node run of `x`, `batch` images at a time: each chunk's start and its tensors
+    (all of them, or only those in `keep`, plus the scores)."""
     info = sessions.info
     wanted = None if keep is None else set(keep) | {info.scores}
-    parts: dict[str, list[np.ndarray]] = {}
     for start in range(0, len(x), batch):
         values: dict[str, np.ndarray] = {info.input_name: x[start:start + batch]}
         readers = {t: len(c) for t, c in info.consumers.items()}
@@ -98,12 +94,24 @@ def golden_pass(sessions: NodeSessions, x: np.ndarray, batch: int, keep: Iterabl
                     readers[t] -= 1
                     if readers[t] == 0 and t != info.scores and (wanted is not None and t not in wanted):
                         values.pop(t, None)
+        yield start, values if wanted is None else {k: v for k, v in values.items() if k in wanted}
+
+
+def golden_pass(sessions: NodeSessions, x: np.ndarray, batch: int, keep: Iterable[str] | None = None,
+                ) -> dict[str, np.ndarray]:
+    """Every tensor of a fault-free node-by-node run of `x` (or only those in `keep`, plus the scores).
+
+    Concatenates the per-image tensors of the chunks (a single chunk is taken
+    as it is, so a `batch` of len(x) needs no second copy of the block);
+    tensors without a batch axis (shape arithmetic) come from the first chunk.
+    """
+    info = sessions.info
+    parts: dict[str, list[np.ndarray]] = {}
+    for _, values in node_pass(sessions, x, batch, keep):
         for name, value in values.items():
-            if wanted is not None and name not in wanted:
-                continue
             parts.setdefault(name, []).append(value)
     out: dict[str, np.ndarray] = {}
     for name, chunks in parts.items():
         batched = name == info.input_name or (name in info.tensors and info.tensors[name].batched)
-        out[name] = np.concatenate(chunks) if batched else chunks[0]
+        out[name] = np.concatenate(chunks) if batched and len(chunks) > 1 else chunks[0]
     return out

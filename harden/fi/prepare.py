@@ -15,7 +15,8 @@ import onnx
 
 from harden.errors import HardenError
 from harden.fi.journal import EvalHeader
-from harden.fi.profile import profile_ranges, profile_with_outputs
+from harden.fi.nodes import NodeSessions, node_pass
+from harden.fi.profile import finite_peak, profile_ranges, profile_with_outputs
 from harden.graph.ort import make_session, run_batched
 
 
@@ -82,20 +83,77 @@ def prepare_eval(model: onnx.ModelProto, inputs: np.ndarray, labels: np.ndarray,
     else:
         session = make_session(model, providers=providers, opt_level=opt_level, threads=threads, spinning=False)
         scores = run_batched(session, inputs, outputs=[output], batch=batch)[0]
+    if ranges is None:
+        ranges = profile_ranges(model, inputs if profile_inputs is None else profile_inputs, list(tensors),
+                                batch=batch, providers=providers, threads=threads) if tensors else {}
+    return select_eval(inputs, labels, scores, ranges)
+
+
+def _kept(scores: np.ndarray, labels: np.ndarray, probabilities: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The paper's filter: (kept positions, golden class, Top2Diff) of correct, finite rows with Top2Diff > 0."""
+    golden = np.argmax(scores, axis=1)
+    t2d = softmax_top2diff(scores, probabilities)
+    keep = np.flatnonzero((golden == labels) & (t2d > 0) & np.isfinite(scores).all(axis=1))
+    return keep, golden, t2d
+
+
+def select_eval(inputs: np.ndarray, labels: np.ndarray, scores: np.ndarray, ranges: dict[str, float]) -> EvalSet:
+    """The evaluation set of golden `scores`, after checking that they are class scores for these labels."""
     if scores.ndim != 2 or scores.shape[0] != len(inputs) or scores.shape[1] < 2:
         raise HardenError(f"model output has shape {list(scores.shape)}; expected class scores N×C with C ≥ 2")
     if labels.max(initial=0) >= scores.shape[1]:
         raise HardenError(f"labels go up to {int(labels.max())} but the model scores {scores.shape[1]} classes")
-    golden = np.argmax(scores, axis=1)
     probabilities = are_probabilities(scores)
-    t2d = softmax_top2diff(scores, probabilities)
-    correct = golden == labels
-    keep = np.flatnonzero(correct & (t2d > 0) & np.isfinite(scores).all(axis=1))
+    keep, golden, t2d = _kept(scores, labels, probabilities)
+    correct = int((golden == labels).sum())
     if len(keep) == 0:
-        raise HardenError(f"no evaluation image is classified correctly (accuracy {correct.mean():.1%}); "
+        raise HardenError(f"no evaluation image is classified correctly (accuracy {correct / len(labels):.1%}); "
                           "check the data and preprocessing")
-    if ranges is None:
-        ranges = profile_ranges(model, inputs if profile_inputs is None else profile_inputs, list(tensors),
-                                batch=batch, providers=providers, threads=threads) if tensors else {}
     return EvalSet(np.ascontiguousarray(inputs[keep]), labels[keep].astype(np.int64), keep, golden[keep],
-                   t2d[keep], ranges, int(len(inputs)), int(correct.sum()), probabilities)
+                   t2d[keep], ranges, int(len(inputs)), correct, probabilities)
+
+
+def prepare_eval_nodes(sessions: NodeSessions, inputs: np.ndarray, labels: np.ndarray, tensors: Sequence[str],
+                       batch: int, keep: set[str], block_images: int) -> tuple[EvalSet, dict[str, np.ndarray] | None]:
+    """prepare_eval through the cone engine's node-by-node sessions, also returning the first cache block.
+
+    The cone needs every tensor of a node-by-node run of each block anyway, so
+    this one pass gives the golden scores, the ranges of `tensors` and the
+    tensors in `keep` of the first `block_images` kept images: the campaign
+    then runs each image through the model once instead of twice. The block is
+    None in the rare case it cannot be told in one pass (a row with distinct
+    top scores whose softmax Top2Diff rounds to 0 came before the block filled).
+    """
+    info = sessions.info
+    peaks = dict.fromkeys(tensors, 0.0)
+    scores: list[np.ndarray] = []
+    block: dict[str, np.ndarray] = {}
+    held: list[int] = []  # positions of the rows in `block`: correct, finite, with distinct top two scores
+    for start, values in node_pass(sessions, inputs, batch, keep | set(tensors)):
+        chunk = values[info.scores]
+        scores.append(chunk)
+        for name in tensors:
+            peaks[name] = max(peaks[name], finite_peak(values[name]))
+        if len(held) >= block_images or chunk.ndim != 2 or chunk.shape[1] < 2:
+            continue
+        top = np.sort(chunk, axis=1)[:, -2:]
+        rows = np.flatnonzero((np.argmax(chunk, axis=1) == labels[start:start + len(chunk)])
+                              & np.isfinite(chunk).all(axis=1) & (top[:, 1] > top[:, 0]))[:block_images - len(held)]
+        for name in keep | {info.scores}:
+            value = values[name]
+            if name != info.input_name and not info.tensors[name].batched:
+                block.setdefault(name, value)
+                continue
+            if name not in block:
+                block[name] = np.empty((block_images, *value.shape[1:]), dtype=value.dtype)
+            block[name][len(held):len(held) + len(rows)] = value[rows]
+        held.extend((start + rows).tolist())
+    ev = select_eval(inputs, labels, np.concatenate(scores), peaks)
+    wanted = ev.ids[:block_images]
+    position = {p: i for i, p in enumerate(held)}
+    if not all(int(p) in position for p in wanted):
+        return ev, None
+    pick = np.array([position[int(p)] for p in wanted])
+    same = np.array_equal(pick, np.arange(len(pick)))
+    return ev, {name: value if not (name == info.input_name or info.tensors[name].batched)
+                else (value[:len(pick)] if same else value[pick]) for name, value in block.items()}

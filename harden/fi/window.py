@@ -41,15 +41,25 @@ def place(start: np.ndarray, size: int, full: int) -> np.ndarray:
     return np.clip(start, 0, full - size)
 
 
-def crop(tensor: np.ndarray, rows: np.ndarray, y0: np.ndarray, x0: np.ndarray, h: int, w: int) -> np.ndarray:
+def crop(tensor: np.ndarray, rows: np.ndarray, y0: np.ndarray, x0: np.ndarray, h: int, w: int,
+         fill: float | None = None) -> np.ndarray:
     """tensor[rows[i], :, y0[i]:y0[i]+h, x0[i]:x0[i]+w] for every i, as one B×C×h×w array (a copy).
 
+    With `fill`, the rectangle may reach past the borders (a padded Conv or
+    pool reads its padding there) and what lies outside is `fill`; making the
+    padding up per crop spares a padded copy of every golden input.
     One slice copy per row: with hundreds of channels this is several times
     faster than a single fancy-indexed gather, and rows are at most a batch.
     """
+    full_h, full_w = tensor.shape[2:]
     out = np.empty((len(rows), tensor.shape[1], h, w), dtype=tensor.dtype)
     for i, (r, y, x) in enumerate(zip(rows.tolist(), y0.tolist(), x0.tolist())):
-        out[i] = tensor[r, :, y:y + h, x:x + w]
+        y1, x1, y2, x2 = max(y, 0), max(x, 0), min(y + h, full_h), min(x + w, full_w)
+        if (y1, x1, y2, x2) != (y, x, y + h, x + w):
+            if fill is None:
+                raise ValueError(f"crop at ({y}, {x}) of size {h}×{w} leaves a {full_h}×{full_w} map")
+            out[i] = fill
+        out[i, :, y1 - y:y2 - y, x1 - x:x2 - x] = tensor[r, :, y1:y2, x1:x2]
     return out
 
 
@@ -100,6 +110,3 @@ class Axis:
         """Padded input rows read by `n` consecutive outputs."""
         return (n - 1) * self.stride + (self.kernel - 1) * self.dilation + 1
 
-    def padding_after(self) -> int:
-        """Padding at the end so that every output's receptive field lies inside the padded input."""
-        return max(self.pad_end, self.crop_length(self.length_out) - self.length_in - self.pad_begin)

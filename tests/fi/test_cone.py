@@ -16,7 +16,7 @@ from harden.fi.graphinfo import GraphInfo
 from harden.fi.journal import JournalContents
 from harden.fi.nodes import NodeSessions, golden_pass
 from harden.fi.sites import list_sites
-from harden.fi.window import Axis
+from harden.fi.window import Axis, crop
 from tests.fi.tiny_models import classifier, labelled_inputs, residual_cnn, windowed_cnn
 
 LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
@@ -139,7 +139,21 @@ def test_axis_reach_holds_every_output_a_window_touches(kernel: int, stride: int
             assert 0 <= o and o + n <= n_out
             touched = [j for j in range(n_out) if reads[j] & set(range(s, s + size))]
             assert all(o <= j < o + n for j in touched), (s, o, n, touched)
-    assert axis.crop_length(n_out) <= n_in + pads[0] + axis.padding_after()
+        # the crop that _slide reads for outputs [o, o+n) holds every input those outputs read
+        for o in origin.tolist():
+            first = o * stride - pads[0]
+            read = set().union(*reads[o:o + n])
+            assert min(read) >= first and max(read) < first + axis.crop_length(n)
+
+
+def test_crop_past_the_border_is_filled_with_the_padding_value() -> None:
+    t = np.arange(2 * 2 * 4 * 5, dtype=np.float32).reshape(2, 2, 4, 5)
+    rows, y0, x0 = np.array([1, 0]), np.array([-1, 1]), np.array([3, 0])
+    got = crop(t, rows, y0, x0, 3, 3, fill=-np.inf)
+    padded = np.pad(t, ((0, 0), (0, 0), (1, 1), (0, 1)), constant_values=-np.inf)
+    assert np.array_equal(got[0], padded[1, :, 0:3, 3:6]) and np.array_equal(got[1], padded[0, :, 2:5, 0:3])
+    with pytest.raises(ValueError):
+        crop(t, rows, y0, x0, 3, 3)
 
 
 def test_unsupported_ops_in_the_middle_fall_back_to_whole_tensors() -> None:

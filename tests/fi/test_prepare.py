@@ -1,0 +1,84 @@
+"""The evaluation pass of the cone engine: one node-by-node run gives the eval set and the first cache block."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from harden.fi import CampaignConfig, run_campaign
+from harden.fi.cone import Cone
+from harden.fi.graphinfo import GraphInfo
+from harden.fi.journal import JournalContents
+from harden.fi.nodes import NODE_LEVEL, NodeSessions, golden_pass
+from harden.fi.prepare import prepare_eval, prepare_eval_nodes
+from tests.fi.tiny_models import labelled_inputs, residual_cnn
+
+
+@pytest.fixture(scope="module")
+def setup() -> tuple[onnx.ModelProto, np.ndarray, np.ndarray]:
+    model = residual_cnn()
+    x, y = labelled_inputs(model, 24)
+    y[[1, 4, 5, 11]] = (y[[1, 4, 5, 11]] + 1) % 4  # four wrong labels: those images are left out
+    return model, x, y
+
+
+def _node_eval(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, block: int):  # type: ignore[no-untyped-def]
+    info = GraphInfo(model, example=x[:1])
+    sessions = NodeSessions(info, ["CPUExecutionProvider"])
+    tensors = [n.output[0] for n in model.graph.node if n.op_type == "Conv"]
+    keep = set().union(*(Cone(info, None, t).needs() for t in tensors))
+    return info, sessions, tensors, keep, prepare_eval_nodes(sessions, x, y, tensors, 5, keep, block)
+
+
+def test_node_pass_keeps_the_images_and_ranges_of_the_whole_graph_pass(setup) -> None:
+    model, x, y = setup
+    _, _, tensors, _, (ev, _) = _node_eval(model, x, y, 8)
+    whole = prepare_eval(model, x, y, tensors, opt_level=NODE_LEVEL)
+    assert np.array_equal(ev.ids, whole.ids) and not {1, 4, 5, 11} & set(ev.ids.tolist())
+    assert np.array_equal(ev.golden_class, whole.golden_class)
+    assert ev.ranges.keys() == whole.ranges.keys()
+    assert all(np.isclose(ev.ranges[t], whole.ranges[t], rtol=1e-5) for t in tensors)
+
+
+@pytest.mark.parametrize("block", [3, 8, 20, 64])
+def test_first_block_is_the_golden_pass_of_the_first_kept_images(setup, block: int) -> None:
+    """Bit for bit, across chunks of 5 images with left-out images among them, whatever the block size."""
+    model, x, y = setup
+    info, sessions, _, keep, (ev, first) = _node_eval(model, x, y, block)
+    assert first is not None
+    expected = golden_pass(sessions, ev.inputs[:block], 7, keep)
+    assert first.keys() == expected.keys()
+    for name, value in expected.items():
+        assert value.dtype == first[name].dtype
+        assert np.array_equal(value.view(np.uint8), first[name].view(np.uint8)), name
+    assert len(first[info.scores]) == min(block, len(ev.ids))
+
+
+def test_first_block_is_left_to_the_campaign_when_one_pass_cannot_tell_it(setup, monkeypatch) -> None:
+    """A held row that the softmax filter drops afterwards (its Top2Diff rounds to 0) leaves a gap: no block."""
+    import harden.fi.prepare as prepare
+
+    model, x, y = setup
+    real = prepare.softmax_top2diff
+
+    def first_row_ties(scores: np.ndarray, probabilities: bool = False) -> np.ndarray:
+        t2d = real(scores, probabilities)
+        t2d[0] = 0.0
+        return t2d
+
+    monkeypatch.setattr(prepare, "softmax_top2diff", first_row_ties)
+    _, _, _, _, (ev, first) = _node_eval(model, x, y, 8)
+    assert 0 not in ev.ids and first is None
+
+
+def test_cone_campaign_records_do_not_depend_on_where_block_zero_came_from(setup, tmp_path: Path) -> None:
+    """From the evaluation pass (default), or from its own golden pass (a separate profiling set)."""
+    model, x, y = setup
+    config = CampaignConfig(injections=30, batch=8, cache_images=8)
+    run_campaign(model, x, y, config, tmp_path / "a.jsonl", progress=False)
+    run_campaign(model, x, y, config, tmp_path / "b.jsonl", progress=False, profile_inputs=x)
+    a, b = (list(JournalContents(tmp_path / f"{n}.jsonl").records()) for n in "ab")
+    assert a == b and len(a) == 30 * len(JournalContents(tmp_path / "a.jsonl").header["sites"])
