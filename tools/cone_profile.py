@@ -1,5 +1,6 @@
 """Where the cone engine spends its time: per site, the cost per fault, the share of faults that end early
-(masked), and the time spent in each top-level stage of the network.
+(masked), the time spent in each top-level stage of the network, and the multiply-adds recomputed per fault
+as a share of a forward pass, which caps the speed-up of recomputing these windows, whatever the kernels.
 
 It explains the throughput that `tools/bench_inject.py` measures: faults that end early are nearly free, and
 what remains is the part of the network after the fault's window has spread over whole maps. Runs on a model
@@ -23,6 +24,17 @@ def stage(name: str) -> str:
     """The top-level module of an exported node name ('/layer4/layer4.0/conv1/Conv' → 'layer4')."""
     parts = name.strip("/").split("/")
     return parts[0] if len(parts) > 1 else name
+
+
+def multiply_adds(info, index: int, outputs: dict) -> float:  # type: ignore[no-untyped-def,type-arg]
+    """Multiply-adds of one run of node `index` that gave `outputs`: Conv and Gemm only (the rest is small)."""
+    node = info.nodes[index]
+    if node.op_type not in ("Conv", "Gemm") or node.input[1] not in info.constants:
+        return 0.0
+    weight = info.constants[node.input[1]].shape
+    out = next(iter(outputs.values()))
+    per_output = int(np.prod(weight[1:])) if node.op_type == "Conv" else int(np.prod(weight)) // out.shape[-1]
+    return float(out.size) * per_output
 
 
 def main() -> None:
@@ -51,8 +63,8 @@ def main() -> None:
     x = model_images(data.images, MODELS[args.model][2])
     info = GraphInfo(onnx.load(str(path)), example=x[:1])
     sessions = NodeSessions(info, ["CPUExecutionProvider"], args.threads)
-    golden = GoldenBlock(golden_pass(sessions, x, len(x)))
     spent: dict[tuple[str, str], float] = defaultdict(float)
+    macs: dict[str, float] = defaultdict(float)  # multiply-adds of Conv and Gemm, by site ('' = golden pass)
     current = [""]
     run = sessions.run
 
@@ -60,14 +72,18 @@ def main() -> None:
         started = time.perf_counter()
         out = run(i, values, override)
         spent[(current[0], stage(info.nodes[i].name))] += time.perf_counter() - started
+        macs[current[0]] += multiply_adds(info, i, out)
         return out
 
     sessions.run = timed  # type: ignore[method-assign]
+    golden = GoldenBlock(golden_pass(sessions, x, len(x)))
+    forward_macs = macs.pop("") / len(x)
     sites = [s for s in list_sites(info) if s.kind == "activation"]
     fault = FaultModel()
     results = {}
     for rep in range(2):  # the first pass builds the sessions; the second is timed
         spent.clear()
+        macs.clear()
         rng = np.random.default_rng(0)
         for site in sites:
             current[0] = site.tensor
@@ -88,6 +104,10 @@ def main() -> None:
         by_stage[name] += t
     print("time in each stage, all sites: " + ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in by_stage.items()
                                                           if v / total >= 0.01))
+    share = sum(macs.values()) / (len(sites) * args.faults) / forward_macs
+    print(f"Conv and Gemm multiply-adds recomputed per fault: {100 * share:.1f}% of a forward pass "
+          f"({forward_macs / 1e9:.2f} G): at the forward pass's speed, at most {1 / share:.1f}x faster than a "
+          "full run per fault")
     print(f"{'site':44s} {'ms/fault':>8s} {'ended early':>12s}  top stages")
     for site in sites:
         seconds, early = results[site.tensor]

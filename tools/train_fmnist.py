@@ -12,7 +12,6 @@ accuracy and training wall time and writes them to OUT/results.json.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
