@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from harden.data import SPEC_HELP
 from harden.errors import HardenError
@@ -55,7 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_finetune(args: argparse.Namespace) -> int:
     from harden.train.config import FinetuneConfig
-    from harden.train.finetune import finetune, resume_config
+    from harden.train.finetune import finetune, resume_config, stall_warning
 
     runtime = {"device": args.device, "amp": not args.no_amp, "threads": args.threads,
                "progress": not args.no_progress}
@@ -78,6 +79,9 @@ def run_finetune(args: argparse.Namespace) -> int:
     if result.rank != 0:
         return 0
     if args.json:
+        warning = stall_warning(result.metrics, len(result.classes), result.config)
+        if warning:
+            print(warning, file=sys.stderr)
         print(json.dumps(result.to_dict(), indent=2))
         return 0
     acc = result.final_eval_acc

@@ -25,6 +25,16 @@ def test_finetune_text_then_resume(tmp_path: Path, capsys) -> None:
     assert load_checkpoint(out).epoch == 2
 
 
+def test_a_stalled_run_warns_on_stderr_and_keeps_json_clean(tmp_path: Path, capsys) -> None:
+    emb = write_embeddings(tmp_path / "emb.npz")
+    out = tmp_path / "stalled.pt"
+    assert main(["finetune", *TINY, "--embeddings", str(emb), "--epochs", "1", "--lr", "1e-9", "--json",
+                 "-o", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["metrics"][0]["epoch"] == 1
+    assert captured.err.startswith("warning: training accuracy ended at") and "--optimizer adamw" in captured.err
+
+
 def test_finetune_baseline_without_embeddings(tmp_path: Path, capsys) -> None:
     out = tmp_path / "base.pt"
     assert main(["finetune", *TINY, "--head", "baseline", "--epochs", "1", "--optimizer", "adamw",

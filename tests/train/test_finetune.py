@@ -149,3 +149,15 @@ def test_augment_flips_and_shifts_reproducibly() -> None:
             padded = torch.nn.functional.pad(img, (1, 1, 1, 1))
             candidates += [padded[1 + dy:5 + dy, 1 + dx:5 + dx] for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
         assert any(torch.equal(a[i, 0], c) for c in candidates)
+
+
+def test_a_run_that_ends_at_chance_says_so(tmp_path: Path) -> None:
+    """A stalled run is not a result: the log ends with a warning, with a hint for the text head under SGD."""
+    lines: list[str] = []
+    stalled = finetune(tiny_config(tmp_path, name="stalled.pt", lr=1e-9), log=lines.append)
+    assert stalled.metrics[-1].train_acc <= 0.15
+    assert lines[-1].startswith("warning: training accuracy ended at") and "--optimizer adamw" in lines[-1]
+    lines.clear()
+    finetune(tiny_config(tmp_path, name="learns.pt", head="baseline", epochs=3, limit=300, batch_size=50, lr=0.1),
+             log=lines.append)
+    assert not any(line.startswith("warning") for line in lines)
