@@ -121,6 +121,22 @@ def model_images(images: np.ndarray, side: int) -> np.ndarray:
     return np.ascontiguousarray(np.pad(images, ((0, 0), (0, 0), (pad, pad), (pad, pad))))
 
 
+def trained_model(work: str, model: str, images: int):  # type: ignore[no-untyped-def]
+    """The graph analysis of a model this bench trained into `work`, and `images` Fashion-MNIST test images
+    prepared for it: what the tools that study its campaigns start from."""
+    import onnx
+
+    from harden.data import load_dataset
+    from harden.fi.graphinfo import GraphInfo
+
+    path = Path(work) / f"{model}.onnx"
+    if not path.exists():
+        raise SystemExit(f"{path} is missing: run tools/bench_inject.py --model {model} first")
+    data = load_dataset("fashion-mnist:test", limit=images, seed=0)
+    x = model_images(data.images, MODELS[model][2])
+    return GraphInfo(onnx.load(str(path)), example=x[:1]), x
+
+
 def fold_batchnorm(net) -> None:  # type: ignore[no-untyped-def]
     """Replace every conv → BN pair by one conv with a bias (eval mode), BN by identity."""
     import torch.nn as nn

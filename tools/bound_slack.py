@@ -21,8 +21,6 @@ If the slack alone exceeds the margin, no fault at t can be shown harmless this 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-
 import numpy as np
 
 UNIT_ROUNDOFF = 2.0**-24  # float32
@@ -48,6 +46,12 @@ def spectral_norm(op, shape: tuple[int, ...], iterations: int = 30) -> float:  #
     return sigma
 
 
+def spatial_mean(attrs: dict, inputs: list) -> bool:  # type: ignore[type-arg]
+    """Whether a ReduceMean averages exactly the two spatial axes of an NCHW tensor (a global average pool)."""
+    axes = attrs.get("axes", inputs[1].tolist() if len(inputs) > 1 else None)
+    return axes is not None and sorted(int(a) % 4 for a in axes) == [2, 3] and inputs[0].ndim == 4
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="resnet18-224")
@@ -55,21 +59,13 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/harden-bench-inject")
     args = parser.parse_args()
 
-    import onnx
     import torch
     import torch.nn.functional as F
     from onnx import helper
 
-    from bench_inject import MODELS, model_images
-    from harden.data import load_dataset
-    from harden.fi.graphinfo import GraphInfo
+    from bench_inject import trained_model
 
-    path = Path(args.work) / f"{args.model}.onnx"
-    if not path.exists():
-        raise SystemExit(f"{path} is missing: run tools/bench_inject.py --model {args.model} first")
-    data = load_dataset("fashion-mnist:test", limit=args.images, seed=0)
-    x = model_images(data.images, MODELS[args.model][2])
-    info = GraphInfo(onnx.load(str(path)), example=x[:1])
+    info, x = trained_model(args.work, args.model, args.images)
     n = len(x)
     values = {info.input_name: torch.from_numpy(x).double()}
     lipschitz: dict[int, float] = {}  # per node: bound of its output change per unit change of one input
@@ -100,9 +96,10 @@ def main() -> None:
         elif op == "MaxPool" and a.get("kernel_shape") == [3, 3] and a.get("strides") == [2, 2]:
             y = F.max_pool2d(ins[0], 3, 2, tuple(a.get("pads", [0, 0, 0, 0])[:2]))
             lipschitz[i] = 2.0
-        elif op == "GlobalAveragePool":
+        elif op == "GlobalAveragePool" or (op == "ReduceMean" and spatial_mean(a, ins)):
             hw = ins[0].shape[2] * ins[0].shape[3]
-            y, lipschitz[i] = ins[0].mean(dim=(2, 3), keepdim=True), 1 / np.sqrt(hw)
+            y = ins[0].mean(dim=(2, 3), keepdim=op == "GlobalAveragePool" or bool(a.get("keepdims", 1)))
+            lipschitz[i] = 1 / np.sqrt(hw)
             rounding[i] = gamma(hw) * ins[0].abs().mean(dim=(2, 3)).flatten(1).norm(dim=1)
         elif op == "Flatten":
             y, lipschitz[i] = ins[0].flatten(1), 1.0

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import numpy as np
 
@@ -46,22 +45,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
 
-    import onnx
-
-    from bench_inject import MODELS, model_images
-    from harden.data import load_dataset
+    from bench_inject import trained_model
     from harden.fi.cone import Cone, GoldenBlock
     from harden.fi.faults import FaultModel
-    from harden.fi.graphinfo import GraphInfo
     from harden.fi.nodes import NodeSessions, golden_pass
     from harden.fi.sites import list_sites
 
-    path = Path(args.work) / f"{args.model}.onnx"
-    if not path.exists():
-        raise SystemExit(f"{path} is missing: run tools/bench_inject.py --model {args.model} first")
-    data = load_dataset("fashion-mnist:test", limit=args.images, seed=0)
-    x = model_images(data.images, MODELS[args.model][2])
-    info = GraphInfo(onnx.load(str(path)), example=x[:1])
+    info, x = trained_model(args.work, args.model, args.images)
     sessions = NodeSessions(info, ["CPUExecutionProvider"], args.threads)
     spent: dict[tuple[str, str], float] = defaultdict(float)
     macs: dict[str, float] = defaultdict(float)  # multiply-adds of Conv and Gemm, by site ('' = golden pass)
