@@ -88,6 +88,10 @@ class GraphInfo:
                               "expected class scores of shape N×C with C ≥ 2")
         self.classes = scores.shape[1]
 
+    def per_image(self, name: str) -> bool:
+        """Whether tensor `name` has one slice per image (the input included), so that it can be cut by rows."""
+        return name in self.tensors and self.tensors[name].batched
+
     def input_shape(self) -> tuple[int, ...]:
         """(C, H, W) of one image as the model declares it (from the probe)."""
         return self.tensors[self.input_name].shape[1:]

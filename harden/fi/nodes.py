@@ -112,6 +112,5 @@ def golden_pass(sessions: NodeSessions, x: np.ndarray, batch: int, keep: Iterabl
             parts.setdefault(name, []).append(value)
     out: dict[str, np.ndarray] = {}
     for name, chunks in parts.items():
-        batched = name == info.input_name or (name in info.tensors and info.tensors[name].batched)
-        out[name] = np.concatenate(chunks) if batched and len(chunks) > 1 else chunks[0]
+        out[name] = np.concatenate(chunks) if info.per_image(name) and len(chunks) > 1 else chunks[0]
     return out

@@ -141,7 +141,7 @@ def prepare_eval_nodes(sessions: NodeSessions, inputs: np.ndarray, labels: np.nd
                               & np.isfinite(chunk).all(axis=1) & (top[:, 1] > top[:, 0]))[:block_images - len(held)]
         for name in keep | {info.scores}:
             value = values[name]
-            if name != info.input_name and not info.tensors[name].batched:
+            if not info.per_image(name):  # shape arithmetic: the same for every chunk
                 block.setdefault(name, value)
                 continue
             if name not in block:
@@ -149,11 +149,13 @@ def prepare_eval_nodes(sessions: NodeSessions, inputs: np.ndarray, labels: np.nd
             block[name][len(held):len(held) + len(rows)] = value[rows]
         held.extend((start + rows).tolist())
     ev = select_eval(inputs, labels, np.concatenate(scores), peaks)
-    wanted = ev.ids[:block_images]
     position = {p: i for i, p in enumerate(held)}
-    if not all(int(p) in position for p in wanted):
+    wanted = [int(p) for p in ev.ids[:block_images]]
+    if not all(p in position for p in wanted):
         return ev, None
-    pick = np.array([position[int(p)] for p in wanted])
-    same = np.array_equal(pick, np.arange(len(pick)))
-    return ev, {name: value if not (name == info.input_name or info.tensors[name].batched)
-                else (value[:len(pick)] if same else value[pick]) for name, value in block.items()}
+    pick = np.array([position[p] for p in wanted], dtype=np.int64)
+    in_order = np.array_equal(pick, np.arange(len(pick)))  # the usual case: the held rows are the kept ones
+    first: dict[str, np.ndarray] = {}
+    for name, value in block.items():
+        first[name] = value if not info.per_image(name) else value[:len(pick)] if in_order else value[pick]
+    return ev, first

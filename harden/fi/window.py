@@ -109,4 +109,3 @@ class Axis:
     def crop_length(self, n: int) -> int:
         """Padded input rows read by `n` consecutive outputs."""
         return (n - 1) * self.stride + (self.kernel - 1) * self.dilation + 1
-
