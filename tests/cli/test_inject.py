@@ -82,6 +82,13 @@ def test_bad_inputs_give_one_line_errors(files, tmp_path: Path, capsys) -> None:
     assert "--preprocess: cannot read 'colour=3'" in err and len(err.strip().splitlines()) == 1
     assert main(["inject", str(model), "--data", f"npz:{data}", "--out", str(model)]) == 1
     assert "refusing to overwrite" in capsys.readouterr().err
+    x = np.load(data)["x"]
+    np.savez(tmp_path / "ten.npz", x=x, y=np.arange(len(x)) % 10)  # labels of 10 classes for a 4-class model
+    out = tmp_path / "o3.jsonl"
+    assert main(["inject", str(model), "--data", f"npz:{tmp_path / 'ten.npz'}", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "labels go up to 9 but the model scores 4 classes" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
 
 
 def test_list_sites_of_a_model_with_symbolic_image_size(tmp_path: Path, capsys) -> None:
