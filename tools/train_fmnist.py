@@ -2,7 +2,7 @@
 
     nice .venv/bin/python tools/train_fmnist.py --out runs/fmnist --epochs 5 --threads 1
 
-Steps: class embeddings from the shipped descriptions (models/vocab/fashion-mnist.descriptions.json,
+Steps: class embeddings from the shipped descriptions (harden/vocab/fashion-mnist.descriptions.json,
 MiniLM, exactly what `harden embed` writes), then `finetune` per head on the full 60k training set with
 held-out evaluation on the 10k test set, then `export_onnx` of each checkpoint. Existing checkpoints of
 the same config are reused (or continued), so the script can be re-run cheaply. Prints each head's test
@@ -24,7 +24,7 @@ from harden.train.config import FinetuneConfig  # noqa: E402
 from harden.train.export import export_onnx  # noqa: E402
 from harden.train.finetune import finetune  # noqa: E402
 
-DESCRIPTIONS = REPO / "models" / "vocab" / "fashion-mnist.descriptions.json"
+DESCRIPTIONS = REPO / "harden" / "vocab" / "fashion-mnist.descriptions.json"
 
 
 def make_embeddings(path: Path) -> None:

@@ -5,8 +5,9 @@ and a *prompt name*, the phrase put into questions and templates where the
 class name alone reads badly ("0<TAB>handwritten digit zero"). Blank lines and
 lines starting with '#' are skipped, so files can state their provenance.
 
-Built-in vocabularies live in `models/vocab/` at the repository root: NAME.txt,
+Built-in vocabularies ship inside the package, in `harden/vocab/`: NAME.txt,
 and for some NAME.descriptions.json, descriptions shipped with the project.
+They are package data, so an installed wheel finds them as a checkout does.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 from harden.errors import HardenError
 from harden.files import read_text
 
-VOCAB_DIR = Path(__file__).resolve().parents[2] / "models" / "vocab"
+VOCAB_DIR = Path(__file__).resolve().parents[1] / "vocab"
 BUILTIN_PREFIX = "builtin:"
 VOCAB_HELP = "builtin:NAME (fashion-mnist, mnist, imagenet-1k) or a text file with one class name per line"
 
@@ -72,7 +73,7 @@ def resolve_vocabulary(spec: str | os.PathLike[str]) -> Vocabulary:
         name = spec[len(BUILTIN_PREFIX):]
         path = VOCAB_DIR / f"{name}.txt"
         if not name or "/" in name or not path.is_file():
-            known = ", ".join(BUILTIN_PREFIX + n for n in builtin_names()) or "none (models/vocab is missing)"
+            known = ", ".join(BUILTIN_PREFIX + n for n in builtin_names()) or "none (harden/vocab is missing)"
             raise HardenError(f"unknown built-in vocabulary {spec!r}; available: {known}")
         classes, prompts = parse_vocabulary(path.read_text(encoding="utf-8"), spec)
         return Vocabulary(spec, classes, prompts, builtin=name)

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -114,3 +119,26 @@ def test_bad_questions_files(tmp_path: Path, text: str, message: str) -> None:
         load_questions(path)
     with pytest.raises(HardenError, match="no such questions file"):
         load_questions(tmp_path / "none.txt")
+
+
+def test_an_installed_wheel_ships_the_builtin_vocabularies(tmp_path: Path) -> None:
+    """Not only a checkout: a wheel built from the repository finds builtin: names and shipped descriptions."""
+    pytest.importorskip("setuptools", minversion="68")  # pyproject's build requirement, used without isolation
+    root, src = Path(__file__).resolve().parents[2], tmp_path / "src"
+    # a clean copy: setuptools reuses a build/ folder, which could hold files from an older layout
+    shutil.copytree(root / "harden", src / "harden", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        if (root / name).exists():
+            shutil.copy(root / name, src / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path / "dist")], check=True, cwd=tmp_path, capture_output=True)
+    wheel = next((tmp_path / "dist").glob("harden-*.whl"))
+    with zipfile.ZipFile(wheel) as archive:  # unpacking a pure wheel onto a path is what installing it does
+        archive.extractall(tmp_path / "site")
+    code = ("import harden, harden.text.vocab as v; print(harden.__file__); "
+            "print(len(v.resolve_classes('builtin:imagenet-1k')), v.builtin_descriptions_path('fashion-mnist').name)")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    out = subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, env=env, capture_output=True,
+                         text=True).stdout.split()
+    assert out[0].startswith(str(tmp_path / "site"))
+    assert out[1:] == ["1000", "fashion-mnist.descriptions.json"]
