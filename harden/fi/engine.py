@@ -101,6 +101,8 @@ def run_campaign(model: str | os.PathLike[str] | onnx.ModelProto, inputs: np.nda
     info = GraphInfo(proto, example=inputs[:1], providers=config.providers)
     sites = select_sites(list_sites(info, config.all_tensors), config.layers, config.kinds)
     act = [s.tensor for s in sites if s.kind == "activation"]
+    if len(labels) and int(labels.max()) >= info.classes:  # before any pass over the images
+        raise HardenError(f"labels go up to {int(labels.max())} but the model scores {info.classes} classes")
     if info.fixed_batch not in (None, 1):
         raise HardenError(f"the model input has a fixed batch of {info.fixed_batch}; export it with a dynamic "
                           "(or unit) batch dimension")
@@ -111,7 +113,7 @@ def run_campaign(model: str | os.PathLike[str] | onnx.ModelProto, inputs: np.nda
     if sessions is not None and act and profile_inputs is None:
         # one node-by-node pass gives the golden scores, the ranges and the first block's tensors
         keep = set().union(*(Cone(info, None, t).needs() for t in act))
-        ev, first_block = prepare_eval_nodes(sessions, inputs, labels, act, batch, keep, block_images)
+        ev, first_block = prepare_eval_nodes(sessions, inputs, labels, act, batch, keep, block_images, progress)
     else:
         # the cone engine's goldens come from level-'all' kernels, so its evaluation pass runs at 'all' too
         eval_level = NODE_LEVEL if sessions is not None and act else config.opt_level

@@ -7,6 +7,7 @@ change away from a correct, unambiguous answer.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ import numpy as np
 import onnx
 
 from harden.errors import HardenError
+from harden.fi.graphinfo import GraphInfo
 from harden.fi.journal import EvalHeader
 from harden.fi.nodes import NodeSessions, node_pass
 from harden.fi.profile import finite_peak, profile_ranges, profile_with_outputs
@@ -114,48 +116,71 @@ def select_eval(inputs: np.ndarray, labels: np.ndarray, scores: np.ndarray, rang
 
 
 def prepare_eval_nodes(sessions: NodeSessions, inputs: np.ndarray, labels: np.ndarray, tensors: Sequence[str],
-                       batch: int, keep: set[str], block_images: int) -> tuple[EvalSet, dict[str, np.ndarray] | None]:
+                       batch: int, keep: set[str], block_images: int,
+                       progress: bool = False) -> tuple[EvalSet, dict[str, np.ndarray] | None]:
     """prepare_eval through the cone engine's node-by-node sessions, also returning the first cache block.
 
     The cone needs every tensor of a node-by-node run of each block anyway, so
     this one pass gives the golden scores, the ranges of `tensors` and the
     tensors in `keep` of the first `block_images` kept images: the campaign
-    then runs each image through the model once instead of twice. The block is
+    then runs each image through the model once instead of twice. With
+    `progress`, a bar on stderr counts the images (the pass is one forward
+    pass per image, long enough on a large model to want one). The block is
     None in the rare case it cannot be told in one pass (a row with distinct
     top scores whose softmax Top2Diff rounds to 0 came before the block filled).
     """
+    from tqdm import tqdm
+
     info = sessions.info
     peaks = dict.fromkeys(tensors, 0.0)
     scores: list[np.ndarray] = []
     block: dict[str, np.ndarray] = {}
-    held: list[int] = []  # positions of the rows in `block`: correct, finite, with distinct top two scores
-    for start, values in node_pass(sessions, inputs, batch, keep | set(tensors)):
-        chunk = values[info.scores]
-        scores.append(chunk)
-        for name in tensors:
-            peaks[name] = max(peaks[name], finite_peak(values[name]))
-        if len(held) >= block_images or chunk.ndim != 2 or chunk.shape[1] < 2:
-            continue
-        top = np.sort(chunk, axis=1)[:, -2:]
-        rows = np.flatnonzero((np.argmax(chunk, axis=1) == labels[start:start + len(chunk)])
-                              & np.isfinite(chunk).all(axis=1) & (top[:, 1] > top[:, 0]))[:block_images - len(held)]
-        for name in keep | {info.scores}:
-            value = values[name]
-            if not info.per_image(name):  # shape arithmetic: the same for every chunk
-                block.setdefault(name, value)
-                continue
-            if name not in block:
-                block[name] = np.empty((block_images, *value.shape[1:]), dtype=value.dtype)
-            block[name][len(held):len(held) + len(rows)] = value[rows]
-        held.extend((start + rows).tolist())
+    held: list[int] = []  # input positions of the rows in `block`, in order
+    with tqdm(total=len(inputs), unit="img", desc="golden", disable=not progress, file=sys.stderr,
+              dynamic_ncols=True) as bar:
+        for start, values in node_pass(sessions, inputs, batch, keep | set(tensors)):
+            chunk = values[info.scores]
+            bar.update(len(chunk))
+            scores.append(chunk)
+            for name in tensors:
+                peaks[name] = max(peaks[name], finite_peak(values[name]))
+            room = block_images - len(held)
+            if room > 0 and chunk.ndim == 2 and chunk.shape[1] >= 2:
+                rows = _candidates(chunk, labels[start:start + len(chunk)])[:room]
+                _hold(info, block, len(held), block_images, {n: values[n] for n in keep | {info.scores}}, rows)
+                held.extend((start + rows).tolist())
     ev = select_eval(inputs, labels, np.concatenate(scores), peaks)
+    return ev, _first_block(info, block, held, [int(p) for p in ev.ids[:block_images]])
+
+
+def _candidates(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Rows that may pass the paper's filter, whatever kind of scores: correct, finite, distinct top two."""
+    top = np.sort(scores, axis=1)[:, -2:]
+    ok = (np.argmax(scores, axis=1) == labels) & np.isfinite(scores).all(axis=1) & (top[:, 1] > top[:, 0])
+    return np.flatnonzero(ok)
+
+
+def _hold(info: GraphInfo, block: dict[str, np.ndarray], at: int, size: int, values: dict[str, np.ndarray],
+          rows: np.ndarray) -> None:
+    """Write `rows` of each tensor in `values` into `block` (arrays of `size` images) from position `at`."""
+    for name, value in values.items():
+        if not info.per_image(name):  # shape arithmetic: the same for every chunk
+            block.setdefault(name, value)
+            continue
+        if name not in block:
+            block[name] = np.empty((size, *value.shape[1:]), dtype=value.dtype)
+        block[name][at:at + len(rows)] = value[rows]
+
+
+def _first_block(info: GraphInfo, block: dict[str, np.ndarray], held: list[int],
+                 wanted: list[int]) -> dict[str, np.ndarray] | None:
+    """The held rows of the `wanted` input positions, in order; None if one of them was not held."""
     position = {p: i for i, p in enumerate(held)}
-    wanted = [int(p) for p in ev.ids[:block_images]]
     if not all(p in position for p in wanted):
-        return ev, None
+        return None
     pick = np.array([position[p] for p in wanted], dtype=np.int64)
     in_order = np.array_equal(pick, np.arange(len(pick)))  # the usual case: the held rows are the kept ones
     first: dict[str, np.ndarray] = {}
     for name, value in block.items():
         first[name] = value if not info.per_image(name) else value[:len(pick)] if in_order else value[pick]
-    return ev, first
+    return first
