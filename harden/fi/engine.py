@@ -28,7 +28,7 @@ from harden.fi.journal import Journal, JournalContents, num
 from harden.fi.nodes import NODE_LEVEL, NodeSessions, golden_pass
 from harden.fi.outcome import nonfinite_rows, top1_class
 from harden.fi.plan import Shard, block_bounds, injections_per_site, plan_shards, shard_rng, shard_rows
-from harden.fi.prepare import EvalSet, prepare_eval, prepare_eval_nodes
+from harden.fi.prepare import EvalSet, check_labels, prepare_eval, prepare_eval_nodes
 from harden.fi.runner import SAME_KERNELS, SiteRunner, prefix_level
 from harden.fi.sites import Site, list_sites, select_sites
 from harden.fi.suffix import Suffix
@@ -101,8 +101,7 @@ def run_campaign(model: str | os.PathLike[str] | onnx.ModelProto, inputs: np.nda
     info = GraphInfo(proto, example=inputs[:1], providers=config.providers)
     sites = select_sites(list_sites(info, config.all_tensors), config.layers, config.kinds)
     act = [s.tensor for s in sites if s.kind == "activation"]
-    if len(labels) and int(labels.max()) >= info.classes:  # before any pass over the images
-        raise HardenError(f"labels go up to {int(labels.max())} but the model scores {info.classes} classes")
+    check_labels(labels, info.classes)
     if info.fixed_batch not in (None, 1):
         raise HardenError(f"the model input has a fixed batch of {info.fixed_batch}; export it with a dynamic "
                           "(or unit) batch dimension")

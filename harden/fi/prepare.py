@@ -99,12 +99,17 @@ def _kept(scores: np.ndarray, labels: np.ndarray, probabilities: bool) -> tuple[
     return keep, golden, t2d
 
 
+def check_labels(labels: np.ndarray, classes: int) -> None:
+    """Refuse labels the model cannot score, before any pass over the images where the class count is known."""
+    if labels.max(initial=0) >= classes:
+        raise HardenError(f"labels go up to {int(labels.max())} but the model scores {classes} classes")
+
+
 def select_eval(inputs: np.ndarray, labels: np.ndarray, scores: np.ndarray, ranges: dict[str, float]) -> EvalSet:
     """The evaluation set of golden `scores`, after checking that they are class scores for these labels."""
     if scores.ndim != 2 or scores.shape[0] != len(inputs) or scores.shape[1] < 2:
         raise HardenError(f"model output has shape {list(scores.shape)}; expected class scores N×C with C ≥ 2")
-    if labels.max(initial=0) >= scores.shape[1]:
-        raise HardenError(f"labels go up to {int(labels.max())} but the model scores {scores.shape[1]} classes")
+    check_labels(labels, scores.shape[1])
     probabilities = are_probabilities(scores)
     keep, golden, t2d = _kept(scores, labels, probabilities)
     correct = int((golden == labels).sum())
