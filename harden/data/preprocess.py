@@ -19,7 +19,11 @@ from harden.errors import HardenError
 
 @dataclass(frozen=True)
 class Preprocess:
-    """Channels, square size and per-channel mean/std applied to [0, 1] images."""
+    """Channels, square size and per-channel mean/std applied to [0, 1] images.
+
+    `channels=0` stands for "as many as the model takes": `--preprocess identity`
+    is parsed before the model is read, and `model_preprocess` resolves it.
+    """
 
     channels: int = 1
     size: int | None = None
@@ -27,7 +31,7 @@ class Preprocess:
     std: tuple[float, ...] = (1.0,)
 
     def __post_init__(self) -> None:
-        if self.channels not in (1, 3):
+        if self.channels not in (0, 1, 3):
             raise HardenError(f"preprocess: channels must be 1 or 3, got {self.channels}")
         if len(self.mean) not in (1, self.channels) or len(self.std) not in (1, self.channels):
             raise HardenError("preprocess: mean/std need 1 value or one per channel")
@@ -36,7 +40,8 @@ class Preprocess:
 
     def apply(self, images: np.ndarray) -> np.ndarray:
         """Map float32 NCHW images in [0, 1] to the model's input tensor."""
-        x = _convert_channels(np.asarray(images, dtype=np.float32), self.channels)
+        x = np.asarray(images, dtype=np.float32)
+        x = _convert_channels(x, self.channels or x.shape[1])
         if self.size is not None and x.shape[-2:] != (self.size, self.size):
             x = _resize(x, self.size)
         mean = np.asarray(self.mean, dtype=np.float32).reshape(1, -1, 1, 1)

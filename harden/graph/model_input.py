@@ -12,6 +12,7 @@ see the same tensor from the same data.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -49,8 +50,8 @@ def parse_preprocess(text: str) -> Preprocess:
     text = text.strip()
     if text == "imagenet":
         return IMAGENET
-    if text == "identity":
-        return Preprocess()
+    if text == "identity":  # the images as they are, in as many channels as the model takes
+        return Preprocess(channels=0)
     if text.startswith("{"):
         return Preprocess.from_json(text)
     fields: dict[str, object] = {}
@@ -72,6 +73,9 @@ def parse_preprocess(text: str) -> Preprocess:
 def model_preprocess(model: onnx.ModelProto, override: Preprocess | None = None) -> Preprocess:
     """The model's preprocessing: the override, its `harden.preprocess` metadata, or the zoo default."""
     if override is not None:
+        if override.channels == 0:  # 'identity': the model's channel count, once the model is known
+            channels = input_chw(model)[0]
+            return replace(override, channels=channels if channels in (1, 3) else 1)
         return override
     declared = get_metadata(model).get(PREPROCESS_KEY)
     if declared:
@@ -88,11 +92,11 @@ def model_preprocess(model: onnx.ModelProto, override: Preprocess | None = None)
 def model_inputs(model: onnx.ModelProto, data: Dataset, preprocess: Preprocess | None = None) -> np.ndarray:
     """The dataset's images as the model's input tensor, refusing a shape the model would reject.
 
-    `preprocess` defaults to `model_preprocess(model)`. Every stage that feeds a
+    `preprocess` overrides what `model_preprocess(model)` finds. Every stage that feeds a
     model (convert, rewrite, inject, certify) goes through here, so one model gets
     the same tensor from the same data everywhere.
     """
-    x = (preprocess if preprocess is not None else model_preprocess(model)).apply(data.images)
+    x = model_preprocess(model, preprocess).apply(data.images)
     want = input_chw(model)
     got = tuple(int(g) for g in x.shape[1:])
     if any(w is not None and w != g for w, g in zip(want, got)):

@@ -8,12 +8,13 @@ import numpy as np
 import onnx
 import pytest
 
+from harden.errors import HardenError
 from harden.fi import CampaignConfig, run_campaign
 from harden.fi.cone import Cone
 from harden.fi.graphinfo import GraphInfo
 from harden.fi.journal import JournalContents
 from harden.fi.nodes import NODE_LEVEL, NodeSessions, golden_pass
-from harden.fi.prepare import prepare_eval, prepare_eval_nodes
+from harden.fi.prepare import prepare_eval, prepare_eval_nodes, select_eval
 from tests.fi.tiny_models import labelled_inputs, residual_cnn
 
 
@@ -82,3 +83,12 @@ def test_cone_campaign_records_do_not_depend_on_where_block_zero_came_from(setup
     run_campaign(model, x, y, config, tmp_path / "b.jsonl", progress=False, profile_inputs=x)
     a, b = (list(JournalContents(tmp_path / f"{n}.jsonl").records()) for n in "ab")
     assert a == b and len(a) == 30 * len(JournalContents(tmp_path / "a.jsonl").header["sites"])
+
+
+def test_tied_scores_are_named_as_ties_not_as_misclassification() -> None:
+    """A constant output (an untrained, zero classifier) is 100% 'correct' on class 0 but leaves no image."""
+    x = np.zeros((4, 1, 2, 2), dtype=np.float32)
+    with pytest.raises(HardenError, match="all 4 correctly classified images have tied top-two scores"):
+        select_eval(x, np.zeros(4, dtype=np.int64), np.zeros((4, 3), dtype=np.float32), {})
+    with pytest.raises(HardenError, match="no evaluation image is classified correctly"):
+        select_eval(x, np.ones(4, dtype=np.int64), np.tile(np.float32([2, 1, 0]), (4, 1)), {})

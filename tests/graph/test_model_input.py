@@ -45,6 +45,15 @@ def test_inferred_identity_keeps_the_images_bit_for_bit() -> None:
     assert x.dtype == np.float32 and x.tobytes() == data.images.tobytes()
 
 
+def test_identity_takes_the_models_channels() -> None:
+    """`--preprocess identity` feeds RGB images to an RGB model unchanged (it once made them grey)."""
+    identity = parse_preprocess("identity")
+    rgb = _data((2, 3, 8, 8))
+    assert model_preprocess(_model(["N", 3, 8, 8]), identity) == Preprocess(channels=3)
+    assert model_inputs(_model(["N", 3, 8, 8]), rgb, identity).tobytes() == rgb.images.tobytes()
+    assert model_inputs(_model(["N", 1, 8, 8]), _data((2, 1, 8, 8)), identity).shape == (2, 1, 8, 8)
+
+
 def test_inferred_preprocessing_adapts_channels_and_size() -> None:
     x = model_inputs(_model(["N", 3, 16, 16]), _data((2, 1, 8, 8)))
     assert x.shape == (2, 3, 16, 16)
@@ -68,7 +77,7 @@ def test_input_checks() -> None:
 
 def test_parse_preprocess() -> None:
     assert parse_preprocess("imagenet") == IMAGENET
-    assert parse_preprocess("identity") == Preprocess()
+    assert parse_preprocess("identity") == Preprocess(channels=0)
     assert parse_preprocess(IMAGENET.to_json()) == IMAGENET
     assert parse_preprocess("channels=3,size=32,mean=0.5/0.5/0.5,std=0.2/0.2/0.2") == Preprocess(
         3, 32, (0.5, 0.5, 0.5), (0.2, 0.2, 0.2))
