@@ -185,7 +185,9 @@ def _execute(info: GraphInfo, sites: Sequence[Site], ev: EvalSet, config: Campai
                 if runner.cone is not None:
                     source, golden_scores = golden_block, golden_block[info.scores][rows]
                 else:
-                    if config.opt_level not in SAME_KERNELS and shard.site not in goldens:
+                    # a whole-model weight session is not the prefix: its golden is its own fault-free run
+                    own_golden = config.opt_level not in SAME_KERNELS or runner.whole is not None
+                    if own_golden and shard.site not in goldens:
                         goldens[shard.site] = runner.null_scores(cache, hi - lo)
                     source, golden_scores = cache, goldens.get(shard.site, prefix_scores)[rows]
                 res = runner.inject(source, rows, shard_rng(config.seed, shard.site, shard), golden_scores)

@@ -12,13 +12,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from harden.errors import HardenError
 from harden.fi.bitflip import int8_scale
 from harden.fi.cone import Cone, GoldenBlock
 from harden.fi.config import CampaignConfig
 from harden.fi.graphinfo import GraphInfo
 from harden.fi.nodes import NODE_LEVEL, NodeSessions
 from harden.fi.profile import clamp_to_range
+from harden.fi.whole_model import WholeModelWeight
 from harden.fi.sites import Site
 from harden.fi.suffix import Suffix
 from harden.fi.weights import NodeRerun, conv_delta, gemm_delta, matmul_delta
@@ -48,28 +48,31 @@ class SiteRunner:
         self.out = site.tensor if site.kind == "activation" else (self.via or node).output[0]
         # the cone engine takes activation faults; its golden tensors come from a node-by-node run, not the prefix
         self.cone = Cone(info, sessions, site.tensor) if sessions is not None and site.kind == "activation" else None
+        self.acts = [n for n in (self.via or node).input if n and n not in info.constants]
+        self.whole: WholeModelWeight | None = None
         if self.cone is not None:
             self.needs: set[str] = set()
+        elif site.kind == "weight" and (site.shared or not all(info.per_image(t) for t in (self.out, *self.acts))):
+            # no per-image layer output to start a suffix from: each fault reruns the whole model
+            self.whole = WholeModelWeight(info, site.tensor, config.providers, config.opt_level, threads)
+            self.needs = {info.input_name}
         else:
             if self.out not in suffixes:
                 suffixes[self.out] = Suffix(info, self.out, config.providers, config.opt_level, threads)
             self.suffix = suffixes[self.out]
             self.needs = set(self.suffix.inputs)
         self.relu_only, self.add_other = _relu_masking(info, site)
-        if self.cone is None and self.add_other not in self.suffix.inputs:  # the skip operand must be cached
-            self.add_other = None
+        if self.cone is None and self.whole is None and self.add_other not in self.suffix.inputs:
+            self.add_other = None  # the skip operand must be cached
         if site.kind == "activation":
             self.peak = float(ranges.get(site.tensor, 0.0))
             self.scale = self.peak / 127.0 if self.peak > 0 else 1.0
             return
-        if site.shared:
-            raise HardenError(f"weight {site.tensor!r} is read by several layers; injecting into shared weights "
-                              "is not supported")
         self.weight = info.constants[site.tensor].astype(np.float32)
         self.peak = float(np.max(np.abs(self.weight))) if self.weight.size else 0.0
         self.scale = int8_scale(self.weight)
-        self.acts = [n for n in (self.via or node).input if n and n not in info.constants]
-        self.needs.update(self.acts)
+        if self.whole is None:
+            self.needs.update(self.acts)
         self.rerun: NodeRerun | None = None
         self.rerun_args = (info, node, site.input_index, config.providers, threads)
 
@@ -147,6 +150,8 @@ class SiteRunner:
         if self.cone is not None:
             assert isinstance(cache, GoldenBlock) and golden_scores is not None
             return self.cone.scores(cache, r, elems, faulty, golden_scores)[0]
+        if self.whole is not None:
+            return self.whole.scores(cache[self.whole.info.input_name][r], elems, faulty)
         # contiguous rows (the usual case) are fed as views; only the corrupted tensor is copied
         pick: slice | np.ndarray = slice(int(r[0]), int(r[-1]) + 1) if len(r) and r[-1] - r[0] == len(r) - 1 else r
         feeds = {k: cache[k][pick] for k in self.suffix.inputs}

@@ -28,7 +28,9 @@ class Site:
 
     `shape`/`elements` are per image for activations (batch axis dropped) and
     the whole tensor for weights. `input_index` is the node input a weight
-    feeds (-1 for activations); `shared` marks a weight read by several nodes.
+    feeds (-1 for activations). `shared` marks a weight read by several nodes:
+    it is one site, at its first reader, since a flipped bit in the stored
+    tensor reaches every reader (harden.fi.whole_model runs those faults).
     `via` names the Add node through which a separate bias enters the layer
     (MatMul + Add, as exporters write Linear); such a bias has input_index 2.
     """
@@ -61,13 +63,8 @@ def list_sites(model: onnx.ModelProto | GraphInfo, include_all_tensors: bool = F
     info = model if isinstance(model, GraphInfo) else GraphInfo(model)
     live = info.reaches(info.scores)
     sites: list[Site] = []
-    compute_readers: dict[str, list[int]] = {}
-    for i, node in enumerate(info.nodes):
-        if node.op_type in COMPUTE_OPS:
-            for j in _PARAM_INPUTS[node.op_type]:
-                if j < len(node.input) and node.input[j] in info.constants:
-                    compute_readers.setdefault(node.input[j], []).append(i)
-    for i, node in enumerate(info.nodes):
+    weights: set[str] = set()  # a stored tensor is one site, listed at its first reader
+    for node in info.nodes:
         if node.op_type == "Constant":
             continue
         outputs = [node.output[0]] if node.op_type in COMPUTE_OPS else (list(node.output) if include_all_tensors else [])
@@ -84,14 +81,15 @@ def list_sites(model: onnx.ModelProto | GraphInfo, include_all_tensors: bool = F
                 continue
             name = node.input[j]
             value = info.constants[name]
-            if value.dtype != np.float32:
+            if value.dtype != np.float32 or name in weights:
                 continue
-            shared = len(compute_readers.get(name, [])) > 1
-            sites.append(Site(f"{name}@{node.name}" if shared else name, "weight", name, node.name, node.op_type,
-                              tuple(int(s) for s in value.shape), int(value.size), j, shared))
+            weights.add(name)
+            sites.append(Site(name, "weight", name, node.name, node.op_type, tuple(int(s) for s in value.shape),
+                              int(value.size), j, len(info.consumers.get(name, [])) > 1))
         bias = _separate_bias(info, node)
-        if bias is not None:
+        if bias is not None and bias[1] not in weights:
             add, name = bias
+            weights.add(name)
             value = info.constants[name]
             sites.append(Site(name, "weight", name, node.name, node.op_type, tuple(int(s) for s in value.shape),
                               int(value.size), 2, len(info.consumers.get(name, [])) > 1, add.name))

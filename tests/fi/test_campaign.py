@@ -18,7 +18,7 @@ import pytest
 from harden.errors import HardenError
 from harden.fi import CampaignConfig, CampaignSummary, FaultModel, merge_shards, run_campaign, summarise_jsonl
 from harden.fi.journal import JournalContents
-from tests.fi.tiny_models import labelled_inputs, residual_cnn
+from tests.fi.tiny_models import folded_batch_mlp, labelled_inputs, residual_cnn, tied_cnn
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -262,3 +262,18 @@ def test_small_cache_budget_still_runs_every_injection(setup, tmp_path: Path) ->
     assert summary.complete and all(layer.injections == 30 for layer in summary.layers)
     images = {r["image"] for r in JournalContents(tmp_path / "t.jsonl").records()}
     assert images == set(range(len(x)))
+
+
+@pytest.mark.parametrize("level", ["disable", "all"])
+@pytest.mark.parametrize("make, whole", [(tied_cnn, ("w", "bb")), (folded_batch_mlp, ("w", "b"))],
+                         ids=["shared", "folded-batch"])
+def test_weights_that_rerun_the_whole_model_run_in_a_campaign(tmp_path: Path, level: str, make, whole) -> None:
+    """They used to stop the whole campaign (a refusal, or a shape error from ORT)."""
+    model = make()
+    x, y = labelled_inputs(model, 12)
+    cfg = CampaignConfig(injections=24, batch=8, kinds=("weight",), opt_level=level)
+    summary = run_campaign(model, x, y, cfg, tmp_path / "c.jsonl", progress=False)
+    assert {layer.site: layer.injections for layer in summary.layers} == {n: 24 for n in (*whole, "wf", "bf")}
+    records = [r for r in JournalContents(tmp_path / "c.jsonl").records() if r["site"] in whole]
+    assert any(r["dloss"] != 0 for r in records)  # the faults reached the scores
+    assert all(r["golden_class"] == y[r["image"]] for r in records)

@@ -12,7 +12,7 @@ from harden.fi.graphinfo import GraphInfo
 from harden.fi.reference import activation_full, weight_full
 from harden.fi.sites import Site, list_sites
 from harden.graph.ort import make_session
-from tests.fi.tiny_models import classifier, labelled_inputs, matmul_mlp, residual_cnn
+from tests.fi.tiny_models import classifier, labelled_inputs, folded_batch_mlp, matmul_mlp, residual_cnn, tied_cnn
 
 CONFIG = CampaignConfig()
 
@@ -164,3 +164,34 @@ def test_bias_through_add_is_bit_exact() -> None:
         for i in range(5):
             np.testing.assert_array_equal(fast[i], weight_full(model, x[i:i + 1], name, int(elems[i]),
                                                                float(faulty[i]))[0])
+
+
+def test_a_shared_weight_is_one_site() -> None:
+    """A weight read by two convs, and a bias read directly and through an Identity, are listed once."""
+    model = tied_cnn()
+    sites = {s.name: s for s in list_sites(GraphInfo(model)) if s.kind == "weight"}
+    assert sorted(sites) == ["bb", "bf", "w", "wf"]
+    assert sites["w"].shared and sites["w"].node == "conv1" and sites["bb"].shared and not sites["wf"].shared
+
+
+@pytest.mark.parametrize("make, names", [(tied_cnn, ("w", "bb")), (folded_batch_mlp, ("w", "b"))],
+                         ids=["shared", "folded-batch"])
+def test_weights_without_a_per_image_layer_output_rerun_the_whole_model(make, names) -> None:
+    """Shared weights reach every reader; a layer output of images × windows rows cannot start a suffix.
+    Both run the whole model per fault: the slow reference path, bit for bit, and its own golden."""
+    model = make()
+    x, _ = labelled_inputs(model, 6)
+    for name in names:
+        _, runner, cache, golden, site = _runner(model, name, x)
+        assert runner.whole is not None
+        rng = np.random.default_rng(1)
+        elems = rng.integers(0, site.elements, len(x))
+        rows = slice(0, len(x))
+        gold = runner.golden_values(cache, rows, elems)
+        faulty = (gold + rng.choice([-3.0, 2.5, 7.0], len(x))).astype(np.float32)
+        fast = runner.scores(cache, rows, elems, gold, faulty)
+        for i in range(len(x)):
+            np.testing.assert_array_equal(fast[i], weight_full(model, x[i:i + 1], name, int(elems[i]),
+                                                               float(faulty[i]))[0], err_msg=f"{name} row {i}")
+        assert not np.allclose(fast, golden), f"{name}: the faults had no effect"
+        np.testing.assert_array_equal(runner.null_scores(cache, len(x)), golden)

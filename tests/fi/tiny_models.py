@@ -124,3 +124,42 @@ def windowed_cnn(seed: int = 0, classes: int = 4, squeeze: bool = False) -> onnx
         _init("wf", rng, classes, 6, scale=1.0), _init("bf", rng, classes, scale=0.1),
     ]
     return classifier(nodes, inits, "windowed", (2, 16, 16), classes)
+
+
+def tied_cnn(seed: int = 0, classes: int = 3) -> onnx.ModelProto:
+    """Two convs reading one weight 'w', and one bias 'bb' that conv1's Add reads and conv2's reads through an
+    Identity (as torch's exporter stores equal initializers once); input 1×4×6×6."""
+    rng = np.random.default_rng(seed)
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["c1", "bb"], ["a1"], name="add1"),
+        helper.make_node("Relu", ["a1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Identity", ["bb"], ["bb2"], name="bb_copy"),
+        helper.make_node("Add", ["c2", "bb2"], ["a2"], name="add2"),
+        helper.make_node("Relu", ["a2"], ["r2"], name="relu2"),
+        helper.make_node("GlobalAveragePool", ["r2"], ["gap"], name="gap"),
+        helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"),
+        helper.make_node("Gemm", ["flat", "wf", "bf"], ["logits"], name="fc", transB=1),
+    ]
+    inits = [_init("w", rng, 4, 4, 3, 3), _init("bb", rng, 4, 1, 1, scale=0.1),
+             _init("wf", rng, classes, 4, scale=1.0), _init("bf", rng, classes, scale=0.1)]
+    return classifier(nodes, inits, "tied", (4, 6, 6), classes)
+
+
+def folded_batch_mlp(seed: int = 0, classes: int = 3) -> onnx.ModelProto:
+    """reshape to (2N)×16 → matmul + add → relu → reshape back to N×16 → gemm; input 1×2×4×4. The matmul's
+    output has images × 2 rows, as a Swin transformer's windows do, so no per-image suffix starts there."""
+    rng = np.random.default_rng(seed)
+    nodes = [
+        helper.make_node("Reshape", ["x", "rows"], ["tokens"], name="fold"),
+        helper.make_node("MatMul", ["tokens", "w"], ["h"], name="mm"),
+        helper.make_node("Add", ["h", "b"], ["hb"], name="add"),
+        helper.make_node("Relu", ["hb"], ["r"], name="relu"),
+        helper.make_node("Reshape", ["r", "images"], ["flat"], name="unfold"),
+        helper.make_node("Gemm", ["flat", "wf", "bf"], ["logits"], name="fc", transB=1),
+    ]
+    inits = [numpy_helper.from_array(np.array([-1, 16], dtype=np.int64), "rows"), _init("w", rng, 16, 8),
+             _init("b", rng, 8, scale=0.1), numpy_helper.from_array(np.array([-1, 16], dtype=np.int64), "images"),
+             _init("wf", rng, classes, 16, scale=1.0), _init("bf", rng, classes, scale=0.1)]
+    return classifier(nodes, inits, "folded", (2, 4, 4), classes)
