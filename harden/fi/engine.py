@@ -32,6 +32,7 @@ from harden.fi.prepare import EvalSet, check_labels, prepare_eval, prepare_eval_
 from harden.fi.runner import SAME_KERNELS, SiteRunner, prefix_level
 from harden.fi.sites import Site, list_sites, select_sites
 from harden.fi.suffix import Suffix
+from harden.fi.whole_model import WholeModel, needs_whole_model
 from harden.fi.summary import CampaignSummary, summarise_contents
 from harden.files import sha256_bytes, sha256_file
 from harden.graph.onnx_io import load_model
@@ -111,7 +112,7 @@ def run_campaign(model: str | os.PathLike[str] | onnx.ModelProto, inputs: np.nda
     first_block: dict[str, np.ndarray] | None = None
     if sessions is not None and act and profile_inputs is None:
         # one node-by-node pass gives the golden scores, the ranges and the first block's tensors
-        keep = set().union(*(Cone(info, None, t).needs() for t in act))
+        keep = set().union(*(Cone(info, None, t).needs() for t in act if not info.tensors[t].fold))
         ev, first_block = prepare_eval_nodes(sessions, inputs, labels, act, batch, keep, block_images, progress)
     else:
         # the cone engine's goldens come from level-'all' kernels, so its evaluation pass runs at 'all' too
@@ -154,8 +155,11 @@ def _execute(info: GraphInfo, sites: Sequence[Site], ev: EvalSet, config: Campai
 
     by_name = {s.name: s for s in sites}
     suffixes: dict[str, Suffix] = {}
-    runners = {name: SiteRunner(info, by_name[name], config, ev.ranges, suffixes, threads, sessions)
-               for name in dict.fromkeys(s.site for s in todo)}
+    names = list(dict.fromkeys(s.site for s in todo))
+    whole_sites = [by_name[n] for n in names if needs_whole_model(info, by_name[n])]
+    whole = WholeModel(info, whole_sites, config.providers, config.opt_level, threads) if whole_sites else None
+    runners = {name: SiteRunner(info, by_name[name], config, ev.ranges, suffixes, threads, sessions, whole)
+               for name in names}
     prefix = None
     if any(r.cone is None for r in runners.values()):  # only suffix runs read the prefix's cache
         exposed = sorted(set().union(*(r.needs for r in runners.values())) - {info.input_name})
@@ -179,15 +183,19 @@ def _execute(info: GraphInfo, sites: Sequence[Site], ev: EvalSet, config: Campai
                 else:  # one chunk: the block's tensors need no concatenation
                     golden_block = GoldenBlock(golden_pass(sessions, x, info.fixed_batch or len(x), cone_keep))
             goldens: dict[str, np.ndarray] = {}
+            whole_golden: np.ndarray | None = None
             for shard in shards:
                 rows = shard_rows(shard, hi - lo)
                 runner = runners[shard.site]
                 if runner.cone is not None:
                     source, golden_scores = golden_block, golden_block[info.scores][rows]
+                elif whole is not None and runner.whole is whole:
+                    # that session is not the prefix's: its golden is its own fault-free run, once per block
+                    if whole_golden is None:
+                        whole_golden = np.concatenate([whole.golden(x[i:i + step]) for i in range(0, len(x), step)])
+                    source, golden_scores = cache, whole_golden[rows]
                 else:
-                    # a whole-model weight session is not the prefix: its golden is its own fault-free run
-                    own_golden = config.opt_level not in SAME_KERNELS or runner.whole is not None
-                    if own_golden and shard.site not in goldens:
+                    if config.opt_level not in SAME_KERNELS and shard.site not in goldens:
                         goldens[shard.site] = runner.null_scores(cache, hi - lo)
                     source, golden_scores = cache, goldens.get(shard.site, prefix_scores)[rows]
                 res = runner.inject(source, rows, shard_rng(config.seed, shard.site, shard), golden_scores)

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import onnxruntime as ort
 import onnx
 from onnx import numpy_helper
 
@@ -23,11 +24,17 @@ from harden.graph.ort import expose, make_session
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """dtype and shape (at batch 1) of one tensor, and whether its first axis is the image batch."""
+    """dtype and shape (at batch 1) of one tensor, and whether its first axis is the image batch.
+
+    `fold` is k > 0 for a tensor whose first axis holds k rows per image, image
+    after image (a Swin transformer's windows: images × windows): not batched,
+    but still one slice per image, so it can be a fault site.
+    """
 
     dtype: np.dtype
     shape: tuple[int, ...]
     batched: bool
+    fold: int = 0
 
 
 def named_copy(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -127,6 +134,10 @@ class GraphInfo:
                            and second.shape[0] == 2 and first.shape[1:] == second.shape[1:])
                 shape = first.shape
             info[name] = TensorInfo(first.dtype, tuple(int(s) for s in shape), batched)
+        if not self.fixed_batch:
+            folded = [n for n in names if not info[n].batched and _doubles(runs[0][n], runs[1][n])]
+            for name in _image_major(session, folded, per_image):
+                info[name] = TensorInfo(info[name].dtype, info[name].shape, False, info[name].shape[0])
         return info
 
     def reaches(self, target: str) -> set[str]:
@@ -190,3 +201,31 @@ class GraphInfo:
         if not hasattr(self, "_init_names"):
             self._init_names = {t.name for t in self.model.graph.initializer}
         return self._init_names
+
+
+def _doubles(one: np.ndarray, two: np.ndarray) -> bool:
+    """Whether a tensor's first axis doubles from batch 1 to batch 2 (a candidate images × k fold)."""
+    return (one.ndim >= 1 and two.ndim == one.ndim and one.shape[0] > 1 and two.shape[0] == 2 * one.shape[0]
+            and one.shape[1:] == two.shape[1:])
+
+
+def _image_major(session: ort.InferenceSession, names: list[str], per_image: tuple[int, ...]) -> list[str]:
+    """The `names` whose batch-2 value is the two images' batch-1 values stacked (image-major folding).
+
+    Shapes cannot tell images × k from k × images, so two different images are
+    run alone and together; a fold must keep each image's rows together.
+    """
+    if not names:
+        return []
+    pair = np.random.default_rng(0).standard_normal((2, *per_image)).astype(np.float32)
+    inp = session.get_inputs()[0].name
+    both = session.run(names, {inp: pair})
+    alone = [session.run(names, {inp: pair[i:i + 1]}) for i in range(2)]
+    found = []
+    for j, name in enumerate(names):
+        k = len(alone[0][j])
+        stacked = np.concatenate([alone[0][j], alone[1][j]])
+        differ = not np.allclose(alone[0][j], alone[1][j], rtol=1e-3, atol=1e-5, equal_nan=True)
+        if differ and np.allclose(both[j], stacked, rtol=1e-4, atol=1e-5, equal_nan=True) and len(both[j]) == 2 * k:
+            found.append(name)
+    return found

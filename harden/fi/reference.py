@@ -42,9 +42,9 @@ def activation_full(model: onnx.ModelProto, x: np.ndarray, tensor: str, elements
     golden = probe.run([tensor], {input_name: x})[0]
     mask = np.zeros(golden.shape, dtype=bool)
     value = np.zeros(golden.shape, dtype=np.float32)
-    for i, (e, v) in enumerate(zip(elements, values)):
-        mask[i].flat[int(e)] = True
-        value[i].flat[int(e)] = v
+    for i, (e, v) in enumerate(zip(elements, values)):  # per image: rows of a folded tensor included
+        mask.reshape(len(x), -1)[i, int(e)] = True
+        value.reshape(len(x), -1)[i, int(e)] = v
     session = make_session(copy, providers, opt_level="disable")
     return session.run([model.graph.output[0].name], {input_name: x, "__fi_mask": mask, "__fi_value": value})[0]
 

@@ -18,7 +18,7 @@ from harden.fi.config import CampaignConfig
 from harden.fi.graphinfo import GraphInfo
 from harden.fi.nodes import NODE_LEVEL, NodeSessions
 from harden.fi.profile import clamp_to_range
-from harden.fi.whole_model import WholeModelWeight
+from harden.fi.whole_model import WholeModel, needs_whole_model
 from harden.fi.sites import Site
 from harden.fi.suffix import Suffix
 from harden.fi.weights import NodeRerun, conv_delta, gemm_delta, matmul_delta
@@ -39,7 +39,8 @@ class SiteRunner:
     """Everything needed to inject into one site: its suffix and, for weights, the layer's fast path."""
 
     def __init__(self, info: GraphInfo, site: Site, config: CampaignConfig, ranges: dict[str, float],
-                 suffixes: dict[str, Suffix], threads: int = 0, sessions: NodeSessions | None = None) -> None:
+                 suffixes: dict[str, Suffix], threads: int = 0, sessions: NodeSessions | None = None,
+                 whole: WholeModel | None = None) -> None:
         self.site, self.config = site, config
         self.fixed_batch = info.fixed_batch
         node = info.nodes[info.node_index[site.node]]
@@ -47,22 +48,22 @@ class SiteRunner:
         self.via = info.nodes[info.node_index[site.via]] if site.via else None
         self.out = site.tensor if site.kind == "activation" else (self.via or node).output[0]
         # the cone engine takes activation faults; its golden tensors come from a node-by-node run, not the prefix
-        self.cone = Cone(info, sessions, site.tensor) if sessions is not None and site.kind == "activation" else None
         self.acts = [n for n in (self.via or node).input if n and n not in info.constants]
-        self.whole: WholeModelWeight | None = None
-        if self.cone is not None:
-            self.needs: set[str] = set()
-        elif site.kind == "weight" and (site.shared or not all(info.per_image(t) for t in (self.out, *self.acts))):
-            # no per-image layer output to start a suffix from: each fault reruns the whole model
-            self.whole = WholeModelWeight(info, site.tensor, config.providers, config.opt_level, threads)
-            self.needs = {info.input_name}
+        self.whole: WholeModel | None = None
+        self.cone: Cone | None = None
+        if needs_whole_model(info, site):  # no per-image layer output to start from: rerun the whole model
+            self.whole = whole or WholeModel(info, [site], config.providers, config.opt_level, threads)
+            self.needs = {info.input_name} | ({site.tensor} if site.kind == "activation" else set())
+        elif sessions is not None and site.kind == "activation":
+            self.cone = Cone(info, sessions, site.tensor)
+            self.needs = set()
         else:
             if self.out not in suffixes:
                 suffixes[self.out] = Suffix(info, self.out, config.providers, config.opt_level, threads)
             self.suffix = suffixes[self.out]
             self.needs = set(self.suffix.inputs)
         self.relu_only, self.add_other = _relu_masking(info, site)
-        if self.cone is None and self.whole is None and self.add_other not in self.suffix.inputs:
+        if self.cone is None and (self.whole is not None or self.add_other not in self.suffix.inputs):
             self.add_other = None  # the skip operand must be cached
         if site.kind == "activation":
             self.peak = float(ranges.get(site.tensor, 0.0))
@@ -79,8 +80,8 @@ class SiteRunner:
     def golden_values(self, cache: dict[str, np.ndarray], rows: slice | np.ndarray, elems: np.ndarray) -> np.ndarray:
         """The fault-free values of the chosen elements (one per batch row)."""
         if self.site.kind == "activation":
-            r = _as_rows(rows)
-            return cache[self.site.tensor].reshape(len(cache[self.site.tensor]), -1)[r, elems].copy()
+            r = _as_rows(rows)  # per image: a folded tensor's k rows of an image are one slice
+            return cache[self.site.tensor].reshape(-1, self.site.elements)[r, elems].copy()
         return self.weight.reshape(-1)[elems].copy()
 
     def null_scores(self, cache: dict[str, np.ndarray], n: int) -> np.ndarray:
@@ -151,7 +152,10 @@ class SiteRunner:
             assert isinstance(cache, GoldenBlock) and golden_scores is not None
             return self.cone.scores(cache, r, elems, faulty, golden_scores)[0]
         if self.whole is not None:
-            return self.whole.scores(cache[self.whole.info.input_name][r], elems, faulty)
+            x = cache[self.whole.info.input_name][r]
+            if self.site.kind == "activation":
+                return self.whole.activation_scores(self.site.tensor, x, elems, faulty)
+            return self.whole.weight_scores(self.site.tensor, x, elems, faulty)
         # contiguous rows (the usual case) are fed as views; only the corrupted tensor is copied
         pick: slice | np.ndarray = slice(int(r[0]), int(r[-1]) + 1) if len(r) and r[-1] - r[0] == len(r) - 1 else r
         feeds = {k: cache[k][pick] for k in self.suffix.inputs}

@@ -265,15 +265,18 @@ def test_small_cache_budget_still_runs_every_injection(setup, tmp_path: Path) ->
 
 
 @pytest.mark.parametrize("level", ["disable", "all"])
-@pytest.mark.parametrize("make, whole", [(tied_cnn, ("w", "bb")), (folded_batch_mlp, ("w", "b"))],
-                         ids=["shared", "folded-batch"])
-def test_weights_that_rerun_the_whole_model_run_in_a_campaign(tmp_path: Path, level: str, make, whole) -> None:
-    """They used to stop the whole campaign (a refusal, or a shape error from ORT)."""
+@pytest.mark.parametrize("make, whole, others", [
+    (tied_cnn, ("w", "bb"), ("c1", "c2", "logits", "wf", "bf")),
+    (folded_batch_mlp, ("h", "w", "b"), ("logits", "wf", "bf"))], ids=["shared", "folded-batch"])
+def test_sites_that_rerun_the_whole_model_run_in_a_campaign(tmp_path: Path, level: str, make, whole,
+                                                            others) -> None:
+    """Shared and folded weights used to stop the whole campaign (a refusal, or a shape error from ORT), and a
+    folded activation was left out of the sites without a word."""
     model = make()
     x, y = labelled_inputs(model, 12)
-    cfg = CampaignConfig(injections=24, batch=8, kinds=("weight",), opt_level=level)
+    cfg = CampaignConfig(injections=24, batch=8, opt_level=level)
     summary = run_campaign(model, x, y, cfg, tmp_path / "c.jsonl", progress=False)
-    assert {layer.site: layer.injections for layer in summary.layers} == {n: 24 for n in (*whole, "wf", "bf")}
+    assert {layer.site: layer.injections for layer in summary.layers} == {n: 24 for n in (*whole, *others)}
     records = [r for r in JournalContents(tmp_path / "c.jsonl").records() if r["site"] in whole]
     assert any(r["dloss"] != 0 for r in records)  # the faults reached the scores
     assert all(r["golden_class"] == y[r["image"]] for r in records)

@@ -195,3 +195,25 @@ def test_weights_without_a_per_image_layer_output_rerun_the_whole_model(make, na
                                                                float(faulty[i]))[0], err_msg=f"{name} row {i}")
         assert not np.allclose(fast, golden), f"{name}: the faults had no effect"
         np.testing.assert_array_equal(runner.null_scores(cache, len(x)), golden)
+
+
+def test_a_folded_activation_is_a_site_injected_per_image() -> None:
+    """A MatMul output with two rows per image (a Swin window fold) is a site; the whole-model path puts each
+    row's fault into that image's rows, as the reference splice does, bit for bit."""
+    model = folded_batch_mlp()
+    x, _ = labelled_inputs(model, 6)
+    info = GraphInfo(model, example=x[:1])
+    assert info.tensors["h"].fold == 2 and not info.tensors["h"].batched
+    site = next(s for s in list_sites(info) if s.name == "h")
+    assert site.shape == (2, 8) and site.elements == 16
+    _, runner, cache, golden, _ = _runner(model, "h", x)
+    assert runner.whole is not None and runner.cone is None
+    rows = slice(0, len(x))
+    elems = np.array([0, 15, 8, 7, 3, 12])  # both of each image's rows
+    faulty = np.float32([9.0, -4.0, 30.0, 2.5, -8.0, 11.0])
+    gold = runner.golden_values(cache, rows, elems)
+    assert np.array_equal(gold, cache["h"].reshape(len(x), -1)[np.arange(len(x)), elems])
+    fast = runner.scores(cache, rows, elems, gold, faulty)
+    np.testing.assert_array_equal(fast, activation_full(model, x, "h", elems, faulty))
+    assert not np.array_equal(fast, golden)
+    np.testing.assert_array_equal(runner.null_scores(cache, len(x)), golden)
