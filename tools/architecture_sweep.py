@@ -1,0 +1,128 @@
+"""Does `harden inject` work on the architectures users bring? torchvision models, random weights, small images.
+
+For each architecture (built from a fixed seed, exported with torch's ONNX
+exporter at opset 17):
+1. The cone engine's scores are checked bit for bit against a node-by-node
+   whole-graph run of the same kernels (the tests' check, on 8 activation
+   sites spread over the network, 6 faults each: bit flips, NaN and ±inf).
+2. `harden inject` runs a default campaign (activations and weights, every
+   layer) on 40 random images labelled with the model's own predictions, and
+   must finish with exit code 0.
+The weights are random, so the SDC rates mean nothing; this is about coverage,
+exactness and not crashing. It prints one line per model and a summary.
+
+    .venv/bin/python tools/architecture_sweep.py [--models mobilenet_v3_small,swin_t] [--injections 16]
+        [--work /tmp/harden-architecture-sweep] [--skip-campaign]
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def builders() -> dict[str, tuple[Callable[[], object], int]]:
+    """Architecture name → (constructor with 10 classes, image side)."""
+    import torchvision.models as tv
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    return {
+        "mobilenet_v3_small": (lambda: tv.mobilenet_v3_small(num_classes=10), 64),
+        "efficientnet_b0": (lambda: tv.efficientnet_b0(num_classes=10), 64),
+        "shufflenet_v2_x0_5": (lambda: tv.shufflenet_v2_x0_5(num_classes=10), 64),
+        "squeezenet1_1": (lambda: tv.squeezenet1_1(num_classes=10), 64),
+        "regnet_y_400mf": (lambda: tv.regnet_y_400mf(num_classes=10), 64),
+        "mnasnet0_5": (lambda: tv.mnasnet0_5(num_classes=10), 64),
+        "resnext50_32x4d": (lambda: tv.resnext50_32x4d(num_classes=10), 64),
+        "densenet121": (lambda: tv.densenet121(num_classes=10), 64),
+        "googlenet": (lambda: tv.googlenet(num_classes=10, aux_logits=False, init_weights=True), 64),
+        "convnext_tiny": (lambda: tv.convnext_tiny(num_classes=10), 64),
+        # torchvision zero-initialises the ViT head, which ties every score: give it random weights
+        "vit_tiny": (lambda: _random_head(VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
+                                                            hidden_dim=32, mlp_dim=64, num_classes=10)), 32),
+        "swin_t": (lambda: tv.swin_t(num_classes=10), 64),
+    }
+
+
+def _random_head(net):  # type: ignore[no-untyped-def]
+    import torch
+
+    torch.nn.init.normal_(net.heads.head.weight, std=0.5)
+    return net
+
+
+def export(name: str, work: Path) -> tuple[Path, Path]:
+    """The architecture as ONNX, and an npz of 40 random images labelled with its own predictions."""
+    import onnxruntime as ort
+    import torch
+
+    build, side = builders()[name]
+    torch.manual_seed(0)
+    net = build().eval()  # type: ignore[attr-defined]
+    path, data = work / f"{name}.onnx", work / f"{name}.npz"
+    torch.onnx.export(net, (torch.randn(1, 3, side, side),), str(path), dynamo=False, opset_version=17,
+                      input_names=["x"], output_names=["logits"], dynamic_axes={"x": {0: "N"}, "logits": {0: "N"}})
+    x = np.random.default_rng(1).random((40, 3, side, side)).astype(np.float32)
+    y = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0].argmax(axis=1)
+    np.savez(data, x=x, y=y)
+    return path, data
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(builders()), help="comma-separated architecture names")
+    parser.add_argument("--injections", type=int, default=16, help="injections per layer in the campaign")
+    parser.add_argument("--work", default="/tmp/harden-architecture-sweep")
+    parser.add_argument("--skip-campaign", action="store_true", help="only the bit-exactness check")
+    args = parser.parse_args()
+
+    import onnx
+
+    sys.path.insert(0, str(ROOT))
+    from tests.fi.test_cone import _check_against_whole_graph
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    failures = []
+    for name in args.models.split(","):
+        path, data = export(name, work)
+        started = time.perf_counter()
+        x = np.load(data)["x"][:3]
+        try:
+            _check_against_whole_graph(onnx.load(str(path)), x, faults=6, max_sites=8)
+            exact = "bit-exact"
+        except AssertionError as err:
+            exact = f"DIFFERS at {err}"
+            failures.append(name)
+        line = f"{name:20s} cone {exact} ({time.perf_counter() - started:.0f} s)"
+        if not args.skip_campaign:
+            started = time.perf_counter()
+            run = subprocess.run([sys.executable, "-m", "harden", "inject", str(path), "--data", f"npz:{data}",
+                                  "--preprocess", "identity", "--injections", str(args.injections), "--threads", "1",
+                                  "--out", str(work / f"{name}.jsonl"), "--fresh", "--no-progress", "--json"],
+                                 capture_output=True, text=True, cwd=ROOT)
+            if run.returncode == 0:
+                import json
+
+                layers = json.loads(run.stdout)["layers"]
+                kinds = [layer["kind"] for layer in layers]
+                line += (f"; campaign: {kinds.count('activation')} activation and {kinds.count('weight')} weight "
+                         f"sites in {time.perf_counter() - started:.0f} s")
+            else:
+                line += f"; campaign FAILED: {(run.stderr.strip().splitlines() or ['?'])[-1]}"
+                failures.append(name)
+        print(line, flush=True)
+    print(f"{len(args.models.split(',')) - len(set(failures))} of {len(args.models.split(','))} architectures pass"
+          + (f"; failing: {', '.join(dict.fromkeys(failures))}" if failures else ""))
+
+
+if __name__ == "__main__":
+    main()
