@@ -168,17 +168,27 @@ class GraphInfo:
 
     def suffix_nodes(self, tensor: str) -> set[int]:
         """The nodes a suffix from `tensor` runs: those downstream of it, plus the producers of the shape
-        arithmetic they read (which has no batch axis, so it cannot be cached per image and re-batched)."""
-        nodes = self.downstream_nodes(tensor)
-        while True:
-            produced = {o for i in nodes for o in self.nodes[i].output}
-            fed = {inp for i in nodes for inp in self.nodes[i].input
-                   if inp and inp not in produced and inp not in self.constants_initializers() and inp != tensor}
-            pull = [t for t in fed if t in self.producer and not self.tensors[t].batched
-                    and self.nodes[self.producer[t]].op_type != "Constant"]
-            if not pull:
-                return nodes
-            nodes.update(self.producer[t] for t in pull)
+        arithmetic they read (which has no batch axis, so it cannot be cached per image and re-batched).
+
+        Remembered per tensor: sizing, the evaluation pass and the runners all ask, and on a graph of
+        thousands of nodes (a Swin transformer) each answer takes a while.
+        """
+        if not hasattr(self, "_suffix_nodes"):
+            self._suffix_nodes: dict[str, frozenset[int]] = {}
+        if tensor not in self._suffix_nodes:
+            nodes = self.downstream_nodes(tensor)
+            initializers = self.constants_initializers()
+            while True:
+                produced = {o for i in nodes for o in self.nodes[i].output}
+                fed = {inp for i in nodes for inp in self.nodes[i].input
+                       if inp and inp not in produced and inp not in initializers and inp != tensor}
+                pull = [t for t in fed if t in self.producer and not self.tensors[t].batched
+                        and self.nodes[self.producer[t]].op_type != "Constant"]
+                if not pull:
+                    break
+                nodes.update(self.producer[t] for t in pull)
+            self._suffix_nodes[tensor] = frozenset(nodes)
+        return set(self._suffix_nodes[tensor])
 
     def cut(self, tensor: str) -> list[str]:
         """Tensors a suffix starting at `tensor` must be fed: `tensor` plus everything its nodes read from outside.
