@@ -189,10 +189,11 @@ def _execute(info: GraphInfo, sites: Sequence[Site], ev: EvalSet, config: Campai
                 runner = runners[shard.site]
                 if runner.cone is not None:
                     source, golden_scores = golden_block, golden_block[info.scores][rows]
-                elif whole is not None and runner.whole is whole:
+                elif runner.whole is not None:
                     # that session is not the prefix's: its golden is its own fault-free run, once per block
                     if whole_golden is None:
-                        whole_golden = np.concatenate([whole.golden(x[i:i + step]) for i in range(0, len(x), step)])
+                        whole_golden = np.concatenate([runner.whole.golden(x[i:i + step])
+                                                       for i in range(0, len(x), step)])
                     source, golden_scores = cache, whole_golden[rows]
                 else:
                     if config.opt_level not in SAME_KERNELS and shard.site not in goldens:

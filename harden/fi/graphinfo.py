@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import onnxruntime as ort
 import onnx
+import onnxruntime as ort
 from onnx import numpy_helper
 
 from harden.errors import HardenError
@@ -214,9 +214,9 @@ class GraphInfo:
 
 
 def _doubles(one: np.ndarray, two: np.ndarray) -> bool:
-    """Whether a tensor's first axis doubles from batch 1 to batch 2 (a candidate images × k fold)."""
-    return (one.ndim >= 1 and two.ndim == one.ndim and one.shape[0] > 1 and two.shape[0] == 2 * one.shape[0]
-            and one.shape[1:] == two.shape[1:])
+    """Whether a float tensor's first axis doubles from batch 1 to batch 2 (a candidate images × k fold)."""
+    return (one.dtype.kind == "f" and one.ndim >= 1 and two.ndim == one.ndim and one.shape[0] > 1
+            and two.shape[0] == 2 * one.shape[0] and one.shape[1:] == two.shape[1:])
 
 
 def _image_major(session: ort.InferenceSession, names: list[str], per_image: tuple[int, ...]) -> list[str]:

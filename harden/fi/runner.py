@@ -47,7 +47,6 @@ class SiteRunner:
         self.node = node
         self.via = info.nodes[info.node_index[site.via]] if site.via else None
         self.out = site.tensor if site.kind == "activation" else (self.via or node).output[0]
-        # the cone engine takes activation faults; its golden tensors come from a node-by-node run, not the prefix
         self.acts = [n for n in (self.via or node).input if n and n not in info.constants]
         self.whole: WholeModel | None = None
         self.cone: Cone | None = None
@@ -55,6 +54,7 @@ class SiteRunner:
             self.whole = whole or WholeModel(info, [site], config.providers, config.opt_level, threads)
             self.needs = {info.input_name} | ({site.tensor} if site.kind == "activation" else set())
         elif sessions is not None and site.kind == "activation":
+            # the cone engine's golden tensors come from a node-by-node run, not the prefix
             self.cone = Cone(info, sessions, site.tensor)
             self.needs = set()
         else:
