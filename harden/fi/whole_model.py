@@ -72,8 +72,10 @@ class WholeModel:
                                 helper.make_tensor_value_info(_VALUE + tensor, dtype, None)])
         del graph.node[:]
         graph.node.extend(nodes)
+        declared = {i.name for i in graph.input}  # models before IR 4 list every initializer as an input too
         graph.input.extend(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(w.dtype),
-                                                         list(w.shape)) for name, w in self.weights.items())
+                                                         list(w.shape))
+                           for name, w in self.weights.items() if name not in declared)
         self.session = make_session(model, providers=providers, opt_level=opt_level, threads=threads,
                                     spinning=False)
 

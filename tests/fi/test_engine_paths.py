@@ -174,6 +174,17 @@ def test_a_shared_weight_is_one_site() -> None:
     assert sites["w"].shared and sites["w"].node == "conv1" and sites["bb"].shared and not sites["wf"].shared
 
 
+def _initializers_as_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model as exporters before IR 4 wrote it: every initializer also listed as a graph input."""
+    from onnx import helper
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    copy.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                            for t in copy.graph.initializer)
+    return copy
+
+
 @pytest.mark.parametrize("make, names", [(tied_cnn, ("w", "bb")), (folded_batch_mlp, ("w", "b"))],
                          ids=["shared", "folded-batch"])
 def test_weights_without_a_per_image_layer_output_rerun_the_whole_model(make, names) -> None:
@@ -217,3 +228,18 @@ def test_a_folded_activation_is_a_site_injected_per_image() -> None:
     np.testing.assert_array_equal(fast, activation_full(model, x, "h", elems, faulty))
     assert not np.array_equal(fast, golden)
     np.testing.assert_array_equal(runner.null_scores(cache, len(x)), golden)
+
+
+def test_whole_model_sites_of_a_model_listing_initializers_as_inputs() -> None:
+    """Before IR 4 every initializer was also a graph input: the whole-model session must not declare it twice.
+    ORT then treats every weight as overridable, so the reference's kernels differ: equal to float rounding."""
+    model = _initializers_as_inputs(tied_cnn())
+    x, _ = labelled_inputs(model, 4)
+    _, runner, cache, _, site = _runner(model, "w", x)
+    elems = np.arange(4) * 7
+    gold = runner.golden_values(cache, slice(0, 4), elems)
+    faulty = (gold * 9 + 1).astype(np.float32)
+    fast = runner.scores(cache, slice(0, 4), elems, gold, faulty)
+    for i in range(4):
+        np.testing.assert_allclose(fast[i], weight_full(model, x[i:i + 1], "w", int(elems[i]), float(faulty[i]))[0],
+                                   rtol=1e-5, atol=1e-5)
