@@ -7,13 +7,14 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 
 from harden.cli import main
 from harden.data import Preprocess
 from harden.fi.journal import JournalContents
 from harden.graph.onnx_io import set_metadata
-from tests.fi.tiny_models import labelled_inputs, residual_cnn
+from tests.fi.tiny_models import labelled_inputs, residual_cnn, tied_cnn
 
 
 @pytest.fixture()
@@ -102,3 +103,18 @@ def test_list_sites_of_a_model_with_symbolic_image_size(tmp_path: Path, capsys) 
              y=np.zeros(2, np.int64))
     assert main(["inject", str(tmp_path / "sym.onnx"), "--list-sites", "--data", f"npz:{tmp_path / 'd.npz'}"]) == 0
     assert "4×10×10" in capsys.readouterr().out
+
+
+def test_rgb_npz_with_identity_preprocessing_and_a_shared_weight(tmp_path: Path, capsys) -> None:
+    """An RGB model fed RGB images as they are (identity once made them grey and the run was refused), with a
+    weight two convs share (once a refusal that stopped the whole campaign)."""
+    model = tied_cnn(rgb=True)
+    onnx.save(model, tmp_path / "tied.onnx")
+    x = np.random.default_rng(2).random((12, 3, 6, 6)).astype(np.float32)
+    y = np.argmax(ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0], axis=1)
+    np.savez(tmp_path / "rgb.npz", x=x, y=y)
+    assert main(["inject", str(tmp_path / "tied.onnx"), "--data", f"npz:{tmp_path / 'rgb.npz'}", "--preprocess",
+                 "identity", "--injections", "8", "--out", str(tmp_path / "c.jsonl"), "--json"]) == 0
+    layers = {layer["site"]: layer for layer in json.loads(capsys.readouterr().out)["layers"]}
+    assert layers["w"]["injections"] == 8 and layers["bb"]["injections"] == 8
+    assert JournalContents(tmp_path / "c.jsonl").header["eval"]["kept"] == 12  # every image, unchanged, is correct

@@ -126,12 +126,15 @@ def windowed_cnn(seed: int = 0, classes: int = 4, squeeze: bool = False) -> onnx
     return classifier(nodes, inits, "windowed", (2, 16, 16), classes)
 
 
-def tied_cnn(seed: int = 0, classes: int = 3) -> onnx.ModelProto:
+def tied_cnn(seed: int = 0, classes: int = 3, rgb: bool = False) -> onnx.ModelProto:
     """Two convs reading one weight 'w', and one bias 'bb' that conv1's Add reads and conv2's reads through an
-    Identity (as torch's exporter stores equal initializers once); input 1×4×6×6."""
+    Identity (as torch's exporter stores equal initializers once); input 1×4×6×6, or with `rgb` 1×3×6×6
+    through a 3→4 stem conv 'stem' first."""
     rng = np.random.default_rng(seed)
+    stem = [helper.make_node("Conv", ["x", "ws"], ["s"], name="stem", pads=[1, 1, 1, 1])] if rgb else []
     nodes = [
-        helper.make_node("Conv", ["x", "w"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        *stem,
+        helper.make_node("Conv", ["s" if rgb else "x", "w"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
         helper.make_node("Add", ["c1", "bb"], ["a1"], name="add1"),
         helper.make_node("Relu", ["a1"], ["r1"], name="relu1"),
         helper.make_node("Conv", ["r1", "w"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
@@ -144,7 +147,9 @@ def tied_cnn(seed: int = 0, classes: int = 3) -> onnx.ModelProto:
     ]
     inits = [_init("w", rng, 4, 4, 3, 3), _init("bb", rng, 4, 1, 1, scale=0.1),
              _init("wf", rng, classes, 4, scale=1.0), _init("bf", rng, classes, scale=0.1)]
-    return classifier(nodes, inits, "tied", (4, 6, 6), classes)
+    if rgb:
+        inits.append(_init("ws", rng, 4, 3, 3, 3))
+    return classifier(nodes, inits, "tied", (3 if rgb else 4, 6, 6), classes)
 
 
 def folded_batch_mlp(seed: int = 0, classes: int = 3) -> onnx.ModelProto:
