@@ -83,11 +83,15 @@ class WholeModel:
         """Scores of images x, with these weights changed and these (mask, value) splices; the rest golden."""
         feeds: dict[str, np.ndarray] = {self.info.input_name: x, **self.weights, **weights}
         for tensor in self.activations:
-            t = self.info.tensors[tensor]
-            shape = (len(x) * t.shape[0], *t.shape[1:])  # images × k rows, image after image
-            mask, value = splice.get(tensor, (np.zeros(shape, dtype=bool), np.zeros(shape, dtype=t.dtype)))
+            mask, value = splice.get(tensor) or self._empty_splice(tensor, len(x))
             feeds[_MASK + tensor], feeds[_VALUE + tensor] = mask, value
         return self.session.run([self.info.scores], feeds)[0]
+
+    def _empty_splice(self, tensor: str, images: int) -> tuple[np.ndarray, np.ndarray]:
+        """A (mask, value) pair that changes nothing, for `images` images' images × k rows of `tensor`."""
+        t = self.info.tensors[tensor]
+        shape = (images * t.shape[0], *t.shape[1:])
+        return np.zeros(shape, dtype=bool), np.zeros(shape, dtype=t.dtype)
 
     def golden(self, x: np.ndarray) -> np.ndarray:
         """The fault-free scores of this session: what its faults are compared with."""
@@ -106,9 +110,7 @@ class WholeModel:
 
     def activation_scores(self, tensor: str, x: np.ndarray, elems: np.ndarray, faulty: np.ndarray) -> np.ndarray:
         """Row i: the scores of image x[i] with element elems[i] of its slice of `tensor` set to faulty[i]."""
-        t = self.info.tensors[tensor]
-        shape = (len(x) * t.shape[0], *t.shape[1:])
-        mask, value = np.zeros(shape, dtype=bool), np.zeros(shape, dtype=t.dtype)
+        mask, value = self._empty_splice(tensor, len(x))
         rows = np.arange(len(x))
         mask.reshape(len(x), -1)[rows, elems] = True
         value.reshape(len(x), -1)[rows, elems] = faulty
