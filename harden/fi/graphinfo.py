@@ -52,12 +52,46 @@ def named_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     return copy
 
 
+def bypass_constant_identities(model: onnx.ModelProto) -> None:
+    """Make readers of Identity(constant) read the constant itself, and drop those Identity nodes (in place).
+
+    torch's exporter stores equal initializers once and hands each further
+    reader an Identity of it (an untrained or BN-folded network's zero biases,
+    tied weights). A layer whose weight or bias arrives that way is not a layer
+    with constant weights to ONNX Runtime's single-node sessions: it loses its
+    prepacked, blocked-layout kernel and runs several times slower. It also
+    hid weights read only through an Identity from the site list. After this,
+    the graph computes the same values, and a shared stored tensor is simply
+    an initializer with several readers, which is one site (harden.fi.sites).
+    """
+    graph = model.graph
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
+        return  # a subgraph may read an Identity's output by name from the outer scope: leave the graph as it is
+    constant = {t.name for t in graph.initializer}
+    constant.update(n.output[0] for n in graph.node if n.op_type == "Constant" and n.output)
+    outputs = {o.name for o in graph.output}
+    root: dict[str, str] = {}
+    kept = []
+    for node in graph.node:
+        for j, name in enumerate(node.input):
+            if name in root:
+                node.input[j] = root[name]
+        if node.op_type == "Identity" and node.input and node.input[0] in constant and node.output[0] not in outputs:
+            root[node.output[0]] = node.input[0]
+            continue
+        kept.append(node)
+    if root:
+        del graph.node[:]
+        graph.node.extend(kept)
+
+
 class GraphInfo:
     """Read-only analysis of a classifier graph with one image input and class scores as output 0."""
 
     def __init__(self, model: onnx.ModelProto, example: np.ndarray | None = None,
                  providers: Sequence[str] = ("CPUExecutionProvider",)) -> None:
         self.model = named_copy(model)
+        bypass_constant_identities(self.model)
         graph = self.model.graph
         init_names = {t.name for t in graph.initializer}
         inputs = [i for i in graph.input if i.name not in init_names]

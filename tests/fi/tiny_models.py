@@ -168,3 +168,23 @@ def folded_batch_mlp(seed: int = 0, classes: int = 3) -> onnx.ModelProto:
              _init("b", rng, 8, scale=0.1), numpy_helper.from_array(np.array([-1, 16], dtype=np.int64), "images"),
              _init("wf", rng, classes, 16, scale=1.0), _init("bf", rng, classes, scale=0.1)]
     return classifier(nodes, inits, "folded", (2, 4, 4), classes)
+
+
+def identity_weight_cnn(seed: int = 0, classes: int = 3) -> onnx.ModelProto:
+    """conv → relu → global pool → flatten → gemm, whose conv weight 'w0' arrives only through an Identity and
+    whose classifier weight 'wf0' through two; the graph's output is an Identity of the scores. Input 1×3×6×6."""
+    rng = np.random.default_rng(seed)
+    nodes = [
+        helper.make_node("Identity", ["w0"], ["w"], name="w_copy"),
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("GlobalAveragePool", ["r"], ["gap"], name="gap"),
+        helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"),
+        helper.make_node("Identity", ["wf0"], ["wf1"], name="wf_copy1"),
+        helper.make_node("Identity", ["wf1"], ["wf"], name="wf_copy2"),
+        helper.make_node("Gemm", ["flat", "wf", "bf"], ["scores"], name="fc", transB=1),
+        helper.make_node("Identity", ["scores"], ["logits"], name="out"),
+    ]
+    inits = [_init("w0", rng, 4, 3, 3, 3), _init("b", rng, 4, scale=0.1), _init("wf0", rng, classes, 4, scale=1.0),
+             _init("bf", rng, classes, scale=0.1)]
+    return classifier(nodes, inits, "identity_weights", (3, 6, 6), classes)
