@@ -63,7 +63,8 @@ class NodeSessions:
                                   [value_info(o) for o in outputs], inits)
         model = helper.make_model(graph, opset_imports=list(info.model.opset_import))
         model.ir_version = info.model.ir_version
-        session = make_session(model, self.providers, opt_level=NODE_LEVEL, threads=self.threads, spinning=False)
+        session = make_session(model, self.providers, opt_level=NODE_LEVEL, threads=self.threads, spinning=False,
+                               shared_arena=True)
         return session, feeds, outputs
 
     def run(self, index: int, values: dict[str, np.ndarray], override: Override = ()) -> dict[str, np.ndarray]:

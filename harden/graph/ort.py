@@ -8,6 +8,7 @@ such tensors away, which is why the optimisation level is explicit here.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -30,6 +31,7 @@ def make_session(
     opt_level: str = "basic",
     threads: int = 0,
     spinning: bool = True,
+    shared_arena: bool = False,
 ) -> ort.InferenceSession:
     """An inference session for an in-memory model, on the given providers.
 
@@ -38,6 +40,13 @@ def make_session(
     busy-waiting and runs nodes sequentially on one inter-op thread: on a CPU
     shared with other jobs, spinning threads fight over cores and a small
     model's run can get several times slower. Neither setting changes results.
+
+    `shared_arena=True` takes CPU memory from one arena shared by every session
+    that asks for it, instead of an arena per session. The injector's engine
+    runs each node in a session of its own: with an arena each, a ResNet-50 at
+    224 px held 4.4 GB after one pass of 16 images, and touching it all for the
+    first time doubled that pass's time; shared, it holds 1 GB. Results are the
+    same: an allocator does not take part in the arithmetic.
     """
     if opt_level not in OPT_LEVELS:
         raise HardenError(f"unknown graph optimisation level {opt_level!r}; use one of {sorted(OPT_LEVELS)}")
@@ -55,10 +64,20 @@ def make_session(
         options.inter_op_num_threads = 1
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    if shared_arena:
+        _register_shared_arena()
+        options.add_session_config_entry("session.use_env_allocators", "1")
     try:
         return ort.InferenceSession(model.SerializeToString(), options, providers=list(providers))
     except Exception as err:  # ORT raises its own exception types for unsupported graphs
         raise HardenError(f"ONNX Runtime cannot load the model: {str(err).splitlines()[0]}") from err
+
+
+@functools.cache
+def _register_shared_arena() -> None:
+    """Register the process-wide CPU arena with ORT's environment (ORT allows this once per process)."""
+    info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+    ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, -1, -1, -1))
 
 
 def expose(model: onnx.ModelProto, tensors: Sequence[str]) -> onnx.ModelProto:
