@@ -70,9 +70,15 @@ class Cone:
     def scores(self, golden: GoldenBlock, rows: np.ndarray, elems: np.ndarray, faulty: np.ndarray,
                golden_scores: np.ndarray) -> tuple[np.ndarray, int]:
         """Scores of each row with element elems[i] of the site set to faulty[i]; also how many rows ended early."""
+        return self.walk(golden, rows, self._start(golden, rows, elems, faulty), golden_scores)
+
+    def walk(self, golden: GoldenBlock, rows: np.ndarray, start: Window | np.ndarray,
+             golden_scores: np.ndarray) -> tuple[np.ndarray, int]:
+        """Scores of each row whose site tensor is `start`: a window, or whole rows (a weight fault changes a
+        whole channel of its layer's output); also how many rows ended early."""
         info = self.info
         alive = np.arange(len(rows))
-        state: dict[str, Window | np.ndarray] = {self.tensor: self._start(golden, rows, elems, faulty)}
+        state: dict[str, Window | np.ndarray] = {self.tensor: start}
         for pos, i in enumerate(self.order):
             node = info.nodes[i]
             state.update(self._run(i, node, state, golden, rows))

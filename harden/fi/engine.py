@@ -29,7 +29,7 @@ from harden.fi.nodes import NODE_LEVEL, NodeSessions, golden_pass
 from harden.fi.outcome import nonfinite_rows, top1_class
 from harden.fi.plan import Shard, block_bounds, injections_per_site, plan_shards, shard_rng, shard_rows
 from harden.fi.prepare import EvalSet, check_labels, prepare_eval, prepare_eval_nodes
-from harden.fi.runner import SAME_KERNELS, SiteRunner, prefix_level
+from harden.fi.runner import SAME_KERNELS, SiteRunner, golden_needs, prefix_level
 from harden.fi.sites import Site, list_sites, select_sites
 from harden.fi.suffix import Suffix
 from harden.fi.whole_model import WholeModel, needs_whole_model
@@ -110,13 +110,14 @@ def run_campaign(model: str | os.PathLike[str] | onnx.ModelProto, inputs: np.nda
     block_images = info.fixed_batch or cache_block_images(info, sites, config)
     sessions = NodeSessions(info, config.providers, threads) if config.engine == "cone" else None
     first_block: dict[str, np.ndarray] | None = None
-    if sessions is not None and act and profile_inputs is None:
+    coned = [s for s in sites if not needs_whole_model(info, s)] if sessions is not None else []
+    if coned and profile_inputs is None:
         # one node-by-node pass gives the golden scores, the ranges and the first block's tensors
-        keep = set().union(*(Cone(info, None, t).needs() for t in act if not info.tensors[t].fold))
+        keep = set().union(*(golden_needs(info, s) for s in coned))
         ev, first_block = prepare_eval_nodes(sessions, inputs, labels, act, batch, keep, block_images, progress)
     else:
         # the cone engine's goldens come from level-'all' kernels, so its evaluation pass runs at 'all' too
-        eval_level = NODE_LEVEL if sessions is not None and act else config.opt_level
+        eval_level = NODE_LEVEL if coned else config.opt_level
         ev = prepare_eval(info.model, inputs, labels, act, profile_inputs, config.batch, config.providers,
                           eval_level, threads)
     counts = injections_per_site(sites, config, len(ev.ids))
@@ -165,7 +166,7 @@ def _execute(info: GraphInfo, sites: Sequence[Site], ev: EvalSet, config: Campai
         exposed = sorted(set().union(*(r.needs for r in runners.values())) - {info.input_name})
         prefix = make_session(expose(info.model, exposed), config.providers,
                               opt_level=prefix_level(config.opt_level), threads=threads, spinning=False)
-    cone_keep = set().union(*(r.cone.needs() for r in runners.values() if r.cone is not None))
+    cone_keep = set().union(*(golden_needs(info, r.site) for r in runners.values() if r.cone is not None))
     bar = tqdm(total=sum(s.count for s in todo), unit="inj", disable=not progress, file=sys.stderr,
                desc="inject", dynamic_ncols=True)
     try:

@@ -53,9 +53,10 @@ class SiteRunner:
         if needs_whole_model(info, site):  # no per-image layer output to start from: rerun the whole model
             self.whole = whole or WholeModel(info, [site], config.providers, config.opt_level, threads)
             self.needs = {info.input_name} | ({site.tensor} if site.kind == "activation" else set())
-        elif sessions is not None and site.kind == "activation":
-            # the cone engine's golden tensors come from a node-by-node run, not the prefix
-            self.cone = Cone(info, sessions, site.tensor)
+        elif sessions is not None:
+            # the cone engine's golden tensors come from a node-by-node run, not the prefix; a weight fault's
+            # walk starts at its layer's output, computed from the layer's golden input
+            self.cone = Cone(info, sessions, self.out)
             self.needs = set()
         else:
             if self.out not in suffixes:
@@ -72,7 +73,7 @@ class SiteRunner:
         self.weight = info.constants[site.tensor].astype(np.float32)
         self.peak = float(np.max(np.abs(self.weight))) if self.weight.size else 0.0
         self.scale = int8_scale(self.weight)
-        if self.whole is None:
+        if self.whole is None and self.cone is None:
             self.needs.update(self.acts)
         self.rerun: NodeRerun | None = None
         self.rerun_args = (info, node, site.input_index, config.providers, threads)
@@ -150,7 +151,9 @@ class SiteRunner:
         """Scores of rows that need a run: through the cone engine, or the suffix."""
         if self.cone is not None:
             assert isinstance(cache, GoldenBlock) and golden_scores is not None
-            return self.cone.scores(cache, r, elems, faulty, golden_scores)[0]
+            if self.site.kind == "activation":
+                return self.cone.scores(cache, r, elems, faulty, golden_scores)[0]
+            return self.cone.walk(cache, r, self._weight_output(cache, r, elems, golden, faulty), golden_scores)[0]
         if self.whole is not None:
             x = cache[self.whole.info.input_name][r]
             if self.site.kind == "activation":
@@ -202,6 +205,14 @@ class SiteRunner:
         return y
 
 
+def golden_needs(info: GraphInfo, site: Site) -> set[str]:
+    """The golden tensors the cone engine reads for `site`: its walk's, and for a weight its layer's input."""
+    if site.kind == "activation":
+        return Cone(info, None, site.tensor).needs()
+    node = info.nodes[info.node_index[site.via or site.node]]
+    return Cone(info, None, node.output[0]).needs() | {t for t in node.input if t and t not in info.constants}
+
+
 def _relu_masking(info: GraphInfo, site: Site) -> tuple[bool, str | None]:
     """(site feeds only Relus, skip operand of an Add that feeds only Relus): where masking is exact."""
     if site.kind != "activation":
@@ -231,12 +242,15 @@ def prefix_level(level: str) -> str:
 
 def session_levels(level: str, engine: str = "suffix") -> dict[str, str]:
     """What a campaign runs: the prefix's and the suffixes' ORT levels, where goldens come from, and for the
-    cone engine how activation faults are run."""
+    cone engine how activation and weight faults are run (the prefix and suffixes then serve only the
+    whole-model sites)."""
     golden = "prefix run" if level in SAME_KERNELS else "fault-free run of each site's suffix"
     levels = {"prefix": prefix_level(level), "suffix": level, "golden": golden}
     if engine == "cone":
         levels["activations"] = (f"cone engine: single-node sessions at level {NODE_LEVEL}, golden from a "
                                  "node-by-node run")
+        levels["weights"] = ("cone engine: the faulty layer output (golden plus the fault's change) walks the "
+                             "same single-node sessions on whole maps")
     return levels
 
 

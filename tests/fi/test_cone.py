@@ -198,6 +198,28 @@ def test_cone_and_suffix_campaigns_agree(tmp_path: Path) -> None:
     assert sum(f[-1] for f in flags["cone"]) > 0  # the campaign did see SDCs
 
 
+def test_cone_engine_walks_weight_faults_without_suffix_sessions(tmp_path: Path, monkeypatch) -> None:
+    """Under the cone engine a weight fault's faulty layer output starts a node-by-node walk: no per-site
+    suffix session and no prefix pass are built, and the verdicts match the suffix engine's."""
+    model = residual_cnn(seed=3)
+    x, y = labelled_inputs(model, 24)
+    flags = {}
+    for engine in ("suffix", "cone"):
+        if engine == "cone":
+            def refuse(*args: object, **kwargs: object) -> None:
+                raise AssertionError("the cone engine built a suffix session or a prefix pass")
+            monkeypatch.setattr("harden.fi.runner.Suffix", refuse)
+            monkeypatch.setattr("harden.fi.engine.expose", refuse)
+        config = CampaignConfig(kinds=("weight",), injections=80, batch=16, engine=engine)
+        run_campaign(model, x, y, config, tmp_path / f"{engine}.jsonl", progress=False)
+        records = list(JournalContents(tmp_path / f"{engine}.jsonl").records())
+        flags[engine] = [(r["site"], r["image"], r["element"], r["bits"], r["sdc"]) for r in records]
+    assert len(flags["cone"]) == len(flags["suffix"]) > 0
+    assert [f[:-1] for f in flags["cone"]] == [f[:-1] for f in flags["suffix"]]
+    assert np.mean([a == b for a, b in zip(flags["cone"], flags["suffix"])]) >= 0.99
+    assert sum(f[-1] for f in flags["cone"]) > 0
+
+
 def test_nan_at_a_maxpool_border_follows_orts_implicit_padding() -> None:
     """Whether ORT's MaxPool keeps a NaN depends on its place in the pooling window, which explicit −inf padding
     would shift at the borders, so NaN rows are redone on the whole tensor. Every position of one map is tried."""

@@ -6,9 +6,11 @@ import numpy as np
 import onnx
 import pytest
 
+from harden.fi.cone import GoldenBlock
 from harden.fi.config import CampaignConfig
 from harden.fi.runner import SAME_KERNELS, SiteRunner, prefix_cache
 from harden.fi.graphinfo import GraphInfo
+from harden.fi.nodes import NodeSessions, golden_pass
 from harden.fi.reference import activation_full, weight_full
 from harden.fi.sites import Site, list_sites
 from harden.graph.ort import make_session
@@ -17,10 +19,17 @@ from tests.fi.tiny_models import classifier, labelled_inputs, folded_batch_mlp, 
 CONFIG = CampaignConfig()
 
 
-def _runner(model: onnx.ModelProto, name: str, x: np.ndarray,
-            config: CampaignConfig = CONFIG) -> tuple[GraphInfo, SiteRunner, dict, np.ndarray, Site]:
+def _runner(model: onnx.ModelProto, name: str, x: np.ndarray, config: CampaignConfig = CONFIG,
+            cone: bool = False) -> tuple[GraphInfo, SiteRunner, dict, np.ndarray, Site]:
+    """A site's runner with its cache and golden scores: the suffix engine's prefix cache, or with `cone` the
+    cone engine's node-by-node golden block."""
     info = GraphInfo(model, example=x[:1])
     site = next(s for s in list_sites(info) if s.name == name)
+    if cone:
+        sessions = NodeSessions(info, config.providers, threads=1)
+        runner = SiteRunner(info, site, config, {}, {}, sessions=sessions)
+        block = GoldenBlock(golden_pass(sessions, x, len(x)))
+        return info, runner, block, block[info.scores], site
     runner = SiteRunner(info, site, config, {}, {})
     cache, golden = prefix_cache(info, [runner], x, config)
     return info, runner, cache, golden, site
@@ -62,15 +71,17 @@ def test_suffix_equals_whole_graph_injection() -> None:
         assert not np.array_equal(fast, golden)  # the faults did something
 
 
-def _weight_check(model: onnx.ModelProto, name: str, n: int = 6, seed: int = 0, rerun: bool = False) -> None:
+def _weight_check(model: onnx.ModelProto, name: str, n: int = 6, seed: int = 0, rerun: bool = False,
+                  cone: bool = False) -> None:
     x, _ = labelled_inputs(model, n)
-    _, runner, cache, golden, site = _runner(model, name, x)
+    _, runner, cache, golden, site = _runner(model, name, x, cone=cone)
+    assert (runner.cone is not None) == cone
     rng = np.random.default_rng(seed)
     elems = rng.permutation(site.elements)[:n] if site.elements >= n else rng.integers(0, site.elements, n)
     rows = slice(0, n)
     gold = runner.golden_values(cache, rows, elems)
     faulty = (gold + rng.choice([-3.0, 2.5, 7.0], n)).astype(np.float32)
-    fast = runner.scores(cache, rows, elems, gold, faulty)
+    fast = runner.scores(cache, rows, elems, gold, faulty, golden[rows] if cone else None)
     for i in range(n):
         slow = weight_full(model, x[i:i + 1], site.tensor, int(elems[i]), float(faulty[i]))[0]
         np.testing.assert_allclose(fast[i], slow, rtol=1e-5, atol=1e-5, err_msg=f"{name} row {i}")
@@ -78,21 +89,25 @@ def _weight_check(model: onnx.ModelProto, name: str, n: int = 6, seed: int = 0, 
     assert (runner.rerun is not None) == rerun, "the additive fast path must serve Conv/Gemm/MatMul"
 
 
+@pytest.mark.parametrize("cone", [False, True], ids=["suffix", "cone"])
 @pytest.mark.parametrize("kw", [dict(), dict(stride=2), dict(group=2), dict(group=4, dilation=2),
                                 dict(stride=2, dilation=3), dict(trans_b=0)])
-def test_fast_weight_path_equals_slow_path_conv_gemm(kw) -> None:
+def test_fast_weight_path_equals_slow_path_conv_gemm(kw, cone: bool) -> None:
+    """Under the cone engine the faulty layer output starts a node-by-node walk instead of a suffix session."""
     model = residual_cnn(seed=5, **kw)
     for name in ("w1", "b1", "w2", "b2", "wf", "bf"):
-        _weight_check(model, name)
+        _weight_check(model, name, cone=cone)
 
 
-def test_fast_weight_path_equals_slow_path_matmul_and_constant() -> None:
+@pytest.mark.parametrize("cone", [False, True], ids=["suffix", "cone"])
+def test_fast_weight_path_equals_slow_path_matmul_and_constant(cone: bool) -> None:
     model = matmul_mlp(seed=2)
     for name in ("w1", "w2", "b1", "b2"):  # b1, b2 enter through the Add after each MatMul
-        _weight_check(model, name)
+        _weight_check(model, name, cone=cone)
 
 
-def test_conv_transpose_weights_use_exact_node_rerun() -> None:
+@pytest.mark.parametrize("cone", [False, True], ids=["suffix", "cone"])
+def test_conv_transpose_weights_use_exact_node_rerun(cone: bool) -> None:
     from onnx import helper, numpy_helper
 
     rng = np.random.default_rng(0)
@@ -101,7 +116,7 @@ def test_conv_transpose_weights_use_exact_node_rerun() -> None:
     nodes = [helper.make_node("ConvTranspose", ["x", "wt"], ["ct"], name="deconv", strides=[2, 2]),
              helper.make_node("Flatten", ["ct"], ["f"], name="flat"),
              helper.make_node("Gemm", ["f", "wf"], ["logits"], name="fc", transB=1)]
-    _weight_check(classifier(nodes, [w, wf], "ct", (3, 4, 4), 3), "wt", n=4, rerun=True)
+    _weight_check(classifier(nodes, [w, wf], "ct", (3, 4, 4), 3), "wt", n=4, rerun=True, cone=cone)
 
 
 def test_relu_masked_faults_skip_the_run_and_match_the_whole_graph() -> None:
