@@ -43,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--engine", choices=ENGINES, default="cone",
-                   help="activation-fault engine of the campaigns (as harden inject)")
+                   help="fault engine of the campaigns (as harden inject)")
     p.add_argument("--no-exact", action="store_true", help="skip the exact final-layer analysis")
     p.add_argument("--latency-runs", type=int, default=30, help="timed runs per latency measurement")
     p.add_argument("--no-progress", action="store_true")

@@ -51,10 +51,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="memory for cached fault-free tensors (default 1024 MiB; fewer images per block if needed)")
     p.add_argument("--provider", action="append", help="ONNX Runtime provider (repeatable; default CPU)")
     p.add_argument("--engine", choices=ENGINES, default="cone",
-                   help="activation faults: cone (default) recomputes only the windows a fault reaches, node by "
-                        "node; suffix reruns the whole downstream graph at --opt-level")
+                   help="cone (default) recomputes, node by node, only what a fault reaches: an activation "
+                        "fault's windows, a weight fault's layer output onwards; suffix reruns the whole "
+                        "downstream graph at --opt-level")
     p.add_argument("--opt-level", choices=sorted(OPT_LEVELS), default="disable",
-                   help="graph optimisation level of the suffix engine (weight faults, --engine suffix)")
+                   help="graph optimisation level of the suffix engine (--engine suffix, and shared weights and "
+                        "folded tensors, which rerun the whole model)")
     p.add_argument("--confidence", type=float, default=0.95)
     p.add_argument("--ci", choices=("wilson", "clopper-pearson"), default="wilson")
     p.add_argument("--shard", help="run part i of n: i/n")
@@ -102,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(summary.to_dict(), indent=2))
         return 0
     ev = summary.evaluation
-    engine = (f"cone engine (activations node by node at ORT level {NODE_LEVEL}; weights: suffix at level "
+    engine = (f"cone engine (node by node at ORT level {NODE_LEVEL}; whole-model sites at level "
               f"{summary.opt_level})" if summary.config.engine == "cone" else f"suffix engine at level {summary.opt_level}")
     print(f"images: {ev['kept']} kept of {ev['total']} ({ev['correct']} correct); {engine}; "
           f"{summary.config.fault.kind} {summary.config.fault.fmt}; shards {summary.shards_done}/{summary.total_shards}")

@@ -31,15 +31,17 @@ Engine layout: `plan` (shards and their seeds), `runner` (one site: suffix or
 cone, weight deltas from `weights`, exact masking), `engine` (campaign loop),
 `journal` (resumable JSONL), `summary` (per-layer results).
 
-Two engines run activation faults (`CampaignConfig.engine`). `cone` (default)
+Two engines run faults (`CampaignConfig.engine`). `cone` (default)
 walks the nodes downstream of the site one at a time (`nodes`: single-node
 sessions at level 'all') on per-row windows (`window`): pointwise ops and
 channel concats run on the window, Conv and pooling on a crop of the padded
 golden input, anything else on whole tensors; rows whose only faulty value has
 become bit-identical to the golden are finished early with the golden scores.
 Golden tensors and scores come from a node-by-node run of the same kernels, so
-the cone's results equal a whole-graph run bit for bit (tested). `suffix` runs
-the extracted downstream subgraph at `opt_level`; weight faults always do.
+the cone's results equal a whole-graph run bit for bit (tested). A weight
+fault's changed layer output (a whole channel, so no window) walks the same
+sessions on whole maps. `suffix` runs the extracted downstream subgraph at
+`opt_level`.
 
 Optimisation levels: faults always enter through the declared tensor, because
 every suffix is cut at it and the prefix exposes it, whatever the level. At

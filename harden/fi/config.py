@@ -25,10 +25,10 @@ class CampaignConfig:
     `cache_images` images have their crossing tensors cached at a time, fewer
     when those tensors would take more than `cache_mb` MiB. `shard` is
     (i, n): run only shards whose index ≡ i (mod n); None runs all.
-    `engine` says how an activation fault is propagated: 'cone' recomputes
-    only the windows it can reach, node by node (harden.fi.cone); 'suffix'
-    reruns the whole downstream graph at `opt_level` (harden.fi.suffix).
-    Weight faults always take the suffix path.
+    `engine` says how a fault is propagated: 'cone' recomputes, node by node,
+    only what it can reach (harden.fi.cone): an activation fault's windows, a
+    weight fault's faulty layer output onwards; 'suffix' reruns the whole
+    downstream graph at `opt_level` (harden.fi.suffix).
     """
 
     layers: str = "all"
