@@ -185,7 +185,21 @@ def _execute(info: GraphInfo, sites: Sequence[Site], ev: EvalSet, config: Campai
                     golden_block = GoldenBlock(golden_pass(sessions, x, info.fixed_batch or len(x), cone_keep))
             goldens: dict[str, np.ndarray] = {}
             whole_golden: np.ndarray | None = None
-            for shard in shards:
+            for group in _walks(shards, runners, config.batch):
+                if len(group) > 1:  # several shards of one site in one cone walk
+                    runner = runners[group[0].site]
+                    rows_of = [shard_rows(s, hi - lo) for s in group]
+                    results = runner.inject_many(golden_block, rows_of,
+                                                 [shard_rng(config.seed, s.site, s) for s in group],
+                                                 [golden_block[info.scores][r] for r in rows_of])
+                    for shard, rows, res in zip(group, rows_of, results):
+                        golden_scores = golden_block[info.scores][rows]
+                        journal.append(shard.index, shard.site,
+                                       _records(shard, runner.site, res, golden_scores, ev.ids[lo + rows],
+                                                ev.probabilities))
+                        bar.update(shard.count)
+                    continue
+                shard = group[0]
                 rows = shard_rows(shard, hi - lo)
                 runner = runners[shard.site]
                 if runner.cone is not None:
@@ -206,6 +220,20 @@ def _execute(info: GraphInfo, sites: Sequence[Site], ev: EvalSet, config: Campai
                 bar.update(shard.count)
     finally:
         bar.close()
+
+
+def _walks(shards: Sequence[Shard], runners: dict[str, SiteRunner], batch: int) -> list[list[Shard]]:
+    """The block's shards in file order, consecutive shards of one cone site joined up to its walk size."""
+    groups: list[list[Shard]] = []
+    for shard in shards:
+        runner = runners[shard.site]
+        last = groups[-1] if groups else None
+        if (last is not None and runner.cone is not None and last[0].site == shard.site
+                and sum(s.count for s in last) + shard.count <= runner.group_rows(batch)):
+            last.append(shard)
+        else:
+            groups.append([shard])
+    return groups
 
 
 def _prefix_block(info: GraphInfo, prefix: Any, x: np.ndarray, step: int,

@@ -220,6 +220,32 @@ def test_cone_engine_walks_weight_faults_without_suffix_sessions(tmp_path: Path,
     assert sum(f[-1] for f in flags["cone"]) > 0
 
 
+def test_shards_joined_in_one_walk_give_the_same_file(tmp_path: Path, monkeypatch) -> None:
+    """Consecutive shards of a site run as one cone walk; the records equal those of one walk per shard."""
+    import harden.fi.runner as runner_module
+
+    model = windowed_cnn()
+    x, y = labelled_inputs(model, 24)
+    config = CampaignConfig(injections=100, batch=8)  # blocks of all 24 images: shards use different rows
+    joined = []
+    many = runner_module.SiteRunner.inject_many
+
+    def spy(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        joined.append(len(args[1]))
+        return many(self, *args, **kwargs)
+
+    monkeypatch.setattr(runner_module.SiteRunner, "inject_many", spy)
+    run_campaign(model, x, y, config, tmp_path / "joined.jsonl", progress=False)
+    assert joined and max(joined) > 1
+    monkeypatch.setattr(runner_module, "WALK_BYTES", 0)  # a walk may then carry one batch only
+    joined.clear()
+    run_campaign(model, x, y, config, tmp_path / "single.jsonl", progress=False)
+    assert not joined
+    a = list(JournalContents(tmp_path / "joined.jsonl").records())
+    b = list(JournalContents(tmp_path / "single.jsonl").records())
+    assert len(a) == len(b) > 0 and a == b
+
+
 def test_nan_at_a_maxpool_border_follows_orts_implicit_padding() -> None:
     """Whether ORT's MaxPool keeps a NaN depends on its place in the pooling window, which explicit −inf padding
     would shift at the borders, so NaN rows are redone on the whole tensor. Every position of one map is tried."""
