@@ -186,44 +186,38 @@ def _execute(info: GraphInfo, sites: Sequence[Site], ev: EvalSet, config: Campai
             goldens: dict[str, np.ndarray] = {}
             whole_golden: np.ndarray | None = None
             for group in _walks(shards, runners, config.batch):
-                if len(group) > 1:  # several shards of one site in one cone walk
-                    runner = runners[group[0].site]
-                    rows_of = [shard_rows(s, hi - lo) for s in group]
-                    results = runner.inject_many(golden_block, rows_of,
-                                                 [shard_rng(config.seed, s.site, s) for s in group],
-                                                 [golden_block[info.scores][r] for r in rows_of])
-                    for shard, rows, res in zip(group, rows_of, results):
-                        golden_scores = golden_block[info.scores][rows]
-                        journal.append(shard.index, shard.site,
-                                       _records(shard, runner.site, res, golden_scores, ev.ids[lo + rows],
-                                                ev.probabilities))
-                        bar.update(shard.count)
-                    continue
-                shard = group[0]
-                rows = shard_rows(shard, hi - lo)
-                runner = runners[shard.site]
-                if runner.cone is not None:
-                    source, golden_scores = golden_block, golden_block[info.scores][rows]
-                elif runner.whole is not None:
-                    # that session is not the prefix's: its golden is its own fault-free run, once per block
-                    if whole_golden is None:
-                        whole_golden = np.concatenate([runner.whole.golden(x[i:i + step])
-                                                       for i in range(0, len(x), step)])
-                    source, golden_scores = cache, whole_golden[rows]
+                runner = runners[group[0].site]
+                rows_of = [shard_rows(s, hi - lo) for s in group]
+                rngs = [shard_rng(config.seed, s.site, s) for s in group]
+                if runner.cone is not None:  # the group's shards share one walk
+                    golden_of = [golden_block[info.scores][r] for r in rows_of]
+                    results = runner.inject_many(golden_block, rows_of, rngs, golden_of)
                 else:
-                    if config.opt_level not in SAME_KERNELS and shard.site not in goldens:
-                        goldens[shard.site] = runner.null_scores(cache, hi - lo)
-                    source, golden_scores = cache, goldens.get(shard.site, prefix_scores)[rows]
-                res = runner.inject(source, rows, shard_rng(config.seed, shard.site, shard), golden_scores)
-                records = _records(shard, runner.site, res, golden_scores, ev.ids[lo + rows], ev.probabilities)
-                journal.append(shard.index, shard.site, records)
-                bar.update(shard.count)
+                    (rows,) = rows_of
+                    if runner.whole is not None:
+                        # that session is not the prefix's: its golden is its own fault-free run, once per block
+                        if whole_golden is None:
+                            whole_golden = np.concatenate([runner.whole.golden(x[i:i + step])
+                                                           for i in range(0, len(x), step)])
+                        golden_of = [whole_golden[rows]]
+                    else:
+                        site = group[0].site
+                        if config.opt_level not in SAME_KERNELS and site not in goldens:
+                            goldens[site] = runner.null_scores(cache, hi - lo)
+                        golden_of = [goldens.get(site, prefix_scores)[rows]]
+                    results = [runner.inject(cache, rows, rngs[0], golden_of[0])]
+                for shard, rows, res, golden_scores in zip(group, rows_of, results, golden_of):
+                    journal.append(shard.index, shard.site,
+                                   _records(shard, runner.site, res, golden_scores, ev.ids[lo + rows],
+                                            ev.probabilities))
+                    bar.update(shard.count)
     finally:
         bar.close()
 
 
 def _walks(shards: Sequence[Shard], runners: dict[str, SiteRunner], batch: int) -> list[list[Shard]]:
-    """The block's shards in file order, consecutive shards of one cone site joined up to its walk size."""
+    """The block's shards in file order, consecutive shards of one cone site joined up to its walk size;
+    every other shard alone."""
     groups: list[list[Shard]] = []
     for shard in shards:
         runner = runners[shard.site]
