@@ -30,7 +30,7 @@ from harden.fi.outcome import nonfinite_rows, top1_class
 from harden.fi.plan import Shard, block_bounds, injections_per_site, plan_shards, shard_rng, shard_rows
 from harden.fi.prepare import EvalSet, check_labels, prepare_eval, prepare_eval_nodes
 from harden.fi.runner import SAME_KERNELS, SiteRunner, golden_needs, prefix_level
-from harden.fi.sites import Site, list_sites, select_sites
+from harden.fi.sites import Site, layer_node, list_sites, select_sites
 from harden.fi.suffix import Suffix
 from harden.fi.whole_model import WholeModel, needs_whole_model
 from harden.fi.summary import CampaignSummary, summarise_contents
@@ -80,7 +80,7 @@ def cache_block_images(info: GraphInfo, sites: Sequence[Site], config: CampaignC
             cone = Cone(info, None, site.tensor)
             names.update(cone.needs())
             padded.update(info.nodes[i].input[0] for i in cone.order if info.nodes[i].op_type in SLIDING)
-        node = info.nodes[info.node_index[site.via or site.node]]
+        node = layer_node(info, site)
         names.update(info.cut(site.tensor if site.kind == "activation" else node.output[0]))
         if site.kind == "weight":
             names.update(t for t in node.input if t and t not in info.constants)

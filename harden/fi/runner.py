@@ -19,7 +19,7 @@ from harden.fi.graphinfo import GraphInfo
 from harden.fi.nodes import NODE_LEVEL, NodeSessions
 from harden.fi.profile import clamp_to_range
 from harden.fi.whole_model import WholeModel, needs_whole_model
-from harden.fi.sites import Site
+from harden.fi.sites import Site, layer_node
 from harden.fi.suffix import Suffix
 from harden.fi.weights import NodeRerun, conv_delta, gemm_delta, matmul_delta
 from harden.graph.ort import expose, make_session
@@ -247,7 +247,7 @@ def golden_needs(info: GraphInfo, site: Site) -> set[str]:
     """The golden tensors the cone engine reads for `site`: its walk's, and for a weight its layer's input."""
     if site.kind == "activation":
         return Cone(info, None, site.tensor).needs()
-    node = info.nodes[info.node_index[site.via or site.node]]
+    node = layer_node(info, site)
     return Cone(info, None, node.output[0]).needs() | {t for t in node.input if t and t not in info.constants}
 
 

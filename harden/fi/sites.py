@@ -96,6 +96,11 @@ def list_sites(model: onnx.ModelProto | GraphInfo, include_all_tensors: bool = F
     return sites
 
 
+def layer_node(info: GraphInfo, site: Site) -> onnx.NodeProto:
+    """The node whose output a weight fault changes: the layer, or the Add through which its separate bias enters."""
+    return info.nodes[info.node_index[site.via or site.node]]
+
+
 def _separate_bias(info: GraphInfo, node: onnx.NodeProto) -> tuple[onnx.NodeProto, str] | None:
     """(Add node, bias name) when the layer's output goes only into an Add with a per-image float constant."""
     readers = info.consumers.get(node.output[0], [])

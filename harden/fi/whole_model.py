@@ -30,7 +30,7 @@ import onnx
 from onnx import helper
 
 from harden.fi.graphinfo import GraphInfo
-from harden.fi.sites import Site
+from harden.fi.sites import Site, layer_node
 from harden.graph.ort import make_session
 
 _MASK, _VALUE = "__harden_mask_", "__harden_value_"
@@ -41,7 +41,7 @@ def needs_whole_model(info: GraphInfo, site: Site) -> bool:
     layer reads or writes tensors without one slice per image."""
     if site.kind == "activation":
         return info.tensors[site.tensor].fold > 0
-    node = info.nodes[info.node_index[site.via or site.node]]
+    node = layer_node(info, site)
     layer = [t for t in (*node.input, node.output[0]) if t and t not in info.constants]
     return site.shared or not all(info.per_image(t) for t in layer)
 
