@@ -13,6 +13,7 @@ kernels.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -37,6 +38,7 @@ class NodeSessions:
         self.providers = tuple(providers)
         self.threads = threads
         self._sessions: dict[tuple[int, Override], tuple[ort.InferenceSession, list[str], list[str]]] = {}
+        self._building = threading.Lock()  # concurrent walks (harden.fi.engine) may ask for the same node
 
     def _build(self, index: int, override: Override) -> tuple[ort.InferenceSession, list[str], list[str]]:
         info = self.info
@@ -71,7 +73,9 @@ class NodeSessions:
         """Run node `index` on `values` (its non-constant inputs); return its outputs by name."""
         key = (index, override)
         if key not in self._sessions:
-            self._sessions[key] = self._build(index, override)
+            with self._building:
+                if key not in self._sessions:
+                    self._sessions[key] = self._build(index, override)
         session, feeds, outputs = self._sessions[key]
         results = session.run(outputs, {t: values[t] for t in feeds})
         return dict(zip(outputs, results))

@@ -54,6 +54,31 @@ def test_thread_count_changes_no_byte(setup, tmp_path: Path) -> None:
     assert files[0].read_bytes() == files[1].read_bytes()
 
 
+def test_concurrent_walks_are_journaled_in_file_order(setup, tmp_path: Path, monkeypatch) -> None:
+    """Walks that finish out of order (the first one made slow) still give the one-worker file, byte for byte."""
+    import threading
+
+    from harden.fi.runner import SiteRunner
+
+    model, x, y = setup
+    cfg = CampaignConfig(injections=30, batch=8)
+    alone, together = tmp_path / "alone.jsonl", tmp_path / "together.jsonl"
+    run_campaign(model, x, y, cfg, alone, progress=False, threads=1)
+    inject_many = SiteRunner.inject_many
+    calls: list[str] = []
+
+    def slow_first(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(threading.current_thread().name)
+        if len(calls) == 1:
+            time.sleep(0.5)
+        return inject_many(self, *args, **kwargs)
+
+    monkeypatch.setattr(SiteRunner, "inject_many", slow_first)
+    run_campaign(model, x, y, cfg, together, progress=False, threads=3)
+    assert len(calls) > 3 and all(name.startswith("walk") for name in calls)
+    assert together.read_bytes() == alone.read_bytes()
+
+
 def test_golden_scores_from_the_profiling_pass_are_the_plain_models(setup) -> None:
     from harden.fi.prepare import prepare_eval
     from harden.graph.ort import make_session
