@@ -225,7 +225,7 @@ def _execute(info: GraphInfo, sites: Sequence[Site], ev: EvalSet, config: Campai
                     golden_block = GoldenBlock(golden_pass(sessions, x, info.fixed_batch or len(x), cone_keep))
             goldens: dict[str, np.ndarray] = {}
             whole_golden: np.ndarray | None = None
-            for group in _walks(shards, runners, config.batch):
+            for group in _walks(shards, runners, config.batch, workers if pool is not None else 1):
                 runner = runners[group[0].site]
                 rows_of = [shard_rows(s, hi - lo) for s in group]
                 rngs = [shard_rng(config.seed, s.site, s) for s in group]
@@ -260,9 +260,14 @@ def _execute(info: GraphInfo, sites: Sequence[Site], ev: EvalSet, config: Campai
         bar.close()
 
 
-def _walks(shards: Sequence[Shard], runners: dict[str, SiteRunner], batch: int) -> list[list[Shard]]:
+def _walks(shards: Sequence[Shard], runners: dict[str, SiteRunner], batch: int, workers: int = 1) -> list[list[Shard]]:
     """The block's shards in file order, consecutive shards of one cone site joined up to its walk size;
-    every other shard alone."""
+    every other shard alone.
+
+    With several workers, joined groups are split again (largest first) until
+    there are two per worker where the shards allow: a block of few sites would
+    otherwise leave cores idle while one long walk runs.
+    """
     groups: list[list[Shard]] = []
     for shard in shards:
         runner = runners[shard.site]
@@ -272,6 +277,12 @@ def _walks(shards: Sequence[Shard], runners: dict[str, SiteRunner], batch: int) 
             last.append(shard)
         else:
             groups.append([shard])
+    while workers > 1 and len(groups) < 2 * workers:
+        at = max(range(len(groups)), key=lambda i: len(groups[i]))
+        if len(groups[at]) == 1:
+            break
+        half = len(groups[at]) // 2
+        groups[at:at + 1] = [groups[at][:half], groups[at][half:]]
     return groups
 
 

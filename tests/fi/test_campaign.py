@@ -79,6 +79,29 @@ def test_concurrent_walks_are_journaled_in_file_order(setup, tmp_path: Path, mon
     assert together.read_bytes() == alone.read_bytes()
 
 
+def test_a_long_walk_is_split_so_that_every_worker_has_one(setup, tmp_path: Path, monkeypatch) -> None:
+    """One site's 8 shards make one walk alone; with 4 workers, 8 walks of one shard each; the same file."""
+    from harden.fi.runner import SiteRunner
+
+    model, x, y = setup
+    cfg = CampaignConfig(injections=64, batch=8, layers="conv1", kinds=("activation",))
+    inject_many = SiteRunner.inject_many
+    walks: list[int] = []
+
+    def counted(self, cache, rows, *args, **kwargs):  # type: ignore[no-untyped-def]
+        walks.append(len(rows))
+        return inject_many(self, cache, rows, *args, **kwargs)
+
+    monkeypatch.setattr(SiteRunner, "inject_many", counted)
+    files = [tmp_path / f"w{n}.jsonl" for n in (1, 4)]
+    run_campaign(model, x, y, cfg, files[0], progress=False, threads=1)
+    assert walks == [8]
+    walks.clear()
+    run_campaign(model, x, y, cfg, files[1], progress=False, threads=4)
+    assert walks == [1] * 8
+    assert files[0].read_bytes() == files[1].read_bytes()
+
+
 def test_golden_scores_from_the_profiling_pass_are_the_plain_models(setup) -> None:
     from harden.fi.prepare import prepare_eval
     from harden.graph.ort import make_session
