@@ -273,7 +273,7 @@ def _walks(shards: Sequence[Shard], runners: dict[str, SiteRunner], batch: int, 
         runner = runners[shard.site]
         last = groups[-1] if groups else None
         if (last is not None and runner.cone is not None and last[0].site == shard.site
-                and sum(s.count for s in last) + shard.count <= runner.group_rows(batch)):
+                and sum(s.count for s in last) + shard.count <= runner.group_rows(batch, workers)):
             last.append(shard)
         else:
             groups.append([shard])

@@ -30,7 +30,7 @@ from harden.graph.ort import expose, make_session
 # golden of a site is its own suffix run with no fault.
 SAME_KERNELS = ("disable", "basic", "extended")
 
-# What one cone walk of several shards may hold per tensor that it runs whole (harden.fi.runner.group_rows).
+# What the cone walks running at once may hold, together, per tensor that they run whole (group_rows).
 WALK_BYTES = 256 * 2**20
 
 
@@ -152,16 +152,16 @@ class SiteRunner:
             faulty = clamp_to_range(faulty, self.peak)
         return {"elems": elems, "bits": bits, "golden": golden, "faulty": faulty}
 
-    def group_rows(self, batch: int) -> int:
-        """How many faults one cone walk may carry: a memory budget over the largest tensor the walk may hold
-        whole per row, between one batch and 16."""
+    def group_rows(self, batch: int, workers: int = 1) -> int:
+        """How many faults one cone walk may carry: its share of a memory budget shared by the `workers` walks
+        running at once, over the largest tensor a walk may hold whole per row; between one batch and 16."""
         if self.cone is None or self.fixed_batch:  # a fixed-batch model's nodes take its own batch only
             return batch
         if self._widest is None:
             info = self.cone.info
             self._widest = max((int(np.prod(info.tensors[t].shape[1:], dtype=np.int64)) * info.tensors[t].dtype.itemsize
                                 for t in self.cone.needs() if t in info.tensors and info.tensors[t].batched), default=1)
-        return int(min(16 * batch, max(batch, WALK_BYTES // max(self._widest, 1))))
+        return int(min(16 * batch, max(batch, WALK_BYTES // workers // max(self._widest, 1))))
 
     def scores(self, cache: dict[str, np.ndarray], rows: slice | np.ndarray, elems: np.ndarray, golden: np.ndarray,
                faulty: np.ndarray, golden_scores: np.ndarray | None = None) -> np.ndarray:
