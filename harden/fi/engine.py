@@ -98,7 +98,7 @@ def walk_workers(threads: int) -> int:
     A walk's node calls are small (windows of a few dozen rows), too small for
     ORT to share out among threads: on the 224 px ResNet-18 bench, 2 intra-op
     threads made the injection phase 1.6x faster than one, and 2 walks at once
-    make it 2.0x. The golden passes (whole batches) keep the intra-op threads.
+    make it 1.8-2.0x. The golden passes (whole batches) keep the intra-op threads.
     """
     if threads > 0:
         return threads
