@@ -14,8 +14,9 @@ import os
 import sys
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -92,13 +93,19 @@ def cache_block_images(info: GraphInfo, sites: Sequence[Site], config: CampaignC
     return max(1, min(config.cache_images, fit))
 
 
-def walk_workers(threads: int) -> int:
-    """How many cone walks run at once: one per thread the campaign may use (`threads`, or every CPU for 0).
+def concurrent_runs(threads: int) -> int:
+    """How many fault runs (cone walks, suffix, prefix or whole-model runs) go at once: one per thread the
+    campaign may use (`threads`, or every CPU for 0), each on one ORT thread.
 
-    A walk's node calls are small (windows of a few dozen rows), too small for
-    ORT to share out among threads: on the 224 px ResNet-18 bench, 2 intra-op
-    threads made the injection phase 1.6x faster than one, and 2 walks at once
-    make it 1.8-2.0x. The golden passes (whole batches) keep the intra-op threads.
+    Two reasons. A walk's node calls are small (windows of a few dozen rows),
+    too small for ORT to share out among threads: on the 224 px ResNet-18
+    bench, 2 intra-op threads made the injection phase 1.6x faster than one,
+    and 2 walks at once make it 1.8-2.0x. And ORT's NCHW Conv, run on one image
+    with 2 threads, gave other bits than batched or on one thread (seen on
+    DenseNet-121's whole-model weight faults), which would make the file
+    depend on the thread count. Only the cone engine's golden passes keep the
+    intra-op threads: their blocked (level 'all') kernels gave the same bits
+    whatever the threads and batch.
     """
     if threads > 0:
         return threads
@@ -110,9 +117,10 @@ def run_campaign(model: str | os.PathLike[str] | onnx.ModelProto, inputs: np.nda
                  profile_inputs: np.ndarray | None = None, fresh: bool = False, threads: int = 0) -> CampaignSummary:
     """Run (or resume) a campaign on model-ready `inputs` and stream it to `out_jsonl`; return its summary.
 
-    `threads` is how many CPU threads it uses (0: every CPU): ORT's intra-op
-    threads, and on the cone engine that many concurrent walks. It changes
-    speed only, never a result, so it is not part of the config.
+    `threads` is how many CPU threads it uses (0: every CPU): that many fault
+    runs at once (`concurrent_runs`), and the intra-op threads of the golden
+    and evaluation passes. It changes speed only, never a result, so it is not
+    part of the config.
     """
     proto, digest = _model_and_hash(model)
     info = GraphInfo(proto, example=inputs[:1], providers=config.providers)
@@ -125,7 +133,7 @@ def run_campaign(model: str | os.PathLike[str] | onnx.ModelProto, inputs: np.nda
     batch = info.fixed_batch or config.batch
     block_images = info.fixed_batch or cache_block_images(info, sites, config)
     sessions = NodeSessions(info, config.providers, threads) if config.engine == "cone" else None
-    workers = walk_workers(threads) if sessions is not None else 1
+    workers = concurrent_runs(threads)
     walk_sessions = NodeSessions(info, config.providers, 1) if sessions is not None and workers > 1 else sessions
     first_block: dict[str, np.ndarray] | None = None
     coned = [s for s in sites if not needs_whole_model(info, s)] if sessions is not None else []
@@ -148,7 +156,7 @@ def run_campaign(model: str | os.PathLike[str] | onnx.ModelProto, inputs: np.nda
             and (config.shard is None or s.index % config.shard[1] == config.shard[0])]
     started = time.perf_counter()
     try:
-        _execute(info, sites, ev, config, todo, journal, block_images, progress, threads, sessions,
+        _execute(info, sites, ev, config, todo, journal, block_images, progress, sessions,
                  None if first_block is None else GoldenBlock(first_block), walk_sessions, workers)
     finally:
         journal.close()
@@ -161,15 +169,15 @@ def run_campaign(model: str | os.PathLike[str] | onnx.ModelProto, inputs: np.nda
 
 
 def _execute(info: GraphInfo, sites: Sequence[Site], ev: EvalSet, config: CampaignConfig, todo: Sequence[Shard],
-             journal: Journal, block_images: int, progress: bool, threads: int = 0,
-             sessions: NodeSessions | None = None, first_block: GoldenBlock | None = None,
-             walk_sessions: NodeSessions | None = None, workers: int = 1) -> None:
+             journal: Journal, block_images: int, progress: bool, sessions: NodeSessions | None = None,
+             first_block: GoldenBlock | None = None, walk_sessions: NodeSessions | None = None,
+             workers: int = 1) -> None:
     """Run the pending shards block by block, appending each to the journal as it completes.
 
     `sessions` are the cone engine's node sessions for golden passes (None:
     suffix engine), `walk_sessions` those its walks use (default: the same),
-    `workers` how many walks run at once, and `first_block` the golden tensors
-    of block 0 when the evaluation pass kept them. Concurrent walks are
+    `workers` how many fault runs go at once, and `first_block` the golden
+    tensors of block 0 when the evaluation pass kept them. Their results are
     journaled in file order, so the file is the same whatever `workers`.
     """
     if not todo:
@@ -180,18 +188,19 @@ def _execute(info: GraphInfo, sites: Sequence[Site], ev: EvalSet, config: Campai
     suffixes: dict[str, Suffix] = {}
     names = list(dict.fromkeys(s.site for s in todo))
     whole_sites = [by_name[n] for n in names if needs_whole_model(info, by_name[n])]
-    whole = WholeModel(info, whole_sites, config.providers, config.opt_level, threads) if whole_sites else None
-    runners = {name: SiteRunner(info, by_name[name], config, ev.ranges, suffixes, threads,
-                                walk_sessions or sessions, whole) for name in names}
+    whole = WholeModel(info, whole_sites, config.providers, config.opt_level, 1) if whole_sites else None
+    # every session that recomputes a fault runs on one ORT thread, several at once (see concurrent_runs)
+    runners = {name: SiteRunner(info, by_name[name], config, ev.ranges, suffixes, 1, walk_sessions or sessions,
+                                whole) for name in names}
     prefix = None
     if any(r.cone is None for r in runners.values()):  # only suffix runs read the prefix's cache
         exposed = sorted(set().union(*(r.needs for r in runners.values())) - {info.input_name})
         prefix = make_session(expose(info.model, exposed), config.providers,
-                              opt_level=prefix_level(config.opt_level), threads=threads, spinning=False)
+                              opt_level=prefix_level(config.opt_level), threads=1, spinning=False)
     cone_keep = set().union(*(golden_needs(info, r.site) for r in runners.values() if r.cone is not None))
     bar = tqdm(total=sum(s.count for s in todo), unit="inj", disable=not progress, file=sys.stderr,
                desc="inject", dynamic_ncols=True)
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="walk") if workers > 1 and sessions is not None else None
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="walk") if workers > 1 else None
     pending: deque[tuple[list[Shard], list[np.ndarray], list[np.ndarray], int, Future[list[dict[str, np.ndarray]]]]]
     pending = deque()
 
@@ -217,7 +226,7 @@ def _execute(info: GraphInfo, sites: Sequence[Site], ev: EvalSet, config: Campai
             step = info.fixed_batch or config.batch
             if prefix is not None and any(runners[s.site].cone is None for s in shards):
                 cache, prefix_scores = _prefix_block(info, prefix, x, step,
-                                                     set().union(*(runners[s.site].needs for s in shards)))
+                                                     set().union(*(runners[s.site].needs for s in shards)), pool)
             if sessions is not None and any(runners[s.site].cone is not None for s in shards):
                 if block == 0 and first_block is not None:
                     golden_block = first_block
@@ -229,35 +238,38 @@ def _execute(info: GraphInfo, sites: Sequence[Site], ev: EvalSet, config: Campai
                 runner = runners[group[0].site]
                 rows_of = [shard_rows(s, hi - lo) for s in group]
                 rngs = [shard_rng(config.seed, s.site, s) for s in group]
+                job: Callable[[], list[dict[str, np.ndarray]]]
                 if runner.cone is not None:  # the group's shards share one walk
                     golden_of = [golden_block[info.scores][r] for r in rows_of]
-                    if pool is None:
-                        record(group, rows_of, golden_of, lo, runner.inject_many(golden_block, rows_of, rngs,
-                                                                                 golden_of))
-                    else:
-                        pending.append((group, rows_of, golden_of, lo,
-                                        pool.submit(runner.inject_many, golden_block, rows_of, rngs, golden_of)))
-                        settle(2 * workers)  # enough queued that no worker waits for the journal
-                    continue
-                settle(0)
-                (rows,) = rows_of
-                if runner.whole is not None:
+                    job = partial(runner.inject_many, golden_block, rows_of, rngs, golden_of)
+                elif runner.whole is not None:
                     # that session is not the prefix's: its golden is its own fault-free run, once per block
                     if whole_golden is None:
                         whole_golden = np.concatenate([runner.whole.golden(x[i:i + step])
                                                        for i in range(0, len(x), step)])
-                    golden_of = [whole_golden[rows]]
+                    golden_of = [whole_golden[rows_of[0]]]
+                    job = partial(_one, runner.inject, cache, rows_of[0], rngs[0], golden_of[0])
                 else:
                     site = group[0].site
                     if config.opt_level not in SAME_KERNELS and site not in goldens:
                         goldens[site] = runner.null_scores(cache, hi - lo)
-                    golden_of = [goldens.get(site, prefix_scores)[rows]]
-                record(group, rows_of, golden_of, lo, [runner.inject(cache, rows, rngs[0], golden_of[0])])
+                    golden_of = [goldens.get(site, prefix_scores)[rows_of[0]]]
+                    job = partial(_one, runner.inject, cache, rows_of[0], rngs[0], golden_of[0])
+                if pool is None:
+                    record(group, rows_of, golden_of, lo, job())
+                else:
+                    pending.append((group, rows_of, golden_of, lo, pool.submit(job)))
+                    settle(2 * workers)  # enough queued that no worker waits for the journal
             settle(0)
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
         bar.close()
+
+
+def _one(inject: Callable[..., dict[str, np.ndarray]], *args: Any) -> list[dict[str, np.ndarray]]:
+    """One shard's result as a group's list of results."""
+    return [inject(*args)]
 
 
 def _walks(shards: Sequence[Shard], runners: dict[str, SiteRunner], batch: int, workers: int = 1) -> list[list[Shard]]:
@@ -286,14 +298,16 @@ def _walks(shards: Sequence[Shard], runners: dict[str, SiteRunner], batch: int, 
     return groups
 
 
-def _prefix_block(info: GraphInfo, prefix: Any, x: np.ndarray, step: int,
-                  needs: set[str]) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """One fault-free run of a block's images through the prefix session: the cached tensors and the scores."""
+def _prefix_block(info: GraphInfo, prefix: Any, x: np.ndarray, step: int, needs: set[str],
+                  pool: ThreadPoolExecutor | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """One fault-free run of a block's images through the prefix session, `step` images a run (several at once
+    on a pool): the cached tensors and the scores."""
     names = sorted(needs - {info.input_name})
     scores: list[np.ndarray] = []
     parts: list[list[np.ndarray]] = [[] for _ in names]
-    for start in range(0, len(x), step):
-        values = prefix.run([info.scores, *names], {info.input_name: x[start:start + step]})
+    chunks = [{info.input_name: x[start:start + step]} for start in range(0, len(x), step)]
+    run = partial(prefix.run, [info.scores, *names])
+    for values in (pool.map(run, chunks) if pool is not None else map(run, chunks)):
         scores.append(values[0])
         for acc, v in zip(parts, values[1:]):
             acc.append(v)

@@ -152,6 +152,26 @@ def tied_cnn(seed: int = 0, classes: int = 3, rgb: bool = False) -> onnx.ModelPr
     return classifier(nodes, inits, "tied", (3 if rgb else 4, 6, 6), classes)
 
 
+def shared_wide_cnn(seed: int = 0, classes: int = 3) -> onnx.ModelProto:
+    """Two 128→32 3×3 convs on 8×8 maps reading one weight 'w', one on x and one on relu(x), added; input
+    1×128×8×8. Run on one image, ORT's Conv of this shape gives other bits with 2 intra-op threads than with
+    one, or than batched (ORT 1.32), which a campaign must not let through into its file."""
+    rng = np.random.default_rng(seed)
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["x"], ["rx"], name="relu_in"),
+        helper.make_node("Conv", ["rx", "w"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["c1", "c2"], ["a"], name="add"),
+        helper.make_node("Relu", ["a"], ["r"], name="relu"),
+        helper.make_node("GlobalAveragePool", ["r"], ["gap"], name="gap"),
+        helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"),
+        helper.make_node("Gemm", ["flat", "wf", "bf"], ["logits"], name="fc", transB=1),
+    ]
+    inits = [_init("w", rng, 32, 128, 3, 3, scale=0.1), _init("wf", rng, classes, 32, scale=1.0),
+             _init("bf", rng, classes, scale=0.1)]
+    return classifier(nodes, inits, "shared_wide", (128, 8, 8), classes)
+
+
 def folded_batch_mlp(seed: int = 0, classes: int = 3) -> onnx.ModelProto:
     """reshape to (2N)×16 → matmul + add → relu → reshape back to N×16 → gemm; input 1×2×4×4. The matmul's
     output has images × 2 rows, as a Swin transformer's windows do, so no per-image suffix starts there."""
