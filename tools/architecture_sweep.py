@@ -6,8 +6,9 @@ exporter at opset 17):
    whole-graph run of the same kernels (the tests' check, on 8 activation
    sites spread over the network, 6 faults each: bit flips, NaN and ±inf).
 2. `harden inject` runs a default campaign (activations and weights, every
-   layer) on 40 random images labelled with the model's own predictions, and
-   must finish with exit code 0.
+   layer) on 40 random images labelled with the model's own predictions, with
+   --threads 1 and again with --threads 2: both must finish with exit code 0
+   and write the same file, byte for byte.
 The weights are random, so the SDC rates mean nothing; this is about coverage,
 exactness and not crashing. It prints one line per model and a summary.
 
@@ -104,21 +105,29 @@ def main() -> None:
             failures.append(name)
         line = f"{name:20s} cone {exact} ({time.perf_counter() - started:.0f} s)"
         if not args.skip_campaign:
-            started = time.perf_counter()
-            run = subprocess.run([sys.executable, "-m", "harden", "inject", str(path), "--data", f"npz:{data}",
-                                  "--preprocess", "identity", "--injections", str(args.injections), "--threads", "1",
-                                  "--out", str(work / f"{name}.jsonl"), "--fresh", "--no-progress", "--json"],
-                                 capture_output=True, text=True, cwd=ROOT)
-            if run.returncode == 0:
-                import json
+            import json
 
-                layers = json.loads(run.stdout)["layers"]
-                kinds = [layer["kind"] for layer in layers]
-                line += (f"; campaign: {kinds.count('activation')} activation and {kinds.count('weight')} weight "
-                         f"sites in {time.perf_counter() - started:.0f} s")
+            outs, seconds = [], []
+            for threads in (1, 2):  # the file must not depend on the thread count
+                outs.append(work / f"{name}.jsonl" if threads == 1 else work / f"{name}.threads{threads}.jsonl")
+                started = time.perf_counter()
+                run = subprocess.run([sys.executable, "-m", "harden", "inject", str(path), "--data", f"npz:{data}",
+                                      "--preprocess", "identity", "--injections", str(args.injections),
+                                      "--threads", str(threads), "--out", str(outs[-1]), "--fresh", "--no-progress",
+                                      "--json"], capture_output=True, text=True, cwd=ROOT)
+                seconds.append(time.perf_counter() - started)
+                if run.returncode != 0:
+                    line += f"; campaign FAILED: {(run.stderr.strip().splitlines() or ['?'])[-1]}"
+                    failures.append(name)
+                    break
             else:
-                line += f"; campaign FAILED: {(run.stderr.strip().splitlines() or ['?'])[-1]}"
-                failures.append(name)
+                kinds = [layer["kind"] for layer in json.loads(run.stdout)["layers"]]
+                same = outs[0].read_bytes() == outs[1].read_bytes()
+                line += (f"; campaign: {kinds.count('activation')} activation and {kinds.count('weight')} weight "
+                         f"sites in {seconds[0]:.0f} s (1 thread), {seconds[1]:.0f} s (2); "
+                         + ("same file" if same else "FILES DIFFER between 1 and 2 threads"))
+                if not same:
+                    failures.append(name)
         print(line, flush=True)
     print(f"{len(args.models.split(',')) - len(set(failures))} of {len(args.models.split(','))} architectures pass"
           + (f"; failing: {', '.join(dict.fromkeys(failures))}" if failures else ""))
