@@ -40,6 +40,7 @@ from harden.fi.summary import CampaignSummary, summarise_contents
 from harden.files import sha256_bytes, sha256_file
 from harden.graph.onnx_io import load_model
 from harden.graph.ort import expose, make_session
+from harden.graph.parallel import concurrent_runs
 from harden.provenance import package_versions
 
 
@@ -91,25 +92,6 @@ def cache_block_images(info: GraphInfo, sites: Sequence[Site], config: CampaignC
                     for group in (names, padded) for n in group)
     fit = int(config.cache_mb * 2**20 // max(per_image, 1))
     return max(1, min(config.cache_images, fit))
-
-
-def concurrent_runs(threads: int) -> int:
-    """How many fault runs (cone walks, suffix, prefix or whole-model runs) go at once: one per thread the
-    campaign may use (`threads`, or every CPU for 0), each on one ORT thread.
-
-    Two reasons. A walk's node calls are small (windows of a few dozen rows),
-    too small for ORT to share out among threads: on the 224 px ResNet-18
-    bench, 2 intra-op threads made the injection phase 1.6x faster than one,
-    and 2 walks at once make it 1.8-2.0x. And ORT's NCHW Conv, run on one image
-    with 2 threads, gave other bits than batched or on one thread (seen on
-    DenseNet-121's whole-model weight faults), which would make the file
-    depend on the thread count. Only the cone engine's golden passes keep the
-    intra-op threads: their blocked (level 'all') kernels gave the same bits
-    whatever the threads and batch.
-    """
-    if threads > 0:
-        return threads
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def run_campaign(model: str | os.PathLike[str] | onnx.ModelProto, inputs: np.ndarray, labels: np.ndarray,
@@ -189,7 +171,11 @@ def _execute(info: GraphInfo, sites: Sequence[Site], ev: EvalSet, config: Campai
     names = list(dict.fromkeys(s.site for s in todo))
     whole_sites = [by_name[n] for n in names if needs_whole_model(info, by_name[n])]
     whole = WholeModel(info, whole_sites, config.providers, config.opt_level, 1) if whole_sites else None
-    # every session that recomputes a fault runs on one ORT thread, several at once (see concurrent_runs)
+    # every session that recomputes a fault runs on one ORT thread, several at once (harden.graph.parallel):
+    # the same bits whatever the thread count, and small windowed runs use the cores better side by side
+    # (2 walks at once: the 224 px bench's injection phase 1.8-2.0x faster; 2 intra-op threads: 1.6x).
+    # Only the cone engine's golden passes keep intra-op threads: its blocked kernels (level 'all') gave the
+    # same bits whatever the threads and batch.
     runners = {name: SiteRunner(info, by_name[name], config, ev.ranges, suffixes, 1, walk_sessions or sessions,
                                 whole) for name in names}
     prefix = None

@@ -101,14 +101,18 @@ def input_name_and_shape(session: ort.InferenceSession) -> tuple[str, list[int |
 
 
 def run_batched(session: ort.InferenceSession, x: np.ndarray, outputs: Sequence[str] | None = None,
-                batch: int = 256) -> list[np.ndarray]:
-    """Run the session over `x` in batches and concatenate each output."""
+                batch: int = 256, workers: int = 1) -> list[np.ndarray]:
+    """Run the session over `x` in batches, `workers` batches at once (harden.graph.parallel), and concatenate
+    each output."""
+    from harden.graph.parallel import ordered_map
+
     name, shape = input_name_and_shape(session)
     if shape and isinstance(shape[0], int):
         batch = shape[0]  # a fixed batch dimension (common in zoo models) takes exactly that many
+    names = list(outputs) if outputs else None
     parts: list[list[np.ndarray]] = []
-    for start in range(0, len(x), batch):
-        result = session.run(list(outputs) if outputs else None, {name: x[start:start + batch]})
+    chunks = (x[start:start + batch] for start in range(0, len(x), batch))
+    for result in ordered_map(lambda chunk: session.run(names, {name: chunk}), chunks, workers):
         if not parts:
             parts = [[] for _ in result]
         for acc, value in zip(parts, result):

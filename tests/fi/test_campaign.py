@@ -69,6 +69,20 @@ def test_thread_count_changes_no_byte_of_whole_model_faults(engine: str, tmp_pat
     assert files[0].read_bytes() == files[1].read_bytes()
 
 
+def test_thread_count_changes_no_bit_of_the_evaluation_and_profile() -> None:
+    """One image per run, the shape where ORT's Conv depends on its thread count: the same scores and ranges."""
+    from harden.fi.prepare import prepare_eval
+
+    model = shared_wide_cnn()
+    x, y = labelled_inputs(model, 6)
+    runs = [prepare_eval(model, x, y, ["c1", "c2"], batch=1, threads=n) for n in (1, 2)]
+    separate = [prepare_eval(model, x, y, ["c1", "c2"], profile_inputs=x, batch=1, opt_level="basic", threads=n)
+                for n in (1, 2)]
+    for one, two in (runs, separate):
+        assert one.ranges == two.ranges
+        assert one.top2diff.tobytes() == two.top2diff.tobytes()
+
+
 def test_concurrent_walks_are_journaled_in_file_order(setup, tmp_path: Path, monkeypatch) -> None:
     """Walks that finish out of order (the first one made slow) still give the one-worker file, byte for byte."""
     import threading
