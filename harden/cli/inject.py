@@ -46,8 +46,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=64, help="images per prefix run and faults per suffix run")
     p.add_argument("--threads", type=int, default=0,
-                   help="CPU threads (default 0: every CPU): ONNX Runtime's, and as many concurrent "
-                        "cone walks; results do not depend on it")
+                   help="CPU threads (default 0: every CPU): that many runs at once, each on one ONNX "
+                        "Runtime thread; results do not depend on it")
     p.add_argument("--cache-mb", type=float, default=1024.0,
                    help="memory for cached fault-free tensors (default 1024 MiB; fewer images per block if needed)")
     p.add_argument("--provider", action="append", help="ONNX Runtime provider (repeatable; default CPU)")

@@ -17,8 +17,8 @@ Public API (what `harden inject` and `harden certify` call):
 - `run_campaign(model_path_or_proto, inputs, labels, config, out_jsonl, progress=True,
   profile_inputs=None, fresh=False, threads=0) -> CampaignSummary`: runs or resumes a campaign;
   `inputs` are model-ready float32 arrays (see `harden.graph.model_input.model_inputs`);
-  `threads` is how many CPU threads it uses (0: every CPU; sessions never spin-wait): ORT's
-  intra-op threads, and on the cone engine as many concurrent walks. It changes speed only,
+  `threads` is how many CPU threads it uses (0: every CPU; sessions never spin-wait): that
+  many runs at once, each on one ORT thread (harden.graph.parallel). It changes speed only,
   never a byte of the file.
 - `summarise_jsonl(path, confidence=None, ci=None) -> CampaignSummary` and
   `merge_shards(paths, out) -> CampaignSummary` (joins `--shard i/n` parts).

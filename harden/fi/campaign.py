@@ -44,8 +44,8 @@ def inject_dataset(model_path: str | os.PathLike[str], data: str, config: Campai
                    progress: bool = True, fresh: bool = False, threads: int = 0) -> CampaignSummary:
     """Load data, apply the model's preprocessing, run or resume the campaign and write its summary.
 
-    threads: CPU threads (0: every CPU): ORT's intra-op threads, and the cone engine's concurrent walks;
-    results do not depend on it.
+    threads: CPU threads (0: every CPU), as many runs at once on one ORT thread each; results do not
+    depend on it.
     """
     if Path(out_jsonl).resolve() == Path(model_path).resolve():
         raise HardenError(f"refusing to overwrite the input {model_path}; choose another --out")
