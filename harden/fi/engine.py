@@ -171,9 +171,8 @@ def _execute(info: GraphInfo, sites: Sequence[Site], ev: EvalSet, config: Campai
     names = list(dict.fromkeys(s.site for s in todo))
     whole_sites = [by_name[n] for n in names if needs_whole_model(info, by_name[n])]
     whole = WholeModel(info, whole_sites, config.providers, config.opt_level, 1) if whole_sites else None
-    # every session that recomputes a fault runs on one ORT thread, several at once (harden.graph.parallel):
-    # the same bits whatever the thread count, and small windowed runs use the cores better side by side
-    # (2 walks at once: the 224 px bench's injection phase 1.8-2.0x faster; 2 intra-op threads: 1.6x).
+    # every session that recomputes a fault runs on one ORT thread, several at once (why: harden.graph.parallel;
+    # on the 224 px bench, 2 walks at once made the injection phase 1.8-2.0x faster, 2 intra-op threads 1.6x).
     # Only the cone engine's golden passes keep intra-op threads: its blocked kernels (level 'all') gave the
     # same bits whatever the threads and batch.
     runners = {name: SiteRunner(info, by_name[name], config, ev.ranges, suffixes, 1, walk_sessions or sessions,
@@ -199,7 +198,7 @@ def _execute(info: GraphInfo, sites: Sequence[Site], ev: EvalSet, config: Campai
             bar.update(shard.count)
 
     def settle(limit: int) -> None:
-        """Journal the oldest concurrent walks, in file order, until at most `limit` are pending."""
+        """Journal the oldest concurrent runs, in file order, until at most `limit` are pending."""
         while len(pending) > limit:
             group, rows_of, golden_of, lo, future = pending.popleft()
             record(group, rows_of, golden_of, lo, future.result())
