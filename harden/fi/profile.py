@@ -9,7 +9,6 @@ function, so a model deployed with Clip nodes behaves as the campaign assumed.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import partial
 
 import numpy as np
 import onnx
@@ -43,16 +42,20 @@ def profile_with_outputs(model: onnx.ModelProto, inputs: np.ndarray, tensors: Se
     # one ORT thread per run, `threads` chunks at once: the same bits whatever the thread count
     session = make_session(expose(model, names), providers=providers, opt_level=opt_level, threads=1,
                            spinning=False)
+
+    def chunk(x: np.ndarray) -> tuple[list[float], list[np.ndarray]]:
+        """One chunk's peaks and outputs: its exposed tensors are dropped in the worker, not held in a queue."""
+        values = dict(zip(wanted, run_batched(session, x, outputs=wanted, batch=batch)))
+        return [finite_peak(values[name]) for name in names], [values[name] for name in outputs]
+
     peaks = dict.fromkeys(names, 0.0)
     kept: list[list[np.ndarray]] = [[] for _ in outputs]
     chunks = (inputs[start:start + batch] for start in range(0, len(inputs), batch))
-    run = partial(run_batched, session, outputs=wanted, batch=batch)
-    for result in ordered_map(run, chunks, concurrent_runs(threads)):
-        values = dict(zip(wanted, result))
-        for acc, name in zip(kept, outputs):
-            acc.append(values[name])
-        for name in names:
-            peaks[name] = max(peaks[name], finite_peak(values[name]))
+    for chunk_peaks, chunk_outputs in ordered_map(chunk, chunks, concurrent_runs(threads)):
+        for acc, value in zip(kept, chunk_outputs):
+            acc.append(value)
+        for name, peak in zip(names, chunk_peaks):
+            peaks[name] = max(peaks[name], peak)
     return peaks, [np.concatenate(acc) for acc in kept]
 
 
