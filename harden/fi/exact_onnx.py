@@ -187,22 +187,25 @@ def head_tensors(head: Head) -> list[str]:
 def analyse_model(model: onnx.ModelProto, inputs: np.ndarray, policy: str = "none", fmt: str = "fp32",
                   ranges: dict[str, float] | None = None, profile_inputs: np.ndarray | None = None,
                   roles: Sequence[str] | None = None, batch: int = 64,
-                  providers: Sequence[str] = ("CPUExecutionProvider",)) -> ExactResult:
+                  providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0) -> ExactResult:
     """Exact SDC counts of every single-bit fault in the final layer, over the model-ready `inputs`.
 
     `inputs` should be the campaign's kept images (EvalSet.inputs). `ranges`
     (EvalSet.ranges) are reused where they cover a tensor; the others are profiled
     on `profile_inputs` (default `inputs`) as the engine would. `roles` limits
-    the sites (weight, bias, input, output, proj_weight, proj_bias, proj_output, cosine).
+    the sites (weight, bias, input, output, proj_weight, proj_bias, proj_output, cosine). `threads` (0: every
+    CPU) changes speed only.
     """
-    head, sites, top1 = model_sites(model, inputs, policy, fmt, ranges, profile_inputs, roles, batch, providers)
+    head, sites, top1 = model_sites(model, inputs, policy, fmt, ranges, profile_inputs, roles, batch, providers,
+                                    threads)
     return analyse_sites(sites, top1, fmt, head.kind, policy)
 
 
 def model_sites(model: onnx.ModelProto, inputs: np.ndarray, policy: str = "none", fmt: str = "fp32",
                 ranges: dict[str, float] | None = None, profile_inputs: np.ndarray | None = None,
                 roles: Sequence[str] | None = None, batch: int = 64,
-                providers: Sequence[str] = ("CPUExecutionProvider",)) -> tuple[Head, list[Site], np.ndarray]:
+                providers: Sequence[str] = ("CPUExecutionProvider",),
+                threads: int = 0) -> tuple[Head, list[Site], np.ndarray]:
     """The head, its fault sites and the golden top-1 classes (arguments as `analyse_model`)."""
     head = locate_head(model)
     g = _Graph(model)
@@ -211,7 +214,7 @@ def model_sites(model: onnx.ModelProto, inputs: np.ndarray, policy: str = "none"
     # one ORT thread per run, chunks side by side: the same features, so the same counts, on any machine
     session = make_session(expose(g.model, tensors), providers=providers, opt_level="disable", threads=1)
     values = dict(zip([score_name, *tensors], run_batched(session, inputs, [score_name, *tensors], batch,
-                                                          workers=concurrent_runs(0))))
+                                                          workers=concurrent_runs(threads))))
     scores = values[score_name].reshape(len(inputs), -1)
     if nonfinite_rows(scores).any():
         raise HardenError("exact analysis: the fault-free scores hold NaN or Inf for some images")
@@ -220,7 +223,7 @@ def model_sites(model: onnx.ModelProto, inputs: np.ndarray, policy: str = "none"
     missing = [t for t in tensors if t not in peaks]
     if missing:
         peaks.update(profile_ranges(g.model, inputs if profile_inputs is None else profile_inputs, missing, batch,
-                                    providers))
+                                    providers, threads))
     rp = RangePolicy(policy, peaks)
     feats = values[head.input].reshape(len(inputs), -1)
     if isinstance(head, LinearHead):

@@ -61,6 +61,7 @@ class CertifyConfig:
     engine: str = "cone"
     exact: bool = True
     latency_runs: int = 30
+    threads: int = 0  # CPU threads (0: every CPU); changes speed only
     progress: bool = True
     notes: list[str] = field(default_factory=list)
 
@@ -112,7 +113,7 @@ def _certify_one(role: str, path: str, config: CertifyConfig, campaign: Campaign
                  preprocess: Preprocess | None, out: Path) -> ModelRecord:
     jsonl = out / "campaigns" / f"{role}.jsonl"
     summary = inject_dataset(path, config.data, campaign, jsonl, limit=config.limit, data_seed=config.data_seed,
-                             preprocess=preprocess, progress=config.progress)
+                             preprocess=preprocess, progress=config.progress, threads=config.threads)
     if not summary.complete:
         raise HardenError(f"the {role} campaign in {jsonl} is incomplete ({summary.shards_done}/"
                           f"{summary.total_shards} shards)")
@@ -128,7 +129,7 @@ def _certify_one(role: str, path: str, config: CertifyConfig, campaign: Campaign
         try:
             exact = analyse_model(model, inputs[np.asarray(ev.ids, dtype=np.int64)], policy=config.clamp,
                                   fmt=config.fmt, ranges=ev.ranges, profile_inputs=inputs,
-                                  batch=config.batch)
+                                  batch=config.batch, threads=config.threads)
         except HardenError as err:
             skipped = str(err)
     else:

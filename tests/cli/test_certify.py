@@ -46,3 +46,19 @@ def test_exit_1_on_errors(models: tuple[Path, Path], tmp_path: Path, capsys: pyt
     err = capsys.readouterr().err
     assert "no such file" in err and "--baseline" in err and "--max-sdc" in err
     assert "Traceback" not in err
+
+
+def test_threads_change_no_byte_of_the_evidence(models: tuple[Path, Path], tmp_path: Path) -> None:
+    """--threads 1 and 2: the same campaign files and the same exact counts; the setting is recorded."""
+    import json
+
+    hard, _ = models
+    for n in (1, 2):
+        args = [a for a in FAST if a != "--no-exact"]
+        assert main(["certify", str(hard), *args, "--threads", str(n), "-o", str(tmp_path / f"t{n}")]) == 0
+    reports = [json.loads((tmp_path / f"t{n}" / "report.json").read_text()) for n in (1, 2)]
+    assert [r["config"]["threads"] for r in reports] == [1, 2]
+    exact = [{k: v for k, v in r["models"][0]["exact"].items() if k != "seconds"} for r in reports]
+    assert exact[0] == exact[1] and exact[0]["total_faults"] > 0
+    campaign = Path("campaigns") / "model.jsonl"
+    assert (tmp_path / "t1" / campaign).read_bytes() == (tmp_path / "t2" / campaign).read_bytes()
