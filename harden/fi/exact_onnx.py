@@ -22,8 +22,8 @@ from harden.fi.exact_text import TextHead
 from harden.fi.graphinfo import named_copy
 from harden.fi.outcome import nonfinite_rows
 from harden.fi.profile import profile_ranges
-from harden.graph.ort import expose, make_session, run_batched
-from harden.graph.parallel import concurrent_runs
+from harden.graph.ort import expose
+from harden.graph.parallel import run_model
 
 # Ops between the head and the model output that change neither values nor their order.
 SHAPE_ONLY = frozenset({"Identity", "Flatten", "Reshape", "Squeeze", "Dropout"})
@@ -211,10 +211,9 @@ def model_sites(model: onnx.ModelProto, inputs: np.ndarray, policy: str = "none"
     g = _Graph(model)
     tensors = head_tensors(head)
     score_name = g.model.graph.output[0].name
-    # one ORT thread per run, chunks side by side: the same features, so the same counts, on any machine
-    session = make_session(expose(g.model, tensors), providers=providers, opt_level="disable", threads=1)
-    values = dict(zip([score_name, *tensors], run_batched(session, inputs, [score_name, *tensors], batch,
-                                                          workers=concurrent_runs(threads))))
+    # the same features, so the same counts, on any machine (harden.graph.parallel)
+    values = dict(zip([score_name, *tensors], run_model(expose(g.model, tensors), inputs, [score_name, *tensors],
+                                                        "disable", batch, threads, providers)))
     scores = values[score_name].reshape(len(inputs), -1)
     if nonfinite_rows(scores).any():
         raise HardenError("exact analysis: the fault-free scores hold NaN or Inf for some images")

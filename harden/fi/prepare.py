@@ -19,8 +19,7 @@ from harden.fi.graphinfo import GraphInfo
 from harden.fi.journal import EvalHeader
 from harden.fi.nodes import NodeSessions, node_pass
 from harden.fi.profile import finite_peak, profile_ranges, profile_with_outputs
-from harden.graph.ort import make_session, run_batched
-from harden.graph.parallel import concurrent_runs
+from harden.graph.parallel import run_model
 
 
 @dataclass
@@ -84,8 +83,7 @@ def prepare_eval(model: onnx.ModelProto, inputs: np.ndarray, labels: np.ndarray,
         ranges, (scores,) = profile_with_outputs(model, inputs, list(tensors), [output], batch, providers, threads,
                                                  opt_level)
     else:
-        session = make_session(model, providers=providers, opt_level=opt_level, threads=1, spinning=False)
-        scores = run_batched(session, inputs, outputs=[output], batch=batch, workers=concurrent_runs(threads))[0]
+        (scores,) = run_model(model, inputs, [output], opt_level, batch, threads, providers)
     if ranges is None:
         ranges = profile_ranges(model, inputs if profile_inputs is None else profile_inputs, list(tensors),
                                 batch=batch, providers=providers, threads=threads) if tensors else {}

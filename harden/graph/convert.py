@@ -25,8 +25,7 @@ from harden.files import refuse_overwrite
 from harden.graph.head_training import HeadTrainConfig, train_head
 from harden.graph.model_input import PREPROCESS_KEY, model_classes, model_inputs, model_preprocess
 from harden.graph.onnx_io import get_metadata, load_model, save_model, set_metadata, uses_external_data
-from harden.graph.ort import make_session, run_batched
-from harden.graph.parallel import concurrent_runs
+from harden.graph.parallel import run_model
 from harden.graph.rewrite import default_head_path
 from harden.graph.text_head import TextHeadPass, feature_model
 
@@ -104,11 +103,9 @@ def convert_model(model_path: str | os.PathLike[str], data_spec: str, embeddings
 
     train, held_out = _split(load_dataset(data_spec, limit=limit, seed=config.seed), eval_spec, config.seed)
     evaluation = held_out if eval_spec is None else load_dataset(eval_spec, limit=eval_limit, seed=config.seed)
-    # one ORT thread per run, chunks side by side: the same features, so the same head, on any machine
-    session = make_session(cut, opt_level="basic", threads=1)
+    # the same features, so the same head, on any machine (harden.graph.parallel)
     names = [features_name, scores_name, output_name]
-    feats, scores, _ = run_batched(session, model_inputs(model, train, prep), outputs=names,
-                                   workers=concurrent_runs(0))
+    feats, scores, _ = run_model(cut, model_inputs(model, train, prep), names, "basic")
     num_classes = int(scores.reshape(len(scores), -1).shape[1])
     notes: list[str] = []
     if matrix.shape[0] != num_classes:
@@ -140,10 +137,8 @@ def convert_model(model_path: str | os.PathLike[str], data_spec: str, embeddings
     set_metadata(hardened, extra)
 
     x_eval = model_inputs(model, evaluation, prep)
-    (original,) = run_batched(make_session(model, opt_level="basic", threads=1), x_eval, outputs=[output_name],
-                              workers=concurrent_runs(0))
-    (graft_out,) = run_batched(make_session(hardened, opt_level="basic", threads=1), x_eval, outputs=[output_name],
-                               workers=concurrent_runs(0))
+    (original,) = run_model(model, x_eval, [output_name], "basic")
+    (graft_out,) = run_model(hardened, x_eval, [output_name], "basic")
     before = original.reshape(len(x_eval), -1).argmax(axis=1)
     after = graft_out.reshape(len(x_eval), -1).argmax(axis=1)
     eval_labelled = len(evaluation.classes) == num_classes

@@ -18,12 +18,19 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
+import numpy as np
+import onnx
+
+from harden.errors import HardenError
+
 T = TypeVar("T")
 R = TypeVar("R")
 
 
 def concurrent_runs(threads: int) -> int:
     """How many runs go at once for a `threads` setting: that many, or every CPU this process may use for 0."""
+    if threads < 0:
+        raise HardenError(f"threads must be 0 (every CPU) or a positive count, got {threads}")
     if threads > 0:
         return threads
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -47,3 +54,14 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Itera
         finally:
             for future in pending:
                 future.cancel()
+
+
+def run_model(model: onnx.ModelProto, x: np.ndarray, outputs: list[str], opt_level: str, batch: int = 256,
+              threads: int = 0, providers: tuple[str, ...] | list[str] = ("CPUExecutionProvider",)
+              ) -> list[np.ndarray]:
+    """The model's `outputs` over `x`, each chunk of `batch` on one ORT thread and `threads` chunks at once
+    (0: every CPU): the same bits on any machine, whatever the thread count."""
+    from harden.graph.ort import make_session, run_batched
+
+    session = make_session(model, providers=providers, opt_level=opt_level, threads=1, spinning=False)
+    return run_batched(session, x, outputs=outputs, batch=batch, workers=concurrent_runs(threads))

@@ -5,6 +5,9 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
+
+from harden.errors import HardenError
 from harden.graph.parallel import concurrent_runs, ordered_map
 
 
@@ -40,6 +43,8 @@ def test_one_worker_is_a_plain_lazy_map() -> None:
     assert list(results) == [0, 1, 2, 3, 4] and seen == [0, 1, 2, 3, 4]
 
 
-def test_zero_threads_means_every_cpu() -> None:
+def test_zero_threads_means_every_cpu_and_a_negative_count_is_refused() -> None:
     assert concurrent_runs(3) == 3
     assert concurrent_runs(0) >= 1
+    with pytest.raises(HardenError, match="threads must be 0"):
+        concurrent_runs(-1)
