@@ -122,12 +122,40 @@ class GraphInfo:
         first = dims[0] if dims else None
         self.fixed_batch: int | None = first.dim_value if first is not None and first.HasField("dim_value") else None
         self.tensors = self._probe(inputs[0], example, providers)
+        self.added: set[str] = set()  # tensors this analysis added to the graph (never fault sites)
         scores = self.tensors.get(self.scores)
+        if scores is not None and scores.batched and len(scores.shape) > 2 and set(scores.shape[2:]) == {1}:
+            scores = self._flatten_scores(scores)
         if scores is None or len(scores.shape) != 2 or scores.shape[1] < 2 or not scores.batched:
             shape = None if scores is None else list(scores.shape)
             raise HardenError(f"model output {self.scores!r} has shape {shape} at batch 1; "
                               "expected class scores of shape N×C with C ≥ 2")
         self.classes = scores.shape[1]
+
+    def _flatten_scores(self, scores: TensorInfo) -> TensorInfo:
+        """Read N×C×1×1 class scores as N×C, through a Flatten added after them, and return their new info.
+
+        A 1×1-Conv classifier (the model zoo's SqueezeNet and DenseNet-121) ends
+        in such a tensor. Every engine reads the scores as N×C, so the copy this
+        analysis runs gets one more node; the model's own tensors, and so its
+        fault sites, are unchanged.
+        """
+        graph = self.model.graph
+        name = f"{self.scores}/harden_flat"
+        while name in self.tensors:
+            name += "_"
+        node = onnx.helper.make_node("Flatten", [self.scores], [name], name=name, axis=1)
+        graph.node.append(node)
+        out = onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+        graph.output[0].CopyFrom(out)
+        self.node_index[name] = len(self.nodes)
+        self.producer[name] = len(self.nodes)
+        self.consumers.setdefault(self.scores, []).append(len(self.nodes))
+        self.nodes.append(node)
+        self.scores = name
+        self.added.add(name)
+        self.tensors[name] = TensorInfo(scores.dtype, scores.shape[:2], True)
+        return self.tensors[name]
 
     def per_image(self, name: str) -> bool:
         """Whether tensor `name` has one slice per image (the input included), so that it can be cut by rows."""

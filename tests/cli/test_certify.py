@@ -62,3 +62,34 @@ def test_threads_change_no_byte_of_the_evidence(models: tuple[Path, Path], tmp_p
     assert exact[0] == exact[1] and exact[0]["total_faults"] > 0
     campaign = Path("campaigns") / "model.jsonl"
     assert (tmp_path / "t1" / campaign).read_bytes() == (tmp_path / "t2" / campaign).read_bytes()
+
+
+def test_a_zoo_style_1x1_conv_classifier_is_rewritten_and_certified(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """N×C×1×1 scores, as the model zoo's SqueezeNet and DenseNet-121 write them: the injector refused such a
+    model (baseline or hardened, since the rewrite keeps the output's shape), so neither could be certified."""
+    import json
+
+    import onnx
+
+    from harden.graph.locate import locate_classifier
+    from tests.fi.tiny_models import conv_classifier_cnn
+    from tests.graph.tiny_models import random_head_npz_params
+
+    base = conv_classifier_cnn(classes=10, channels=1)
+    onnx.save(base, tmp_path / "base.onnx")
+    info = locate_classifier(base)
+    random_head_npz_params(info.in_features, info.num_classes).save(tmp_path / "head.npz")
+    assert main(["rewrite", str(tmp_path / "base.onnx"), "--head", str(tmp_path / "head.npz"),
+                 "-o", str(tmp_path / "hard.onnx")]) == 0
+    assert [d.dim_value for d in onnx.load(tmp_path / "hard.onnx").graph.output[0].type.tensor_type.shape.dim[1:]] \
+        == [10, 1, 1]
+    args = [a for a in FAST if a != "--no-exact"]
+    assert main(["certify", str(tmp_path / "hard.onnx"), "--baseline", str(tmp_path / "base.onnx"), *args,
+                 "-o", str(tmp_path / "r")]) == 0
+    assert "PASSED" in capsys.readouterr().out
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    hardened = report["models"][0]
+    assert hardened["exact"]["total_faults"] > 0  # the text head's exact analysis reads the 4-D scores too
+    for campaign in ("model.jsonl", "baseline.jsonl"):
+        assert sum(1 for _ in (tmp_path / "r" / "campaigns" / campaign).open()) > 100

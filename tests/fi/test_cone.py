@@ -17,7 +17,7 @@ from harden.fi.journal import JournalContents
 from harden.fi.nodes import NodeSessions, golden_pass
 from harden.fi.sites import list_sites
 from harden.fi.window import Axis, crop
-from tests.fi.tiny_models import classifier, labelled_inputs, residual_cnn, windowed_cnn
+from tests.fi.tiny_models import classifier, conv_classifier_cnn, labelled_inputs, residual_cnn, windowed_cnn
 
 LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
 
@@ -75,8 +75,9 @@ def _check_against_whole_graph(model: onnx.ModelProto, x: np.ndarray, faults: in
 
 
 @pytest.mark.parametrize("make", [lambda: windowed_cnn(), lambda: windowed_cnn(squeeze=True),
-                                  lambda: residual_cnn(stride=2), lambda: residual_cnn(dilation=2, group=2)],
-                         ids=["windowed", "squeeze", "residual-stride2", "residual-dilated-grouped"])
+                                  lambda: residual_cnn(stride=2), lambda: residual_cnn(dilation=2, group=2),
+                                  lambda: conv_classifier_cnn()],
+                         ids=["windowed", "squeeze", "residual-stride2", "residual-dilated-grouped", "conv-classifier"])
 def test_cone_equals_the_whole_graph_bit_for_bit(make) -> None:  # type: ignore[no-untyped-def]
     """Every activation site, NaN and ±inf faults included."""
     model = make()
@@ -84,9 +85,10 @@ def test_cone_equals_the_whole_graph_bit_for_bit(make) -> None:  # type: ignore[
     _check_against_whole_graph(model, x, faults=40)
 
 
-@pytest.mark.parametrize("name", ["inception_v1", "resnet50"])
+@pytest.mark.parametrize("name", ["inception_v1", "resnet50", "squeezenet"])
 def test_cone_equals_the_whole_graph_on_zoo_graphs(name: str) -> None:
-    """The onnx wheel's light zoo graphs (opset 9: Concat, LRN, padded pools, Reshape to a fixed [1, N])."""
+    """The onnx wheel's light zoo graphs (opset 9: Concat, LRN, padded pools, Reshape to a fixed [1, N]; and
+    SqueezeNet's N×1000×1×1 scores)."""
     model = onnx.load(str(LIGHT / f"light_{name}.onnx"))
     x = np.random.default_rng(1).standard_normal((2, 3, 224, 224)).astype(np.float32)
     _check_against_whole_graph(model, x, faults=3, max_sites=5)

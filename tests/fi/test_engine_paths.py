@@ -14,7 +14,8 @@ from harden.fi.nodes import NodeSessions, golden_pass
 from harden.fi.reference import activation_full, weight_full
 from harden.fi.sites import Site, list_sites
 from harden.graph.ort import make_session
-from tests.fi.tiny_models import classifier, labelled_inputs, folded_batch_mlp, matmul_mlp, residual_cnn, tied_cnn
+from tests.fi.tiny_models import (classifier, conv_classifier_cnn, folded_batch_mlp, labelled_inputs, matmul_mlp,
+                                  residual_cnn, tied_cnn)
 
 CONFIG = CampaignConfig()
 
@@ -71,6 +72,25 @@ def test_suffix_equals_whole_graph_injection() -> None:
         assert not np.array_equal(fast, golden)  # the faults did something
 
 
+@pytest.mark.parametrize("cone", [False, True], ids=["suffix", "cone"])
+def test_a_1x1_conv_classifier_with_n_c_1_1_scores_matches_the_reference(cone: bool) -> None:
+    """Scores read through the analysis's added Flatten are the model's own N×C×1×1 output, fault for fault
+    (the cone engine's activation faults: tests/fi/test_cone.py, against its own kernels)."""
+    model = conv_classifier_cnn()
+    x, _ = labelled_inputs(model, 8)
+    for name in ("c1", "cls") if not cone else ():
+        _, runner, cache, golden, site = _runner(model, name, x)
+        rng = np.random.default_rng(4)
+        elems = rng.integers(0, site.elements, len(x))
+        faulty = rng.uniform(-20, 20, len(x)).astype(np.float32)
+        rows = slice(0, len(x))
+        fast = runner.scores(cache, rows, elems, runner.golden_values(cache, rows, elems), faulty)
+        np.testing.assert_array_equal(fast, activation_full(model, x, name, elems, faulty).reshape(len(x), -1))
+        assert not np.array_equal(fast, golden)
+    for name in ("w1", "wc", "bc"):
+        _weight_check(model, name, cone=cone)
+
+
 def _weight_check(model: onnx.ModelProto, name: str, n: int = 6, seed: int = 0, rerun: bool = False,
                   cone: bool = False) -> None:
     x, _ = labelled_inputs(model, n)
@@ -83,7 +103,7 @@ def _weight_check(model: onnx.ModelProto, name: str, n: int = 6, seed: int = 0, 
     faulty = (gold + rng.choice([-3.0, 2.5, 7.0], n)).astype(np.float32)
     fast = runner.scores(cache, rows, elems, gold, faulty, golden[rows] if cone else None)
     for i in range(n):
-        slow = weight_full(model, x[i:i + 1], site.tensor, int(elems[i]), float(faulty[i]))[0]
+        slow = weight_full(model, x[i:i + 1], site.tensor, int(elems[i]), float(faulty[i])).reshape(-1)
         np.testing.assert_allclose(fast[i], slow, rtol=1e-5, atol=1e-5, err_msg=f"{name} row {i}")
     assert not np.allclose(fast, golden, rtol=1e-6, atol=1e-7), f"{name}: the faults had no effect"
     assert (runner.rerun is not None) == rerun, "the additive fast path must serve Conv/Gemm/MatMul"

@@ -12,10 +12,12 @@ def _init(name: str, rng: np.random.Generator, *shape: int, scale: float = 0.5) 
 
 
 def classifier(nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto], name: str, image: tuple[int, ...],
-               classes: int, opset: int = 17) -> onnx.ModelProto:
-    """A checked model from nodes reading image 'x' (N × image) and writing class scores 'logits' (N × classes)."""
+               classes: int, opset: int = 17, spatial: tuple[int, ...] = ()) -> onnx.ModelProto:
+    """A checked model from nodes reading image 'x' (N × image) and writing class scores 'logits' (N × classes,
+    followed by the `spatial` dims if any)."""
     graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", *image])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])], inits)
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes, *spatial])],
+                              inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 8
     onnx.checker.check_model(model)
@@ -72,7 +74,7 @@ def labelled_inputs(model: onnx.ModelProto, n: int, seed: int = 1) -> tuple[np.n
     dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:]]
     x = np.random.default_rng(seed).standard_normal((n, *dims)).astype(np.float32)
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    y = np.argmax(sess.run(None, {"x": x})[0], axis=1).astype(np.int64)
+    y = np.argmax(sess.run(None, {"x": x})[0].reshape(n, -1), axis=1).astype(np.int64)
     return x, y
 
 
@@ -208,3 +210,20 @@ def identity_weight_cnn(seed: int = 0, classes: int = 3) -> onnx.ModelProto:
     inits = [_init("w0", rng, 4, 3, 3, 3), _init("b", rng, 4, scale=0.1), _init("wf0", rng, classes, 4, scale=1.0),
              _init("bf", rng, classes, scale=0.1)]
     return classifier(nodes, inits, "identity_weights", (3, 6, 6), classes)
+
+
+def conv_classifier_cnn(seed: int = 0, classes: int = 4, channels: int = 3) -> onnx.ModelProto:
+    """conv → relu → max pool → 1×1 conv (the classifier) → relu → global pool, with scores N×classes×1×1 as
+    the model zoo's SqueezeNet and DenseNet-121 write them; input 1×channels×8×8."""
+    rng = np.random.default_rng(seed)
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("MaxPool", ["r1"], ["p1"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Conv", ["p1", "wc", "bc"], ["cls"], name="conv_cls"),
+        helper.make_node("Relu", ["cls"], ["rc"], name="relu_cls"),
+        helper.make_node("GlobalAveragePool", ["rc"], ["logits"], name="gap"),
+    ]
+    inits = [_init("w1", rng, 6, channels, 3, 3), _init("b1", rng, 6, scale=0.1), _init("wc", rng, classes, 6, 1, 1),
+             numpy_helper.from_array(np.full(classes, 0.5, dtype=np.float32), "bc")]
+    return classifier(nodes, inits, "conv_classifier", (channels, 8, 8), classes, spatial=(1, 1))
