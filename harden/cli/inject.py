@@ -22,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("inject", help="bit-flip campaign on ONNX Runtime: per-layer SDC rates with intervals",
                        description="Inject faults into activations and weights of an ONNX classifier and report "
                                    "per-layer SDC rates with binomial confidence intervals.")
-    p.add_argument("model", nargs="?", help="ONNX classifier (class scores N×C as first output)")
+    p.add_argument("model", nargs="?", help="ONNX classifier (class scores N×C, or N×C×1×1, as first output)")
     p.add_argument("--list-sites", action="store_true", help="print the fault sites with shapes and element counts")
     p.add_argument("--all-tensors", action="store_true", help="every float tensor is an activation site")
     p.add_argument("--data", help=SPEC_HELP)
