@@ -4,10 +4,13 @@ as a share of a forward pass, which caps the speed-up of recomputing these windo
 
 It explains the throughput that `tools/bench_inject.py` measures: faults that end early are nearly free, and
 what remains is the part of the network after the fault's window has spread over whole maps. Runs on a model
-that bench_inject.py has trained and exported into its work folder (run that first).
+that bench_inject.py has trained and exported into its work folder (run that first), or, with `--untrained
+ARCH`, on a torchvision ResNet with its seeded initial weights at 224 px (one-channel stem, BatchNorm statistics
+from the images, folded on export): is the cap a property of one bench model, or of ResNets at this size?
+(On ResNet-18 the untrained net's share comes out close to the trained one's.)
 
-    .venv/bin/python tools/cone_profile.py [--model resnet18-224] [--faults 64] [--images 16]
-        [--work /tmp/harden-bench-inject]
+    .venv/bin/python tools/cone_profile.py [--model resnet18-224 | --untrained resnet50] [--faults 64]
+        [--images 16] [--work /tmp/harden-bench-inject]
 """
 
 from __future__ import annotations
@@ -36,9 +39,48 @@ def multiply_adds(info, index: int, outputs: dict) -> float:  # type: ignore[no-
     return float(out.size) * per_output
 
 
+def untrained_model(arch: str, work: str, images: int):  # type: ignore[no-untyped-def]
+    """(GraphInfo, images) of torchvision's `arch` with its seeded initial weights, exported at 224 px.
+
+    Its BatchNorms take their statistics from a few training-mode passes over
+    the images, so that activations have the scale and ReLU masking a trained
+    net's would roughly have; eval-mode export folds them into the convolutions.
+    """
+    from pathlib import Path
+
+    import onnx
+    import torch
+    import torchvision
+
+    from bench_inject import model_images
+    from harden.data import load_dataset
+    from harden.fi.graphinfo import GraphInfo
+
+    data = load_dataset("fashion-mnist:test", limit=max(images, 64), seed=0)
+    x = model_images(data.images, 224)
+    torch.manual_seed(0)
+    net = getattr(torchvision.models, arch)(weights=None, num_classes=10)
+    net.conv1 = torch.nn.Conv2d(1, 64, 7, 2, 3, bias=False)
+    for module in net.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None  # a plain average over the passes below
+    net.train()
+    with torch.no_grad():
+        for start in range(0, len(x), 16):
+            net(torch.from_numpy(x[start:start + 16]))
+    net.eval()
+    path = Path(work) / f"untrained-{arch}-224.onnx"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.onnx.export(net, (torch.zeros(1, 1, 224, 224),), str(path), dynamo=False, opset_version=17,
+                      input_names=["x"], output_names=["logits"], dynamic_axes={"x": {0: "N"}, "logits": {0: "N"}})
+    return GraphInfo(onnx.load(str(path)), example=x[:1]), x[:images]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="resnet18-224")
+    parser.add_argument("--untrained", metavar="ARCH",
+                        help="profile torchvision's ARCH (e.g. resnet50) with its initial weights instead")
     parser.add_argument("--faults", type=int, default=64, help="single-bit fp32 flips per site (one batch)")
     parser.add_argument("--images", type=int, default=16, help="Fashion-MNIST test images the faults use")
     parser.add_argument("--work", default="/tmp/harden-bench-inject")
@@ -51,7 +93,9 @@ def main() -> None:
     from harden.fi.nodes import NodeSessions, golden_pass
     from harden.fi.sites import list_sites
 
-    info, x = trained_model(args.work, args.model, args.images)
+    info, x = (untrained_model(args.untrained, args.work, args.images) if args.untrained
+               else trained_model(args.work, args.model, args.images))
+    name = f"untrained {args.untrained}-224" if args.untrained else args.model
     sessions = NodeSessions(info, ["CPUExecutionProvider"], args.threads)
     spent: dict[tuple[str, str], float] = defaultdict(float)
     macs: dict[str, float] = defaultdict(float)  # multiply-adds of Conv and Gemm, by site ('' = golden pass)
@@ -87,7 +131,7 @@ def main() -> None:
             _, early = cone.scores(golden, rows, elems, faulty, golden[info.scores][rows])
             results[site.tensor] = (time.perf_counter() - started, early)
     total = sum(t for t, _ in results.values())
-    print(f"{args.model}: {len(sites)} activation sites × {args.faults} faults, {args.threads} thread(s); "
+    print(f"{name}: {len(sites)} activation sites × {args.faults} faults, {args.threads} thread(s); "
           f"{1e3 * total / (len(sites) * args.faults):.2f} ms per fault on average")
     by_stage: dict[str, float] = defaultdict(float)
     for (_, name), t in spent.items():
