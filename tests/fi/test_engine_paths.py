@@ -57,19 +57,23 @@ def test_null_fault_reproduces_golden_bit_for_bit(make, level: str) -> None:
         assert np.array_equal(out, golden), site.name
 
 
-def test_suffix_equals_whole_graph_injection() -> None:
-    model = residual_cnn()
+def _suffix_check(model: onnx.ModelProto, names: tuple[str, ...], seed: int) -> None:
+    """Suffix-engine activation faults at `names` against the slow path (a Where spliced into the whole model)."""
     x, _ = labelled_inputs(model, 8)
-    for name in ("c1", "c2", "logits"):
+    for name in names:
         _, runner, cache, golden, site = _runner(model, name, x)
-        rng = np.random.default_rng(3)
+        rng = np.random.default_rng(seed)
         elems = rng.integers(0, site.elements, len(x))
         faulty = rng.uniform(-20, 20, len(x)).astype(np.float32)
         rows = slice(0, len(x))
         fast = runner.scores(cache, rows, elems, runner.golden_values(cache, rows, elems), faulty)
         slow = activation_full(model, x, name, elems, faulty)
-        np.testing.assert_array_equal(fast, slow)
+        np.testing.assert_array_equal(fast, slow.reshape(len(x), -1))  # N×C×1×1 scores are read as N×C
         assert not np.array_equal(fast, golden)  # the faults did something
+
+
+def test_suffix_equals_whole_graph_injection() -> None:
+    _suffix_check(residual_cnn(), ("c1", "c2", "logits"), seed=3)
 
 
 @pytest.mark.parametrize("cone", [False, True], ids=["suffix", "cone"])
@@ -77,16 +81,8 @@ def test_a_1x1_conv_classifier_with_n_c_1_1_scores_matches_the_reference(cone: b
     """Scores read through the analysis's added Flatten are the model's own N×C×1×1 output, fault for fault
     (the cone engine's activation faults: tests/fi/test_cone.py, against its own kernels)."""
     model = conv_classifier_cnn()
-    x, _ = labelled_inputs(model, 8)
-    for name in ("c1", "cls") if not cone else ():
-        _, runner, cache, golden, site = _runner(model, name, x)
-        rng = np.random.default_rng(4)
-        elems = rng.integers(0, site.elements, len(x))
-        faulty = rng.uniform(-20, 20, len(x)).astype(np.float32)
-        rows = slice(0, len(x))
-        fast = runner.scores(cache, rows, elems, runner.golden_values(cache, rows, elems), faulty)
-        np.testing.assert_array_equal(fast, activation_full(model, x, name, elems, faulty).reshape(len(x), -1))
-        assert not np.array_equal(fast, golden)
+    if not cone:
+        _suffix_check(model, ("c1", "cls"), seed=4)
     for name in ("w1", "wc", "bc"):
         _weight_check(model, name, cone=cone)
 
