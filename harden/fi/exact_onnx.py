@@ -111,6 +111,8 @@ def locate_head(model: onnx.ModelProto) -> Head:
     if node.op_type == "Gemm":
         f, w, wname, b, bname = _gemm(g, node, "classifier")
         return _with_layout(LinearHead(w, b, f, node.output[0], wname, bname, node.name), g)
+    if node.op_type == "Conv":
+        return _with_layout(_pooled_conv(g, node), g)
     if node.op_type in ("MatMul", "Add"):
         bias = bname = None
         if node.op_type == "Add":
@@ -126,7 +128,29 @@ def locate_head(model: onnx.ModelProto) -> Head:
         g.transposed.add(wname)
         return _with_layout(LinearHead(np.ascontiguousarray(w), bias, f, node.output[0], wname, bname, mm.name), g)
     raise HardenError(f"exact analysis: the class scores come from {node.op_type} {node.name!r}; "
-                      "expected Gemm, MatMul(+Add) or the text head")
+                      "expected Gemm, MatMul(+Add), a 1×1 Conv on a global pool, or the text head")
+
+
+def _pooled_conv(g: _Graph, node: onnx.NodeProto) -> LinearHead:
+    """A 1×1 Conv reading a GlobalAveragePool's 1×1 map, as the model zoo's DenseNet-121 classifies: a Gemm in
+    all but layout (its stored C×d×1×1 weight is the C×d matrix, element for element).
+
+    A 1×1 Conv on a larger map, followed by ReLU and pooling (SqueezeNet), has no closed form and is refused.
+    """
+    pool = g.producer.get(node.input[0])
+    if pool is None or pool.op_type != "GlobalAveragePool":
+        raise HardenError(f"exact analysis: the class scores come from Conv {node.name!r} on a feature map; "
+                          "only a 1×1 Conv on a GlobalAveragePool output has a closed form")
+    weight = g.const(node.input[1], "classifier weight")
+    pads = [a for a in node.attribute if a.name == "pads"]
+    auto_pad = next((a.s.decode() for a in node.attribute if a.name == "auto_pad"), "NOTSET")
+    if weight.ndim != 4 or weight.shape[2:] != (1, 1) or _attr(node, "group", 1) != 1 \
+            or any(pads and onnx.helper.get_attribute_value(pads[0])) or auto_pad not in ("NOTSET", "VALID"):
+        raise HardenError(f"exact analysis: Conv {node.name!r} is not an unpadded, ungrouped 1×1 convolution")
+    bias_name = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    bias = g.const(bias_name, "classifier bias").reshape(-1) if bias_name else None
+    matrix = np.ascontiguousarray(weight.reshape(weight.shape[0], -1))
+    return LinearHead(matrix, bias, node.input[0], node.output[0], node.input[1], bias_name, node.name)
 
 
 def _text_head(g: _Graph, mul: onnx.NodeProto) -> TextHead:

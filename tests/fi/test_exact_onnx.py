@@ -49,6 +49,25 @@ def _backbone_model(seed: int, softmax: bool = False) -> onnx.ModelProto:
     return model
 
 
+def _pooled_conv_model(seed: int) -> onnx.ModelProto:
+    """x (N×1×3×3) → Conv 3×3 → Relu → GlobalAveragePool → 1×1 Conv classifier: scores N×C×1×1, as the model
+    zoo's DenseNet-121 writes them."""
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(rng.normal(size=(D, 1, 3, 3)).astype(np.float32), "w0"),
+             numpy_helper.from_array(rng.normal(size=D).astype(np.float32), "b0"),
+             numpy_helper.from_array(rng.normal(size=(C, D, 1, 1)).astype(np.float32), "fc.weight"),
+             numpy_helper.from_array(rng.normal(size=C).astype(np.float32), "fc.bias")]
+    nodes = [helper.make_node("Conv", ["x", "w0", "b0"], ["h"], name="conv0", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("GlobalAveragePool", ["r"], ["feat"], name="pool"),
+             helper.make_node("Conv", ["feat", "fc.weight", "fc.bias"], ["logits"], name="fc")]
+    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 3, 3])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", C, 1, 1])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
 def _text_model(seed: int) -> onnx.ModelProto:
     rng = np.random.default_rng(seed + 100)
     emb = rng.normal(size=(C, E)).astype(np.float32)
@@ -107,13 +126,13 @@ def _brute_activation(model: onnx.ModelProto, tensor: str, x: np.ndarray, top1: 
 
 
 @pytest.mark.parametrize("policy", ["none", "range"])
-@pytest.mark.parametrize("kind", ["linear", "text"])
+@pytest.mark.parametrize("kind", ["linear", "text", "pooled-conv"])
 def test_exact_equals_ort_brute_force_on_every_fault(kind: str, policy: str) -> None:
-    model = _backbone_model(0) if kind == "linear" else _text_model(0)
+    model = {"linear": _backbone_model, "text": _text_model, "pooled-conv": _pooled_conv_model}[kind](0)
     x = _images(0)
     result = analyse_model(model, x, policy=policy)
     head = locate_head(model)
-    assert head.kind == kind
+    assert head.kind == ("linear" if kind == "pooled-conv" else kind)
     top1 = _run(model, {"x": x}).reshape(len(x), -1).argmax(1)
     rp = RangePolicy(policy, profile_ranges(model, x, head_tensors(head)))
     weights = {s.tensor for s in result.sites if s.role in ("weight", "bias", "proj_weight", "proj_bias")}
@@ -135,6 +154,17 @@ def test_linear_head_is_located_by_onnx_names() -> None:
         "feat", "logits", "fc.weight", "fc.bias", "fc")
     text = locate_head(_text_model(1))
     assert text.kind == "text" and text.input == "feat" and text.scale == pytest.approx(np.exp(2.0), rel=1e-6)
+
+
+def test_a_1x1_conv_on_a_global_pool_is_located_and_one_on_a_map_refused() -> None:
+    head = locate_head(_pooled_conv_model(1))
+    assert isinstance(head, LinearHead) and head.weight.shape == (C, D)
+    assert (head.input, head.output, head.weight_name, head.bias_name, head.layer) == (
+        "feat", "logits", "fc.weight", "fc.bias", "fc")
+    on_map = _pooled_conv_model(1)
+    on_map.graph.node[3].input[0] = "r"  # the classifier now reads the 3×3 map, not its pool
+    with pytest.raises(HardenError, match="1×1 Conv on a GlobalAveragePool"):
+        locate_head(on_map)
 
 
 def test_softmax_after_the_classifier_is_refused() -> None:
