@@ -37,11 +37,20 @@ def input_dims(model: onnx.ModelProto) -> tuple[int | None, ...]:
     return tuple(d.dim_value if d.HasField("dim_value") else None for d in dims)
 
 
+def channels_last(model: onnx.ModelProto) -> bool:
+    """Whether the image input is N×H×W×C, as models converted from TensorFlow take it (tf2onnx, the model
+    zoo's EfficientNet-Lite4): the last dimension is 1 or 3 and the first is not. Anything else is N×C×H×W."""
+    dims = input_dims(model)
+    return len(dims) == 3 and dims[2] in (1, 3) and dims[0] not in (1, 3)
+
+
 def input_chw(model: onnx.ModelProto) -> tuple[int | None, int | None, int | None]:
-    """(C, H, W) of the model's single image input; None where a dimension is symbolic."""
+    """(C, H, W) of the model's single image input, whatever its layout; None where a dimension is symbolic."""
     dims = input_dims(model)
     if len(dims) != 3:
-        raise HardenError(f"the model input has rank {len(dims) + 1}; expected an N×C×H×W image batch")
+        raise HardenError(f"the model input has rank {len(dims) + 1}; expected an N×C×H×W or N×H×W×C image batch")
+    if channels_last(model):
+        return dims[2], dims[0], dims[1]
     return dims[0], dims[1], dims[2]
 
 
@@ -94,16 +103,17 @@ def model_inputs(model: onnx.ModelProto, data: Dataset, preprocess: Preprocess |
 
     `preprocess` overrides what `model_preprocess(model)` finds. Every stage that feeds a
     model (convert, rewrite, inject, certify) goes through here, so one model gets
-    the same tensor from the same data everywhere.
+    the same tensor from the same data everywhere. An N×H×W×C model gets its images in
+    that layout.
     """
     x = model_preprocess(model, preprocess).apply(data.images)
     want = input_chw(model)
     got = tuple(int(g) for g in x.shape[1:])
     if any(w is not None and w != g for w, g in zip(want, got)):
         shape = ", ".join("?" if w is None else str(w) for w in want)
-        raise HardenError(f"{data.spec}: images are {got} after preprocessing but the model takes ({shape}); "
-                          "set --preprocess")
-    return x
+        raise HardenError(f"{data.spec}: images are {got} (C, H, W) after preprocessing but the model takes "
+                          f"({shape}); set --preprocess")
+    return np.ascontiguousarray(x.transpose(0, 2, 3, 1)) if channels_last(model) else x
 
 
 def load_inputs(model: onnx.ModelProto, spec: str, limit: int | None = None, seed: int = 0,

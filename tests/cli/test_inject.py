@@ -118,3 +118,30 @@ def test_rgb_npz_with_identity_preprocessing_and_a_shared_weight(tmp_path: Path,
     layers = {layer["site"]: layer for layer in json.loads(capsys.readouterr().out)["layers"]}
     assert layers["w"]["injections"] == 8 and layers["bb"]["injections"] == 8
     assert JournalContents(tmp_path / "c.jsonl").header["eval"]["kept"] == 12  # every image, unchanged, is correct
+
+
+def test_a_channels_last_model_is_fed_nhwc_and_faulted_like_its_nchw_twin(tmp_path: Path, capsys) -> None:
+    """A TensorFlow-style N×H×W×C input (refused before as a shape mismatch): the same net behind a Transpose
+    sees the same images, and its campaign draws and judges the same faults as the N×C×H×W original."""
+    from onnx import TensorProto, helper
+
+    nchw = residual_cnn()
+    nhwc = onnx.ModelProto()
+    nhwc.CopyFrom(nchw)
+    graph = nhwc.graph
+    graph.input[0].CopyFrom(helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 8, 3]))
+    for node in graph.node:
+        node.input[:] = ["x_nchw" if name == "x" else name for name in node.input]
+    graph.node.insert(0, helper.make_node("Transpose", ["x"], ["x_nchw"], name="to_nchw", perm=[0, 3, 1, 2]))
+    images = np.random.default_rng(5).random((24, 3, 8, 8), dtype=np.float32)
+    labels = np.argmax(ort.InferenceSession(nchw.SerializeToString()).run(None, {"x": images})[0], axis=1)
+    np.savez(tmp_path / "d.npz", x=images, y=labels)
+    records = []
+    for name, model in (("nchw", nchw), ("nhwc", nhwc)):
+        onnx.save(model, tmp_path / f"{name}.onnx")
+        out = tmp_path / f"{name}.jsonl"
+        assert main(["inject", str(tmp_path / f"{name}.onnx"), "--data", f"npz:{tmp_path / 'd.npz'}", "--preprocess",
+                     "identity", "--injections", "16", "--no-progress", "--out", str(out)]) == 0
+        records.append(list(JournalContents(out).records()))
+        assert JournalContents(out).header["eval"]["kept"] == 24
+    assert records[0] == records[1] and len(records[0]) > 100

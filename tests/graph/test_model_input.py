@@ -10,7 +10,8 @@ from onnx import TensorProto, helper
 from harden.data import Dataset, Preprocess
 from harden.data.preprocess import IMAGENET
 from harden.errors import HardenError
-from harden.graph.model_input import input_chw, input_dims, model_inputs, model_preprocess, parse_preprocess
+from harden.graph.model_input import (channels_last, input_chw, input_dims, model_inputs, model_preprocess,
+                                      parse_preprocess)
 from harden.graph.onnx_io import set_metadata
 
 
@@ -73,6 +74,21 @@ def test_input_checks() -> None:
         input_chw(_model(["N", 64]))
     with pytest.raises(HardenError, match="one image input, found 2"):
         input_dims(_model(["N", 1, 8, 8], extra_inputs=1))
+
+
+def test_a_channels_last_model_gets_nhwc_images() -> None:
+    """Models converted from TensorFlow take N×H×W×C; they were refused as a shape mismatch before."""
+    nhwc, nchw = _model(["N", 16, 16, 3]), _model(["N", 3, 16, 16])
+    assert channels_last(nhwc) and not channels_last(nchw) and input_chw(nhwc) == (3, 16, 16)
+    assert channels_last(_model(["N", "H", "W", 1])) and input_chw(_model(["N", "H", "W", 1])) == (1, None, None)
+    assert not channels_last(_model(["N", 3, 8, 3])) and not channels_last(_model(["N", "C", "H", "W"]))
+    assert model_preprocess(_model(["N", 224, 224, 3])) == IMAGENET
+    data = _data((2, 1, 8, 8))
+    x = model_inputs(nhwc, data)
+    assert x.shape == (2, 16, 16, 3) and x.flags["C_CONTIGUOUS"]
+    np.testing.assert_array_equal(x, model_inputs(nchw, data).transpose(0, 2, 3, 1))
+    with pytest.raises(HardenError, match=r"\(3, 8, 8\) \(C, H, W\).*\(3, 16, 16\)"):
+        model_inputs(nhwc, _data((2, 3, 8, 8)), Preprocess(channels=3))
 
 
 def test_parse_preprocess() -> None:
