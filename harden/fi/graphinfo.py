@@ -19,6 +19,7 @@ import onnxruntime as ort
 from onnx import numpy_helper
 
 from harden.errors import HardenError
+from harden.graph.model_input import image_input
 from harden.graph.ort import expose, make_session
 
 
@@ -93,13 +94,10 @@ class GraphInfo:
         self.model = named_copy(model)
         bypass_constant_identities(self.model)
         graph = self.model.graph
-        init_names = {t.name for t in graph.initializer}
-        inputs = [i for i in graph.input if i.name not in init_names]
-        if len(inputs) != 1:
-            raise HardenError(f"expected a model with one image input, found {len(inputs)}: {[i.name for i in inputs]}")
+        image = image_input(self.model)
         if not graph.output:
             raise HardenError("the model has no outputs")
-        self.input_name = inputs[0].name
+        self.input_name = image.name
         self.scores = graph.output[0].name
         self.nodes = list(graph.node)
         self.node_index = {n.name: i for i, n in enumerate(self.nodes)}
@@ -118,10 +116,10 @@ class GraphInfo:
                 for attr in node.attribute:
                     if attr.name == "value":
                         self.constants[node.output[0]] = numpy_helper.to_array(attr.t)
-        dims = inputs[0].type.tensor_type.shape.dim
+        dims = image.type.tensor_type.shape.dim
         first = dims[0] if dims else None
         self.fixed_batch: int | None = first.dim_value if first is not None and first.HasField("dim_value") else None
-        self.tensors = self._probe(inputs[0], example, providers)
+        self.tensors = self._probe(image, example, providers)
         self.added: set[str] = set()  # tensors this analysis added to the graph (never fault sites)
         scores = self.tensors.get(self.scores)
         if scores is not None and scores.batched and len(scores.shape) > 2 and set(scores.shape[2:]) == {1}:

@@ -27,13 +27,27 @@ PREPROCESS_HELP = ("the model's input preprocessing when it declares none: 'imag
                    "object, or channels=C,size=S,mean=m1/m2/m3,std=s1/s2/s3")
 
 
-def input_dims(model: onnx.ModelProto) -> tuple[int | None, ...]:
-    """Per-image dimensions (all but the batch) of the model's single input; None where symbolic."""
+def image_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
+    """The model's single input, which must be a float32 image batch (initializers listed as inputs aside).
+
+    Every stage feeds float32 images. A float16 or quantised graph would fail
+    inside ONNX Runtime instead, so it is refused here with the way round.
+    """
     initializers = {t.name for t in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in initializers]
     if len(inputs) != 1:
         raise HardenError(f"expected a model with one image input, found {len(inputs)}: {[i.name for i in inputs]}")
-    dims = list(inputs[0].type.tensor_type.shape.dim)[1:]
+    kind = inputs[0].type.tensor_type.elem_type
+    if kind != onnx.TensorProto.FLOAT:
+        name = onnx.TensorProto.DataType.Name(kind).lower() if kind else "not a tensor"
+        raise HardenError(f"the model input {inputs[0].name!r} is {name}; harden runs float32 models (inject the "
+                          "float32 model with --format fp16, bf16 or int8 to emulate those formats)")
+    return inputs[0]
+
+
+def input_dims(model: onnx.ModelProto) -> tuple[int | None, ...]:
+    """Per-image dimensions (all but the batch) of the model's single input; None where symbolic."""
+    dims = list(image_input(model).type.tensor_type.shape.dim)[1:]
     return tuple(d.dim_value if d.HasField("dim_value") else None for d in dims)
 
 

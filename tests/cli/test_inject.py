@@ -145,3 +145,23 @@ def test_a_channels_last_model_is_fed_nhwc_and_faulted_like_its_nchw_twin(tmp_pa
         records.append(list(JournalContents(out).records()))
         assert JournalContents(out).header["eval"]["kept"] == 24
     assert records[0] == records[1] and len(records[0]) > 100
+
+
+def test_a_float16_model_is_refused_in_one_line(files, tmp_path: Path, capsys) -> None:
+    """It used to end in an ONNX Runtime traceback, in inject and in certify."""
+    from onnx import TensorProto, numpy_helper
+
+    model, data = files
+    half = onnx.load(model)
+    for init in half.graph.initializer:
+        init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), init.name))
+    for value in (*half.graph.input, *half.graph.output):
+        value.type.tensor_type.elem_type = TensorProto.FLOAT16
+    onnx.save(half, tmp_path / "half.onnx")
+    for argv in (["inject", str(tmp_path / "half.onnx"), "--list-sites"],
+                 ["inject", str(tmp_path / "half.onnx"), "--data", f"npz:{data}", "--out", str(tmp_path / "c.jsonl")],
+                 ["certify", str(tmp_path / "half.onnx"), "--data", f"npz:{data}", "-o", str(tmp_path / "r")]):
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert "is float16; harden runs float32 models" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "c.jsonl").exists() and not (tmp_path / "r").exists()

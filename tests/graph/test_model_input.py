@@ -91,6 +91,15 @@ def test_a_channels_last_model_gets_nhwc_images() -> None:
         model_inputs(nhwc, _data((2, 3, 8, 8)), Preprocess(channels=3))
 
 
+def test_an_input_that_is_not_float32_is_refused_with_the_way_round() -> None:
+    model = _model(["N", 3, 8, 8])
+    model.graph.input[0].type.tensor_type.elem_type = TensorProto.FLOAT16
+    with pytest.raises(HardenError, match="'x0' is float16; harden runs float32 models .*--format fp16"):
+        input_dims(model)
+    with pytest.raises(HardenError, match="is float16"):
+        model_inputs(model, _data((2, 3, 8, 8)))
+
+
 def test_parse_preprocess() -> None:
     assert parse_preprocess("imagenet") == IMAGENET
     assert parse_preprocess("identity") == Preprocess(channels=0)
