@@ -38,6 +38,9 @@ def load_npz(path: Path) -> Dataset:
         raise HardenError(f"npz:{path}: 'x' must be float32 or uint8, got {x.dtype}")
     if y.ndim != 1 or y.dtype.kind not in "iu":
         raise HardenError(f"npz:{path}: 'y' must be a 1-D integer array, got {y.dtype} {y.shape}")
+    if len(y) and int(y.min()) < 0:
+        raise HardenError(f"npz:{path}: 'y' holds negative labels (down to {int(y.min())}); labels are class "
+                          "indices 0, 1, ...")
     if classes is None:
         classes = [f"class_{i}" for i in range(int(y.max()) + 1 if len(y) else 0)]
     return Dataset(f"npz:{path}", x, y.astype(np.int64), classes)

@@ -102,6 +102,7 @@ def test_npz_good_and_uint8(tmp_path: Path) -> None:
         ({"x": np.zeros((4, 1, 5, 5), np.float32), "y": np.zeros(3, int)}, "labels of shape"),
         ({"x": np.zeros((4, 1, 5, 5), np.int32), "y": np.zeros(4, int)}, "float32 or uint8"),
         ({"images": np.zeros((4, 1, 5, 5), np.float32)}, "needs arrays"),
+        ({"x": np.zeros((2, 1, 5, 5), np.float32), "y": np.array([0, -1])}, "negative labels"),
         ({"x": np.zeros((2, 1, 5, 5), np.float32), "y": np.array([0, 3]), "classes": np.array(["a", "b"])}, "labels span"),
     ],
 )
