@@ -48,6 +48,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--latency-runs", type=int, default=30, help="timed runs per latency measurement")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads (default 0: every CPU), as harden inject; results do not depend on it")
+    p.add_argument("--scores", metavar="NAME",
+                   help="the class-score output of both models, when they have several (inject's --output)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("-o", "--output", required=True, help="REPORT_DIR")
     p.set_defaults(func=run)
@@ -62,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         min_improvement=args.min_improvement, confidence=args.confidence, ci=args.ci, layers=args.layers,
         kinds=tuple(k.strip() for k in args.kinds.split(",") if k.strip()), injections=args.injections,
         margin=args.margin, fmt=args.fmt, clamp=args.clamp, seed=args.seed, batch=args.batch, engine=args.engine,
-        exact=not args.no_exact, latency_runs=args.latency_runs, threads=args.threads,
+        exact=not args.no_exact, latency_runs=args.latency_runs, threads=args.threads, scores=args.scores,
         progress=not args.no_progress)
     report = certify(config)
     for model in report.models:

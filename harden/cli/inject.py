@@ -22,7 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("inject", help="bit-flip campaign on ONNX Runtime: per-layer SDC rates with intervals",
                        description="Inject faults into activations and weights of an ONNX classifier and report "
                                    "per-layer SDC rates with binomial confidence intervals.")
-    p.add_argument("model", nargs="?", help="ONNX classifier (class scores N×C, or N×C×1×1, as first output)")
+    p.add_argument("model", nargs="?", help="ONNX classifier (class scores N×C, or N×C×1×1)")
+    p.add_argument("--output", help="the class-score output, when the model has several")
     p.add_argument("--list-sites", action="store_true", help="print the fault sites with shapes and element counts")
     p.add_argument("--all-tensors", action="store_true", help="every float tensor is an activation site")
     p.add_argument("--data", help=SPEC_HELP)
@@ -83,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.model:
             raise HardenError("--list-sites needs a MODEL")
         prep = parse_preprocess(args.preprocess) if args.preprocess else None
-        print(format_sites(sites_of_file(args.model, args.all_tensors, args.data, prep)))
+        print(format_sites(sites_of_file(args.model, args.all_tensors, args.data, prep, args.output)))
         return 0
     else:
         if not args.model or not args.data or not args.out:
@@ -100,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
                                  profile_limit=args.profile_limit,
                                  preprocess=parse_preprocess(args.preprocess) if args.preprocess else None,
                                  summary_path=args.summary, progress=not args.no_progress, fresh=args.fresh,
-                                 threads=args.threads)
+                                 threads=args.threads, output=args.output)
     if args.json:
         print(json.dumps(summary.to_dict(), indent=2))
         return 0

@@ -17,7 +17,7 @@ from harden.fi.graphinfo import GraphInfo
 from harden.fi.journal import merge_journals
 from harden.fi.sites import Site, list_sites
 from harden.fi.summary import CampaignSummary, summarise_contents
-from harden.graph.model_input import input_dims, load_inputs, model_inputs, model_preprocess
+from harden.graph.model_input import input_dims, load_inputs, model_inputs, model_preprocess, select_scores
 from harden.graph.onnx_io import load_model
 
 
@@ -28,9 +28,10 @@ def summary_path_for(out_jsonl: str | os.PathLike[str]) -> Path:
 
 
 def sites_of_file(model_path: str | os.PathLike[str], all_tensors: bool = False, data: str | None = None,
-                  preprocess: Preprocess | None = None) -> list[Site]:
-    """The fault sites of a model file (for `--list-sites`); `data` gives the shape of symbolic inputs."""
-    model = load_model(model_path)
+                  preprocess: Preprocess | None = None, output: str | None = None) -> list[Site]:
+    """The fault sites of a model file (for `--list-sites`); `data` gives the shape of symbolic inputs,
+    `output` the class-score output of a model with several."""
+    model = select_scores(load_model(model_path), output)
     example = None
     if data is not None and None in input_dims(model):
         example = model_inputs(model, load_dataset(data, limit=1), preprocess)
@@ -41,22 +42,25 @@ def inject_dataset(model_path: str | os.PathLike[str], data: str, config: Campai
                    out_jsonl: str | os.PathLike[str], limit: int | None = None, data_seed: int = 0,
                    profile: str | None = None, profile_limit: int | None = None,
                    preprocess: Preprocess | None = None, summary_path: str | os.PathLike[str] | None = None,
-                   progress: bool = True, fresh: bool = False, threads: int = 0) -> CampaignSummary:
+                   progress: bool = True, fresh: bool = False, threads: int = 0,
+                   output: str | None = None) -> CampaignSummary:
     """Load data, apply the model's preprocessing, run or resume the campaign and write its summary.
 
     threads: CPU threads (0: every CPU), as many runs at once on one ORT thread each; results do not
-    depend on it.
+    depend on it. output: the class-score output of a model with several (the header then records the
+    hash of the model cut down to it, not of the file).
     """
     if Path(out_jsonl).resolve() == Path(model_path).resolve():
         raise HardenError(f"refusing to overwrite the input {model_path}; choose another --out")
-    model = load_model(model_path)
+    loaded = load_model(model_path)
+    model = select_scores(loaded, output)
     prep = model_preprocess(model, preprocess)
     inputs, labels = load_inputs(model, data, limit, data_seed, prep)
     profile_inputs = None
     if profile is not None:
         profile_inputs = load_inputs(model, profile, profile_limit, data_seed, prep)[0]
-    summary = run_campaign(model_path, inputs, labels, config, out_jsonl, progress=progress,
-                           profile_inputs=profile_inputs, fresh=fresh, threads=threads)
+    summary = run_campaign(model_path if model is loaded else model, inputs, labels, config, out_jsonl,
+                           progress=progress, profile_inputs=profile_inputs, fresh=fresh, threads=threads)
     write_summary(summary, summary_path or summary_path_for(out_jsonl))
     return summary
 

@@ -19,7 +19,7 @@ import onnxruntime as ort
 from onnx import numpy_helper
 
 from harden.errors import HardenError
-from harden.graph.model_input import image_input
+from harden.graph.model_input import image_input, select_scores
 from harden.graph.ort import expose, make_session
 
 
@@ -87,7 +87,8 @@ def bypass_constant_identities(model: onnx.ModelProto) -> None:
 
 
 class GraphInfo:
-    """Read-only analysis of a classifier graph with one image input and class scores as output 0."""
+    """Read-only analysis of a classifier graph with one image input and the class scores as its one output
+    (`harden.graph.model_input.select_scores` picks them out of a model with several)."""
 
     def __init__(self, model: onnx.ModelProto, example: np.ndarray | None = None,
                  providers: Sequence[str] = ("CPUExecutionProvider",)) -> None:
@@ -95,8 +96,7 @@ class GraphInfo:
         bypass_constant_identities(self.model)
         graph = self.model.graph
         image = image_input(self.model)
-        if not graph.output:
-            raise HardenError("the model has no outputs")
+        select_scores(self.model)  # one output, the class scores
         self.input_name = image.name
         self.scores = graph.output[0].name
         self.nodes = list(graph.node)

@@ -45,6 +45,33 @@ def image_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
     return inputs[0]
 
 
+def select_scores(model: onnx.ModelProto, output: str | None = None) -> onnx.ModelProto:
+    """The model with its class scores as its one output: itself when it has only that one, else a copy.
+
+    A model with several outputs (features and scores, or logits and
+    probabilities) must say which holds the scores, as `rewrite --output`
+    does: taking the first one silently would measure the wrong tensor.
+    """
+    names = [o.name for o in model.graph.output]
+    if not names:
+        raise HardenError("the model has no outputs")
+    if output is None:
+        if len(names) != 1:
+            raise HardenError(f"the model has {len(names)} outputs {names}; say which holds the class scores "
+                              "with --output NAME")
+        return model
+    if output not in names:
+        raise HardenError(f"{output!r} is not an output of the model; outputs: {names}")
+    if names == [output]:
+        return model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    keep = next(o for o in copy.graph.output if o.name == output)
+    del copy.graph.output[:]
+    copy.graph.output.append(keep)
+    return copy
+
+
 def input_dims(model: onnx.ModelProto) -> tuple[int | None, ...]:
     """Per-image dimensions (all but the batch) of the model's single input; None where symbolic."""
     dims = list(image_input(model).type.tensor_type.shape.dim)[1:]

@@ -24,7 +24,7 @@ from harden.fi.faults import FaultModel
 from harden.fi.journal import JournalContents
 from harden.fi.stats import binomial_rate
 from harden.files import refuse_overwrite, sha256_file
-from harden.graph.model_input import load_inputs, parse_preprocess
+from harden.graph.model_input import load_inputs, parse_preprocess, select_scores
 from harden.graph.onnx_io import load_model
 from harden.provenance import environment
 from harden.report.cost import measure_cost
@@ -62,6 +62,7 @@ class CertifyConfig:
     exact: bool = True
     latency_runs: int = 30
     threads: int = 0  # CPU threads (0: every CPU); changes speed only
+    scores: str | None = None  # the class-score output of both models, when they have several
     progress: bool = True
     notes: list[str] = field(default_factory=list)
 
@@ -113,7 +114,8 @@ def _certify_one(role: str, path: str, config: CertifyConfig, campaign: Campaign
                  preprocess: Preprocess | None, out: Path) -> ModelRecord:
     jsonl = out / "campaigns" / f"{role}.jsonl"
     summary = inject_dataset(path, config.data, campaign, jsonl, limit=config.limit, data_seed=config.data_seed,
-                             preprocess=preprocess, progress=config.progress, threads=config.threads)
+                             preprocess=preprocess, progress=config.progress, threads=config.threads,
+                             output=config.scores)
     if not summary.complete:
         raise HardenError(f"the {role} campaign in {jsonl} is incomplete ({summary.shards_done}/"
                           f"{summary.total_shards} shards)")
@@ -121,7 +123,7 @@ def _certify_one(role: str, path: str, config: CertifyConfig, campaign: Campaign
     ev = contents.evaluation
     top2diff = ev.top2diff_by_image()
     sdc_t2d = [top2diff[int(r["image"])] for r in contents.records() if r["sdc"]]
-    model = load_model(path)
+    model = select_scores(load_model(path), config.scores)
     inputs, _ = load_inputs(model, config.data, config.limit, config.data_seed, preprocess)
     exact = None
     skipped = None

@@ -165,3 +165,30 @@ def test_a_float16_model_is_refused_in_one_line(files, tmp_path: Path, capsys) -
         err = capsys.readouterr().err
         assert "is float16; harden runs float32 models" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "c.jsonl").exists() and not (tmp_path / "r").exists()
+
+
+def test_a_model_with_several_outputs_names_its_scores(files, tmp_path: Path, capsys) -> None:
+    """The first output was taken as the class scores, silently: here a 4-wide pooled feature tensor, which
+    passed every check as '4 classes'. Now the user names the scores, as rewrite and convert ask."""
+    from onnx import TensorProto, helper
+
+    model, data = files
+    two = onnx.load(model)
+    two.graph.output.insert(0, helper.make_tensor_value_info("flat", TensorProto.FLOAT, ["N", 4]))
+    onnx.save(two, tmp_path / "two.onnx")
+    base = ["--data", f"npz:{data}", "--injections", "8", "--no-progress"]
+    assert main(["inject", str(tmp_path / "two.onnx"), *base, "--out", str(tmp_path / "x.jsonl")]) == 1
+    err = capsys.readouterr().err
+    assert "2 outputs ['flat', 'logits']; say which holds the class scores with --output NAME" in err
+    assert not (tmp_path / "x.jsonl").exists()
+    assert main(["inject", str(tmp_path / "two.onnx"), "--list-sites", "--output", "logits"]) == 0
+    assert "c1" in capsys.readouterr().out
+    for name, path in (("two", tmp_path / "two.onnx"), ("one", model)):
+        assert main(["inject", str(path), *base, "--output", "logits", "--out", str(tmp_path / f"{name}.jsonl")]) == 0
+    records = [list(JournalContents(tmp_path / f"{name}.jsonl").records()) for name in ("two", "one")]
+    assert records[0] == records[1] and len(records[0]) > 40
+    assert main(["certify", str(tmp_path / "two.onnx"), "--data", f"npz:{data}", "--injections", "8", "--no-progress",
+                 "--latency-runs", "2", "--scores", "logits", "-o", str(tmp_path / "r")]) == 0
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["config"]["scores"] == "logits"
+    assert "alpha" in report["models"][0]["exact_skipped"]  # this head's own limit, not the second output

@@ -11,7 +11,7 @@ from harden.data import Dataset, Preprocess
 from harden.data.preprocess import IMAGENET
 from harden.errors import HardenError
 from harden.graph.model_input import (channels_last, input_chw, input_dims, model_inputs, model_preprocess,
-                                      parse_preprocess)
+                                      parse_preprocess, select_scores)
 from harden.graph.onnx_io import set_metadata
 
 
@@ -98,6 +98,19 @@ def test_an_input_that_is_not_float32_is_refused_with_the_way_round() -> None:
         input_dims(model)
     with pytest.raises(HardenError, match="is float16"):
         model_inputs(model, _data((2, 3, 8, 8)))
+
+
+def test_the_class_scores_are_the_only_output_or_the_named_one() -> None:
+    one = _model(["N", 3, 8, 8])
+    assert select_scores(one) is one and select_scores(one, "y") is one
+    two = _model(["N", 3, 8, 8])
+    two.graph.output.insert(0, helper.make_tensor_value_info("x0", TensorProto.FLOAT, ["N", 3, 8, 8]))
+    with pytest.raises(HardenError, match=r"2 outputs \['x0', 'y'\]; say which .* --output NAME"):
+        select_scores(two)
+    with pytest.raises(HardenError, match="'z' is not an output"):
+        select_scores(two, "z")
+    picked = select_scores(two, "y")
+    assert [o.name for o in picked.graph.output] == ["y"] and len(two.graph.output) == 2
 
 
 def test_parse_preprocess() -> None:
