@@ -90,18 +90,29 @@ def import_graph(model: onnx.ModelProto) -> gs.Graph:
     return gs.import_onnx(inferred)
 
 
-def choose_output(graph: gs.Graph, output: str | None) -> gs.Variable:
-    """The class-score graph output: the only one, or the one named."""
-    names = [t.name for t in graph.outputs]
+def scores_name(names: list[str], output: str | None) -> str:
+    """Which of a model's outputs `names` holds the class scores: the only one, or the one named.
+
+    Every stage asks the same (rewrite and convert here, inject and certify
+    through harden.graph.model_input.select_scores): taking the first of several
+    silently would measure or replace the wrong tensor.
+    """
+    if not names:
+        raise HardenError("the model has no outputs")
     if output is None:
-        if len(graph.outputs) != 1:
+        if len(names) != 1:
             raise HardenError(f"the model has {len(names)} outputs {names}; say which holds the class scores "
                               "with --output NAME")
-        return graph.outputs[0]
-    for tensor in graph.outputs:
-        if tensor.name == output:
-            return tensor
-    raise HardenError(f"{output!r} is not an output of the model; outputs: {names}")
+        return names[0]
+    if output not in names:
+        raise HardenError(f"{output!r} is not an output of the model; outputs: {names}")
+    return output
+
+
+def choose_output(graph: gs.Graph, output: str | None) -> gs.Variable:
+    """The class-score graph output: the only one, or the one named."""
+    name = scores_name([t.name for t in graph.outputs], output)
+    return next(t for t in graph.outputs if t.name == name)
 
 
 def locate_in_graph(graph: gs.Graph, output: str | None = None) -> Located:

@@ -20,6 +20,7 @@ import onnx
 from harden.data import Dataset, Preprocess, load_dataset
 from harden.data.preprocess import IMAGENET
 from harden.errors import HardenError
+from harden.graph.locate import scores_name
 from harden.graph.onnx_io import get_metadata
 
 PREPROCESS_KEY = "harden.preprocess"
@@ -46,22 +47,10 @@ def image_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
 
 
 def select_scores(model: onnx.ModelProto, output: str | None = None) -> onnx.ModelProto:
-    """The model with its class scores as its one output: itself when it has only that one, else a copy.
-
-    A model with several outputs (features and scores, or logits and
-    probabilities) must say which holds the scores, as `rewrite --output`
-    does: taking the first one silently would measure the wrong tensor.
-    """
+    """The model with its class scores as its one output (`scores_name`): itself when it has only that one,
+    else a copy without the others."""
     names = [o.name for o in model.graph.output]
-    if not names:
-        raise HardenError("the model has no outputs")
-    if output is None:
-        if len(names) != 1:
-            raise HardenError(f"the model has {len(names)} outputs {names}; say which holds the class scores "
-                              "with --output NAME")
-        return model
-    if output not in names:
-        raise HardenError(f"{output!r} is not an output of the model; outputs: {names}")
+    output = scores_name(names, output)
     if names == [output]:
         return model
     copy = onnx.ModelProto()
