@@ -17,7 +17,7 @@ from onnx import numpy_helper
 from harden.errors import HardenError
 from harden.fi.exact import ExactResult, analyse_sites
 from harden.fi.exact_linear import LinearHead
-from harden.fi.exact_site import RangePolicy, Site
+from harden.fi.exact_site import RangePolicy, Site, after_softmax
 from harden.fi.exact_text import TextHead
 from harden.fi.graphinfo import named_copy
 from harden.fi.outcome import nonfinite_rows
@@ -94,18 +94,50 @@ def _gemm(g: _Graph, node: onnx.NodeProto, what: str) -> tuple[str, np.ndarray, 
 
 
 def locate_head(model: onnx.ModelProto) -> Head:
-    """The final classifier of `model` as a LinearHead or TextHead, or HardenError saying why not."""
+    """The final classifier of `model` as a LinearHead or TextHead, or HardenError saying why not.
+
+    A Softmax of the scores may follow (most model-zoo graphs end in one): the
+    head then records it, and the analysis decides the probabilities' top-1.
+    """
     g = _Graph(model)
-    scores = g.model.graph.output[0].name
-    node = g.producer.get(scores)
+    node = _past_shape_ops(g, g.model.graph.output[0].name)
+    softmax = node if node is not None and node.op_type == "Softmax" else None
+    if softmax is not None:
+        node = _past_shape_ops(g, softmax.input[0])
+    head = _head(g, node)
+    if softmax is not None:
+        _check_class_axis(g, softmax, spatial=node is not None and node.op_type == "Conv")
+        head.softmax = True
+    return head
+
+
+def _past_shape_ops(g: _Graph, tensor: str) -> onnx.NodeProto | None:
+    """The node that computes `tensor`, looking through ops that change only its shape (None: an input)."""
+    node = g.producer.get(tensor)
     while node is not None and node.op_type in SHAPE_ONLY:
-        scores = node.input[0]
-        node = g.producer.get(scores)
+        node = g.producer.get(node.input[0])
+    return node
+
+
+def _check_class_axis(g: _Graph, softmax: onnx.NodeProto, spatial: bool) -> None:
+    """Refuse a Softmax that does not normalise each image's scores over the classes.
+
+    Axis 1 does, on N×C scores and (as opset < 13 flattens from the axis) on a
+    1×1 Conv's N×C×1×1; axis -1 only on N×C.
+    """
+    opset = next((o.version for o in g.model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    axis = int(_attr(softmax, "axis", -1 if opset >= 13 else 1))
+    if axis != 1 and (axis != -1 or spatial):
+        raise HardenError(f"exact analysis: Softmax {softmax.name!r} normalises axis {axis}, not the classes")
+
+
+def _head(g: _Graph, node: onnx.NodeProto | None) -> Head:
+    """The classifier that computes the scores (`node` produces them)."""
     if node is None:
         raise HardenError("exact analysis: the model output is not computed by the graph")
     if node.op_type in ("Softmax", "LogSoftmax"):
-        raise HardenError(f"exact analysis needs the class scores as the output; this model applies "
-                          f"{node.op_type} ({node.name!r}) after its classifier")
+        raise HardenError(f"exact analysis needs the class scores, or one Softmax of them, as the output; this "
+                          f"model applies {node.op_type} ({node.name!r}) after its classifier")
     if node.op_type == "Mul":
         return _text_head(g, node)
     if node.op_type == "Gemm":
@@ -253,6 +285,8 @@ def model_sites(model: onnx.ModelProto, inputs: np.ndarray, policy: str = "none"
         sites = head.sites(feats, values[head.output].reshape(len(inputs), -1), fmt, rp)
     else:
         sites = head.sites(feats, {t: values[t].reshape(len(inputs), -1) for t in tensors}, fmt, rp)
+    if head.softmax:
+        sites = [after_softmax(s) for s in sites]
     if roles is not None:
         unknown = sorted(set(roles) - {s.role for s in sites})
         if unknown:

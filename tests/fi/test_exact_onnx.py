@@ -68,13 +68,13 @@ def _pooled_conv_model(seed: int) -> onnx.ModelProto:
     return model
 
 
-def _text_model(seed: int) -> onnx.ModelProto:
+def _text_model(seed: int, softmax: bool = False) -> onnx.ModelProto:
     rng = np.random.default_rng(seed + 100)
     emb = rng.normal(size=(C, E)).astype(np.float32)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     head = HeadParams(rng.normal(size=(E, D)).astype(np.float32), (0.1 * rng.normal(size=E)).astype(np.float32),
                       emb, 2.0, ["a", "b", "c"])
-    return TextHeadPass(head).run(_backbone_model(seed))
+    return TextHeadPass(head).run(_backbone_model(seed, softmax))
 
 
 def _images(seed: int, n: int = 10) -> np.ndarray:
@@ -125,14 +125,22 @@ def _brute_activation(model: onnx.ModelProto, tensor: str, x: np.ndarray, top1: 
     return sdc
 
 
+MODELS = {"linear": _backbone_model, "text": _text_model, "pooled-conv": _pooled_conv_model,
+          "linear-softmax": lambda seed: _backbone_model(seed, softmax=True),
+          "text-softmax": lambda seed: _text_model(seed, softmax=True)}
+
+
 @pytest.mark.parametrize("policy", ["none", "range"])
-@pytest.mark.parametrize("kind", ["linear", "text", "pooled-conv"])
+@pytest.mark.parametrize("kind", sorted(MODELS))
 def test_exact_equals_ort_brute_force_on_every_fault(kind: str, policy: str) -> None:
-    model = {"linear": _backbone_model, "text": _text_model, "pooled-conv": _pooled_conv_model}[kind](0)
+    """Every fault of every site, decided as ONNX Runtime decides it; Softmax outputs (most zoo graphs end in
+    one) included: their top-1 is the scores' own except within rounding of a tie."""
+    model = MODELS[kind](0)
     x = _images(0)
     result = analyse_model(model, x, policy=policy)
     head = locate_head(model)
-    assert head.kind == ("linear" if kind == "pooled-conv" else kind)
+    assert head.kind == ("text" if kind.startswith("text") else "linear")
+    assert head.softmax == kind.endswith("softmax")
     top1 = _run(model, {"x": x}).reshape(len(x), -1).argmax(1)
     rp = RangePolicy(policy, profile_ranges(model, x, head_tensors(head)))
     weights = {s.tensor for s in result.sites if s.role in ("weight", "bias", "proj_weight", "proj_bias")}
@@ -167,9 +175,15 @@ def test_a_1x1_conv_on_a_global_pool_is_located_and_one_on_a_map_refused() -> No
         locate_head(on_map)
 
 
-def test_softmax_after_the_classifier_is_refused() -> None:
-    with pytest.raises(HardenError, match="Softmax"):
-        locate_head(_backbone_model(2, softmax=True))
+def test_softmax_over_another_axis_and_log_softmax_are_refused() -> None:
+    model = _backbone_model(2, softmax=True)
+    model.graph.node[-1].attribute[0].i = 0  # over the images
+    with pytest.raises(HardenError, match="normalises axis 0, not the classes"):
+        locate_head(model)
+    model = _backbone_model(2, softmax=True)
+    model.graph.node[-1].op_type = "LogSoftmax"
+    with pytest.raises(HardenError, match="LogSoftmax"):
+        locate_head(model)
 
 
 def test_int8_on_onnx_model_matches_brute_force() -> None:

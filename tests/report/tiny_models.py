@@ -36,16 +36,16 @@ def _fit(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return w.T.astype(np.float32), b.astype(np.float32)
 
 
-def write_softmax_model(folder: Path) -> Path:
-    """The baseline with a Softmax after its classifier (probabilities as the output)."""
+def write_softmax_model(folder: Path, op: str = "Softmax") -> Path:
+    """The baseline with a Softmax (or `op`, e.g. LogSoftmax) after its classifier."""
     w, b = _fit()
     nodes = [helper.make_node("Flatten", ["x"], ["f"], name="flatten"),
              helper.make_node("Gemm", ["f", "W", "b"], ["logits"], name="fc", transB=1),
-             helper.make_node("Softmax", ["logits"], ["prob"], name="softmax", axis=1)]
+             helper.make_node(op, ["logits"], ["prob"], name="softmax", axis=1)]
     model = _model(nodes, "prob", w, b)
     folder.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(folder / "softmax.onnx"))
-    return folder / "softmax.onnx"
+    onnx.save(model, str(folder / f"{op.lower()}.onnx"))
+    return folder / f"{op.lower()}.onnx"
 
 
 def _model(nodes: list[onnx.NodeProto], out: str, w: np.ndarray, b: np.ndarray) -> onnx.ModelProto:
