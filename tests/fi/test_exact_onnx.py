@@ -204,3 +204,30 @@ def test_stored_index_maps_to_the_transposed_layout() -> None:
     e, c = 2, 1  # stored Wᵀ is E×C; the analysis enumerates W as C×E
     assert stored_to_element(head, wt, np.array([e * C + c]))[0] == c * E + e
     assert stored_to_element(head, head.proj_weight_name, np.array([7]))[0] == 7
+
+
+@pytest.mark.parametrize("opset", [11, 13])
+def test_ort_softmax_keeps_the_order_the_tie_band_assumes(opset: int) -> None:
+    """The exact analysis trusts a Softmax to keep the order of scores more than SOFTMAX_TIE apart: that holds
+    if ONNX Runtime's float32 Softmax is within SOFTMAX_TIE / 4 (relative) of the exact one. A runtime whose
+    Softmax were less accurate would fail here before it could skew a count."""
+    from harden.fi.exact_site import SOFTMAX_TIE
+
+    graph = helper.make_graph([helper.make_node("Softmax", ["z"], ["p"], axis=1)], "softmax",
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", 10])],
+                              [helper.make_tensor_value_info("p", TensorProto.FLOAT, ["N", 10])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    rng = np.random.default_rng(0)
+    for scale in (0.1, 1.0, 10.0, 100.0, 1000.0):
+        z = (rng.standard_normal((20000, 10)) * scale).astype(np.float32)
+        p = _run(model, {"z": z}).astype(np.float64)
+        e = np.exp(z - z.max(axis=1, keepdims=True).astype(np.float64))
+        exact = e / e.sum(axis=1, keepdims=True)
+        big = exact > 1e-3
+        assert (np.abs(p - exact)[big] / exact[big]).max() < SOFTMAX_TIE / 4, scale
+        # scores SOFTMAX_TIE apart at the top (or one float32 step, where that is wider) keep their order
+        rows, top = np.arange(len(z)), z.argmax(axis=1)
+        runner_up = np.minimum(z[rows, top] - np.float32(SOFTMAX_TIE), np.nextafter(z[rows, top], -np.inf))
+        z[rows, (top + 1) % 10] = runner_up
+        assert (_run(model, {"z": z}).argmax(axis=1) == top).all(), scale
