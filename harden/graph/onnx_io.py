@@ -71,7 +71,8 @@ def _save_external(model: onnx.ModelProto, path: Path) -> None:
         copy.CopyFrom(model)
         onnx.save_model(copy, str(scratch / path.name), save_as_external_data=True,
                         all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
-        os.replace(scratch / data_name, path.parent / data_name)
+        if (scratch / data_name).exists():  # absent when every tensor is under the threshold
+            os.replace(scratch / data_name, path.parent / data_name)
         os.replace(scratch / path.name, path)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

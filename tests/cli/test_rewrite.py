@@ -105,3 +105,21 @@ def test_external_data_in_and_out(tmp_path: Path) -> None:
     x = np.random.default_rng(0).random((2, 1, 8, 8), dtype=np.float32)
     (scores,) = make_session(loaded).run(None, {"x": x})
     assert scores.shape == (2, 10) and np.isfinite(scores).all()
+
+
+def test_external_data_with_only_small_tensors(tmp_path: Path) -> None:
+    """Every tensor under the 1 KiB threshold: no data file to move (a FileNotFoundError traceback before)."""
+    from tests.fi.tiny_models import labelled_inputs, residual_cnn
+
+    model = residual_cnn()
+    x, y = labelled_inputs(model, 16)
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    src = tmp_path / "ext.onnx"
+    onnx.save(model, str(src), save_as_external_data=True, all_tensors_to_one_file=True, location="ext.weights",
+              size_threshold=0)
+    out = tmp_path / "out" / "clip.onnx"
+    assert main(["rewrite", str(src), "--range-clip", "--data", f"npz:{tmp_path / 'd.npz'}", "--preprocess",
+                 "identity", "-o", str(out)]) == 0
+    assert sorted(p.name for p in out.parent.iterdir()) == ["clip.onnx"]
+    (scores,) = make_session(onnx.load(str(out))).run(None, {"x": x})
+    np.testing.assert_array_equal(scores.argmax(axis=1), y)
