@@ -1,4 +1,4 @@
-"""Bit-level faults in fp32, fp16, bf16 and int8 values, emulated through integer views.
+"""Bit-level faults in fp32, fp16, bf16, fp8 and int8 values, emulated through integer views.
 
 A value stored in format F is encoded to F's bit pattern, the chosen bits are
 flipped (or forced to 0/1), and the pattern is decoded back to float32 for the
@@ -7,20 +7,28 @@ is untouched, so a null fault reproduces the golden output bit for bit.
 
 int8 is symmetric per-tensor quantisation: q = clip(round(v / scale), -127, 127)
 with scale = max|tensor| / 127, the tensor's own scale being what a quantised
-deployment would have stored.
+deployment would have stored. The fp8 formats (OCP's E4M3, finite-only with
+max 448, and E5M2, max 57344, through ml_dtypes) are scaled the same way, as
+FP8 inference stores them: v / scale with scale = max|tensor| / the format's
+max, saturated at ± that max, rounded to nearest even.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
+import ml_dtypes
 import numpy as np
 
 from harden.errors import HardenError
 
-Format = Literal["fp32", "fp16", "bf16", "int8"]
-WIDTH: dict[str, int] = {"fp32": 32, "fp16": 16, "bf16": 16, "int8": 8}
-_UINT = {"fp32": np.uint32, "fp16": np.uint16, "bf16": np.uint16, "int8": np.uint8}
+Format = Literal["fp32", "fp16", "bf16", "fp8-e4m3", "fp8-e5m2", "int8"]
+WIDTH: dict[str, int] = {"fp32": 32, "fp16": 16, "bf16": 16, "fp8-e4m3": 8, "fp8-e5m2": 8, "int8": 8}
+_UINT = {"fp32": np.uint32, "fp16": np.uint16, "bf16": np.uint16, "fp8-e4m3": np.uint8, "fp8-e5m2": np.uint8,
+         "int8": np.uint8}
+_FP8 = {"fp8-e4m3": ml_dtypes.float8_e4m3fn, "fp8-e5m2": ml_dtypes.float8_e5m2}
+# The largest stored magnitude of each scaled format: a tensor's max |value| maps to it.
+FULL_SCALE = {"int8": 127.0, "fp8-e4m3": 448.0, "fp8-e5m2": 57344.0}
 
 
 def check_format(fmt: str) -> int:
@@ -30,11 +38,22 @@ def check_format(fmt: str) -> int:
     return WIDTH[fmt]
 
 
-def int8_scale(tensor: np.ndarray) -> float:
-    """Symmetric per-tensor int8 scale; 1.0 for an all-zero tensor so decoding stays finite."""
+def tensor_scale(tensor: np.ndarray, fmt: str) -> float:
+    """The per-tensor scale `tensor` is stored with in `fmt`: max|tensor| / FULL_SCALE[fmt] (as float32),
+    1.0 for the unscaled float formats and for an all-zero tensor, so that decoding stays finite."""
+    if fmt not in FULL_SCALE:
+        return 1.0
     peak = float(np.max(np.abs(tensor))) if tensor.size else 0.0
-    scale = float(np.float32(peak / 127.0))
+    scale = float(np.float32(peak / FULL_SCALE[fmt]))
     return scale if scale > 0 and np.isfinite(scale) else 1.0
+
+
+def peak_scale(peak: float, fmt: str) -> float:
+    """The scale of an activation whose profiled max |value| is `peak`: peak / FULL_SCALE[fmt], 1.0 for the
+    unscaled formats or an unprofiled tensor."""
+    if fmt not in FULL_SCALE or not peak > 0:
+        return 1.0
+    return peak / FULL_SCALE[fmt]
 
 
 def encode(values: np.ndarray, fmt: str, scale: float = 1.0) -> np.ndarray:
@@ -53,6 +72,10 @@ def encode(values: np.ndarray, fmt: str, scale: float = 1.0) -> np.ndarray:
         out = rounded.astype(np.uint16)
         out[nan] = ((u[nan] >> 16) | 0x40).astype(np.uint16)  # keep NaN a quiet NaN
         return out
+    if fmt in _FP8:
+        top = float(ml_dtypes.finfo(_FP8[fmt]).max)
+        with np.errstate(over="ignore", invalid="ignore"):
+            return np.clip(v / np.float32(scale), -top, top).astype(_FP8[fmt]).view(np.uint8)
     # Real values lie in ±127·scale; -128 is only reached by a fault and must round-trip.
     q = np.clip(np.rint(v / np.float32(scale)), -128, 127).astype(np.int8)
     return q.view(np.uint8)
@@ -68,8 +91,9 @@ def decode(codes: np.ndarray, fmt: str, scale: float = 1.0) -> np.ndarray:
         return c.view(np.float16).astype(np.float32)
     if fmt == "bf16":
         return (c.astype(np.uint32) << 16).view(np.float32)
-    with np.errstate(over="ignore"):
-        return c.view(np.int8).astype(np.float32) * np.float32(scale)
+    stored = c.view(_FP8[fmt]) if fmt in _FP8 else c.view(np.int8)
+    with np.errstate(over="ignore", invalid="ignore"):
+        return stored.astype(np.float32) * np.float32(scale)
 
 
 def _masks(bits: np.ndarray, fmt: str) -> np.ndarray:

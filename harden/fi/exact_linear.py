@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from harden.fi.bitflip import tensor_scale
 from harden.fi.exact_site import (
-    U32, RangePolicy, Site, activation_change, clamp32, clamp64, flip_bit, flip_delta, tensor_scale, weight_change,
+    U32, RangePolicy, Site, activation_change, clamp32, clamp64, flip_bit, flip_delta, weight_change,
 )
 
 # Beyond this |Δ| a score may overflow float32 (max 3.4e38); such faults are recomputed in float32.

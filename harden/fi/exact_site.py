@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from harden.errors import HardenError
-from harden.fi.bitflip import flip, int8_scale
+from harden.fi.bitflip import flip, peak_scale
 from harden.fi.profile import clamp_to_range
 
 # Half an ulp of 1.0 in float32: the unit roundoff of every float32 operation.
@@ -68,11 +68,9 @@ class RangePolicy:
         return float(np.max(np.abs(values))) if self.name == "range" and values.size else None
 
     def act_scale(self, tensor: str, fmt: str) -> float:
-        """int8 scale of an activation tensor: profiled peak / 127, as the engine stores it."""
-        if fmt != "int8":
-            return 1.0
-        peak = float(self.peaks.get(tensor, 0.0))
-        return peak / 127.0 if peak > 0 else 1.0
+        """The scale an activation tensor is stored with in `fmt` (int8, fp8), from its profiled peak, as the
+        engine stores it."""
+        return peak_scale(float(self.peaks.get(tensor, 0.0)), fmt)
 
 
 @dataclass
@@ -180,11 +178,6 @@ def flip_delta(values: np.ndarray, fmt: str, scale: float = 1.0,
             return flip_bit(flat[ks], bit, fmt, scale, peak).astype(np.float64) - flat[ks]
 
     return delta
-
-
-def tensor_scale(values: np.ndarray, fmt: str) -> float:
-    """The int8 scale a weight tensor is stored with (1 for float formats)."""
-    return int8_scale(values) if fmt == "int8" else 1.0
 
 
 def weight_change(raw_base: np.ndarray, clamped_base: np.ndarray, change: np.ndarray, peak: float | None,

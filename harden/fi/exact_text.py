@@ -19,9 +19,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from harden.fi.bitflip import tensor_scale
 from harden.fi.exact_linear import LOGIT_LIMIT, output_site
 from harden.fi.exact_site import (
-    U32, RangePolicy, Site, activation_change, clamp32, clamp64, flip_bit, flip_delta, tensor_scale, weight_change,
+    U32, RangePolicy, Site, activation_change, clamp32, clamp64, flip_bit, flip_delta, weight_change,
 )
 
 # Below this |z'| the sum of squares in ‖z'‖ cannot overflow float32 (2⁶⁴ ≈ 1.8e19 squares to the limit).

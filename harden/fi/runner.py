@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from harden.fi.bitflip import int8_scale
+from harden.fi.bitflip import peak_scale, tensor_scale
 from harden.fi.cone import Cone, GoldenBlock
 from harden.fi.config import CampaignConfig
 from harden.fi.graphinfo import GraphInfo
@@ -72,11 +72,11 @@ class SiteRunner:
             self.add_other = None  # the skip operand must be cached
         if site.kind == "activation":
             self.peak = float(ranges.get(site.tensor, 0.0))
-            self.scale = self.peak / 127.0 if self.peak > 0 else 1.0
+            self.scale = peak_scale(self.peak, config.fault.fmt)
             return
         self.weight = info.constants[site.tensor].astype(np.float32)
         self.peak = float(np.max(np.abs(self.weight))) if self.weight.size else 0.0
-        self.scale = int8_scale(self.weight)
+        self.scale = tensor_scale(self.weight, config.fault.fmt)
         if self.whole is None and self.cone is None:
             self.needs.update(self.acts)
         self.rerun: NodeRerun | None = None

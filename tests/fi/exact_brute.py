@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from harden.fi.bitflip import WIDTH, int8_scale
+from harden.fi.bitflip import WIDTH, tensor_scale
 from harden.fi.exact_linear import LinearHead
 from harden.fi.exact_site import RangePolicy, clamp32, flip_bit
 from harden.fi.exact_text import TextHead
@@ -18,7 +18,7 @@ from harden.fi.outcome import fault_outcome
 
 def _wflip(values: np.ndarray, k: int, bit: int, fmt: str, policy: RangePolicy) -> np.ndarray:
     out = values.copy()
-    scale = int8_scale(values) if fmt == "int8" else 1.0
+    scale = tensor_scale(values, fmt)
     out.ravel()[k] = flip_bit(values.ravel()[k:k + 1], bit, fmt, scale, policy.weight_peak(values))[0]
     return out
 

@@ -27,6 +27,24 @@ def test_fp16_bf16_int8_known_values() -> None:
     assert bitflip.flip(np.float32([3.0]), np.array([7]), "int8", scale=1.0)[0] == -125.0
     assert bitflip.flip(np.float32([3.0]), np.array([2]), "int8", scale=0.5)[0] == 1.0  # q = 6 ^ 4 = 2
 
+def test_fp8_known_values_saturation_and_scale() -> None:
+    one = np.float32([1.0])
+    # E4M3: 1.0 = 0x38. Bit 6 (exponent MSB) gives 0x78 = 256; bit 7 the sign; 0x7F is its only NaN.
+    assert bitflip.encode(one, "fp8-e4m3")[0] == 0x38
+    assert bitflip.flip(one, np.array([6]), "fp8-e4m3")[0] == 256.0
+    assert bitflip.flip(one, np.array([7]), "fp8-e4m3")[0] == -1.0
+    assert np.isnan(bitflip.flip(np.float32([448.0]), np.array([0]), "fp8-e4m3")[0])  # 0x7E ^ 1 = 0x7F
+    # E5M2: 1.0 = 0x3C. Bit 6 gives 0x7C = +inf, as in fp16, whose top byte E5M2 is.
+    assert bitflip.flip(one, np.array([6]), "fp8-e5m2")[0] == np.inf
+    assert bitflip.flip(one, np.array([1]), "fp8-e5m2")[0] == 1.5
+    # Out of range saturates at the format's max instead of becoming NaN; a scale maps max|tensor| to it.
+    assert bitflip.quantise(np.float32([1000.0]), "fp8-e4m3")[0] == 448.0
+    w = np.float32([0.02, -0.5, 0.001])
+    scale = bitflip.tensor_scale(w, "fp8-e4m3")
+    assert scale == np.float32(0.5 / 448) and bitflip.quantise(w, "fp8-e4m3", scale)[1] == np.float32(-0.5)
+    assert bitflip.tensor_scale(w, "fp16") == 1.0 and bitflip.peak_scale(2.0, "fp8-e5m2") == 2.0 / 57344
+
+
 def test_multi_bit_and_stuck_at() -> None:
     v = np.float32([1.0, 1.0])
     np.testing.assert_array_equal(bitflip.flip(v, np.array([[31, 22], [31, 31 - 9]])), [-1.5, -1.5])
@@ -42,11 +60,11 @@ def test_bad_bits_and_formats_are_refused() -> None:
 
 
 @settings(max_examples=300, deadline=None, derandomize=True)
-@given(st.floats(width=32, allow_nan=False), st.sampled_from(["fp32", "fp16", "bf16", "int8"]), st.data())
+@given(st.floats(width=32, allow_nan=False), st.sampled_from(sorted(bitflip.WIDTH)), st.data())
 def test_flipping_twice_restores_the_stored_bits(x: float, fmt: str, data: st.DataObject) -> None:
     bit = data.draw(st.integers(0, bitflip.WIDTH[fmt] - 1))
     v = np.float32([x])
-    scale = bitflip.int8_scale(v)
+    scale = bitflip.tensor_scale(v, fmt)
     once = bitflip.flip(v, np.array([bit]), fmt, scale)
     if not np.isfinite(once).all():
         return  # NaN payloads, and int8's -128 × a huge scale, do not survive float32

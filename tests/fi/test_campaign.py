@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from onnx import numpy_helper
 
 from harden.errors import HardenError
 from harden.fi import CampaignConfig, CampaignSummary, FaultModel, merge_shards, run_campaign, summarise_jsonl
@@ -176,6 +177,24 @@ def test_known_bit_flips_in_records(setup, tmp_path: Path) -> None:
     assert (golden < 0).any()
     # sign stuck at 0 in bf16: |value| rounded to bf16
     assert [r["faulty"] for r in records] == [float(v) for v in np.abs(quantise(golden, "bf16"))]
+
+
+@pytest.mark.parametrize("fmt", ["fp8-e4m3", "fp8-e5m2"])
+def test_fp8_stores_with_the_tensors_scale(setup, tmp_path: Path, fmt: str) -> None:
+    """A weight is stored with max|weight| / the format's max as its scale, an activation with its profiled
+    peak's; the sign bit then negates the stored value."""
+    from harden.fi.bitflip import FULL_SCALE, peak_scale, quantise, tensor_scale
+
+    path = tmp_path / f"{fmt}.jsonl"
+    model = setup[0]
+    _run(setup, path, fault=FaultModel("flip", fmt, bits=(7,)), layers="c1,w2")
+    contents = JournalContents(path)
+    weight = next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name == "w2")
+    scales = {"w2": tensor_scale(weight, fmt), "c1": peak_scale(contents.evaluation.ranges["c1"], fmt)}
+    assert scales["w2"] == np.float32(np.abs(weight).max() / FULL_SCALE[fmt])
+    for r in contents.records():
+        stored = quantise(np.float32([r["golden"]]), fmt, scales[r["site"]])[0]
+        assert r["faulty"] == -stored
 
 
 def test_resume_after_truncation_mid_shard(setup, tmp_path: Path) -> None:

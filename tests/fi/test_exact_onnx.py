@@ -14,7 +14,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from harden.errors import HardenError
-from harden.fi.bitflip import WIDTH, int8_scale
+from harden.fi.bitflip import WIDTH, tensor_scale
 from harden.fi.exact_linear import LinearHead
 from harden.fi.exact_onnx import analyse_model, head_tensors, locate_head
 from harden.fi.exact_site import RangePolicy, flip_bit
@@ -101,7 +101,7 @@ def _brute_weight(model: onnx.ModelProto, name: str, x: np.ndarray, top1: np.nda
     for bit in range(WIDTH[fmt]):
         for k in range(value.size):
             w = value.copy()
-            w.ravel()[k] = flip_bit(value.ravel()[k:k + 1], bit, fmt, int8_scale(value) if fmt == "int8" else 1.0,
+            w.ravel()[k] = flip_bit(value.ravel()[k:k + 1], bit, fmt, tensor_scale(value, fmt),
                                     policy.weight_peak(value))[0]
             sdc[bit] += fault_outcome(session.run([out], {"x": x, name: w})[0].reshape(len(x), -1), top1)[0].sum()
     return sdc
@@ -186,13 +186,16 @@ def test_softmax_over_another_axis_and_log_softmax_are_refused() -> None:
         locate_head(model)
 
 
-def test_int8_on_onnx_model_matches_brute_force() -> None:
+@pytest.mark.parametrize("fmt", ["int8", "fp8-e4m3", "fp8-e5m2"])
+def test_scaled_formats_on_onnx_model_match_brute_force(fmt: str) -> None:
     model = _backbone_model(3)
     x = _images(3)
-    result = analyse_model(model, x, policy="none", fmt="int8", roles=["weight"])
+    result = analyse_model(model, x, policy="none", fmt=fmt, roles=["weight", "input"])
     top1 = _run(model, {"x": x}).argmax(1)
-    brute = _brute_weight(model, "fc.weight", x, top1, RangePolicy("none"), "int8")
-    assert result.site("fc.weight").sdc == brute.tolist()
+    rp = RangePolicy("none", profile_ranges(model, x, ["feat"]))
+    assert result.site("fc.weight").sdc == _brute_weight(model, "fc.weight", x, top1, rp, fmt).tolist()
+    assert result.site("feat").sdc == _brute_activation(model, "feat", x, top1, rp, fmt).tolist()
+    assert sum(result.site("fc.weight").sdc) > 0
 
 
 def test_stored_index_maps_to_the_transposed_layout() -> None:
