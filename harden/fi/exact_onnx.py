@@ -174,10 +174,10 @@ def _pooled_conv(g: _Graph, node: onnx.NodeProto) -> LinearHead:
         raise HardenError(f"exact analysis: the class scores come from Conv {node.name!r} on a feature map; "
                           "only a 1×1 Conv on a GlobalAveragePool output has a closed form")
     weight = g.const(node.input[1], "classifier weight")
-    pads = [a for a in node.attribute if a.name == "pads"]
+    pads = next((list(a.ints) for a in node.attribute if a.name == "pads"), [])
     auto_pad = next((a.s.decode() for a in node.attribute if a.name == "auto_pad"), "NOTSET")
     if weight.ndim != 4 or weight.shape[2:] != (1, 1) or _attr(node, "group", 1) != 1 \
-            or any(pads and onnx.helper.get_attribute_value(pads[0])) or auto_pad not in ("NOTSET", "VALID"):
+            or any(pads) or auto_pad not in ("NOTSET", "VALID"):
         raise HardenError(f"exact analysis: Conv {node.name!r} is not an unpadded, ungrouped 1×1 convolution")
     bias_name = node.input[2] if len(node.input) > 2 and node.input[2] else None
     bias = g.const(bias_name, "classifier bias").reshape(-1) if bias_name else None

@@ -70,7 +70,9 @@ def list_sites(model: onnx.ModelProto | GraphInfo, include_all_tensors: bool = F
         outputs = [node.output[0]] if node.op_type in COMPUTE_OPS else (list(node.output) if include_all_tensors else [])
         for out in outputs:
             t = info.tensors.get(out)
-            if not out or out not in live or out in info.added or t is None or not (t.batched or t.fold) or t.dtype != np.float32:
+            if not out or out not in live or out in info.added or t is None:
+                continue
+            if not (t.batched or t.fold) or t.dtype != np.float32:
                 continue
             shape = t.shape if t.fold else t.shape[1:]  # a fold's k rows are all one image's
             sites.append(Site(out, "activation", out, node.name, node.op_type, shape, int(np.prod(shape, dtype=np.int64))))

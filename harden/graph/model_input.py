@@ -42,7 +42,8 @@ def image_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
     if kind != onnx.TensorProto.FLOAT:
         name = onnx.TensorProto.DataType.Name(kind).lower() if kind else "not a tensor"
         raise HardenError(f"the model input {inputs[0].name!r} is {name}; harden runs float32 models (inject the "
-                          "float32 model with --format fp16, bf16 or int8 to emulate those formats)")
+                          "float32 model with --format fp16, bf16, fp8-e4m3, fp8-e5m2 or int8 to emulate that "
+                          "storage)")
     return inputs[0]
 
 
