@@ -29,7 +29,8 @@ def load_npz(path: Path) -> Dataset:
     if x.ndim != 4:
         raise HardenError(f"npz:{path}: 'x' must be N×C×H×W, got shape {x.shape}")
     if x.shape[1] not in (1, 3):
-        raise HardenError(f"npz:{path}: 'x' must have 1 or 3 channels in axis 1, got shape {x.shape}")
+        hint = "; it looks N×H×W×C: store x.transpose(0, 3, 1, 2)" if x.shape[3] in (1, 3) else ""
+        raise HardenError(f"npz:{path}: 'x' must have 1 or 3 channels in axis 1, got shape {x.shape}{hint}")
     if x.dtype == np.uint8:
         x = x.astype(np.float32) / 255.0
     elif x.dtype.kind == "f":

@@ -98,6 +98,7 @@ def test_npz_good_and_uint8(tmp_path: Path) -> None:
     [
         ({"x": np.zeros((4, 5, 5), np.float32), "y": np.zeros(4, int)}, "N×C×H×W"),
         ({"x": np.zeros((4, 2, 5, 5), np.float32), "y": np.zeros(4, int)}, "1 or 3 channels"),
+        ({"x": np.zeros((4, 5, 5, 3), np.float32), "y": np.zeros(4, int)}, r"N×H×W×C: store x.transpose\(0, 3, 1, 2\)"),
         ({"x": np.zeros((4, 1, 5, 5), np.float32), "y": np.zeros(4, np.float32)}, "integer"),
         ({"x": np.zeros((4, 1, 5, 5), np.float32), "y": np.zeros(3, int)}, "labels of shape"),
         ({"x": np.zeros((4, 1, 5, 5), np.int32), "y": np.zeros(4, int)}, "float32 or uint8"),
