@@ -254,7 +254,7 @@ def analyse_model(model: onnx.ModelProto, inputs: np.ndarray, policy: str = "non
     """
     head, sites, top1 = model_sites(model, inputs, policy, fmt, ranges, profile_inputs, roles, batch, providers,
                                     threads)
-    return analyse_sites(sites, top1, fmt, head.kind, policy)
+    return analyse_sites(sites, top1, fmt, head.kind + (" + softmax" if head.softmax else ""), policy)
 
 
 def model_sites(model: onnx.ModelProto, inputs: np.ndarray, policy: str = "none", fmt: str = "fp32",

@@ -94,3 +94,4 @@ def test_a_model_ending_in_softmax_gets_the_exact_analysis(tmp_path: Path) -> No
     record = report.model("model")
     assert record.exact_skipped is None and record.exact is not None
     assert record.exact.total_faults > 0 and 0 < record.exact.total_sdc < record.exact.total_faults
+    assert "Exact final-layer analysis (linear + softmax head" in (tmp_path / "r" / "report.html").read_text()
