@@ -36,8 +36,9 @@ class LinearHead:
     kind = "linear"
     # weight tensors the model stores transposed relative to the layout above (set by exact_onnx)
     transposed: tuple[str, ...] = ()
-    # whether the model applies a Softmax to the scores (set by exact_onnx; see exact_site.after_softmax)
-    softmax: bool = False
+    # "Softmax" or "LogSoftmax" when the model applies one to the scores (set by exact_onnx; see
+    # exact_site.after_softmax), else ""
+    softmax: str = ""
 
     def logits(self, features: np.ndarray) -> np.ndarray:
         """float32 reference forward pass."""

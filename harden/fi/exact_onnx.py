@@ -27,6 +27,8 @@ from harden.graph.parallel import run_model
 
 # Ops between the head and the model output that change neither values nor their order.
 SHAPE_ONLY = frozenset({"Identity", "Flatten", "Reshape", "Squeeze", "Dropout"})
+# Normalisations of the scores that keep their order, except within rounding of a tie (exact_site.after_softmax).
+SOFTMAX = frozenset({"Softmax", "LogSoftmax"})
 
 Head = LinearHead | TextHead
 
@@ -96,18 +98,18 @@ def _gemm(g: _Graph, node: onnx.NodeProto, what: str) -> tuple[str, np.ndarray, 
 def locate_head(model: onnx.ModelProto) -> Head:
     """The final classifier of `model` as a LinearHead or TextHead, or HardenError saying why not.
 
-    A Softmax of the scores may follow (most model-zoo graphs end in one): the
-    head then records it, and the analysis decides the probabilities' top-1.
+    A Softmax or LogSoftmax of the scores may follow (most model-zoo graphs end
+    in one): the head then records it, and the analysis decides that output's top-1.
     """
     g = _Graph(model)
     node = _past_shape_ops(g, g.model.graph.output[0].name)
-    softmax = node if node is not None and node.op_type == "Softmax" else None
+    softmax = node if node is not None and node.op_type in SOFTMAX else None
     if softmax is not None:
         node = _past_shape_ops(g, softmax.input[0])
     head = _head(g, node)
     if softmax is not None:
         _check_class_axis(g, softmax, spatial=node is not None and node.op_type == "Conv")
-        head.softmax = True
+        head.softmax = softmax.op_type
     return head
 
 
@@ -135,9 +137,9 @@ def _head(g: _Graph, node: onnx.NodeProto | None) -> Head:
     """The classifier that computes the scores (`node` produces them)."""
     if node is None:
         raise HardenError("exact analysis: the model output is not computed by the graph")
-    if node.op_type in ("Softmax", "LogSoftmax"):
-        raise HardenError(f"exact analysis needs the class scores, or one Softmax of them, as the output; this "
-                          f"model applies {node.op_type} ({node.name!r}) after its classifier")
+    if node.op_type in SOFTMAX:
+        raise HardenError(f"exact analysis needs the class scores, or one (Log)Softmax of them, as the output; "
+                          f"this model applies another {node.op_type} ({node.name!r}) after its classifier")
     if node.op_type == "Mul":
         return _text_head(g, node)
     if node.op_type == "Gemm":
@@ -254,7 +256,8 @@ def analyse_model(model: onnx.ModelProto, inputs: np.ndarray, policy: str = "non
     """
     head, sites, top1 = model_sites(model, inputs, policy, fmt, ranges, profile_inputs, roles, batch, providers,
                                     threads)
-    return analyse_sites(sites, top1, fmt, head.kind + (" + softmax" if head.softmax else ""), policy)
+    return analyse_sites(sites, top1, fmt, head.kind + (f" + {head.softmax.lower()}" if head.softmax else ""),
+                         policy)
 
 
 def model_sites(model: onnx.ModelProto, inputs: np.ndarray, policy: str = "none", fmt: str = "fp32",
@@ -286,7 +289,7 @@ def model_sites(model: onnx.ModelProto, inputs: np.ndarray, policy: str = "none"
     else:
         sites = head.sites(feats, {t: values[t].reshape(len(inputs), -1) for t in tensors}, fmt, rp)
     if head.softmax:
-        sites = [after_softmax(s) for s in sites]
+        sites = [after_softmax(s, log=head.softmax == "LogSoftmax") for s in sites]
     if roles is not None:
         unknown = sorted(set(roles) - {s.role for s in sites})
         if unknown:

@@ -116,21 +116,26 @@ class Site:
 SOFTMAX_TIE = 1e-5
 
 
-def softmax32(logits: np.ndarray) -> np.ndarray:
-    """Softmax over the classes in float32, as the model computes it: NaN or +Inf in a row gives NaN."""
+def softmax32(logits: np.ndarray, log: bool = False) -> np.ndarray:
+    """Softmax (or LogSoftmax) over the classes in float32, as the model computes it: NaN or +Inf in a row
+    gives NaN."""
     z = np.asarray(logits, dtype=np.float32)
     with np.errstate(all="ignore"):
-        e = np.exp(z - z.max(axis=1, keepdims=True))
-        return e / e.sum(axis=1, keepdims=True)
+        shifted = z - z.max(axis=1, keepdims=True)
+        e = np.exp(shifted)
+        total = e.sum(axis=1, keepdims=True)
+        return shifted - np.log(total) if log else e / total
 
 
-def after_softmax(site: Site) -> Site:
-    """The site of a model that outputs Softmax(scores): the faulty top-1 is the scores' own, except within
-    SOFTMAX_TIE of a tie, where the float32 path decides, and that path applies the Softmax too."""
+def after_softmax(site: Site, log: bool = False) -> Site:
+    """The site of a model that outputs Softmax(scores), or LogSoftmax with `log`: the faulty top-1 is the
+    scores' own, except within SOFTMAX_TIE of a tie, where the float32 path decides, and that path applies
+    the (Log)Softmax too. LogSoftmax subtracts one log-sum from every shifted score, which near a tie
+    (log-sum ≤ log C) rounds by far less than the band."""
     inner = site.recompute
 
     def recompute(rows: np.ndarray, ks: np.ndarray, bit: int) -> np.ndarray:
-        return softmax32(inner(rows, ks, bit))
+        return softmax32(inner(rows, ks, bit), log)
 
     # the decisions compare margins with 2·tau
     return replace(site, tau=site.tau + SOFTMAX_TIE / 2, recompute=recompute)

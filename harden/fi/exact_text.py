@@ -51,8 +51,9 @@ class TextHead:
     kind = "text"
     # weight tensors the model stores transposed relative to the layout above (set by exact_onnx)
     transposed: tuple[str, ...] = ()
-    # whether the model applies a Softmax to the scores (set by exact_onnx; see exact_site.after_softmax)
-    softmax: bool = False
+    # "Softmax" or "LogSoftmax" when the model applies one to the scores (set by exact_onnx; see
+    # exact_site.after_softmax), else ""
+    softmax: str = ""
 
     def normalise(self, z: np.ndarray) -> np.ndarray:
         """ẑ in float32, as ReduceL2 → Max(eps) → Div compute it."""

@@ -27,8 +27,8 @@ from harden.head import HeadParams
 C, D, E = 3, 6, 4
 
 
-def _backbone_model(seed: int, softmax: bool = False) -> onnx.ModelProto:
-    """x (N×1×3×3) → Flatten → Gemm → Relu → Gemm classifier (→ Softmax)."""
+def _backbone_model(seed: int, softmax: bool | str = False) -> onnx.ModelProto:
+    """x (N×1×3×3) → Flatten → Gemm → Relu → Gemm classifier (→ Softmax, or the op `softmax` names)."""
     rng = np.random.default_rng(seed)
     inits = [numpy_helper.from_array(rng.normal(size=(D, 9)).astype(np.float32), "w0"),
              numpy_helper.from_array(rng.normal(size=D).astype(np.float32), "b0"),
@@ -40,7 +40,8 @@ def _backbone_model(seed: int, softmax: bool = False) -> onnx.ModelProto:
              helper.make_node("Gemm", ["feat", "fc.weight", "fc.bias"], ["logits"], name="fc", transB=1)]
     out = "logits"
     if softmax:
-        nodes.append(helper.make_node("Softmax", ["logits"], ["prob"], name="softmax", axis=1))
+        op = softmax if isinstance(softmax, str) else "Softmax"
+        nodes.append(helper.make_node(op, ["logits"], ["prob"], name="softmax", axis=1))
         out = "prob"
     graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 3, 3])],
                               [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["N", C])], inits)
@@ -127,6 +128,7 @@ def _brute_activation(model: onnx.ModelProto, tensor: str, x: np.ndarray, top1: 
 
 MODELS = {"linear": _backbone_model, "text": _text_model, "pooled-conv": _pooled_conv_model,
           "linear-softmax": lambda seed: _backbone_model(seed, softmax=True),
+          "linear-logsoftmax": lambda seed: _backbone_model(seed, softmax="LogSoftmax"),
           "text-softmax": lambda seed: _text_model(seed, softmax=True)}
 
 
@@ -140,7 +142,7 @@ def test_exact_equals_ort_brute_force_on_every_fault(kind: str, policy: str) -> 
     result = analyse_model(model, x, policy=policy)
     head = locate_head(model)
     assert head.kind == ("text" if kind.startswith("text") else "linear")
-    assert head.softmax == kind.endswith("softmax")
+    assert head.softmax == {"softmax": "Softmax", "logsoftmax": "LogSoftmax"}.get(kind.partition("-")[2], "")
     top1 = _run(model, {"x": x}).reshape(len(x), -1).argmax(1)
     rp = RangePolicy(policy, profile_ranges(model, x, head_tensors(head)))
     weights = {s.tensor for s in result.sites if s.role in ("weight", "bias", "proj_weight", "proj_bias")}
@@ -175,14 +177,15 @@ def test_a_1x1_conv_on_a_global_pool_is_located_and_one_on_a_map_refused() -> No
         locate_head(on_map)
 
 
-def test_softmax_over_another_axis_and_log_softmax_are_refused() -> None:
+def test_softmax_over_another_axis_or_of_a_softmax_is_refused() -> None:
     model = _backbone_model(2, softmax=True)
     model.graph.node[-1].attribute[0].i = 0  # over the images
     with pytest.raises(HardenError, match="normalises axis 0, not the classes"):
         locate_head(model)
-    model = _backbone_model(2, softmax=True)
-    model.graph.node[-1].op_type = "LogSoftmax"
-    with pytest.raises(HardenError, match="LogSoftmax"):
+    model = _backbone_model(2, softmax="LogSoftmax")
+    model.graph.node.append(helper.make_node("Softmax", ["prob"], ["p2"], name="again", axis=1))
+    model.graph.output[0].name = "p2"
+    with pytest.raises(HardenError, match="applies another LogSoftmax"):
         locate_head(model)
 
 
@@ -209,14 +212,15 @@ def test_stored_index_maps_to_the_transposed_layout() -> None:
     assert stored_to_element(head, head.proj_weight_name, np.array([7]))[0] == 7
 
 
+@pytest.mark.parametrize("op", ["Softmax", "LogSoftmax"])
 @pytest.mark.parametrize("opset", [11, 13])
-def test_ort_softmax_keeps_the_order_the_tie_band_assumes(opset: int) -> None:
+def test_ort_softmax_keeps_the_order_the_tie_band_assumes(opset: int, op: str) -> None:
     """The exact analysis trusts a Softmax to keep the order of scores more than SOFTMAX_TIE apart: that holds
     if ONNX Runtime's float32 Softmax is within SOFTMAX_TIE / 4 (relative) of the exact one. A runtime whose
     Softmax were less accurate would fail here before it could skew a count."""
     from harden.fi.exact_site import SOFTMAX_TIE
 
-    graph = helper.make_graph([helper.make_node("Softmax", ["z"], ["p"], axis=1)], "softmax",
+    graph = helper.make_graph([helper.make_node(op, ["z"], ["p"], axis=1)], "softmax",
                               [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", 10])],
                               [helper.make_tensor_value_info("p", TensorProto.FLOAT, ["N", 10])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
@@ -224,9 +228,10 @@ def test_ort_softmax_keeps_the_order_the_tie_band_assumes(opset: int) -> None:
     rng = np.random.default_rng(0)
     for scale in (0.1, 1.0, 10.0, 100.0, 1000.0):
         z = (rng.standard_normal((20000, 10)) * scale).astype(np.float32)
-        p = _run(model, {"z": z}).astype(np.float64)
+        out = _run(model, {"z": z}).astype(np.float64)
         e = np.exp(z - z.max(axis=1, keepdims=True).astype(np.float64))
         exact = e / e.sum(axis=1, keepdims=True)
+        p = np.exp(out) if op == "LogSoftmax" else out
         big = exact > 1e-3
         assert (np.abs(p - exact)[big] / exact[big]).max() < SOFTMAX_TIE / 4, scale
         # scores SOFTMAX_TIE apart at the top (or one float32 step, where that is wider) keep their order

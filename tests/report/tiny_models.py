@@ -36,16 +36,17 @@ def _fit(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return w.T.astype(np.float32), b.astype(np.float32)
 
 
-def write_softmax_model(folder: Path, op: str = "Softmax") -> Path:
-    """The baseline with a Softmax (or `op`, e.g. LogSoftmax) after its classifier."""
+def write_softmax_model(folder: Path, ops: tuple[str, ...] = ("Softmax",)) -> Path:
+    """The baseline with a Softmax (or the chain of `ops`) after its classifier."""
     w, b = _fit()
     nodes = [helper.make_node("Flatten", ["x"], ["f"], name="flatten"),
-             helper.make_node("Gemm", ["f", "W", "b"], ["logits"], name="fc", transB=1),
-             helper.make_node(op, ["logits"], ["prob"], name="softmax", axis=1)]
-    model = _model(nodes, "prob", w, b)
+             helper.make_node("Gemm", ["f", "W", "b"], ["t0"], name="fc", transB=1)]
+    nodes += [helper.make_node(op, [f"t{i}"], [f"t{i + 1}"], name=f"norm{i}", axis=1) for i, op in enumerate(ops)]
+    model = _model(nodes, f"t{len(ops)}", w, b)
     folder.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(folder / f"{op.lower()}.onnx"))
-    return folder / f"{op.lower()}.onnx"
+    name = "-".join(op.lower() for op in ops) + ".onnx"
+    onnx.save(model, str(folder / name))
+    return folder / name
 
 
 def _model(nodes: list[onnx.NodeProto], out: str, w: np.ndarray, b: np.ndarray) -> onnx.ModelProto:
