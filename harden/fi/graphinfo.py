@@ -54,7 +54,8 @@ def named_copy(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def bypass_constant_identities(model: onnx.ModelProto) -> None:
-    """Make readers of Identity(constant) read the constant itself, and drop those Identity nodes (in place).
+    """Make readers of Identity(constant) read the constant itself, and drop those Identity nodes (in place);
+    likewise a Reshape that is a stored tensor's only reader (`_reshape_in_place`).
 
     torch's exporter stores equal initializers once and hands each further
     reader an Identity of it (an untrained or BN-folded network's zero biases,
@@ -71,19 +72,54 @@ def bypass_constant_identities(model: onnx.ModelProto) -> None:
     constant = {t.name for t in graph.initializer}
     constant.update(n.output[0] for n in graph.node if n.op_type == "Constant" and n.output)
     outputs = {o.name for o in graph.output}
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
     root: dict[str, str] = {}
     kept = []
     for node in graph.node:
         for j, name in enumerate(node.input):
             if name in root:
                 node.input[j] = root[name]
-        if node.op_type == "Identity" and node.input and node.input[0] in constant and node.output[0] not in outputs:
+        if node.output and node.output[0] not in outputs and node.input and node.input[0] in constant and (
+                node.op_type == "Identity" or _reshape_in_place(graph, node, readers)):
             root[node.output[0]] = node.input[0]
             continue
         kept.append(node)
     if root:
         del graph.node[:]
         graph.node.extend(kept)
+
+
+def _reshape_in_place(graph: onnx.GraphProto, node: onnx.NodeProto, readers: dict[str, int]) -> bool:
+    """Store a Reshape's result in its initializer when that Reshape is the initializer's only reader.
+
+    caffe2-era zoo graphs (GoogLeNet's classifier) keep a weight flat and
+    reshape it on every run. Element k of the stored tensor is element k of
+    the reshaped one, so the stored tensor, under its own name, stays the
+    fault site: a flipped bit in it is exactly a flipped bit in the layer's
+    weight. Returns whether it did.
+    """
+    if node.op_type != "Reshape" or len(node.input) < 2 or readers.get(node.input[0]) != 1:
+        return False
+    stored = next((t for t in graph.initializer if t.name == node.input[0]), None)
+    spec = next((t for t in graph.initializer if t.name == node.input[1]), None)
+    if stored is None or spec is None or any(a.name == "allowzero" and a.i for a in node.attribute):
+        return False
+    value = numpy_helper.to_array(stored)
+    shape = [int(d) if d != 0 else value.shape[i] for i, d in enumerate(numpy_helper.to_array(spec).tolist())]
+    try:
+        reshaped = value.reshape(shape)
+    except ValueError:
+        return False
+    stored.CopyFrom(numpy_helper.from_array(reshaped, stored.name))
+    for declared in graph.input:  # models before IR 4 list initializers as inputs, with their shapes
+        if declared.name == stored.name and declared.type.tensor_type.HasField("shape"):
+            del declared.type.tensor_type.shape.dim[:]
+            for d in reshaped.shape:
+                declared.type.tensor_type.shape.dim.add().dim_value = int(d)
+    return True
 
 
 class GraphInfo:

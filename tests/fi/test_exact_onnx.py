@@ -177,6 +177,17 @@ def test_a_1x1_conv_on_a_global_pool_is_located_and_one_on_a_map_refused() -> No
         locate_head(on_map)
 
 
+def test_a_classifier_weight_stored_flat_and_reshaped_matches_brute_force() -> None:
+    from tests.fi.tiny_models import reshaped_weight_mlp
+
+    model = reshaped_weight_mlp(seed=1)
+    x = np.random.default_rng(8).normal(size=(10, 2, 3, 3)).astype(np.float32)
+    result = analyse_model(model, x, roles=["weight"])
+    top1 = _run(model, {"x": x}).argmax(1)
+    assert result.sites[0].tensor == "wf_flat"
+    assert result.site("wf_flat").sdc == _brute_weight(model, "wf_flat", x, top1, RangePolicy("none"), "fp32").tolist()
+
+
 def test_softmax_over_another_axis_or_of_a_softmax_is_refused() -> None:
     model = _backbone_model(2, softmax=True)
     model.graph.node[-1].attribute[0].i = 0  # over the images

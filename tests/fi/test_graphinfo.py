@@ -9,7 +9,8 @@ from harden.fi.graphinfo import GraphInfo
 from harden.fi.sites import list_sites
 from harden.graph.ort import make_session
 from tests.fi.test_engine_paths import _weight_check
-from tests.fi.tiny_models import conv_classifier_cnn, identity_weight_cnn, labelled_inputs, tied_cnn
+from tests.fi.tiny_models import (conv_classifier_cnn, identity_weight_cnn, labelled_inputs, reshaped_weight_mlp,
+                                  tied_cnn)
 
 
 def test_identities_of_constants_are_bypassed_and_the_graph_computes_the_same() -> None:
@@ -59,3 +60,12 @@ def test_scores_of_a_1x1_conv_classifier_are_read_as_n_by_c() -> None:
 
 def _plain(model, x: np.ndarray) -> np.ndarray:  # type: ignore[no-untyped-def]
     return make_session(model, opt_level="disable").run(None, {"x": x})[0]
+
+
+@pytest.mark.parametrize("cone", [False, True], ids=["suffix", "cone"])
+def test_a_weight_stored_flat_and_reshaped_is_a_site_under_its_own_name(cone: bool) -> None:
+    """caffe2-era zoo graphs reshape their classifier weight on every run: it was missing from the sites."""
+    model = reshaped_weight_mlp()
+    sites = {s.name: s for s in list_sites(model) if s.kind == "weight"}
+    assert sorted(sites) == ["b0", "bf", "w0", "wf_flat"] and sites["wf_flat"].shape == (3, 6)
+    _weight_check(model, "wf_flat", seed=3, cone=cone)  # against a changed element of the flat stored tensor

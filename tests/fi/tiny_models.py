@@ -227,3 +227,20 @@ def conv_classifier_cnn(seed: int = 0, classes: int = 4, channels: int = 3) -> o
     inits = [_init("w1", rng, 6, channels, 3, 3), _init("b1", rng, 6, scale=0.1), _init("wc", rng, classes, 6, 1, 1),
              numpy_helper.from_array(np.full(classes, 0.5, dtype=np.float32), "bc")]
     return classifier(nodes, inits, "conv_classifier", (channels, 8, 8), classes, spatial=(1, 1))
+
+
+def reshaped_weight_mlp(seed: int = 0, classes: int = 3) -> onnx.ModelProto:
+    """flatten → gemm → relu → gemm whose classifier weight is stored flat and reshaped on every run, as
+    caffe2-era zoo graphs (GoogLeNet) keep it; input 1×2×3×3."""
+    rng = np.random.default_rng(seed)
+    nodes = [
+        helper.make_node("Flatten", ["x"], ["flat"], name="flatten"),
+        helper.make_node("Gemm", ["flat", "w0", "b0"], ["h"], name="fc0", transB=1),
+        helper.make_node("Relu", ["h"], ["feat"], name="relu"),
+        helper.make_node("Reshape", ["wf_flat", "wf_shape"], ["wf"], name="wf_reshape"),
+        helper.make_node("Gemm", ["feat", "wf", "bf"], ["logits"], name="fc", transB=1),
+    ]
+    inits = [_init("w0", rng, 6, 18), _init("b0", rng, 6, scale=0.1), _init("wf_flat", rng, classes * 6, scale=1.0),
+             numpy_helper.from_array(np.array([classes, 6], dtype=np.int64), "wf_shape"),
+             _init("bf", rng, classes, scale=0.1)]
+    return classifier(nodes, inits, "reshaped_weight", (2, 3, 3), classes)
