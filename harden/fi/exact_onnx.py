@@ -19,7 +19,7 @@ from harden.fi.exact import ExactResult, analyse_sites
 from harden.fi.exact_linear import LinearHead
 from harden.fi.exact_site import RangePolicy, Site, after_softmax
 from harden.fi.exact_text import TextHead
-from harden.fi.graphinfo import bypass_constant_identities, named_copy
+from harden.fi.graphinfo import bypass_constant_views, named_copy
 from harden.fi.outcome import nonfinite_rows
 from harden.fi.profile import profile_ranges
 from harden.graph.ort import expose
@@ -38,7 +38,7 @@ class _Graph:
 
     def __init__(self, model: onnx.ModelProto) -> None:
         self.model = named_copy(model)
-        bypass_constant_identities(self.model)  # a weight behind an Identity or a Reshape is still a constant
+        bypass_constant_views(self.model)  # a weight behind an Identity or a Reshape is still a constant
         self.transposed: set[str] = set()  # weights stored as the transpose of the head's layout
         self.producer = {o: n for n in self.model.graph.node for o in n.output if o}
         self.constants = {t.name: numpy_helper.to_array(t) for t in self.model.graph.initializer}

@@ -53,7 +53,7 @@ def named_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     return copy
 
 
-def bypass_constant_identities(model: onnx.ModelProto) -> None:
+def bypass_constant_views(model: onnx.ModelProto) -> None:
     """Make readers of Identity(constant) read the constant itself, and drop those Identity nodes (in place);
     likewise a Reshape that is a stored tensor's only reader (`_reshape_in_place`).
 
@@ -108,10 +108,10 @@ def _reshape_in_place(graph: onnx.GraphProto, node: onnx.NodeProto, readers: dic
     if stored is None or spec is None or any(a.name == "allowzero" and a.i for a in node.attribute):
         return False
     value = numpy_helper.to_array(stored)
-    shape = [int(d) if d != 0 else value.shape[i] for i, d in enumerate(numpy_helper.to_array(spec).tolist())]
-    try:
+    try:  # a 0 in the shape copies the input's dimension there
+        shape = [int(d) if d != 0 else value.shape[i] for i, d in enumerate(numpy_helper.to_array(spec).tolist())]
         reshaped = value.reshape(shape)
-    except ValueError:
+    except (ValueError, IndexError, TypeError):
         return False
     stored.CopyFrom(numpy_helper.from_array(reshaped, stored.name))
     for declared in graph.input:  # models before IR 4 list initializers as inputs, with their shapes
@@ -129,7 +129,7 @@ class GraphInfo:
     def __init__(self, model: onnx.ModelProto, example: np.ndarray | None = None,
                  providers: Sequence[str] = ("CPUExecutionProvider",)) -> None:
         self.model = named_copy(model)
-        bypass_constant_identities(self.model)
+        bypass_constant_views(self.model)
         graph = self.model.graph
         image = image_input(self.model)
         select_scores(self.model)  # one output, the class scores
