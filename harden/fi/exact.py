@@ -23,8 +23,9 @@ ONNX Runtime may not share for a fault that sits exactly at a rounding tie.
 from __future__ import annotations
 
 import math
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -248,11 +249,14 @@ def _geometry(site: Site, top1: np.ndarray) -> tuple[_Geometry, np.ndarray]:
     return _Geometry(lo, hi, up, down, m0, site.tau, top1), m0 <= 2 * site.tau
 
 
-def analyse_site(site: Site, top1: np.ndarray, fmt: str = "fp32") -> ExactSiteResult:
+def analyse_site(site: Site, top1: np.ndarray, fmt: str = "fp32",
+                 advance: Callable[[int], object] | None = None) -> ExactSiteResult:
     """Exact SDC/DUE counts per bit for every element × bit × image of one site.
 
     Images go in blocks; an image whose fault-free margin is itself within
-    rounding of a tie is analysed on its own with every fault in float32.
+    rounding of a tie is analysed on its own with every fault in float32,
+    which on a wide head is most of the time: `advance(faults)` is told as
+    each part is done, so that a progress bar can show it.
     """
     width = check_format(fmt)
     n = len(top1)
@@ -267,9 +271,13 @@ def analyse_site(site: Site, top1: np.ndarray, fmt: str = "fp32") -> ExactSiteRe
         if keep.any():
             for ks in _chunks(site.size, step):
                 _block(site, geo, rows, keep, ks, radius, counts, bits)
+        if advance is not None:
+            advance(int(keep.sum()) * site.size * width)
     for i in np.flatnonzero(near_tie):
         for ks in _chunks(site.size, step):
             _block(site, geo, slice(i, i + 1), np.ones(1, bool), ks, None, counts, bits, force=True)
+            if advance is not None:
+                advance(len(ks) * width)
     return ExactSiteResult(
         tensor=site.tensor, role=site.role, layer=site.layer, elements=site.size, images=n, fmt=fmt,
         faults=counts.faults.tolist(), sdc=counts.sdc.tolist(), due=counts.due.tolist(),
@@ -372,9 +380,15 @@ def _safe_radius(site: Site, lo: np.ndarray, hi: np.ndarray, m0: np.ndarray) -> 
     return np.minimum(np.nan_to_num(r, nan=0.0), site.limit.min() if site.limit.size else np.inf)
 
 
-def analyse_sites(sites: list[Site], top1: np.ndarray, fmt: str, head: str, policy: str) -> ExactResult:
-    """Run `analyse_site` over every site and time the whole analysis."""
+def analyse_sites(sites: list[Site], top1: np.ndarray, fmt: str, head: str, policy: str,
+                  progress: bool = False) -> ExactResult:
+    """Run `analyse_site` over every site and time the whole analysis; with `progress`, a bar on stderr."""
+    from tqdm import tqdm
+
     start = time.perf_counter()
-    results = [analyse_site(site, top1, fmt) for site in sites]
+    total = sum(site.size for site in sites) * len(top1) * check_format(fmt)
+    with tqdm(total=total, unit="fault", unit_scale=True, desc="exact", disable=not progress, file=sys.stderr,
+              dynamic_ncols=True) as bar:
+        results = [analyse_site(site, top1, fmt, bar.update) for site in sites]
     return ExactResult(head=head, policy=policy, fmt=fmt, images=len(top1), sites=results,
                        seconds=time.perf_counter() - start)

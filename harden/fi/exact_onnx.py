@@ -246,19 +246,20 @@ def head_tensors(head: Head) -> list[str]:
 def analyse_model(model: onnx.ModelProto, inputs: np.ndarray, policy: str = "none", fmt: str = "fp32",
                   ranges: dict[str, float] | None = None, profile_inputs: np.ndarray | None = None,
                   roles: Sequence[str] | None = None, batch: int = 64,
-                  providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0) -> ExactResult:
+                  providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0,
+                  progress: bool = False) -> ExactResult:
     """Exact SDC counts of every single-bit fault in the final layer, over the model-ready `inputs`.
 
     `inputs` should be the campaign's kept images (EvalSet.inputs). `ranges`
     (EvalSet.ranges) are reused where they cover a tensor; the others are profiled
     on `profile_inputs` (default `inputs`) as the engine would. `roles` limits
     the sites (weight, bias, input, output, proj_weight, proj_bias, proj_output, cosine). `threads` (0: every
-    CPU) changes speed only.
+    CPU) changes speed only. `progress` shows a bar of faults decided on stderr.
     """
     head, sites, top1 = model_sites(model, inputs, policy, fmt, ranges, profile_inputs, roles, batch, providers,
                                     threads)
     return analyse_sites(sites, top1, fmt, head.kind + (f" + {head.softmax.lower()}" if head.softmax else ""),
-                         policy)
+                         policy, progress)
 
 
 def model_sites(model: onnx.ModelProto, inputs: np.ndarray, policy: str = "none", fmt: str = "fp32",

@@ -131,7 +131,7 @@ def _certify_one(role: str, path: str, config: CertifyConfig, campaign: Campaign
         try:
             exact = analyse_model(model, inputs[np.asarray(ev.ids, dtype=np.int64)], policy=config.clamp,
                                   fmt=config.fmt, ranges=ev.ranges, profile_inputs=inputs,
-                                  batch=config.batch, threads=config.threads)
+                                  batch=config.batch, threads=config.threads, progress=config.progress)
         except HardenError as err:
             skipped = str(err)
     else:

@@ -250,3 +250,18 @@ def test_ort_softmax_keeps_the_order_the_tie_band_assumes(opset: int, op: str) -
         runner_up = np.minimum(z[rows, top] - np.float32(SOFTMAX_TIE), np.nextafter(z[rows, top], -np.inf))
         z[rows, (top + 1) % 10] = runner_up
         assert (_run(model, {"z": z}).argmax(axis=1) == top).all(), scale
+
+
+def test_progress_counts_every_fault_once() -> None:
+    """certify's bar for the exact analysis: the parts reported add up to the faults counted, near ties included."""
+    from harden.fi.exact import analyse_site
+    from harden.fi.exact_onnx import model_sites
+
+    model = _backbone_model(5)
+    x = _images(5, n=40)
+    _, sites, top1 = model_sites(model, x)
+    for site in sites:
+        site.tau[:3] = np.inf  # three images analysed one by one, as near a tie
+        parts: list[int] = []
+        result = analyse_site(site, top1, "fp32", parts.append)
+        assert sum(parts) == result.total_faults == site.size * len(x) * 32, site.tensor
