@@ -111,8 +111,8 @@ class Site:
 
 # Logits closer than this to a tie are left to the float32 path when the model outputs Softmax probabilities.
 # Two logits d apart become probabilities in the ratio exp(d) (the subtraction of the max is exact near a
-# tie), so they keep their order when the Softmax is within d/2, relative, of the exact one. ONNX Runtime's
-# measured 4.8e-7 on logits from 0.1 to 1000 in scale; tests/fi/test_exact_onnx.py requires 1e-5 / 4.
+# tie), so they keep their order when the Softmax is within d/2, relative, of the exact one.
+# tests/fi/test_exact_onnx.py holds ONNX Runtime's to 1e-5 / 4 on logits from 0.1 to 1000 in scale.
 SOFTMAX_TIE = 1e-5
 
 
