@@ -15,9 +15,13 @@ finite and far from overflow. Before an L2 normalisation, float32 overflow has
 a closed form too (z' with Inf/NaN: every score NaN; a finite z' whose square
 overflows: every score 0, so class 0 wins). Every other fault — non-finite
 logits, huge exponent flips, margins within rounding of a tie — is recomputed
-by a numpy float32 forward pass of the head. The closed-form decisions hold for
-any float32 accumulation order; the recomputed ones follow numpy's order, which
-ONNX Runtime may not share for a fault that sits exactly at a rounding tie.
+by a numpy float32 forward pass of the head. A weight or bias fault moves one
+score while every other keeps its exact fault-free float32 value, so those are
+decided against exact rivals (`unit_geometry`), with only the faulty score's own
+rounding to allow for, even on an image whose margin is within rounding of a
+tie. The closed-form decisions hold for any float32 accumulation order; the
+recomputed ones follow numpy's order, which ONNX Runtime may not share for a
+fault that sits exactly at a rounding tie.
 """
 
 from __future__ import annotations
@@ -240,13 +244,43 @@ class _Geometry:
     m0: np.ndarray
     tau: np.ndarray
     top1: np.ndarray
+    unit: bool = False
 
 
 def _geometry(site: Site, top1: np.ndarray) -> tuple[_Geometry, np.ndarray]:
     """The site's per-image envelope, and which images sit within rounding of a tie (analysed one by one)."""
+    if site.scores is not None:
+        return unit_geometry(site, top1)
     lo, hi, up, down = envelope(site.base, top1, site.directions)
     m0 = margin(site.base, top1)
     return _Geometry(lo, hi, up, down, m0, site.tau, top1), m0 <= 2 * site.tau
+
+
+def unit_geometry(site: Site, top1: np.ndarray) -> tuple[_Geometry, np.ndarray]:
+    """The envelope of a site whose faults move one score alone, against the exact fault-free float32 rivals.
+
+    Every other class keeps its fault-free float32 score, so class c ≠ t stays below
+    the top-1 t while base_c + Δ < S_t, and t stays on top while base_t + Δ > the
+    best other S. Only the faulty score itself is rounded (tau + slack), so the
+    decision is one-sided and holds however close S_t and its rival are, except
+    behind a Softmax, whose renormalisation may round two leaders within its tie
+    band into a tie: those images (returned) are analysed one by one in float32.
+    """
+    if site.classes is None or not np.array_equal(site.group, site.classes):
+        raise HardenError(f"site {site.tensor!r}: fault-free scores given, but its faults do not move one class")
+    scores = np.asarray(site.scores, np.float64)
+    rows = np.arange(len(top1))
+    others = scores.copy()
+    others[rows, top1] = -np.inf
+    top, rival = scores[rows, top1], others.max(axis=1)
+    hi = top[:, None] - site.base
+    lo = np.full_like(hi, -np.inf)
+    lo[rows, top1] = rival - site.base[rows, top1]
+    hi[rows, top1] = np.inf
+    tie = np.zeros(len(top1)) if site.tie is None else site.tie
+    ambiguous = (tie > 0) & (top - rival <= tie)
+    none = np.zeros_like(hi)
+    return _Geometry(lo, hi, none, none, top - rival, site.tau + tie / 2, top1, unit=True), ambiguous
 
 
 def analyse_site(site: Site, top1: np.ndarray, fmt: str = "fp32",
@@ -254,15 +288,16 @@ def analyse_site(site: Site, top1: np.ndarray, fmt: str = "fp32",
     """Exact SDC/DUE counts per bit for every element × bit × image of one site.
 
     Images go in blocks; an image whose fault-free margin is itself within
-    rounding of a tie is analysed on its own with every fault in float32,
-    which on a wide head is most of the time: `advance(faults)` is told as
-    each part is done, so that a progress bar can show it.
+    rounding of a tie (or, for a weight or bias site, within a Softmax's tie
+    band) is analysed on its own with every fault in float32, which on a wide
+    head takes most of the time: `advance(faults)` is told as each part is
+    done, so that a progress bar can show it.
     """
     width = check_format(fmt)
     n = len(top1)
     geo, near_tie = _geometry(site, top1)
     counts = _Counts(width, site.classes is not None)
-    radius = _safe_radius(site, geo.lo, geo.hi, geo.m0) if site.weight_delta is not None else None
+    radius = _safe_radius(site, geo) if site.weight_delta is not None else None
     bits = range(width)
     step = max(1, CHUNK_CELLS // BLOCK)
     for start in range(0, n, BLOCK):
@@ -335,8 +370,12 @@ def _block(site: Site, geo: _Geometry, rows: slice, keep: np.ndarray, ks: np.nda
         lo, hi = geo.lo[rows][:, g], geo.hi[rows][:, g]
         with np.errstate(invalid="ignore"):
             flips = (delta < lo) | (delta > hi)
-            bound = _margin_bound(delta, lo, hi, geo.up[rows][:, g], geo.down[rows][:, g], m0_col)
-            unsafe = ~np.isfinite(delta) | (np.abs(delta) > site.limit[live]) | (bound <= 2 * (tau_col + slack))
+            if geo.unit:  # one rounded score against exact rivals
+                close = np.minimum(np.abs(delta - lo), np.abs(delta - hi)) <= tau_col + slack
+            else:  # rounded scores on both sides of the margin
+                bound = _margin_bound(delta, lo, hi, geo.up[rows][:, g], geo.down[rows][:, g], m0_col)
+                close = bound <= 2 * (tau_col + slack)
+            unsafe = ~np.isfinite(delta) | (np.abs(delta) > site.limit[live]) | close
         if force:
             unsafe[:] = True
         nonfinite = np.zeros_like(flips)
@@ -366,17 +405,23 @@ def _block(site: Site, geo: _Geometry, rows: slice, keep: np.ndarray, ks: np.nda
             counts.hit_sdc[bit] += int((flips & hit).sum())
 
 
-def _safe_radius(site: Site, lo: np.ndarray, hi: np.ndarray, m0: np.ndarray) -> np.ndarray:
+def _safe_radius(site: Site, geo: _Geometry) -> np.ndarray:
     """r (N×G): any fault with |δ·x| ≤ r keeps top-1 for that image, beyond any float32 doubt.
 
     With |Δ| ≤ r ≤ R = min(−lo, hi) the margin is at least m0(1 − r/R) and the
-    rounding bound at most 2τ + 2κr, so r < (m0 − 2τ)/(m0/R + 2κ) suffices.
+    rounding bound at most 2τ + 2κr, so r < (m0 − 2τ)/(m0/R + 2κ) suffices. Against
+    exact rivals (geo.unit) the faulty score is at least R − r from the edge and
+    rounds by at most τ + 2κr, so r < (R − τ)/(1 + 2κ) suffices.
     """
-    kappa = site.kappa if site.kappa is not None else np.zeros(lo.shape[1])
-    reach = np.minimum(-lo, hi)
+    kappa = site.kappa if site.kappa is not None else np.zeros(geo.lo.shape[1])
+    reach = np.minimum(-geo.lo, geo.hi)
+    tau, m0 = geo.tau[:, None], geo.m0[:, None]
     with np.errstate(divide="ignore", invalid="ignore"):
-        r = 0.99 * (m0[:, None] - 2 * site.tau[:, None]) / (m0[:, None] / reach + 2 * kappa[None, :])
-    r = np.where((m0[:, None] > 2 * site.tau[:, None]) & (reach > 0), r, 0.0)
+        if geo.unit:
+            r = np.where(reach > tau, 0.99 * (reach - tau) / (1 + 2 * kappa[None, :]), 0.0)
+        else:
+            r = 0.99 * (m0 - 2 * tau) / (m0 / reach + 2 * kappa[None, :])
+            r = np.where((m0 > 2 * tau) & (reach > 0), r, 0.0)
     return np.minimum(np.nan_to_num(r, nan=0.0), site.limit.min() if site.limit.size else np.inf)
 
 

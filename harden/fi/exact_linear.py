@@ -67,6 +67,8 @@ class _LinearSites:
         self.peak_out = policy.tensor_peak(head.output)
         self.tau = (self.d + 3) * U32 * np.max(np.abs(self.f64) @ np.abs(self.W64).T + np.abs(self.b64), axis=1)
         self.eye = np.eye(self.C)
+        # what the top-1 compares: a weight or bias fault leaves every other class at exactly this score
+        self.scores = clamp32(self.L, self.peak_out).astype(np.float64)
 
     def all(self) -> list[Site]:
         sites = [self.weight_site()]
@@ -103,7 +105,8 @@ class _LinearSites:
         k = np.arange(self.C * self.d)
         return Site(self.h.weight_name, "weight", self.h.layer, k.size, base, self.tau, self.eye, k // self.d,
                     np.full(k.size, LOGIT_LIMIT), delta, recompute, classes=k // self.d,
-                    weight_delta=wdelta, x_abs=np.abs(self.f64), col=k % self.d, kappa=np.full(self.C, kappa))
+                    weight_delta=wdelta, x_abs=np.abs(self.f64), col=k % self.d, kappa=np.full(self.C, kappa),
+                    scores=self.scores)
 
     def bias_site(self) -> Site:
         scale, vpeak = tensor_scale(self.b, self.fmt), self.policy.weight_peak(self.b)
@@ -125,7 +128,7 @@ class _LinearSites:
 
         k = np.arange(self.C)
         return Site(str(self.h.bias_name), "bias", self.h.layer, self.C, base, self.tau, self.eye, k,
-                    np.full(self.C, LOGIT_LIMIT), delta, recompute, classes=k)
+                    np.full(self.C, LOGIT_LIMIT), delta, recompute, classes=k, scores=self.scores)
 
     def input_site(self) -> Site:
         name = self.h.input
@@ -186,5 +189,6 @@ def output_site(logits: np.ndarray, policy: RangePolicy, fmt: str, tensor: str, 
 
     k = np.arange(c)
     limit = np.full(c, np.inf if scale is None else LOGIT_LIMIT / mult)
+    units = None if scale is None else np.full(n, 1 / mult)
     return Site(tensor, "output" if scale is None else "cosine", layer, c, base, tau, np.eye(c), k, limit,
-                delta, recompute, classes=k)
+                delta, recompute, classes=k, scores=base, units=units)

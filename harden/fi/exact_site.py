@@ -88,6 +88,17 @@ class Site:
     bounds slack/|δ·x| for such sites. Sites before an L2 normalisation give
     `zmax(rows, ks, Δ)`, lower and upper bounds on max|z'|, which decide float32
     overflow of ‖z'‖ in closed form (see `exact.overflow_outcome`).
+
+    A site whose every fault moves one class's score alone (directions = identity:
+    classifier weights and biases) gives `scores`, the fault-free float32 scores
+    in base's units. The other classes then keep those exact values, so a fault
+    is decided by comparing one faulty score with exact rivals (see
+    `exact.unit_geometry`), which also decides images whose own margin is within
+    rounding of a tie. `units` (N) is how many of base's units one logit is worth
+    in the fault-free run (1 when None) and `units_slope` (G) bounds how fast a
+    fault of size |Δ| can grow that (0 when None): a Softmax tie band is set in
+    logits, so `after_softmax` converts it with these. `tie` (N) is that band in
+    base's units, once set.
     """
 
     tensor: str
@@ -107,6 +118,10 @@ class Site:
     x_abs: np.ndarray | None = None
     col: np.ndarray | None = None
     kappa: np.ndarray | None = None
+    scores: np.ndarray | None = None
+    units: np.ndarray | None = None
+    units_slope: np.ndarray | None = None
+    tie: np.ndarray | None = None
 
 
 # Logits closer than this to a tie are left to the float32 path when the model outputs Softmax probabilities.
@@ -131,14 +146,31 @@ def after_softmax(site: Site, log: bool = False) -> Site:
     """The site of a model that outputs Softmax(scores), or LogSoftmax with `log`: the faulty top-1 is the
     scores' own, except within SOFTMAX_TIE of a tie, where the float32 path decides, and that path applies
     the (Log)Softmax too. LogSoftmax subtracts one log-sum from every shifted score, which near a tie
-    (log-sum ≤ log C) rounds by far less than the band."""
-    inner = site.recompute
+    (log-sum ≤ log C) rounds by far less than the band.
+
+    The band is in logits; a site whose base is in other units (cosines, or z·W before an L2
+    normalisation, which a fault in z rescales) carries it in its own through `units` and `units_slope`.
+    """
+    inner_recompute, inner_delta = site.recompute, site.delta
 
     def recompute(rows: np.ndarray, ks: np.ndarray, bit: int) -> np.ndarray:
-        return softmax32(inner(rows, ks, bit), log)
+        return softmax32(inner_recompute(rows, ks, bit), log)
 
-    # the decisions compare margins with 2·tau
-    return replace(site, tau=site.tau + SOFTMAX_TIE / 2, recompute=recompute)
+    tie = SOFTMAX_TIE * (np.ones(len(site.tau)) if site.units is None else site.units)
+    if site.units_slope is None:
+        delta, kappa = inner_delta, site.kappa
+    else:
+        slope = SOFTMAX_TIE / 2 * site.units_slope
+
+        def delta(rows: slice, ks: np.ndarray, bit: int) -> tuple[np.ndarray, np.ndarray]:
+            change, slack = inner_delta(rows, ks, bit)
+            with np.errstate(invalid="ignore", over="ignore"):
+                return change, slack + slope[site.group[ks]] * np.abs(change)
+
+        kappa = None if site.kappa is None else site.kappa + slope
+    # the envelope's decisions compare margins with 2·(tau + slack), which now holds the band once at the
+    # fault-free units and once for what the fault adds; exact.unit_geometry adds tie / 2 back
+    return replace(site, tau=site.tau + tie / 2, tie=tie, delta=delta, kappa=kappa, recompute=recompute)
 
 
 def clamp64(values: np.ndarray, peak: float | None) -> np.ndarray:

@@ -97,6 +97,12 @@ class _TextSites:
         self.tau_z = self.kz * np.max(zabs @ np.abs(self.W64).T, axis=1)
         self.wmax = np.abs(self.W64).max(axis=0)  # E
         self.zn = head.normalise(self.z)
+        # logits per unit of a cosine; a Softmax tie band is converted with it (exact_site.after_softmax)
+        self.mult = 1.0 if head.scale is None else float(head.scale)
+
+    def _zw_units(self, z: np.ndarray) -> np.ndarray:
+        """Units of z·W per logit, fault-free: the scores are scale · z·W / max(‖z‖, eps)."""
+        return np.maximum(np.linalg.norm(np.asarray(z, np.float64), axis=1), self.h.eps) / self.mult
 
     def all(self) -> list[Site]:
         sites = [self.proj_weight_site(), self.proj_bias_site(), self.input_site(), self.z_site(),
@@ -145,6 +151,7 @@ class _TextSites:
         prune = {"weight_delta": wdelta, "x_abs": np.abs(x), "col": k % cols, "kappa": kappa} if cols > 1 else {}
         return Site(name, role, self.h.proj_layer, k.size, base, self.tau_z, self.W64.T.copy(), k // cols,
                     np.full(k.size, Z_LIMIT), delta, recompute, zmax=self._one_hot_zmax(zb, k // cols),
+                    units=self._zw_units(zb), units_slope=np.full(self.E, 1 / self.mult),
                     **prune)  # type: ignore[arg-type]
 
     @staticmethod
@@ -197,7 +204,8 @@ class _TextSites:
         with np.errstate(divide="ignore"):
             limit = Z_LIMIT / (np.sqrt(self.E) * pmax)
         return Site(self.h.input, "input", self.h.proj_layer, self.d, base, self.tau_z,
-                    (self.W64 @ self.P64).T.copy(), np.arange(self.d), limit, delta, recompute, zmax=zmax)
+                    (self.W64 @ self.P64).T.copy(), np.arange(self.d), limit, delta, recompute, zmax=zmax,
+                    units=self._zw_units(zb), units_slope=np.linalg.norm(self.P64, axis=0) / self.mult)
 
     def z_site(self) -> Site:
         zb, base, _ = self._z_base()
@@ -217,7 +225,8 @@ class _TextSites:
 
         return Site(self.h.proj_output, "proj_output", self.h.proj_layer, self.E, base, self.tau_z,
                     self.W64.T.copy(), np.arange(self.E), np.full(self.E, Z_LIMIT), delta, recompute,
-                    zmax=self._one_hot_zmax(zb, np.arange(self.E)))
+                    zmax=self._one_hot_zmax(zb, np.arange(self.E)), units=self._zw_units(zb),
+                    units_slope=np.full(self.E, 1 / self.mult))
 
     def weight_site(self) -> Site:
         """W[c, e]: cosine c moves by δ·ẑ[e]; the Gemm/MatMul output (cosines) is what the policy clamps."""
@@ -229,8 +238,6 @@ class _TextSites:
         base = clamp64(raw, peak)
         kappa = 2 * (self.E + 6) * U32
         tau = kappa * np.max(np.abs(zn64) @ np.abs(self.W64).T, axis=1) + 2 * U32 * np.abs(raw).max(axis=1)
-        mult = 1.0 if self.h.scale is None else float(self.h.scale)
-
         wdelta = flip_delta(self.W, self.fmt, scale, vpeak)
 
         def delta(rows: slice, ks: np.ndarray, bit: int) -> tuple[np.ndarray, np.ndarray]:
@@ -251,5 +258,6 @@ class _TextSites:
 
         k = np.arange(self.C * self.E)
         return Site(self.h.weight_name, "weight", self.h.layer, k.size, base, tau, np.eye(self.C), k // self.E,
-                    np.full(k.size, LOGIT_LIMIT / mult), delta, recompute, classes=k // self.E,
-                    weight_delta=wdelta, x_abs=np.abs(zn64), col=k % self.E, kappa=np.full(self.C, kappa))
+                    np.full(k.size, LOGIT_LIMIT / self.mult), delta, recompute, classes=k // self.E,
+                    weight_delta=wdelta, x_abs=np.abs(zn64), col=k % self.E, kappa=np.full(self.C, kappa),
+                    scores=clamp32(self.cos, peak).astype(np.float64), units=np.full(len(self.f), 1 / self.mult))

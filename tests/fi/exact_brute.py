@@ -74,12 +74,17 @@ def text_tensors(h: TextHead, f: np.ndarray) -> dict[str, np.ndarray]:
 
 def brute_text(h: TextHead, f: np.ndarray, fmt: str, policy: RangePolicy) -> dict[str, tuple[np.ndarray, ...]]:
     """{role: (sdc per bit, non-finite per bit)} by full forward passes of the text head."""
+    top1 = text_tensors(h, f)[h.output].argmax(1)
+    return {role: _count_faults(WIDTH[fmt], size, forward, top1)
+            for role, (size, forward) in text_forwards(h, f, fmt, policy).items()}
+
+
+def text_forwards(h: TextHead, f: np.ndarray, fmt: str, policy: RangePolicy) -> dict[str, tuple[int, object]]:
+    """{role: (elements, forward(k, bit) → the faulty float32 scores of every image)} for the text head."""
     tp = policy.tensor_peak
     t = text_tensors(h, f)
     z, cos, golden = t[h.proj_output], t[h.cosine], t[h.output]
-    top1 = golden.argmax(1)
-    width = WIDTH[fmt]
-    out: dict[str, tuple[np.ndarray, ...]] = {}
+    out: dict[str, tuple[int, object]] = {}
 
     def head(ff: np.ndarray, p: np.ndarray, b: np.ndarray, w: np.ndarray, clamp_z: bool, clamp_cos: bool) -> np.ndarray:
         zz = ff @ p.T + b
@@ -89,7 +94,7 @@ def brute_text(h: TextHead, f: np.ndarray, fmt: str, policy: RangePolicy) -> dic
         return cc if h.scale is None else (cc * np.float32(h.scale)).astype(np.float32)
 
     def count(role: str, size: int, forward) -> None:  # type: ignore[no-untyped-def]
-        out[role] = _count_faults(width, size, forward, top1)
+        out[role] = (size, forward)
 
     P, b, W = h.proj_weight, h.proj_bias, h.weight
     count("proj_weight", P.size, lambda k, bit: head(f, _wflip(P, k, bit, fmt, policy), b, W, True, False))

@@ -14,7 +14,7 @@ from harden.fi.exact_linear import LinearHead
 from harden.fi.exact_site import RangePolicy
 from harden.fi.exact_text import TextHead
 from harden.fi.outcome import fault_outcome
-from tests.fi.exact_brute import brute_linear, brute_text, text_tensors
+from tests.fi.exact_brute import brute_linear, brute_text, text_forwards, text_tensors
 
 POLICIES = ("none", "range", "range-output")
 
@@ -157,3 +157,87 @@ def test_fault_sdc_matches_the_per_bit_totals() -> None:
         per_fault = fault_sdc(site, top1, pairs)
         for i, b in enumerate((3, 30, 31)):
             assert per_fault[i * site.size:(i + 1) * site.size].sum() == total.sdc[b]
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_images_within_rounding_of_a_tie_are_decided_in_closed_form(policy: str) -> None:
+    """Two classes with the same weights: every image's margin lies within the float32 rounding bound, which
+    once sent every weight and bias fault of it to the float32 path (hours on a 4096-wide head). A weight or
+    bias fault moves one score against exact fault-free rivals, so nearly all are still decided in closed
+    form, and the counts stay those of brute force.
+
+    One feature, so that a score is fl(fl(f·w) + b) in any order: with more, a faulty score a rounding away
+    from its rival depends on the order of the sum, which numpy's float32 path does not share with BLAS
+    (the limit exact.py states)."""
+    from harden.fi.exact import margin
+
+    rng = np.random.default_rng(8)
+    w = np.float32(rng.uniform(0.5, 1.0))
+    b = np.float32(rng.normal())
+    h = LinearHead(np.array([[w], [w], [w - 1]], np.float32),
+                   np.array([b, np.nextafter(b, np.float32(np.inf)), b], np.float32), "f", "y", "W", "b", "fc")
+    f = rng.uniform(0.5, 2.0, size=(12, 1)).astype(np.float32)
+    golden = h.logits(f)
+    rp = RangePolicy(policy, _peaks({"f": f, "y": golden}))
+    sites = h.sites(f, golden, "fp32", rp)
+    top1 = golden.argmax(1)
+    _check(sites, top1, "fp32", brute_linear(h, f, "fp32", rp))
+    for site in sites[:2]:
+        assert (margin(site.base, top1) <= 2 * site.tau).all()  # the old rule's near ties: every image
+        # the old rule sent all of them (range: a bias clamped back to its own value ties exactly, so recomputes)
+        assert analyse_site(site, top1, "fp32").recomputed < site.size * len(f) * 32 / 3, site.role
+
+
+def test_a_softmax_tie_band_is_kept_in_logits_whatever_the_sites_units() -> None:
+    """Behind a Softmax, a fault that leaves the golden class within SOFTMAX_TIE (in logits) of the best other
+    must go to the float32 path.
+    With scale 1 and ‖z‖ ≈ 10⁴, a logit is 10⁴ units of z·W: a band counted in z·W units, as it once was,
+    let faults 5e-6 from a tie be decided in closed form."""
+    from harden.fi.exact_site import SOFTMAX_TIE, after_softmax, softmax32
+
+    h, f = _text(9, None)
+    h.proj_weight *= np.float32(1e4)
+    h.proj_bias *= np.float32(1e4)
+    z = f[0] @ h.proj_weight.T + h.proj_bias
+    zn = z / np.linalg.norm(z)
+    other = np.zeros_like(zn)
+    other[np.argmin(np.abs(zn))] = 1.0
+    other -= (other @ zn) * zn
+    h.weight[0] = zn  # image 0: cosine 1 with class 0 and 1 − 5e-6 with class 1
+    h.weight[1] = ((zn + np.sqrt(1e-5) * other / np.linalg.norm(other)) / np.sqrt(1 + 1e-5)).astype(np.float32)
+    t = text_tensors(h, f)
+    logits = t[h.output]
+    gap = np.sort(logits[0])[-1] - np.sort(logits[0])[-2]
+    assert SOFTMAX_TIE / 4 < gap < SOFTMAX_TIE
+    top1 = softmax32(logits).argmax(1)
+    rp = RangePolicy()
+    forwards = text_forwards(h, f, "fp32", rp)
+    for site in h.sites(f, t, "fp32", rp):
+        seen: set[tuple[int, int, int]] = set()
+        site = after_softmax(_recording(site, seen))
+        analyse_site(site, top1, "fp32")
+        size, forward = forwards[site.role]
+        for bit in range(32):
+            for k in range(size):
+                with np.errstate(all="ignore"):
+                    faulty = np.asarray(forward(k, bit), np.float64)  # type: ignore[operator]
+                rival = np.where(np.arange(faulty.shape[1]) == top1[:, None], -np.inf, faulty).max(axis=1)
+                # the golden class within the band of the best other decides an SDC; a row of equal scores
+                # (‖z'‖ overflowed: every cosine 0) has an exact Softmax
+                close = np.flatnonzero(np.isfinite(faulty).all(axis=1) & (np.ptp(faulty, axis=1) > 0)
+                                       & (np.abs(faulty[np.arange(len(f)), top1] - rival) <= SOFTMAX_TIE))
+                missed = [n for n in close if (n, k, bit) not in seen]
+                assert not missed, (site.role, k, bit, missed)
+
+
+def _recording(site, seen: set[tuple[int, int, int]]):  # type: ignore[no-untyped-def]
+    """The site, noting every (image, element, bit) its float32 path is asked for."""
+    from dataclasses import replace
+
+    inner = site.recompute
+
+    def recompute(rows: np.ndarray, ks: np.ndarray, bit: int) -> np.ndarray:
+        seen.update((int(n), int(k), bit) for n, k in zip(rows, ks))
+        return inner(rows, ks, bit)
+
+    return replace(site, recompute=recompute)
