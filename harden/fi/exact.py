@@ -211,6 +211,40 @@ def overflow_outcome(low: np.ndarray, high: np.ndarray) -> tuple[np.ndarray, np.
     return nan, zero
 
 
+def overflow_split(site: Site, rows: slice, ks: np.ndarray, delta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(may overflow, surely ±Inf) masks for faults that move one score by Δ (N×K), from `site.reach`.
+
+    Every partial sum of the faulty dot product is within |Δ| + reach of zero, so
+    below FINITE_EDGE nothing overflows and the rounding bounds hold. Once the one
+    changed term is in, each later addition errs by at most the smaller operand,
+    so the score is within 2·reach (and a few roundings) of Δ: beyond INF_EDGE it
+    is ±Inf, with Δ's sign. A positive multiplier after the dot (the text head's
+    scale, 1/units) overflows the same way. Between the two, float32 decides.
+    """
+    if site.reach is None:
+        raise HardenError(f"site {site.tensor!r} gives no bound on its terms")
+    reach = site.reach[rows][:, site.group[ks]]
+    mult = np.ones(len(reach)) if site.units is None else 1 / site.units[rows]
+    grow = np.maximum(mult, 1.0)[:, None]
+    with np.errstate(invalid="ignore", over="ignore"):
+        size = np.abs(delta)
+        finite = (size + reach) * grow < FINITE_EDGE
+        infinite = (size - 2 * reach) * grow > INF_EDGE
+    return ~finite, infinite
+
+
+def infinite_outcome(positive: np.ndarray, top: np.ndarray, post: str) -> tuple[np.ndarray, np.ndarray]:
+    """(SDC, non-finite) when one score becomes +Inf (`positive`) or −Inf and every other keeps its finite
+    fault-free value; `top` marks faults in the golden class's score.
+
+    +Inf wins the argmax, and behind a (Log)Softmax makes the row NaN (Inf − Inf), class −1. −Inf loses it,
+    an SDC only for the golden class; a Softmax makes it probability 0 (finite), a LogSoftmax keeps −Inf.
+    """
+    if post:
+        return positive | top, positive | (post == "LogSoftmax")
+    return np.where(positive, ~top, top), np.ones_like(positive)
+
+
 def _chunks(size: int, step: int) -> Iterator[np.ndarray]:
     for start in range(0, size, step):
         yield np.arange(start, min(size, start + step))
@@ -368,6 +402,7 @@ def _block(site: Site, geo: _Geometry, rows: slice, keep: np.ndarray, ks: np.nda
         delta, slack = site.delta(rows, live, bit)
         g = site.group[live]
         lo, hi = geo.lo[rows][:, g], geo.hi[rows][:, g]
+        infinite = None
         with np.errstate(invalid="ignore"):
             flips = (delta < lo) | (delta > hi)
             if geo.unit:  # one rounded score against exact rivals
@@ -375,10 +410,18 @@ def _block(site: Site, geo: _Geometry, rows: slice, keep: np.ndarray, ks: np.nda
             else:  # rounded scores on both sides of the margin
                 bound = _margin_bound(delta, lo, hi, geo.up[rows][:, g], geo.down[rows][:, g], m0_col)
                 close = bound <= 2 * (tau_col + slack)
-            unsafe = ~np.isfinite(delta) | (np.abs(delta) > site.limit[live]) | close
+            if geo.unit and site.reach is not None:
+                overflow, infinite = overflow_split(site, rows, live, delta)
+                unsafe = ~np.isfinite(delta) | ((overflow | close) & ~infinite)
+            else:
+                unsafe = ~np.isfinite(delta) | (np.abs(delta) > site.limit[live]) | close
         if force:
             unsafe[:] = True
         nonfinite = np.zeros_like(flips)
+        if infinite is not None and infinite.any():
+            s, d = infinite_outcome(delta > 0, site.group[live][None, :] == top1[:, None], site.post)
+            flips = np.where(infinite, s, flips)
+            nonfinite |= infinite & d
         if site.zmax is not None and not force:
             nan, zero = overflow_outcome(*site.zmax(rows, live, delta))
             unsafe &= ~(nan | zero)

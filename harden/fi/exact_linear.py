@@ -65,7 +65,8 @@ class _LinearSites:
         self.W64, self.f64, self.b64 = self.W.astype(np.float64), self.f.astype(np.float64), self.b.astype(np.float64)
         self.raw = self.f64 @ self.W64.T + self.b64
         self.peak_out = policy.tensor_peak(head.output)
-        self.tau = (self.d + 3) * U32 * np.max(np.abs(self.f64) @ np.abs(self.W64).T + np.abs(self.b64), axis=1)
+        self.reach = np.abs(self.f64) @ np.abs(self.W64).T + np.abs(self.b64)  # Σ|terms| of each score
+        self.tau = (self.d + 3) * U32 * np.max(self.reach, axis=1)
         self.eye = np.eye(self.C)
         # what the top-1 compares: a weight or bias fault leaves every other class at exactly this score
         self.scores = clamp32(self.L, self.peak_out).astype(np.float64)
@@ -106,7 +107,7 @@ class _LinearSites:
         return Site(self.h.weight_name, "weight", self.h.layer, k.size, base, self.tau, self.eye, k // self.d,
                     np.full(k.size, LOGIT_LIMIT), delta, recompute, classes=k // self.d,
                     weight_delta=wdelta, x_abs=np.abs(self.f64), col=k % self.d, kappa=np.full(self.C, kappa),
-                    scores=self.scores)
+                    scores=self.scores, reach=self.reach)
 
     def bias_site(self) -> Site:
         scale, vpeak = tensor_scale(self.b, self.fmt), self.policy.weight_peak(self.b)
@@ -128,7 +129,7 @@ class _LinearSites:
 
         k = np.arange(self.C)
         return Site(str(self.h.bias_name), "bias", self.h.layer, self.C, base, self.tau, self.eye, k,
-                    np.full(self.C, LOGIT_LIMIT), delta, recompute, classes=k, scores=self.scores)
+                    np.full(self.C, LOGIT_LIMIT), delta, recompute, classes=k, scores=self.scores, reach=self.reach)
 
     def input_site(self) -> Site:
         name = self.h.input

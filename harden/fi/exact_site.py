@@ -98,7 +98,10 @@ class Site:
     in the fault-free run (1 when None) and `units_slope` (G) bounds how fast a
     fault of size |Δ| can grow that (0 when None): a Softmax tie band is set in
     logits, so `after_softmax` converts it with these. `tie` (N) is that band in
-    base's units, once set.
+    base's units, once set, and `post` names the (Log)Softmax applied to the
+    scores. `reach` (N×C), given with `scores`, bounds Σ|terms| of each score's
+    dot product: with it, a fault whose score surely stays finite, or surely
+    overflows to ±Inf, is decided in closed form (`exact.overflow_split`).
     """
 
     tensor: str
@@ -122,6 +125,8 @@ class Site:
     units: np.ndarray | None = None
     units_slope: np.ndarray | None = None
     tie: np.ndarray | None = None
+    post: str = ""
+    reach: np.ndarray | None = None
 
 
 # Logits closer than this to a tie are left to the float32 path when the model outputs Softmax probabilities.
@@ -170,7 +175,8 @@ def after_softmax(site: Site, log: bool = False) -> Site:
         kappa = None if site.kappa is None else site.kappa + slope
     # the envelope's decisions compare margins with 2·(tau + slack), which now holds the band once at the
     # fault-free units and once for what the fault adds; exact.unit_geometry adds tie / 2 back
-    return replace(site, tau=site.tau + tie / 2, tie=tie, delta=delta, kappa=kappa, recompute=recompute)
+    return replace(site, tau=site.tau + tie / 2, tie=tie, delta=delta, kappa=kappa, recompute=recompute,
+                   post="LogSoftmax" if log else "Softmax")
 
 
 def clamp64(values: np.ndarray, peak: float | None) -> np.ndarray:

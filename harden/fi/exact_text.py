@@ -237,7 +237,8 @@ class _TextSites:
         raw = zn64 @ self.W64.T
         base = clamp64(raw, peak)
         kappa = 2 * (self.E + 6) * U32
-        tau = kappa * np.max(np.abs(zn64) @ np.abs(self.W64).T, axis=1) + 2 * U32 * np.abs(raw).max(axis=1)
+        reach = np.abs(zn64) @ np.abs(self.W64).T  # Σ|terms| of each cosine
+        tau = kappa * np.max(reach, axis=1) + 2 * U32 * np.abs(raw).max(axis=1)
         wdelta = flip_delta(self.W, self.fmt, scale, vpeak)
 
         def delta(rows: slice, ks: np.ndarray, bit: int) -> tuple[np.ndarray, np.ndarray]:
@@ -260,4 +261,5 @@ class _TextSites:
         return Site(self.h.weight_name, "weight", self.h.layer, k.size, base, tau, np.eye(self.C), k // self.E,
                     np.full(k.size, LOGIT_LIMIT / self.mult), delta, recompute, classes=k // self.E,
                     weight_delta=wdelta, x_abs=np.abs(zn64), col=k % self.E, kappa=np.full(self.C, kappa),
-                    scores=clamp32(self.cos, peak).astype(np.float64), units=np.full(len(self.f), 1 / self.mult))
+                    scores=clamp32(self.cos, peak).astype(np.float64), units=np.full(len(self.f), 1 / self.mult),
+                    reach=reach)

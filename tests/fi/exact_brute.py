@@ -11,7 +11,7 @@ import numpy as np
 
 from harden.fi.bitflip import WIDTH, tensor_scale
 from harden.fi.exact_linear import LinearHead
-from harden.fi.exact_site import RangePolicy, clamp32, flip_bit
+from harden.fi.exact_site import RangePolicy, clamp32, flip_bit, softmax32
 from harden.fi.exact_text import TextHead
 from harden.fi.outcome import fault_outcome
 
@@ -42,8 +42,10 @@ def _count_faults(width: int, size: int, forward, top1: np.ndarray) -> tuple[np.
     return sdc, nf
 
 
-def brute_linear(h: LinearHead, f: np.ndarray, fmt: str, policy: RangePolicy) -> dict[str, tuple[np.ndarray, ...]]:
-    """{role: (sdc per bit, non-finite per bit)} by full forward passes."""
+def brute_linear(h: LinearHead, f: np.ndarray, fmt: str, policy: RangePolicy,
+                 softmax: str = "") -> dict[str, tuple[np.ndarray, ...]]:
+    """{role: (sdc per bit, non-finite per bit)} by full forward passes, then a `softmax` ("Softmax" or
+    "LogSoftmax") if named."""
     tp = policy.tensor_peak
     golden = h.logits(f)
     top1 = golden.argmax(1)
@@ -52,7 +54,8 @@ def brute_linear(h: LinearHead, f: np.ndarray, fmt: str, policy: RangePolicy) ->
     out: dict[str, tuple[np.ndarray, ...]] = {}
 
     def count(role: str, size: int, forward) -> None:  # type: ignore[no-untyped-def]
-        out[role] = _count_faults(width, size, forward, top1)
+        finish = (lambda k, bit: softmax32(forward(k, bit), softmax == "LogSoftmax")) if softmax else forward
+        out[role] = _count_faults(width, size, finish, top1)
 
     count("weight", h.weight.size, lambda k, bit: clamp32(f @ _wflip(h.weight, k, bit, fmt, policy).T + b,
                                                            tp(h.output)))

@@ -241,3 +241,26 @@ def _recording(site, seen: set[tuple[int, int, int]]):  # type: ignore[no-untype
         return inner(rows, ks, bit)
 
     return replace(site, recompute=recompute)
+
+
+@pytest.mark.parametrize("softmax", ["", "Softmax", "LogSoftmax"])
+def test_scores_driven_past_float32_max_are_decided_as_infinite(softmax: str) -> None:
+    """Features in the thousands: an exponent-MSB flip of a weight drives its score far past float32's
+    max, to ±Inf, which once sent every such fault to the float32 path (most of them, on the model zoo's
+    ResNet-50 with random weights). They are decided in closed form — +Inf wins, or makes a (Log)Softmax
+    row NaN; −Inf loses — and the counts stay those of brute force."""
+    from harden.fi.exact_site import after_softmax
+
+    h, f = _linear(10)
+    f *= np.float32(2000)
+    golden = h.logits(f)
+    rp = RangePolicy()
+    sites = h.sites(f, golden, "fp32", rp)
+    if softmax:
+        sites = [after_softmax(s, log=softmax == "LogSoftmax") for s in sites]
+    top1 = golden.argmax(1)
+    _check(sites, top1, "fp32", brute_linear(h, f, "fp32", rp, softmax))
+    weight = sites[0]
+    delta, _ = weight.delta(slice(0, len(f)), np.arange(weight.size), 30)
+    assert (np.abs(delta) > 3.5e38).mean() > 0.9 and ((delta > 0) & (np.abs(delta) > 3.5e38)).any()
+    assert analyse_site(weight, top1, "fp32").recomputed < 0.02 * weight.size * len(f) * 32
