@@ -22,6 +22,9 @@ class Dataset:
     labels: np.ndarray
     classes: list[str]
     notes: list[str] = field(default_factory=list)
+    # False when the source names no classes (an .npz without 'classes'): `classes` are then placeholders,
+    # class_0 … class_{max label}, that no embeddings file can be matched to by name
+    named: bool = True
 
     def __post_init__(self) -> None:
         if self.images.ndim != 4:
@@ -62,6 +65,7 @@ class Dataset:
             labels=self.labels[indices],
             classes=list(self.classes),
             notes=list(self.notes),
+            named=self.named,
         )
 
     def sample(self, limit: int | None, seed: int = 0) -> Dataset:

@@ -18,7 +18,7 @@ from harden.errors import HardenError
 
 SPEC_HELP = (
     "dataset spec: fashion-mnist[:train|:test], mnist5k[:train|:test], digits[:train|:test], "
-    "imagefolder:PATH, npz:PATH (x N×C×H×W float32/uint8, y int)"
+    "imagefolder:PATH, npz:PATH (x N×C×H×W float32/uint8, y int, optional classes: names in label order)"
 )
 SPLITS = ("train", "test")
 SPLIT_SEED = 20231210

@@ -42,9 +42,10 @@ def load_npz(path: Path) -> Dataset:
     if len(y) and int(y.min()) < 0:
         raise HardenError(f"npz:{path}: 'y' holds negative labels (down to {int(y.min())}); labels are class "
                           "indices 0, 1, ...")
+    named = classes is not None
     if classes is None:
         classes = [f"class_{i}" for i in range(int(y.max()) + 1 if len(y) else 0)]
-    return Dataset(f"npz:{path}", x, y.astype(np.int64), classes)
+    return Dataset(f"npz:{path}", x, y.astype(np.int64), classes, named=named)
 
 
 def load_imagefolder(path: Path) -> Dataset:

@@ -117,11 +117,14 @@ def convert_model(model_path: str | os.PathLike[str], data_spec: str, embeddings
     declared = model_classes(model)
     if declared is not None and len(declared) != num_classes:
         raise HardenError(f"the model declares {len(declared)} classes in harden.classes but outputs {num_classes}")
-    class_names = declared if declared is not None else (train.classes if labelled else None)
+    class_names = declared if declared is not None else (train.classes if labelled and train.named else None)
     classes, rows = align_embeddings(class_names, emb_classes, matrix)
     if not labelled:
         notes.append(f"{train.spec} has {len(train.classes)} classes, not the model's {num_classes}: "
                      "trained by distillation only, accuracy not measured")
+    elif class_names is None:
+        notes.append(f"neither {train.spec} nor the model names its classes: label i is taken to be the "
+                     f"embeddings' class i ({', '.join(emb_classes[:3])}, …)")
 
     head, loss = train_head(feats, rows, classes, config, labels=train.labels if labelled else None,
                             teacher=scores, embeddings_sha256=emb_sha)

@@ -15,13 +15,20 @@ import numpy as np
 from harden.errors import HardenError
 
 
-def load_aligned_embeddings(path: str | os.PathLike[str], classes: list[str]) -> tuple[np.ndarray, str]:
-    """(C×E float32 unit rows in `classes` order, SHA-256 of the file)."""
+def load_aligned_embeddings(path: str | os.PathLike[str], classes: list[str],
+                            named: bool = True) -> tuple[np.ndarray, str]:
+    """(C×E float32 unit rows in `classes` order, SHA-256 of the file); `named` False: the dataset's class
+    names are placeholders, which no row can match, so the user is told how to name them."""
     from harden.text.embeddings import load_embeddings
 
     loaded = load_embeddings(path)
     index = {name: i for i, name in enumerate(loaded.classes)}
     missing = [c for c in classes if c not in index]
+    if missing and not named:
+        raise HardenError(
+            f"the dataset names no classes, so rows of {path} cannot be matched to its labels: store the class "
+            f"names in label order in the .npz as an array 'classes' (the file has {loaded.classes[:5]}…)"
+        )
     if missing:
         raise HardenError(
             f"{path}: no row for classes {missing[:5]}{'…' if len(missing) > 5 else ''}; embed the dataset's "

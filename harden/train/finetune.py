@@ -77,7 +77,7 @@ def _run(config: FinetuneConfig, dist: DistContext, use_cuda: bool, started: flo
     if config.head == "text" and not config.embeddings:
         raise HardenError("--head text needs --embeddings E.npz (from `harden embed`)")
     if config.head != "baseline" and config.embeddings:
-        emb, emb_sha = load_aligned_embeddings(config.embeddings, classes)
+        emb, emb_sha = load_aligned_embeddings(config.embeddings, classes, data.train.named)
     if resumed is not None and resumed.embeddings_sha256 != emb_sha:
         raise HardenError(f"{config.embeddings}: differs from the embeddings {config.resume} was trained with")
     preprocess = resumed.preprocess if resumed is not None else choose_preprocess(config, data.train)

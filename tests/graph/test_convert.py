@@ -93,3 +93,17 @@ def test_class_count_mismatches_are_refused(setup: tuple[Path, Path], tmp_path: 
     with pytest.raises(HardenError, match="3 classes but the model has 10"):
         convert_model(model, f"npz:{three}", emb, out, config=FAST)
     assert not out.exists() and not (tmp_path / "never.head.npz").exists()
+
+
+def test_an_npz_without_class_names_takes_the_embeddings_order(setup: tuple[Path, Path], tmp_path: Path) -> None:
+    """An .npz with every label but no 'classes' array was refused: its placeholder names (class_0, …) matched
+    no embedding row. The model's outputs and the labels are both class indices, so the embeddings' order is
+    taken, as distillation does, and the result says so."""
+    model, emb = setup
+    digits = load_dataset("digits:test")
+    data = tmp_path / "unnamed.npz"
+    np.savez(data, x=digits.images, y=digits.labels)
+    result = convert_model(model, f"npz:{data}", emb, tmp_path / "u.onnx", config=FAST)
+    assert HeadParams.load(result.head).classes == read_embeddings(emb)[0]
+    assert any("label i is taken to be the embeddings' class i" in note for note in result.notes)
+    assert result.original_accuracy is not None

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from harden.data import load_dataset
 from harden.errors import HardenError
 from harden.files import sha256_file
 from harden.train.backbones import build_model
@@ -112,6 +113,10 @@ def test_bad_inputs_are_refused(tmp_path: Path) -> None:
     write_embeddings(tmp_path / "wrong.npz", classes=["cat", "dog"])
     with pytest.raises(HardenError, match="no row for classes"):  # digits are '0'..'9' 
         finetune(tiny_config(tmp_path, embeddings=str(tmp_path / "wrong.npz")))
+    digits = load_dataset("digits:test")
+    np.savez(tmp_path / "unnamed.npz", x=digits.images, y=digits.labels)
+    with pytest.raises(HardenError, match="names no classes.*array 'classes'"):
+        finetune(tiny_config(tmp_path, data=f"npz:{tmp_path / 'unnamed.npz'}", eval_data=None))
     with pytest.raises(HardenError):
         tiny_config(tmp_path, epochs=0)
     with pytest.raises(HardenError, match="unknown optimizer"):
