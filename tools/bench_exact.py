@@ -152,7 +152,7 @@ def main() -> None:
         start = time.perf_counter()
         result = analyse_model(model, images, policy=args.policy, profile_inputs=x)
         exact_s = time.perf_counter() - start
-        _, sites, top1 = model_sites(model, images, policy=args.policy, profile_inputs=x)
+        _, sites, top1, _ = model_sites(model, images, policy=args.policy, profile_inputs=x)
         brute = brute_force(model, images, result, sites, top1, args.sample, args.seed)
         layers = sorted({s.layer for s in result.sites})
         work = f"/tmp/bench_exact_{len(report)}.jsonl"

@@ -101,6 +101,8 @@ class ExactResult:
     sites: list[ExactSiteResult] = field(default_factory=list)
     seconds: float = 0.0
     schema: str = SCHEMA
+    # images left out: numpy's float32 pass of the head and ONNX Runtime's disagree on their fault-free top-1
+    rounding_ties: int = 0
 
     @property
     def total_faults(self) -> int:
@@ -123,7 +125,7 @@ class ExactResult:
     def to_dict(self) -> dict[str, object]:
         return {"schema": self.schema, "head": self.head, "policy": self.policy, "fmt": self.fmt,
                 "images": self.images, "seconds": self.seconds, "total_faults": self.total_faults,
-                "total_sdc": self.total_sdc, "recomputed": self.recomputed,
+                "total_sdc": self.total_sdc, "recomputed": self.recomputed, "rounding_ties": self.rounding_ties,
                 "sites": [s.to_dict() for s in self.sites]}
 
     @classmethod
@@ -132,7 +134,8 @@ class ExactResult:
             raise HardenError(f"exact result schema {data.get('schema')!r} is not {SCHEMA!r}")
         return cls(head=str(data["head"]), policy=str(data["policy"]), fmt=str(data["fmt"]),
                    images=int(data["images"]), seconds=float(data["seconds"]),  # type: ignore[arg-type]
-                   sites=[ExactSiteResult.from_dict(s) for s in data["sites"]])  # type: ignore[union-attr]
+                   sites=[ExactSiteResult.from_dict(s) for s in data["sites"]],  # type: ignore[union-attr]
+                   rounding_ties=int(data.get("rounding_ties", 0)))  # type: ignore[call-overload]
 
 
 def envelope(base: np.ndarray, top1: np.ndarray, directions: np.ndarray) -> tuple[np.ndarray, ...]:

@@ -9,6 +9,7 @@ tensor names, which are the engine's site names for the same tensors.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import onnx
@@ -17,10 +18,10 @@ from onnx import numpy_helper
 from harden.errors import HardenError
 from harden.fi.exact import ExactResult, analyse_sites
 from harden.fi.exact_linear import LinearHead
-from harden.fi.exact_site import RangePolicy, Site, after_softmax
+from harden.fi.exact_site import RangePolicy, Site, after_softmax, softmax32
 from harden.fi.exact_text import TextHead
 from harden.fi.graphinfo import bypass_constant_views, named_copy
-from harden.fi.outcome import nonfinite_rows
+from harden.fi.outcome import nonfinite_rows, top1_class
 from harden.fi.profile import profile_ranges
 from harden.graph.ort import expose
 from harden.graph.parallel import run_model
@@ -256,18 +257,36 @@ def analyse_model(model: onnx.ModelProto, inputs: np.ndarray, policy: str = "non
     the sites (weight, bias, input, output, proj_weight, proj_bias, proj_output, cosine). `threads` (0: every
     CPU) changes speed only. `progress` shows a bar of faults decided on stderr.
     """
-    head, sites, top1 = model_sites(model, inputs, policy, fmt, ranges, profile_inputs, roles, batch, providers,
-                                    threads)
-    return analyse_sites(sites, top1, fmt, head.kind + (f" + {head.softmax.lower()}" if head.softmax else ""),
-                         policy, progress)
+    head, sites, top1, ties = model_sites(model, inputs, policy, fmt, ranges, profile_inputs, roles, batch,
+                                          providers, threads)
+    result = analyse_sites(sites, top1, fmt, head.kind + (f" + {head.softmax.lower()}" if head.softmax else ""),
+                           policy, progress)
+    result.rounding_ties = ties
+    return result
+
+
+class HeadSites(NamedTuple):
+    """What the exact analysis enumerates: the head, its fault sites, the golden top-1 of each image analysed,
+    and how many images were left out as rounding ties (see `model_sites`)."""
+
+    head: Head
+    sites: list[Site]
+    top1: np.ndarray
+    ties: int
 
 
 def model_sites(model: onnx.ModelProto, inputs: np.ndarray, policy: str = "none", fmt: str = "fp32",
                 ranges: dict[str, float] | None = None, profile_inputs: np.ndarray | None = None,
                 roles: Sequence[str] | None = None, batch: int = 64,
                 providers: Sequence[str] = ("CPUExecutionProvider",),
-                threads: int = 0) -> tuple[Head, list[Site], np.ndarray]:
-    """The head, its fault sites and the golden top-1 classes (arguments as `analyse_model`)."""
+                threads: int = 0) -> HeadSites:
+    """The head, its fault sites and the golden top-1 classes (arguments as `analyse_model`).
+
+    Faults the closed form cannot settle are judged by numpy's float32 forward pass of the head against
+    ONNX Runtime's golden top-1. An image on which the two passes already disagree fault-free has a top-1
+    that is itself a rounding tie: every such fault would count as an SDC, so the image is left out, and
+    counted in `ties`.
+    """
     head = locate_head(model)
     g = _Graph(model)
     tensors = head_tensors(head)
@@ -279,17 +298,26 @@ def model_sites(model: onnx.ModelProto, inputs: np.ndarray, policy: str = "none"
     if nonfinite_rows(scores).any():
         raise HardenError("exact analysis: the fault-free scores hold NaN or Inf for some images")
     top1 = np.argmax(scores, axis=1)
+    feats = values[head.input].reshape(len(inputs), -1)
+    mine = head.logits(feats)
+    tied = top1_class(softmax32(mine, head.softmax == "LogSoftmax") if head.softmax else mine) != top1
+    if tied.all():
+        raise HardenError("exact analysis: on every image, numpy's float32 pass of the head and ONNX Runtime's "
+                          "disagree on the top-1 (a rounding tie); nothing can be judged exactly")
+    if tied.any():
+        values = {k: v.reshape(len(inputs), -1)[~tied] for k, v in values.items()}
+        top1, feats = top1[~tied], feats[~tied]
     peaks = dict(ranges or {})
     missing = [t for t in tensors if t not in peaks]
     if missing:
         peaks.update(profile_ranges(g.model, inputs if profile_inputs is None else profile_inputs, missing, batch,
                                     providers, threads))
     rp = RangePolicy(policy, peaks)
-    feats = values[head.input].reshape(len(inputs), -1)
+    n = len(top1)
     if isinstance(head, LinearHead):
-        sites = head.sites(feats, values[head.output].reshape(len(inputs), -1), fmt, rp)
+        sites = head.sites(feats, values[head.output].reshape(n, -1), fmt, rp)
     else:
-        sites = head.sites(feats, {t: values[t].reshape(len(inputs), -1) for t in tensors}, fmt, rp)
+        sites = head.sites(feats, {t: values[t].reshape(n, -1) for t in tensors}, fmt, rp)
     if head.softmax:
         sites = [after_softmax(s, log=head.softmax == "LogSoftmax") for s in sites]
     if roles is not None:
@@ -297,4 +325,4 @@ def model_sites(model: onnx.ModelProto, inputs: np.ndarray, policy: str = "none"
         if unknown:
             raise HardenError(f"exact analysis: no site with role {unknown}; have {sorted({s.role for s in sites})}")
         sites = [s for s in sites if s.role in roles]
-    return head, sites, top1
+    return HeadSites(head, sites, top1, int(tied.sum()))

@@ -45,8 +45,10 @@ def _model_section(m: ModelRecord) -> str:
         erows = [[s.tensor, s.role, f"{s.total_faults:,}", _pct(s.sdc_fraction), _pct(s.due_fraction),
                   "-" if s.hit_faults is None or not sum(s.hit_faults) else
                   _pct(sum(s.hit_sdc or []) / sum(s.hit_faults)), f"{s.recomputed:,}"] for s in ex.sites]
+        ties = (f" ({ex.rounding_ties} more left out: their fault-free top-1 is a float32 rounding tie)"
+                if ex.rounding_ties else "")
         parts += [f"<h3>Exact final-layer analysis ({ex.head} head, policy {ex.policy}, {ex.fmt}, "
-                  f"{ex.images} images, {ex.seconds:.1f} s)</h3>",
+                  f"{ex.images} images{ties}, {ex.seconds:.1f} s)</h3>",
                   "<p>Every element × bit × image, in closed form; no sampling error. "
                   "'hit top-1' is the SDC fraction of faults in the row of the image's own top-1 class.</p>",
                   _table(["tensor", "role", "faults", "SDC (exact)", "non-finite", "SDC when hit class is top-1",

@@ -259,9 +259,32 @@ def test_progress_counts_every_fault_once() -> None:
 
     model = _backbone_model(5)
     x = _images(5, n=40)
-    _, sites, top1 = model_sites(model, x)
+    _, sites, top1, _ = model_sites(model, x)
     for site in sites:
         site.tau[:3] = np.inf  # three images analysed one by one, as near a tie
         parts: list[int] = []
         result = analyse_site(site, top1, "fp32", parts.append)
         assert sum(parts) == result.total_faults == site.size * len(x) * 32, site.tensor
+
+
+def test_an_image_whose_golden_top1_is_a_rounding_tie_is_left_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where numpy's float32 pass of the head and ONNX Runtime's disagree on an image's fault-free top-1, every
+    fault of it sent to the float32 path would count as an SDC. Such an image is left out and counted, and
+    the others' counts are those of an analysis without it."""
+    from harden.fi.exact import ExactResult
+    from harden.fi.exact_linear import LinearHead
+
+    model, x = _backbone_model(3), _images(3)
+    expected = analyse_model(model, x[1:])
+    logits = LinearHead.logits
+
+    def numpy_disagrees_on_image_0(self: LinearHead, features: np.ndarray) -> np.ndarray:
+        out = logits(self, features)
+        out[0] = np.roll(out[0], 1)  # its top-1 moves to the next class
+        return out
+
+    monkeypatch.setattr(LinearHead, "logits", numpy_disagrees_on_image_0)
+    result = analyse_model(model, x)
+    assert result.rounding_ties == 1 and result.images == len(x) - 1
+    assert [(s.sdc, s.due) for s in result.sites] == [(s.sdc, s.due) for s in expected.sites]
+    assert ExactResult.from_dict(result.to_dict()).rounding_ties == 1
