@@ -418,6 +418,8 @@ def _block(site: Site, geo: _Geometry, rows: slice, keep: np.ndarray, ks: np.nda
                 unsafe = ~np.isfinite(delta) | ((overflow | close) & ~infinite)
             else:
                 unsafe = ~np.isfinite(delta) | (np.abs(delta) > site.limit[live]) | close
+        if site.clip_free is not None:
+            unsafe |= ~site.clip_free(rows, live, delta)
         if force:
             unsafe[:] = True
         nonfinite = np.zeros_like(flips)

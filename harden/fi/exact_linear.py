@@ -8,7 +8,7 @@ the faulted activation itself, or for a weight fault the Gemm's output.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -39,6 +39,8 @@ class LinearHead:
     # "Softmax" or "LogSoftmax" when the model applies one to the scores (set by exact_onnx; see
     # exact_site.after_softmax), else ""
     softmax: str = ""
+    # tensors the model range-clips itself, with their bounds (set by exact_onnx; see RangePolicy.clips)
+    clips: dict[str, float] = field(default_factory=dict)
 
     def logits(self, features: np.ndarray) -> np.ndarray:
         """float32 reference forward pass."""
@@ -65,6 +67,7 @@ class _LinearSites:
         self.W64, self.f64, self.b64 = self.W.astype(np.float64), self.f.astype(np.float64), self.b.astype(np.float64)
         self.raw = self.f64 @ self.W64.T + self.b64
         self.peak_out = policy.tensor_peak(head.output)
+        self.graph_clip = policy.clips.get(head.output)  # the model's own range clip on its scores, if any
         self.reach = np.abs(self.f64) @ np.abs(self.W64).T + np.abs(self.b64)  # Σ|terms| of each score
         self.tau = (self.d + 3) * U32 * np.max(self.reach, axis=1)
         self.eye = np.eye(self.C)
@@ -149,12 +152,27 @@ class _LinearSites:
             rows = f_base[n].copy()
             rows[m, k] = flip_bit(self.f[n, k], bit, self.fmt, scale, peak)
             with np.errstate(all="ignore"):
-                return (rows @ self.W.T + self.b).astype(np.float32)
+                return clamp32((rows @ self.W.T + self.b).astype(np.float32), self.graph_clip)
 
         with np.errstate(divide="ignore"):
             limit = LOGIT_LIMIT / vmax
         return Site(self.h.input, "input", self.h.layer, self.d, base, self.tau, self.W64.T.copy(),
-                    np.arange(self.d), limit, delta, recompute)
+                    np.arange(self.d), limit, delta, recompute, clip_free=self._clip_free(base, vmax))
+
+    def _clip_free(self, base: np.ndarray, vmax: np.ndarray):  # type: ignore[no-untyped-def]
+        """For an input fault, which moves every score: whether the graph's own clip on the scores surely
+        stays idle, every |score| staying below its bound after rounding. None: no such clip. (The range-output
+        policy clamps only the faulted tensor, here the input.)"""
+        if self.graph_clip is None:
+            return None
+        bound, top = self.graph_clip, np.abs(base).max(axis=1)
+
+        def clip_free(rows: slice, ks: np.ndarray, delta: np.ndarray) -> np.ndarray:
+            with np.errstate(invalid="ignore", over="ignore"):
+                reach = top[rows, None] + np.abs(delta) * vmax[ks][None, :]
+                return reach * (1 + 1e-6) + 2 * self.tau[rows, None] < bound
+
+        return clip_free
 
     def output_site(self) -> Site:
         return output_site(self.L, self.policy, self.fmt, self.h.output, self.h.layer)

@@ -18,7 +18,7 @@ from onnx import numpy_helper
 from harden.errors import HardenError
 from harden.fi.exact import ExactResult, analyse_sites
 from harden.fi.exact_linear import LinearHead
-from harden.fi.exact_site import RangePolicy, Site, after_softmax, softmax32
+from harden.fi.exact_site import RangePolicy, Site, after_softmax, clamp32, softmax32
 from harden.fi.exact_text import TextHead
 from harden.fi.graphinfo import bypass_constant_views, named_copy
 from harden.fi.outcome import nonfinite_rows, top1_class
@@ -41,6 +41,7 @@ class _Graph:
         self.model = named_copy(model)
         bypass_constant_views(self.model)  # a weight behind an Identity or a Reshape is still a constant
         self.transposed: set[str] = set()  # weights stored as the transpose of the head's layout
+        self.clips: dict[str, float] = {}  # tensors the graph range-clips, by their unclipped name
         self.producer = {o: n for n in self.model.graph.node for o in n.output if o}
         self.constants = {t.name: numpy_helper.to_array(t) for t in self.model.graph.initializer}
         for node in self.model.graph.node:
@@ -61,6 +62,37 @@ class _Graph:
         if value.dtype != np.float32:
             raise HardenError(f"exact analysis: the {what} {tensor!r} is {value.dtype}, not float32")
         return value
+
+    def unclip(self, tensor: str) -> str:
+        """The tensor a range clip of `tensor` reads, recording its bound; `tensor` itself when not one.
+
+        The clip is harden's own (harden.graph.range_clip): Clip(Where(IsNaN(x), 0, x), -p, p), which is
+        clamp_to_range(x, p) exactly. A bare Clip keeps NaN, a different rule, and is not looked through.
+        """
+        clip = self.producer.get(tensor)
+        if clip is None or clip.op_type != "Clip":
+            return tensor
+        where = self.producer.get(clip.input[0])
+        if where is None or where.op_type != "Where" or len(where.input) != 3:
+            return tensor
+        isnan = self.producer.get(where.input[0])
+        source = where.input[2]
+        zero = self.constants.get(where.input[1])
+        if isnan is None or isnan.op_type != "IsNaN" or isnan.input[0] != source or zero is None or zero.any():
+            return tensor
+        low, high = self._clip_bounds(clip)
+        if not (high > 0 and low == -high):
+            return tensor
+        self.clips[source] = high
+        return source
+
+    def _clip_bounds(self, clip: onnx.NodeProto) -> tuple[float, float]:
+        """(min, max) of a Clip: attributes before opset 11, constant inputs after (NaN where unknown)."""
+        if len(clip.input) == 1:
+            return _attr(clip, "min", np.nan), _attr(clip, "max", np.nan)
+        bounds = [self.constants.get(t) if t else None for t in (*clip.input[1:3], "", "")[:2]]
+        low, high = (float(b.reshape(-1)[0]) if b is not None and b.size == 1 else np.nan for b in bounds)
+        return low, high
 
     def split(self, node: onnx.NodeProto) -> tuple[str, str]:
         """(variable input, constant input) of a binary node."""
@@ -102,12 +134,18 @@ def locate_head(model: onnx.ModelProto) -> Head:
 
     A Softmax or LogSoftmax of the scores may follow (most model-zoo graphs end
     in one): the head then records it, and the analysis decides that output's top-1.
+    A range clip that `harden rewrite --range-clip` put on a linear classifier's
+    scores is recorded in `head.clips`, and every policy applies it; clips
+    inside the text head (its projection and cosines) have no closed form here
+    and are refused.
     """
     g = _Graph(model)
     node = _past_shape_ops(g, g.model.graph.output[0].name)
     softmax = node if node is not None and node.op_type in SOFTMAX else None
     if softmax is not None:
         node = _past_shape_ops(g, softmax.input[0])
+    if node is not None and node.op_type == "Clip":
+        node = _past_shape_ops(g, g.unclip(node.output[0]))
     head = _head(g, node)
     if softmax is not None:
         _check_class_axis(g, softmax, spatial=node is not None and node.op_type == "Conv")
@@ -195,6 +233,9 @@ def _text_head(g: _Graph, mul: onnx.NodeProto) -> TextHead:
     scale = g.const(scale_name, "logit scale")
     if scale.size != 1 or not float(scale.reshape(-1)[0]) > 0:
         raise HardenError(f"exact analysis: the scale {scale_name!r} is not one positive number")
+    if g.unclip(cos) != cos:
+        raise HardenError(f"exact analysis: the text head's cosines {cos!r} are range-clipped, which its closed "
+                          "form does not cover; clip other layers only (rewrite --layers), or certify --no-exact")
     mm = g.node(cos, ["MatMul"], "cosine")
     unit, wt = g.split(mm)
     div = g.node(unit, ["Div"], "normalised projection")
@@ -204,6 +245,9 @@ def _text_head(g: _Graph, mul: onnx.NodeProto) -> TextHead:
     reduce = g.node(red, ["ReduceL2"], "norm")
     if reduce.input[0] != z:
         raise HardenError(f"exact analysis: {reduce.name!r} does not normalise {z!r}")
+    if g.unclip(z) != z:
+        raise HardenError(f"exact analysis: the text head's projection {z!r} is range-clipped, which its closed "
+                          "form does not cover; clip other layers only (rewrite --layers), or certify --no-exact")
     proj = g.node(z, ["Gemm"], "projection")
     f, p, pname, b, bname = _gemm(g, proj, "projection")
     if b is None or bname is None:
@@ -216,6 +260,7 @@ def _text_head(g: _Graph, mul: onnx.NodeProto) -> TextHead:
 
 def _with_layout(head: Head, g: _Graph) -> Head:
     head.transposed = tuple(sorted(g.transposed))
+    head.clips = dict(g.clips)
     return head
 
 
@@ -265,6 +310,14 @@ def analyse_model(model: onnx.ModelProto, inputs: np.ndarray, policy: str = "non
     return result
 
 
+def _numpy_scores(head: Head, feats: np.ndarray) -> np.ndarray:
+    """The head's fault-free scores by numpy's float32 pass, the graph's own range clips included."""
+    if isinstance(head, LinearHead):
+        return clamp32(head.logits(feats), head.clips.get(head.output))
+    z = clamp32(np.asarray(feats, np.float32) @ head.proj_weight.T + head.proj_bias, head.clips.get(head.proj_output))
+    return head.from_z(z, head.clips.get(head.cosine))
+
+
 class HeadSites(NamedTuple):
     """What the exact analysis enumerates: the head, its fault sites, the golden top-1 of each image analysed,
     and how many images were left out as rounding ties (see `model_sites`)."""
@@ -299,7 +352,7 @@ def model_sites(model: onnx.ModelProto, inputs: np.ndarray, policy: str = "none"
         raise HardenError("exact analysis: the fault-free scores hold NaN or Inf for some images")
     top1 = np.argmax(scores, axis=1)
     feats = values[head.input].reshape(len(inputs), -1)
-    mine = head.logits(feats)
+    mine = _numpy_scores(head, feats)
     tied = top1_class(softmax32(mine, head.softmax == "LogSoftmax") if head.softmax else mine) != top1
     if tied.all():
         raise HardenError("exact analysis: on every image, numpy's float32 pass of the head and ONNX Runtime's "
@@ -312,7 +365,7 @@ def model_sites(model: onnx.ModelProto, inputs: np.ndarray, policy: str = "none"
     if missing:
         peaks.update(profile_ranges(g.model, inputs if profile_inputs is None else profile_inputs, missing, batch,
                                     providers, threads))
-    rp = RangePolicy(policy, peaks)
+    rp = RangePolicy(policy, peaks, head.clips)
     n = len(top1)
     if isinstance(head, LinearHead):
         sites = head.sites(feats, values[head.output].reshape(n, -1), fmt, rp)

@@ -45,6 +45,9 @@ class RangePolicy:
 
     name: str = "none"
     peaks: dict[str, float] = field(default_factory=dict)
+    # tensors the model itself range-clips (harden rewrite --range-clip), with their bounds: every policy
+    # sees those clamps, as the graph applies them whatever the injector does
+    clips: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.name not in POLICIES:
@@ -56,12 +59,12 @@ class RangePolicy:
         return float(self.peaks[tensor])
 
     def tensor_peak(self, tensor: str) -> float | None:
-        """The clamp applied to the whole tensor (range-output only)."""
-        return self._peak(tensor) if self.name == "range-output" else None
+        """The clamp applied to the whole tensor (range-output, or a clip in the graph)."""
+        return _tighter(self._peak(tensor) if self.name == "range-output" else None, self.clips.get(tensor))
 
     def element_peak(self, tensor: str) -> float | None:
-        """The clamp applied to a faulty activation value."""
-        return None if self.name == "none" else self._peak(tensor)
+        """The clamp applied to a faulty activation value (clamping to p, then to q, clamps to min(p, q))."""
+        return _tighter(None if self.name == "none" else self._peak(tensor), self.clips.get(tensor))
 
     def weight_peak(self, values: np.ndarray) -> float | None:
         """The clamp applied to a faulty weight value (range only)."""
@@ -71,6 +74,11 @@ class RangePolicy:
         """The scale an activation tensor is stored with in `fmt` (int8, fp8), from its profiled peak, as the
         engine stores it."""
         return peak_scale(float(self.peaks.get(tensor, 0.0)), fmt)
+
+
+def _tighter(a: float | None, b: float | None) -> float | None:
+    """The tighter of two optional clamps."""
+    return b if a is None else a if b is None else min(a, b)
 
 
 @dataclass
@@ -102,6 +110,9 @@ class Site:
     scores. `reach` (N×C), given with `scores`, bounds Σ|terms| of each score's
     dot product: with it, a fault whose score surely stays finite, or surely
     overflows to ±Inf, is decided in closed form (`exact.overflow_split`).
+    `clip_free(rows, ks, Δ)`, for a site whose scores the graph range-clips
+    downstream of a closed form that ignores the clip, marks the faults the
+    clip surely leaves alone; float32 decides the rest.
     """
 
     tensor: str
@@ -127,6 +138,7 @@ class Site:
     tie: np.ndarray | None = None
     post: str = ""
     reach: np.ndarray | None = None
+    clip_free: Callable[[slice, np.ndarray, np.ndarray], np.ndarray] | None = None
 
 
 # Logits closer than this to a tie are left to the float32 path when the model outputs Softmax probabilities.

@@ -15,7 +15,7 @@ rounding of a tie.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -54,6 +54,8 @@ class TextHead:
     # "Softmax" or "LogSoftmax" when the model applies one to the scores (set by exact_onnx; see
     # exact_site.after_softmax), else ""
     softmax: str = ""
+    # tensors the model range-clips itself, with their bounds (set by exact_onnx; see RangePolicy.clips)
+    clips: dict[str, float] = field(default_factory=dict)
 
     def normalise(self, z: np.ndarray) -> np.ndarray:
         """ẑ in float32, as ReduceL2 → Max(eps) → Div compute it."""
