@@ -132,7 +132,8 @@ class _LinearSites:
 
         k = np.arange(self.C)
         return Site(str(self.h.bias_name), "bias", self.h.layer, self.C, base, self.tau, self.eye, k,
-                    np.full(self.C, LOGIT_LIMIT), delta, recompute, classes=k, scores=self.scores, reach=self.reach)
+                    np.full(self.C, LOGIT_LIMIT), delta, recompute, classes=k, scores=self.scores,
+                    reach=self.reach)
 
     def input_site(self) -> Site:
         name = self.h.input

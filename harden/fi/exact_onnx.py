@@ -314,7 +314,8 @@ def _numpy_scores(head: Head, feats: np.ndarray) -> np.ndarray:
     """The head's fault-free scores by numpy's float32 pass, the graph's own range clips included."""
     if isinstance(head, LinearHead):
         return clamp32(head.logits(feats), head.clips.get(head.output))
-    z = clamp32(np.asarray(feats, np.float32) @ head.proj_weight.T + head.proj_bias, head.clips.get(head.proj_output))
+    z = np.asarray(feats, np.float32) @ head.proj_weight.T + head.proj_bias
+    z = clamp32(z, head.clips.get(head.proj_output))
     return head.from_z(z, head.clips.get(head.cosine))
 
 
