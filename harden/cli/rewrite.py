@@ -17,7 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--head", help="head.npz from `harden finetune` or `harden convert`: replace the classifier")
     parser.add_argument("--output", help="the class-score output, when the model has several")
     parser.add_argument("--range-clip", action="store_true",
-                        help="clip chosen activations to their profiled ±max (Ranger; the injector's --clamp range)")
+                        help="clip chosen activations to their profiled ±max (Ranger: the activation bounds of the "
+                             "injector's --clamp range; stored weights are not clipped)")
     parser.add_argument("--data", help=f"calibration data for --range-clip; {SPEC_HELP}")
     parser.add_argument("--limit", type=int, default=512, help="calibration images (seeded random subset)")
     parser.add_argument("--layers", nargs="+", help="node or tensor names to clip (default: every Conv, "
