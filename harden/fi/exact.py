@@ -334,7 +334,8 @@ def analyse_site(site: Site, top1: np.ndarray, fmt: str = "fp32",
     n = len(top1)
     geo, near_tie = _geometry(site, top1)
     counts = _Counts(width, site.classes is not None)
-    radius = _safe_radius(site, geo) if site.weight_delta is not None else None
+    # a clip downstream bounds what pruning may skip by more than the margin: no pruning past one
+    radius = _safe_radius(site, geo) if site.weight_delta is not None and site.clip_free is None else None
     bits = range(width)
     step = max(1, CHUNK_CELLS // BLOCK)
     for start in range(0, n, BLOCK):
@@ -429,6 +430,8 @@ def _block(site: Site, geo: _Geometry, rows: slice, keep: np.ndarray, ks: np.nda
             nonfinite |= infinite & d
         if site.zmax is not None and not force:
             nan, zero = overflow_outcome(*site.zmax(rows, live, delta))
+            if site.nan_to_zero:
+                nan, zero = np.zeros_like(nan), zero | nan
             unsafe &= ~(nan | zero)
             flips = np.where(zero, (top1 != 0)[:, None], flips) | nan
             nonfinite |= nan

@@ -134,10 +134,9 @@ def locate_head(model: onnx.ModelProto) -> Head:
 
     A Softmax or LogSoftmax of the scores may follow (most model-zoo graphs end
     in one): the head then records it, and the analysis decides that output's top-1.
-    A range clip that `harden rewrite --range-clip` put on a linear classifier's
-    scores is recorded in `head.clips`, and every policy applies it; clips
-    inside the text head (its projection and cosines) have no closed form here
-    and are refused.
+    Range clips that `harden rewrite --range-clip` put on a linear classifier's
+    scores, or on the text head's projection and cosines, are recorded in
+    `head.clips`, and every policy applies them.
     """
     g = _Graph(model)
     node = _past_shape_ops(g, g.model.graph.output[0].name)
@@ -233,9 +232,7 @@ def _text_head(g: _Graph, mul: onnx.NodeProto) -> TextHead:
     scale = g.const(scale_name, "logit scale")
     if scale.size != 1 or not float(scale.reshape(-1)[0]) > 0:
         raise HardenError(f"exact analysis: the scale {scale_name!r} is not one positive number")
-    if g.unclip(cos) != cos:
-        raise HardenError(f"exact analysis: the text head's cosines {cos!r} are range-clipped, which its closed "
-                          "form does not cover; clip other layers only (rewrite --layers), or certify --no-exact")
+    cos = g.unclip(cos)
     mm = g.node(cos, ["MatMul"], "cosine")
     unit, wt = g.split(mm)
     div = g.node(unit, ["Div"], "normalised projection")
@@ -245,9 +242,7 @@ def _text_head(g: _Graph, mul: onnx.NodeProto) -> TextHead:
     reduce = g.node(red, ["ReduceL2"], "norm")
     if reduce.input[0] != z:
         raise HardenError(f"exact analysis: {reduce.name!r} does not normalise {z!r}")
-    if g.unclip(z) != z:
-        raise HardenError(f"exact analysis: the text head's projection {z!r} is range-clipped, which its closed "
-                          "form does not cover; clip other layers only (rewrite --layers), or certify --no-exact")
+    z = g.unclip(z)
     proj = g.node(z, ["Gemm"], "projection")
     f, p, pname, b, bname = _gemm(g, proj, "projection")
     if b is None or bname is None:

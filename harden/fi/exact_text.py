@@ -101,6 +101,40 @@ class _TextSites:
         self.zn = head.normalise(self.z)
         # logits per unit of a cosine; a Softmax tie band is converted with it (exact_site.after_softmax)
         self.mult = 1.0 if head.scale is None else float(head.scale)
+        # the model's own range clips (rewrite --range-clip) on z and on the cosines, if any
+        self.clip_z = policy.clips.get(head.proj_output)
+        self.clip_cos = policy.clips.get(head.cosine)
+
+    def _clip_free(self, zb: np.ndarray, u: np.ndarray, group: np.ndarray,  # type: ignore[no-untyped-def]
+                   z_clip: bool = False):
+        """For faults k that move z along u[:, group[k]] (u: E×G), by Δ: whether the graph's clips downstream
+        surely stay idle. The cosines' clip: |cos'_c| ≤ (max_c |zb·W_c| + |Δ|·max_c |W_c·u_g|) / ‖zb + Δ·u_g‖,
+        with the norm exact. With `z_clip`, z's own clip too: max_e |zb_e| + |Δ|·max_e |u_eg|. None: no clip.
+        A clipped cosine can tie with another at the bound, where the lowest class wins, which the closed form
+        of z·W does not model; so whatever the clip may touch goes to float32."""
+        cos_clip = self.clip_cos
+        zc = self.clip_z if z_clip else None
+        if cos_clip is None and zc is None:
+            return None
+        zb = np.asarray(zb, np.float64)
+        top = np.abs(zb @ self.W64.T).max(axis=1)[:, None]
+        zz, zu = np.sum(zb * zb, axis=1)[:, None], zb @ u
+        uu, uw = np.sum(u * u, axis=0), np.abs(self.W64 @ u).max(axis=0)
+        zmax, umax = np.abs(zb).max(axis=1)[:, None], np.abs(u).max(axis=0)
+        slack = 1 + self.kz
+
+        def clip_free(rows: slice, ks: np.ndarray, delta: np.ndarray) -> np.ndarray:
+            size, g = np.abs(delta), group[ks]
+            with np.errstate(all="ignore"):
+                idle = np.ones(delta.shape, bool)
+                if cos_clip is not None:
+                    norm = np.sqrt(np.maximum(zz[rows] + 2 * delta * zu[rows][:, g] + delta * delta * uu[g], 0))
+                    idle &= (top[rows] + size * uw[g]) * slack < cos_clip * np.maximum(norm, self.h.eps)
+                if zc is not None:
+                    idle &= (zmax[rows] + size * umax[g]) * slack < zc
+                return idle
+
+        return clip_free
 
     def _zw_units(self, z: np.ndarray) -> np.ndarray:
         """Units of z·W per logit, fault-free: the scores are scale · z·W / max(‖z‖, eps)."""
@@ -147,14 +181,15 @@ class _TextSites:
                 bias = flip_bit(flat[k], bit, self.fmt, scale, vpeak)
             with np.errstate(all="ignore"):
                 rows[m, e] = np.einsum("md,md->m", self.f[n], p) + bias
-            return self.h.from_z(clamp32(rows, peak))
+            return self.h.from_z(clamp32(rows, peak), self.clip_cos)
 
         k = np.arange(values.size)
         prune = {"weight_delta": wdelta, "x_abs": np.abs(x), "col": k % cols, "kappa": kappa} if cols > 1 else {}
         return Site(name, role, self.h.proj_layer, k.size, base, self.tau_z, self.W64.T.copy(), k // cols,
                     np.full(k.size, Z_LIMIT), delta, recompute, zmax=self._one_hot_zmax(zb, k // cols),
                     units=self._zw_units(zb), units_slope=np.full(self.E, 1 / self.mult),
-                    **prune)  # type: ignore[arg-type]
+                    clip_free=self._clip_free(zb, np.eye(self.E), k // cols),
+                    nan_to_zero=self.clip_cos is not None, **prune)  # type: ignore[arg-type]
 
     @staticmethod
     def _one_hot_zmax(zb: np.ndarray, group: np.ndarray):  # type: ignore[no-untyped-def]
@@ -179,6 +214,8 @@ class _TextSites:
         fb = clamp32(self.f, self.policy.tensor_peak(name))
         peak = self.policy.element_peak(name)
         zb = self.z.astype(np.float64) if np.array_equal(fb, self.f) else fb.astype(np.float64) @ self.P64.T + self.b64
+        if self.clip_z is not None:
+            zb = clamp64(zb, self.clip_z)
         base = zb @ self.W64.T
         vabs = (np.abs(self.W64) @ np.abs(self.P64)).max(axis=0)  # d
         scale = self.policy.act_scale(name, self.fmt)
@@ -193,7 +230,7 @@ class _TextSites:
             rows = fb[n].copy()
             rows[m, k] = flip_bit(self.f[n, k], bit, self.fmt, scale, peak)
             with np.errstate(all="ignore"):
-                return self.h.from_z(rows @ self.P.T + self.b)
+                return self.h.from_z(clamp32(rows @ self.P.T + self.b, self.clip_z), self.clip_cos)
 
         pmax = np.abs(self.P64).max(axis=0)
         zbmax = np.abs(zb).max(axis=1)[:, None]
@@ -205,9 +242,13 @@ class _TextSites:
 
         with np.errstate(divide="ignore"):
             limit = Z_LIMIT / (np.sqrt(self.E) * pmax)
+        # a clip on z keeps z' finite, so the overflow closed form does not apply: such faults go to float32
         return Site(self.h.input, "input", self.h.proj_layer, self.d, base, self.tau_z,
-                    (self.W64 @ self.P64).T.copy(), np.arange(self.d), limit, delta, recompute, zmax=zmax,
-                    units=self._zw_units(zb), units_slope=np.linalg.norm(self.P64, axis=0) / self.mult)
+                    (self.W64 @ self.P64).T.copy(), np.arange(self.d), limit, delta, recompute,
+                    zmax=zmax if self.clip_z is None else None,
+                    units=self._zw_units(zb), units_slope=np.linalg.norm(self.P64, axis=0) / self.mult,
+                    clip_free=self._clip_free(zb, self.P64, np.arange(self.d), z_clip=True),
+                    nan_to_zero=self.clip_cos is not None)
 
     def z_site(self) -> Site:
         zb, base, _ = self._z_base()
@@ -223,12 +264,14 @@ class _TextSites:
             m = np.arange(len(k))
             rows = zb[n].copy()
             rows[m, k] = flip_bit(self.z[n, k], bit, self.fmt, scale, peak)
-            return self.h.from_z(rows)
+            return self.h.from_z(rows, self.clip_cos)
 
         return Site(self.h.proj_output, "proj_output", self.h.proj_layer, self.E, base, self.tau_z,
                     self.W64.T.copy(), np.arange(self.E), np.full(self.E, Z_LIMIT), delta, recompute,
                     zmax=self._one_hot_zmax(zb, np.arange(self.E)), units=self._zw_units(zb),
-                    units_slope=np.full(self.E, 1 / self.mult))
+                    units_slope=np.full(self.E, 1 / self.mult),
+                    clip_free=self._clip_free(zb, np.eye(self.E), np.arange(self.E)),
+                    nan_to_zero=self.clip_cos is not None)
 
     def weight_site(self) -> Site:
         """W[c, e]: cosine c moves by δ·ẑ[e]; the Gemm/MatMul output (cosines) is what the policy clamps."""
