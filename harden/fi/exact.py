@@ -334,8 +334,10 @@ def analyse_site(site: Site, top1: np.ndarray, fmt: str = "fp32",
     n = len(top1)
     geo, near_tie = _geometry(site, top1)
     counts = _Counts(width, site.classes is not None)
-    # a clip downstream bounds what pruning may skip by more than the margin: no pruning past one
-    radius = _safe_radius(site, geo) if site.weight_delta is not None and site.clip_free is None else None
+    radius = _safe_radius(site, geo) if site.weight_delta is not None else None
+    if radius is not None and site.clip_free is not None:
+        # pruned faults skip the clip check: they must also stay within the clip's own radius
+        radius = np.minimum(radius, site.clip_radius) if site.clip_radius is not None else None
     bits = range(width)
     step = max(1, CHUNK_CELLS // BLOCK)
     for start in range(0, n, BLOCK):

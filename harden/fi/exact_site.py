@@ -112,7 +112,8 @@ class Site:
     overflows to ±Inf, is decided in closed form (`exact.overflow_split`).
     `clip_free(rows, ks, Δ)`, for a site whose scores the graph range-clips
     downstream of a closed form that ignores the clip, marks the faults the
-    clip surely leaves alone; float32 decides the rest. `nan_to_zero`: a range
+    clip surely leaves alone; float32 decides the rest; `clip_radius` (N×G),
+    the |Δ| below which it does, lets weight flips be pruned. `nan_to_zero`: a range
     clip on the cosines turns the NaN scores of an overflowing z' into zeros.
     """
 
@@ -140,6 +141,7 @@ class Site:
     post: str = ""
     reach: np.ndarray | None = None
     clip_free: Callable[[slice, np.ndarray, np.ndarray], np.ndarray] | None = None
+    clip_radius: np.ndarray | None = None
     nan_to_zero: bool = False
 
 

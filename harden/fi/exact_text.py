@@ -105,6 +105,19 @@ class _TextSites:
         self.clip_z = policy.clips.get(head.proj_output)
         self.clip_cos = policy.clips.get(head.cosine)
 
+    def _clip_radius(self, zb: np.ndarray) -> np.ndarray | None:
+        """r (N×E): a change of z[e] by |Δ| ≤ r leaves the cosines' clip idle, as `_clip_free` checks it: with
+        ‖zb + Δe‖ ≥ ‖zb‖ − r, (A + r·w_e)(1 + κ) < clip·(‖zb‖ − r) holds for r < (clip·‖zb‖ − A(1 + κ)) /
+        (w_e(1 + κ) + clip). None: no clip on the cosines (z's own clip is the closed form's clamp)."""
+        if self.clip_cos is None:
+            return None
+        zb = np.asarray(zb, np.float64)
+        top = np.abs(zb @ self.W64.T).max(axis=1)[:, None]
+        norm = np.linalg.norm(zb, axis=1)[:, None]
+        slack, clip = 1 + self.kz, self.clip_cos
+        r = 0.99 * (clip * norm - top * slack) / (self.wmax[None, :] * slack + clip)
+        return np.maximum(r, 0.0)
+
     def _clip_free(self, zb: np.ndarray, u: np.ndarray, group: np.ndarray,  # type: ignore[no-untyped-def]
                    z_clip: bool = False):
         """For faults k that move z along u[:, group[k]] (u: E×G), by Δ: whether the graph's clips downstream
@@ -189,7 +202,7 @@ class _TextSites:
                     np.full(k.size, Z_LIMIT), delta, recompute, zmax=self._one_hot_zmax(zb, k // cols),
                     units=self._zw_units(zb), units_slope=np.full(self.E, 1 / self.mult),
                     clip_free=self._clip_free(zb, np.eye(self.E), k // cols),
-                    nan_to_zero=self.clip_cos is not None, **prune)  # type: ignore[arg-type]
+                    clip_radius=self._clip_radius(zb), nan_to_zero=self.clip_cos is not None, **prune)  # type: ignore[arg-type]
 
     @staticmethod
     def _one_hot_zmax(zb: np.ndarray, group: np.ndarray):  # type: ignore[no-untyped-def]

@@ -326,3 +326,26 @@ def test_a_model_range_clipped_by_rewrite_is_analysed_with_its_clips(kind: str) 
                                                                                  "fp32")
         assert site.sdc == brute.tolist(), site.tensor
 
+
+
+def test_a_clip_radius_keeps_the_clip_idle() -> None:
+    """Weight flips below a site's pruning radius are counted without being visited, so with a clip downstream
+    that radius must also keep the clip idle: every change up to it, either way, passes the site's own clip
+    check."""
+    from harden.fi.exact_onnx import model_sites
+    from harden.graph.range_clip import RangeClipPass
+
+    model = RangeClipPass(_images(1, n=3)).run(_text_model(0))
+    _, sites, top1, _ = model_sites(model, _images(0))
+    checked = 0
+    for site in sites:
+        if site.clip_radius is None:
+            continue
+        assert site.clip_free is not None
+        ks = np.arange(site.size)
+        radius = site.clip_radius[:, site.group[ks]]
+        for sign in (1.0, -1.0):
+            idle = site.clip_free(slice(0, len(top1)), ks, sign * 0.999 * radius)
+            assert idle[radius > 0].all(), site.tensor
+        checked += int((radius > 0).sum())
+    assert checked > 0
