@@ -176,6 +176,7 @@ def main() -> None:
               f"{result.recomputed:,} faults recomputed in float32)")
         for s in result.sites:
             print(f"    {s.role:12s} {s.tensor:45s} {s.total_faults:>14,} faults  SDC {100 * s.sdc_fraction:.3f}%")
+        print(f"    {'all sites':58s} {total:>14,} faults  SDC {100 * result.total_sdc / total:.3f}%")
         print(f"  brute force, ORT head-only (EXTRAPOLATED from {args.sample} sampled faults/site): "
               f"{brute['extrapolated_seconds']:.0f} s for the weight+input sites "
               f"→ speed-up ≈ {entry['brute_ort_head_speedup']:.0f}× (scaled to all faults)")
