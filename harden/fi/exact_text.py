@@ -22,7 +22,7 @@ import numpy as np
 from harden.fi.bitflip import tensor_scale
 from harden.fi.exact_linear import LOGIT_LIMIT, output_site
 from harden.fi.exact_site import (
-    U32, RangePolicy, Site, activation_change, clamp32, clamp64, flip_bit, flip_delta, weight_change,
+    SOFTMAX_TIE, U32, RangePolicy, Site, activation_change, clamp32, clamp64, flip_bit, flip_delta, weight_change,
 )
 
 # Below this |z'| the sum of squares in ‖z'‖ cannot overflow float32 (2⁶⁴ ≈ 1.8e19 squares to the limit).
@@ -105,36 +105,48 @@ class _TextSites:
         self.clip_z = policy.clips.get(head.proj_output)
         self.clip_cos = policy.clips.get(head.cosine)
 
+    def _leaders(self, zb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(largest z·W_c, second largest, ‖z‖) per image (N×1 each), what the cosines' clip tests read."""
+        zb = np.asarray(zb, np.float64)
+        ranked = np.sort(zb @ self.W64.T, axis=1)
+        return ranked[:, -1:], ranked[:, -2:-1], np.linalg.norm(zb, axis=1)[:, None]
+
     def _clip_radius(self, zb: np.ndarray) -> np.ndarray | None:
-        """r (N×E): a change of z[e] by |Δ| ≤ r leaves the cosines' clip idle, as `_clip_free` checks it: with
-        ‖zb + Δe‖ ≥ ‖zb‖ − r, (A + r·w_e)(1 + κ) < clip·(‖zb‖ − r) holds for r < (clip·‖zb‖ − A(1 + κ)) /
-        (w_e(1 + κ) + clip). None: no clip on the cosines (z's own clip is the closed form's clamp)."""
+        """r (N×E): a change of z[e] by |Δ| ≤ r passes `_clip_free`'s test of the cosines' clip, with
+        ‖zb + Δe‖ ≥ ‖zb‖ − r (each line solves one of its two conditions for r). None: no clip on the cosines
+        (z's own clip is the closed form's clamp)."""
         if self.clip_cos is None:
             return None
-        zb = np.asarray(zb, np.float64)
-        top = np.abs(zb @ self.W64.T).max(axis=1)[:, None]
-        norm = np.linalg.norm(zb, axis=1)[:, None]
-        slack, clip = 1 + self.kz, self.clip_cos
-        r = 0.99 * (clip * norm - top * slack) / (self.wmax[None, :] * slack + clip)
-        return np.maximum(r, 0.0)
+        s1, s2, norm = self._leaders(zb)
+        k, p, w = self.kz, self.clip_cos, self.wmax[None, :] * (1 + self.kz)
+        below = (self._clip_room() * norm - s2 - k * np.abs(s2)) / (w + self._clip_room())
+        above = (s1 - k * np.abs(s1) + p * norm) / (w + p)
+        return np.maximum(0.99 * np.minimum(below, above), 0.0)
+
+    def _clip_room(self) -> float:
+        """The cosines' clip bound less a Softmax's tie band (in cosines): room the runner-up must stay under."""
+        return float(self.clip_cos) - SOFTMAX_TIE / self.mult  # type: ignore[arg-type]
 
     def _clip_free(self, zb: np.ndarray, u: np.ndarray, group: np.ndarray,  # type: ignore[no-untyped-def]
                    z_clip: bool = False):
-        """For faults k that move z along u[:, group[k]] (u: E×G), by Δ: whether the graph's clips downstream
-        surely stay idle. The cosines' clip: |cos'_c| ≤ (max_c |zb·W_c| + |Δ|·max_c |W_c·u_g|) / ‖zb + Δ·u_g‖,
-        with the norm exact. With `z_clip`, z's own clip too: max_e |zb_e| + |Δ|·max_e |u_eg|. None: no clip.
-        A clipped cosine can tie with another at the bound, where the lowest class wins, which the closed form
-        of z·W does not model; so whatever the clip may touch goes to float32."""
+        """For faults k that move z along u[:, group[k]] (u: E×G) by Δ: whether the graph's clips downstream
+        surely leave the top-1 alone, so that the closed form of z·W, which ignores them, holds.
+
+        The cosines' clip bounds them to ±p; a clipped cosine can tie with another at p, where the lowest
+        class wins. No tie can form while every class but the fault-free leader stays below p (less a Softmax's
+        tie band) and the leader above −p: cos'_c·‖z'‖ is within |Δ|·max_c |W_c·u_g| of zb·W_c, with ‖z'‖ =
+        ‖zb + Δ·u_g‖ exact. With `z_clip`, z's own clip must stay idle too: max_e |zb_e| + |Δ|·max_e |u_eg|
+        below its bound. None: no clip downstream."""
         cos_clip = self.clip_cos
         zc = self.clip_z if z_clip else None
         if cos_clip is None and zc is None:
             return None
         zb = np.asarray(zb, np.float64)
-        top = np.abs(zb @ self.W64.T).max(axis=1)[:, None]
+        s1, s2, _ = self._leaders(zb)
         zz, zu = np.sum(zb * zb, axis=1)[:, None], zb @ u
-        uu, uw = np.sum(u * u, axis=0), np.abs(self.W64 @ u).max(axis=0)
+        uu, uw = np.sum(u * u, axis=0), np.abs(self.W64 @ u).max(axis=0) * (1 + self.kz)
         zmax, umax = np.abs(zb).max(axis=1)[:, None], np.abs(u).max(axis=0)
-        slack = 1 + self.kz
+        k = self.kz
 
         def clip_free(rows: slice, ks: np.ndarray, delta: np.ndarray) -> np.ndarray:
             size, g = np.abs(delta), group[ks]
@@ -142,9 +154,11 @@ class _TextSites:
                 idle = np.ones(delta.shape, bool)
                 if cos_clip is not None:
                     norm = np.sqrt(np.maximum(zz[rows] + 2 * delta * zu[rows][:, g] + delta * delta * uu[g], 0))
-                    idle &= (top[rows] + size * uw[g]) * slack < cos_clip * np.maximum(norm, self.h.eps)
+                    norm = np.maximum(norm, self.h.eps)
+                    idle &= s2[rows] + k * np.abs(s2[rows]) + size * uw[g] < self._clip_room() * norm
+                    idle &= s1[rows] - k * np.abs(s1[rows]) - size * uw[g] > -cos_clip * norm
                 if zc is not None:
-                    idle &= (zmax[rows] + size * umax[g]) * slack < zc
+                    idle &= (zmax[rows] + size * umax[g]) * (1 + k) < zc
                 return idle
 
         return clip_free
