@@ -216,7 +216,8 @@ class _TextSites:
                     np.full(k.size, Z_LIMIT), delta, recompute, zmax=self._one_hot_zmax(zb, k // cols),
                     units=self._zw_units(zb), units_slope=np.full(self.E, 1 / self.mult),
                     clip_free=self._clip_free(zb, np.eye(self.E), k // cols),
-                    clip_radius=self._clip_radius(zb), nan_to_zero=self.clip_cos is not None, **prune)  # type: ignore[arg-type]
+                    clip_radius=self._clip_radius(zb), nan_to_zero=self.clip_cos is not None,
+                    **prune)  # type: ignore[arg-type]
 
     @staticmethod
     def _one_hot_zmax(zb: np.ndarray, group: np.ndarray):  # type: ignore[no-untyped-def]
