@@ -43,9 +43,9 @@ class LinearHead:
     clips: dict[str, float] = field(default_factory=dict)
 
     def logits(self, features: np.ndarray) -> np.ndarray:
-        """float32 reference forward pass."""
+        """float32 reference forward pass, the model's own range clip on the scores included."""
         out = np.asarray(features, np.float32) @ self.weight.T
-        return out + self.bias if self.bias is not None else out
+        return clamp32(out + self.bias if self.bias is not None else out, self.clips.get(self.output))
 
     def sites(self, features: np.ndarray, logits: np.ndarray, fmt: str,
               policy: RangePolicy) -> list[Site]:

@@ -18,7 +18,7 @@ from onnx import numpy_helper
 from harden.errors import HardenError
 from harden.fi.exact import ExactResult, analyse_sites
 from harden.fi.exact_linear import LinearHead
-from harden.fi.exact_site import RangePolicy, Site, after_softmax, clamp32, softmax32
+from harden.fi.exact_site import RangePolicy, Site, after_softmax, softmax32
 from harden.fi.exact_text import TextHead
 from harden.fi.graphinfo import bypass_constant_views, named_copy
 from harden.fi.outcome import nonfinite_rows, top1_class
@@ -305,15 +305,6 @@ def analyse_model(model: onnx.ModelProto, inputs: np.ndarray, policy: str = "non
     return result
 
 
-def _numpy_scores(head: Head, feats: np.ndarray) -> np.ndarray:
-    """The head's fault-free scores by numpy's float32 pass, the graph's own range clips included."""
-    if isinstance(head, LinearHead):
-        return clamp32(head.logits(feats), head.clips.get(head.output))
-    z = np.asarray(feats, np.float32) @ head.proj_weight.T + head.proj_bias
-    z = clamp32(z, head.clips.get(head.proj_output))
-    return head.from_z(z, head.clips.get(head.cosine))
-
-
 class HeadSites(NamedTuple):
     """What the exact analysis enumerates: the head, its fault sites, the golden top-1 of each image analysed,
     and how many images were left out as rounding ties (see `model_sites`)."""
@@ -348,7 +339,7 @@ def model_sites(model: onnx.ModelProto, inputs: np.ndarray, policy: str = "none"
         raise HardenError("exact analysis: the fault-free scores hold NaN or Inf for some images")
     top1 = np.argmax(scores, axis=1)
     feats = values[head.input].reshape(len(inputs), -1)
-    mine = _numpy_scores(head, feats)
+    mine = head.logits(feats)
     tied = top1_class(softmax32(mine, head.softmax == "LogSoftmax") if head.softmax else mine) != top1
     if tied.all():
         raise HardenError("exact analysis: on every image, numpy's float32 pass of the head and ONNX Runtime's "

@@ -71,8 +71,9 @@ class TextHead:
             return cos if self.scale is None else (cos * np.float32(self.scale)).astype(np.float32)
 
     def logits(self, features: np.ndarray) -> np.ndarray:
-        """float32 reference forward pass."""
-        return self.from_z(np.asarray(features, np.float32) @ self.proj_weight.T + self.proj_bias)
+        """float32 reference forward pass, the model's own range clips on z and the cosines included."""
+        z = np.asarray(features, np.float32) @ self.proj_weight.T + self.proj_bias
+        return self.from_z(clamp32(z, self.clips.get(self.proj_output)), self.clips.get(self.cosine))
 
     def sites(self, features: np.ndarray, tensors: dict[str, np.ndarray], fmt: str,
               policy: RangePolicy) -> list[Site]:
