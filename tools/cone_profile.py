@@ -113,7 +113,7 @@ def main() -> None:
     golden = GoldenBlock(golden_pass(sessions, x, len(x)))
     forward_macs = macs.pop("") / len(x)
     sites = [s for s in list_sites(info) if s.kind == "activation"]
-    fault = FaultModel()
+    fault = FaultModel(fmt="fp32")
     results = {}
     for rep in range(2):  # the first pass builds the sessions; the second is timed
         spent.clear()

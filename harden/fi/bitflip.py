@@ -4,6 +4,8 @@ A value stored in format F is encoded to F's bit pattern, the chosen bits are
 flipped (or forced to 0/1), and the pattern is decoded back to float32 for the
 float32 model. Only the faulty element passes through F; the rest of the tensor
 is untouched, so a null fault reproduces the golden output bit for bit.
+A float16 model's own values (float16 arrays) go in and come out as float16,
+and in fp16 their bits are flipped in place, NaN payloads included.
 
 int8 is symmetric per-tensor quantisation: q = clip(round(v / scale), -127, 127)
 with scale = max|tensor| / 127, the tensor's own scale being what a quantised
@@ -59,6 +61,8 @@ def peak_scale(peak: float, fmt: str) -> float:
 def encode(values: np.ndarray, fmt: str, scale: float = 1.0) -> np.ndarray:
     """float32 values to their bit patterns in `fmt` (unsigned integers of the format's width)."""
     check_format(fmt)
+    if fmt == "fp16" and np.asarray(values).dtype == np.float16:
+        return np.array(values, dtype=np.float16).view(np.uint16)
     v = np.ascontiguousarray(values, dtype=np.float32)
     if fmt == "fp32":
         return v.view(np.uint32).copy()
@@ -81,10 +85,17 @@ def encode(values: np.ndarray, fmt: str, scale: float = 1.0) -> np.ndarray:
     return q.view(np.uint8)
 
 
-def decode(codes: np.ndarray, fmt: str, scale: float = 1.0) -> np.ndarray:
-    """Bit patterns in `fmt` back to float32 values."""
+def decode(codes: np.ndarray, fmt: str, scale: float = 1.0, dtype: type = np.float32) -> np.ndarray:
+    """Bit patterns in `fmt` back to float32 values, or float16 ones for a float16 model (`dtype`)."""
     check_format(fmt)
     c = np.ascontiguousarray(codes, dtype=_UINT[fmt])
+    if np.dtype(dtype) == np.float16:
+        return c.view(np.float16).copy() if fmt == "fp16" else _decode32(c, fmt, scale).astype(np.float16)
+    return _decode32(c, fmt, scale)
+
+
+def _decode32(c: np.ndarray, fmt: str, scale: float) -> np.ndarray:
+    """Codes of `fmt` (already of its unsigned type) to float32."""
     if fmt == "fp32":
         return c.view(np.float32).copy()
     if fmt == "fp16":
@@ -110,9 +121,14 @@ def _masks(bits: np.ndarray, fmt: str) -> np.ndarray:
     return masks.astype(_UINT[fmt])
 
 
+def _kind(values: np.ndarray) -> type:
+    """The type faulty values are returned in: float16 for a float16 model's values, else float32."""
+    return np.float16 if np.asarray(values).dtype == np.float16 else np.float32
+
+
 def flip(values: np.ndarray, bits: np.ndarray, fmt: str = "fp32", scale: float = 1.0) -> np.ndarray:
     """Flip bits: `bits` is (n,) for one bit per value or (n, k) for k-bit faults."""
-    return decode(encode(values, fmt, scale) ^ _masks(bits, fmt), fmt, scale)
+    return decode(encode(values, fmt, scale) ^ _masks(bits, fmt), fmt, scale, _kind(values))
 
 
 def stuck_at(values: np.ndarray, bits: np.ndarray, level: int, fmt: str = "fp32", scale: float = 1.0) -> np.ndarray:
@@ -120,9 +136,9 @@ def stuck_at(values: np.ndarray, bits: np.ndarray, level: int, fmt: str = "fp32"
     if level not in (0, 1):
         raise HardenError(f"stuck-at level must be 0 or 1, got {level}")
     codes, masks = encode(values, fmt, scale), _masks(bits, fmt)
-    return decode(codes | masks if level else codes & ~masks, fmt, scale)
+    return decode(codes | masks if level else codes & ~masks, fmt, scale, _kind(values))
 
 
 def quantise(values: np.ndarray, fmt: str = "fp32", scale: float = 1.0) -> np.ndarray:
     """The value as stored in `fmt` with no fault: what a flip is measured against."""
-    return decode(encode(values, fmt, scale), fmt, scale)
+    return decode(encode(values, fmt, scale), fmt, scale, _kind(values))

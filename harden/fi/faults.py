@@ -6,26 +6,41 @@ that a shard's faults are fixed by its seed alone, whatever the values are.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from harden.errors import HardenError
 from harden.fi.bitflip import check_format, flip, quantise, stuck_at
+from harden.fi.sites import Site
 
 MODELS = ("flip", "stuck-at-0", "stuck-at-1", "random")
 
 
+# The storage format of each site type: a fault flips the bits the graph really stores.
+NATIVE = {"float32": "fp32", "float16": "fp16"}
+
+
 @dataclass(frozen=True)
 class FaultModel:
-    """`kind` of fault, the bit positions it may touch (None: the format's whole width) and bits per fault."""
+    """`kind` of fault, the number format it corrupts, the bit positions it may touch (None: the format's
+    whole width) and bits per fault.
+
+    `fmt` None means the sites' own storage (fp32, or fp16 in a float16
+    graph); a campaign fixes it from its sites (`resolve_format`) before it
+    draws anything, so files always record a concrete format.
+    """
 
     kind: str = "flip"
-    fmt: str = "fp32"
+    fmt: str | None = None
     bits: tuple[int, ...] | None = None
     k: int = 1
 
     def __post_init__(self) -> None:
+        if self.fmt is None:  # not yet resolved: check what can be checked against the widest format
+            FaultModel(self.kind, "fp32", self.bits, self.k)
+            return
         width = check_format(self.fmt)
         if self.kind not in MODELS:
             raise HardenError(f"unknown fault model {self.kind!r}; use one of {list(MODELS)}")
@@ -40,9 +55,16 @@ class FaultModel:
         if self.kind != "random" and not 1 <= self.k <= len(self.choices()):
             raise HardenError(f"cannot flip {self.k} distinct bits out of {len(self.choices())} positions")
 
+    @property
+    def format(self) -> str:
+        """The resolved number format (an unresolved model may not draw or corrupt anything)."""
+        if self.fmt is None:
+            raise HardenError("the fault model's number format is not resolved yet (resolve_format)")
+        return self.fmt
+
     def choices(self) -> np.ndarray:
         """The bit positions a fault may touch."""
-        return np.asarray(self.bits if self.bits is not None else range(check_format(self.fmt)), dtype=np.int64)
+        return np.asarray(self.bits if self.bits is not None else range(check_format(self.format)), dtype=np.int64)
 
     def draw(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
         """(bits (n, k), uniforms (n,)): k distinct positions per fault, and a U(-1, 1) draw for 'random'."""
@@ -55,17 +77,19 @@ class FaultModel:
         return np.sort(choices[order], axis=1), np.zeros(n)
 
     def apply(self, golden: np.ndarray, bits: np.ndarray, uniforms: np.ndarray, scale: float, peak: float) -> np.ndarray:
-        """Faulty values for `golden` values (float32, one per fault).
+        """Faulty values for `golden` values (one per fault), of golden's type: float16 for a float16 site,
+        else float32.
 
         int8 uses `scale`; 'random' draws a value uniformly in ±`peak` (the
         site's profiled range), stored in the format.
         """
-        g = np.asarray(golden, dtype=np.float32)
+        g = np.asarray(golden)
+        g = g if g.dtype == np.float16 else g.astype(np.float32)
         if self.kind == "random":
-            return quantise((uniforms * peak).astype(np.float32), self.fmt, scale)
+            return quantise((uniforms * peak).astype(g.dtype), self.format, scale)
         if self.kind == "flip":
-            return flip(g, bits, self.fmt, scale)
-        return stuck_at(g, bits, int(self.kind[-1]), self.fmt, scale)
+            return flip(g, bits, self.format, scale)
+        return stuck_at(g, bits, int(self.kind[-1]), self.format, scale)
 
     def to_dict(self) -> dict[str, object]:
         return {"kind": self.kind, "fmt": self.fmt, "bits": None if self.bits is None else list(self.bits), "k": self.k}
@@ -73,8 +97,29 @@ class FaultModel:
     @classmethod
     def from_dict(cls, data: dict[str, object]) -> FaultModel:
         bits = data.get("bits")
-        return cls(str(data["kind"]), str(data["fmt"]), None if bits is None else tuple(int(b) for b in bits),  # type: ignore[union-attr]
+        fmt = data.get("fmt")
+        return cls(str(data["kind"]), None if fmt is None else str(fmt),
+                   None if bits is None else tuple(int(b) for b in bits),  # type: ignore[union-attr]
                    int(data.get("k", 1)))  # type: ignore[arg-type]
+
+
+def resolve_format(fault: FaultModel, sites: Sequence[Site]) -> FaultModel:
+    """The fault model with its number format fixed for these sites, or a HardenError if they cannot take it.
+
+    Unset, the format is what the graph stores: fp32 for float32 sites, fp16
+    once any site is float16 (a float32 site of a half-precision graph, such as
+    a Cast back to float32 under --all-tensors, is then flipped as the fp16
+    value it was computed as). A float16 site holds only fp16 bit patterns:
+    any other format's faulty value would need rounding to be stored, so it is
+    refused.
+    """
+    stored = {s.dtype for s in sites}
+    fmt = fault.fmt or ("fp16" if "float16" in stored else "fp32")
+    half = [s.name for s in sites if s.dtype == "float16"]
+    if half and fmt != "fp16":
+        raise HardenError(f"--format {fmt} cannot be stored in float16 site {half[0]!r} ({len(half)} such sites); "
+                          "a float16 model takes --format fp16 (the default)")
+    return fault if fault.fmt == fmt else replace(fault, fmt=fmt)
 
 
 def parse_bits(text: str | None) -> tuple[int, ...] | None:

@@ -19,7 +19,7 @@ import onnxruntime as ort
 from onnx import numpy_helper
 
 from harden.errors import HardenError
-from harden.graph.model_input import image_input, select_scores
+from harden.graph.model_input import image_input, input_dtype, select_scores
 from harden.graph.ort import expose, make_session
 
 
@@ -180,7 +180,7 @@ class GraphInfo:
             name += "_"
         node = onnx.helper.make_node("Flatten", [self.scores], [name], name=name, axis=1)
         graph.node.append(node)
-        out = onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+        out = onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(scores.dtype), None)
         graph.output[0].CopyFrom(out)
         self.node_index[name] = len(self.nodes)
         self.producer[name] = len(self.nodes)
@@ -213,12 +213,13 @@ class GraphInfo:
         names = [o for n in self.nodes for o in n.output if o]
         session = make_session(expose(self.model, names), providers=providers, opt_level="disable", spinning=False)
         sizes = [self.fixed_batch] if self.fixed_batch else [1, 2]
+        dtype = input_dtype(self.model)
         runs = []
         for b in sizes:
-            x = np.zeros((b, *per_image), dtype=np.float32)
+            x = np.zeros((b, *per_image), dtype=dtype)
             values = session.run(names, {self.input_name: x})
             runs.append({n: np.asarray(v) for n, v in zip(names, values)})
-        info: dict[str, TensorInfo] = {self.input_name: TensorInfo(np.dtype(np.float32), (1, *per_image), True)}
+        info: dict[str, TensorInfo] = {self.input_name: TensorInfo(dtype, (1, *per_image), True)}
         for name in names:
             first = runs[0][name]
             if self.fixed_batch:
@@ -323,8 +324,10 @@ def _image_major(session: ort.InferenceSession, names: list[str], per_image: tup
     """
     if not names:
         return []
-    pair = np.random.default_rng(0).standard_normal((2, *per_image)).astype(np.float32)
-    inp = session.get_inputs()[0].name
+    inp = session.get_inputs()[0]
+    dtype = np.float16 if inp.type == "tensor(float16)" else np.float32
+    pair = np.random.default_rng(0).standard_normal((2, *per_image)).astype(dtype)
+    inp = inp.name
     both = session.run(names, {inp: pair})
     alone = [session.run(names, {inp: pair[i:i + 1]}) for i in range(2)]
     found = []

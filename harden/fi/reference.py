@@ -35,13 +35,14 @@ def activation_full(model: onnx.ModelProto, x: np.ndarray, tensor: str, elements
     where = helper.make_node("Where", ["__fi_mask", "__fi_value", raw], [tensor], name="__fi_where")
     producer = next(i for i, n in enumerate(copy.graph.node) if raw in n.output)
     copy.graph.node.insert(producer + 1, where)
-    copy.graph.input.extend([helper.make_tensor_value_info("__fi_mask", TensorProto.BOOL, None),
-                             helper.make_tensor_value_info("__fi_value", TensorProto.FLOAT, None)])
     input_name = model.graph.input[0].name
     probe = make_session(_exposed(model, tensor), providers, opt_level="disable")
     golden = probe.run([tensor], {input_name: x})[0]
+    copy.graph.input.extend([helper.make_tensor_value_info("__fi_mask", TensorProto.BOOL, None),
+                             helper.make_tensor_value_info("__fi_value", helper.np_dtype_to_tensor_dtype(golden.dtype),
+                                                           None)])
     mask = np.zeros(golden.shape, dtype=bool)
-    value = np.zeros(golden.shape, dtype=np.float32)
+    value = np.zeros(golden.shape, dtype=golden.dtype)
     for i, (e, v) in enumerate(zip(elements, values)):  # per image: rows of a folded tensor included
         mask.reshape(len(x), -1)[i, int(e)] = True
         value.reshape(len(x), -1)[i, int(e)] = v

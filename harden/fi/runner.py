@@ -15,6 +15,7 @@ import numpy as np
 from harden.fi.bitflip import peak_scale, tensor_scale
 from harden.fi.cone import Cone, GoldenBlock
 from harden.fi.config import CampaignConfig
+from harden.fi.faults import resolve_format
 from harden.fi.graphinfo import GraphInfo
 from harden.fi.nodes import NODE_LEVEL, NodeSessions
 from harden.fi.profile import clamp_to_range
@@ -45,6 +46,7 @@ class SiteRunner:
                  suffixes: dict[str, Suffix], threads: int = 0, sessions: NodeSessions | None = None,
                  whole: WholeModel | None = None) -> None:
         self.site, self.config = site, config
+        self.fault = resolve_format(config.fault, [site])  # a campaign's is already resolved over all its sites
         self.fixed_batch = info.fixed_batch
         node = info.nodes[info.node_index[site.node]]
         self.node = node
@@ -72,11 +74,12 @@ class SiteRunner:
             self.add_other = None  # the skip operand must be cached
         if site.kind == "activation":
             self.peak = float(ranges.get(site.tensor, 0.0))
-            self.scale = peak_scale(self.peak, config.fault.fmt)
+            self.scale = peak_scale(self.peak, self.fault.format)
             return
-        self.weight = info.constants[site.tensor].astype(np.float32)
+        self.stored = info.constants[site.tensor]  # as the graph stores it (float16 in a half-precision graph)
+        self.weight = self.stored.astype(np.float32)
         self.peak = float(np.max(np.abs(self.weight))) if self.weight.size else 0.0
-        self.scale = tensor_scale(self.weight, config.fault.fmt)
+        self.scale = tensor_scale(self.weight, self.fault.format)
         if self.whole is None and self.cone is None:
             self.needs.update(self.acts)
         self.rerun: NodeRerun | None = None
@@ -87,7 +90,7 @@ class SiteRunner:
         if self.site.kind == "activation":
             r = _as_rows(rows)  # per image: a folded tensor's k rows of an image are one slice
             return cache[self.site.tensor].reshape(-1, self.site.elements)[r, elems].copy()
-        return self.weight.reshape(-1)[elems].copy()
+        return self.stored.reshape(-1)[elems].copy()
 
     def null_scores(self, cache: dict[str, np.ndarray], n: int) -> np.ndarray:
         """Scores of the suffix with no fault, for levels whose kernels may differ between prefix and suffix."""
@@ -145,9 +148,9 @@ class SiteRunner:
     def _draw(self, cache: dict[str, np.ndarray], r: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
         """One shard's faults: elements, bits, golden and faulty values (clamped when the config says so)."""
         elems = rng.integers(0, self.site.elements, len(r))
-        bits, uniforms = self.config.fault.draw(rng, len(r))
+        bits, uniforms = self.fault.draw(rng, len(r))
         golden = self.golden_values(cache, r, elems)
-        faulty = self.config.fault.apply(golden, bits, uniforms, self.scale, self.peak)
+        faulty = self.fault.apply(golden, bits, uniforms, self.scale, self.peak)
         if self.config.clamp == "range":
             faulty = clamp_to_range(faulty, self.peak)
         return {"elems": elems, "bits": bits, "golden": golden, "faulty": faulty}
@@ -239,7 +242,7 @@ class SiteRunner:
         if not done:
             if self.rerun is None:
                 self.rerun = NodeRerun(*self.rerun_args)
-            self.rerun.apply(self.site.tensor, self.weight, elems, faulty, {a: cache[a][rows] for a in self.acts}, y)
+            self.rerun.apply(self.site.tensor, self.stored, elems, faulty, {a: cache[a][rows] for a in self.acts}, y)
         return y
 
 

@@ -18,6 +18,8 @@ from harden.errors import HardenError
 from harden.fi.graphinfo import GraphInfo
 
 COMPUTE_OPS = ("Conv", "Gemm", "MatMul", "ConvTranspose")
+# The storage types a site may have: float32, and float16 in a graph converted to half precision.
+SITE_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 # Which inputs of each compute op may be constant parameters.
 _PARAM_INPUTS = {"Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (0, 1, 2), "MatMul": (0, 1)}
 
@@ -33,6 +35,8 @@ class Site:
     tensor reaches every reader (harden.fi.whole_model runs those faults).
     `via` names the Add node through which a separate bias enters the layer
     (MatMul + Add, as exporters write Linear); such a bias has input_index 2.
+    `dtype` is how the graph stores the tensor, which fixes the bit patterns a
+    fault can flip (harden.fi.faults.resolve_format).
     """
 
     name: str
@@ -45,10 +49,13 @@ class Site:
     input_index: int = -1
     shared: bool = False
     via: str = ""
+    dtype: str = "float32"
 
     def to_dict(self) -> dict[str, object]:
         d = asdict(self)
         d["shape"] = list(self.shape)
+        if self.dtype == "float32":  # as files written before float16 models were read, so that they resume
+            del d["dtype"]
         return d
 
     @classmethod
@@ -72,10 +79,11 @@ def list_sites(model: onnx.ModelProto | GraphInfo, include_all_tensors: bool = F
             t = info.tensors.get(out)
             if not out or out not in live or out in info.added or t is None:
                 continue
-            if not (t.batched or t.fold) or t.dtype != np.float32:
+            if not (t.batched or t.fold) or t.dtype not in SITE_DTYPES:
                 continue
             shape = t.shape if t.fold else t.shape[1:]  # a fold's k rows are all one image's
-            sites.append(Site(out, "activation", out, node.name, node.op_type, shape, int(np.prod(shape, dtype=np.int64))))
+            sites.append(Site(out, "activation", out, node.name, node.op_type, shape,
+                              int(np.prod(shape, dtype=np.int64)), dtype=t.dtype.name))
         if node.op_type not in COMPUTE_OPS or node.output[0] not in live:
             continue
         for j in _PARAM_INPUTS[node.op_type]:
@@ -83,18 +91,18 @@ def list_sites(model: onnx.ModelProto | GraphInfo, include_all_tensors: bool = F
                 continue
             name = node.input[j]
             value = info.constants[name]
-            if value.dtype != np.float32 or name in weights:
+            if value.dtype not in SITE_DTYPES or name in weights:
                 continue
             weights.add(name)
             sites.append(Site(name, "weight", name, node.name, node.op_type, tuple(int(s) for s in value.shape),
-                              int(value.size), j, len(info.consumers.get(name, [])) > 1))
+                              int(value.size), j, len(info.consumers.get(name, [])) > 1, dtype=value.dtype.name))
         bias = _separate_bias(info, node)
         if bias is not None and bias[1] not in weights:
             add, name = bias
             weights.add(name)
             value = info.constants[name]
             sites.append(Site(name, "weight", name, node.name, node.op_type, tuple(int(s) for s in value.shape),
-                              int(value.size), 2, len(info.consumers.get(name, [])) > 1, add.name))
+                              int(value.size), 2, len(info.consumers.get(name, [])) > 1, add.name, value.dtype.name))
     return sites
 
 
@@ -111,7 +119,7 @@ def _separate_bias(info: GraphInfo, node: onnx.NodeProto) -> tuple[onnx.NodeProt
         return None
     add = info.nodes[readers[0]]
     others = [t for t in add.input if t != node.output[0]]
-    if len(others) != 1 or others[0] not in info.constants or info.constants[others[0]].dtype != np.float32:
+    if len(others) != 1 or others[0] not in info.constants or info.constants[others[0]].dtype not in SITE_DTYPES:
         return None
     per_image = (1, *info.tensors[node.output[0]].shape[1:])
     try:
@@ -163,8 +171,8 @@ def select_sites(sites: Sequence[Site], spec: str | Sequence[str], kinds: Sequen
 
 def format_sites(sites: Sequence[Site]) -> str:
     """A table of sites for `--list-sites`."""
-    rows = [("site", "kind", "op", "node", "shape", "elements")]
-    rows += [(s.name + (" (shared)" if s.shared else ""), s.kind, s.op_type, s.node,
+    rows = [("site", "kind", "op", "node", "dtype", "shape", "elements")]
+    rows += [(s.name + (" (shared)" if s.shared else ""), s.kind, s.op_type, s.node, s.dtype,
               "×".join(map(str, s.shape)) or "scalar", str(s.elements)) for s in sites]
-    widths = [max(len(r[i]) for r in rows) for i in range(6)]
-    return "\n".join("  ".join(c.ljust(w) if i < 5 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows)
+    widths = [max(len(r[i]) for r in rows) for i in range(7)]
+    return "\n".join("  ".join(c.ljust(w) if i < 6 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows)

@@ -128,7 +128,8 @@ class NodeRerun:
             else:
                 t = info.tensors[name]
                 inputs.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(t.dtype), ["N", *t.shape[1:]]))
-        out = helper.make_tensor_value_info(node.output[0], onnx.TensorProto.FLOAT, None)
+        kind = helper.np_dtype_to_tensor_dtype(info.tensors[node.output[0]].dtype)
+        out = helper.make_tensor_value_info(node.output[0], kind, None)
         graph = helper.make_graph([node], "node", inputs, [out])
         model = helper.make_model(graph, opset_imports=list(info.model.opset_import))
         model.ir_version = info.model.ir_version

@@ -159,7 +159,7 @@ def _weight(graph: gs.Graph, tensor: gs.Tensor, what: str) -> np.ndarray:
     value = constant_value(tensor, graph, f"classifier {what}")
     if value.dtype != np.float32:
         raise HardenError(f"the classifier {what} {tensor.name!r} is {value.dtype}; only float32 classifiers "
-                          "are supported")
+                          "are rewritten (rewrite the float32 model, then convert the result to float16)")
     return value
 
 

@@ -28,23 +28,34 @@ PREPROCESS_HELP = ("the model's input preprocessing when it declares none: 'imag
                    "object, or channels=C,size=S,mean=m1/m2/m3,std=s1/s2/s3")
 
 
-def image_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
-    """The model's single input, which must be a float32 image batch (initializers listed as inputs aside).
+# The image input types harden feeds: float32, and float16 for graphs converted to half precision
+# (onnxconverter-common's float16 converter without keep_io_types).
+INPUT_TYPES = {onnx.TensorProto.FLOAT: np.dtype(np.float32), onnx.TensorProto.FLOAT16: np.dtype(np.float16)}
 
-    Every stage feeds float32 images. A float16 or quantised graph would fail
-    inside ONNX Runtime instead, so it is refused here with the way round.
+
+def image_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
+    """The model's single input, which must be a float32 or float16 image batch (initializers listed as
+    inputs aside).
+
+    An integer or quantised input would fail inside ONNX Runtime instead, so it
+    is refused here with the way round.
     """
     initializers = {t.name for t in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in initializers]
     if len(inputs) != 1:
         raise HardenError(f"expected a model with one image input, found {len(inputs)}: {[i.name for i in inputs]}")
     kind = inputs[0].type.tensor_type.elem_type
-    if kind != onnx.TensorProto.FLOAT:
+    if kind not in INPUT_TYPES:
         name = onnx.TensorProto.DataType.Name(kind).lower() if kind else "not a tensor"
-        raise HardenError(f"the model input {inputs[0].name!r} is {name}; harden runs float32 models (inject the "
-                          "float32 model with --format fp16, bf16, fp8-e4m3, fp8-e5m2 or int8 to emulate that "
+        raise HardenError(f"the model input {inputs[0].name!r} is {name}; harden runs float32 and float16 models "
+                          "(inject the float32 model with --format bf16, fp8-e4m3, fp8-e5m2 or int8 to emulate that "
                           "storage)")
     return inputs[0]
+
+
+def input_dtype(model: onnx.ModelProto) -> np.dtype:
+    """The element type of the model's image input: what every stage must feed it."""
+    return INPUT_TYPES[image_input(model).type.tensor_type.elem_type]
 
 
 def select_scores(model: onnx.ModelProto, output: str | None = None) -> onnx.ModelProto:
@@ -135,7 +146,7 @@ def model_inputs(model: onnx.ModelProto, data: Dataset, preprocess: Preprocess |
     `preprocess` overrides what `model_preprocess(model)` finds. Every stage that feeds a
     model (convert, rewrite, inject, certify) goes through here, so one model gets
     the same tensor from the same data everywhere. An N×H×W×C model gets its images in
-    that layout.
+    that layout, a float16 model gets them rounded to float16.
     """
     x = model_preprocess(model, preprocess).apply(data.images)
     want = input_chw(model)
@@ -144,7 +155,9 @@ def model_inputs(model: onnx.ModelProto, data: Dataset, preprocess: Preprocess |
         shape = ", ".join("?" if w is None else str(w) for w in want)
         raise HardenError(f"{data.spec}: images are {got} (C, H, W) after preprocessing but the model takes "
                           f"({shape}); set --preprocess")
-    return np.ascontiguousarray(x.transpose(0, 2, 3, 1)) if channels_last(model) else x
+    x = np.ascontiguousarray(x.transpose(0, 2, 3, 1)) if channels_last(model) else x
+    dtype = input_dtype(model)
+    return x if x.dtype == dtype else x.astype(dtype)
 
 
 def load_inputs(model: onnx.ModelProto, spec: str, limit: int | None = None, seed: int = 0,

@@ -54,7 +54,7 @@ class CertifyConfig:
     kinds: tuple[str, ...] = ("activation", "weight")
     injections: int = 1000
     margin: float | None = None
-    fmt: str = "fp32"
+    fmt: str | None = None  # None: what each model stores (fp32, or fp16 in a float16 graph)
     clamp: str = "none"
     seed: int = 0
     batch: int = 64
@@ -130,7 +130,7 @@ def _certify_one(role: str, path: str, config: CertifyConfig, campaign: Campaign
     if config.exact:
         try:
             exact = analyse_model(model, inputs[np.asarray(ev.ids, dtype=np.int64)], policy=config.clamp,
-                                  fmt=config.fmt, ranges=ev.ranges, profile_inputs=inputs,
+                                  fmt=summary.config.fault.format, ranges=ev.ranges, profile_inputs=inputs,
                                   batch=config.batch, threads=config.threads, progress=config.progress)
         except HardenError as err:
             skipped = str(err)

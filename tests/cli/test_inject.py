@@ -147,24 +147,35 @@ def test_a_channels_last_model_is_fed_nhwc_and_faulted_like_its_nchw_twin(tmp_pa
     assert records[0] == records[1] and len(records[0]) > 100
 
 
-def test_a_float16_model_is_refused_in_one_line(files, tmp_path: Path, capsys) -> None:
-    """It used to end in an ONNX Runtime traceback, in inject and in certify."""
-    from onnx import TensorProto, numpy_helper
+@pytest.mark.parametrize("keep_io_types", [False, True], ids=["fp16-io", "fp32-io"])
+def test_a_float16_model_is_injected_and_certified(files, tmp_path: Path, capsys, keep_io_types: bool) -> None:
+    """It used to be refused (float16 input) or to find no site at all (float32 input around a float16 graph),
+    although onnxconverter-common's float16 converter is how such models are made."""
+    from onnxconverter_common import float16
 
     model, data = files
-    half = onnx.load(model)
-    for init in half.graph.initializer:
-        init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), init.name))
-    for value in (*half.graph.input, *half.graph.output):
-        value.type.tensor_type.elem_type = TensorProto.FLOAT16
-    onnx.save(half, tmp_path / "half.onnx")
-    for argv in (["inject", str(tmp_path / "half.onnx"), "--list-sites"],
-                 ["inject", str(tmp_path / "half.onnx"), "--data", f"npz:{data}", "--out", str(tmp_path / "c.jsonl")],
-                 ["certify", str(tmp_path / "half.onnx"), "--data", f"npz:{data}", "-o", str(tmp_path / "r")]):
-        assert main(argv) == 1
-        err = capsys.readouterr().err
-        assert "is float16; harden runs float32 models" in err and len(err.strip().splitlines()) == 1
-    assert not (tmp_path / "c.jsonl").exists() and not (tmp_path / "r").exists()
+    onnx.save(float16.convert_float_to_float16(onnx.load(model), keep_io_types=keep_io_types), tmp_path / "half.onnx")
+    half = str(tmp_path / "half.onnx")
+    assert main(["inject", half, "--list-sites"]) == 0
+    assert "float16" in capsys.readouterr().out
+    assert main(["inject", half, "--data", f"npz:{data}", "--injections", "20", "--out", str(tmp_path / "c.jsonl"),
+                 "--no-progress"]) == 0
+    assert "flip fp16" in capsys.readouterr().out
+    header = JournalContents(tmp_path / "c.jsonl").header
+    assert header["config"]["fault"]["fmt"] == "fp16" and header["eval"]["kept"] > 0
+    assert main(["certify", half, "--baseline", str(model), "--data", f"npz:{data}", "--injections", "10",
+                 "-o", str(tmp_path / "r"), "--no-progress"]) == 0
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    model_record, baseline = report["models"]
+    assert model_record["campaign"]["config"]["fault"]["fmt"] == "fp16"
+    assert baseline["campaign"]["config"]["fault"]["fmt"] == "fp32"
+    assert model_record["exact"] is None and "computes in float16" in model_record["exact_skipped"]
+    capsys.readouterr()
+    # a format a float16 value cannot hold: one line, exit 1, no file
+    assert main(["inject", half, "--data", f"npz:{data}", "--format", "int8", "--out", str(tmp_path / "i.jsonl")]) == 1
+    err = capsys.readouterr().err
+    assert "--format int8 cannot be stored in float16 site" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "i.jsonl").exists()
 
 
 def test_a_model_with_several_outputs_names_its_scores(files, tmp_path: Path, capsys) -> None:

@@ -60,9 +60,11 @@ def test_draws_and_models() -> None:
     assert bits.shape == (500, 3) and all(len(set(row)) == 3 for row in bits) and bits.max() <= 15
     bits, _ = FaultModel("flip", "fp32", bits=(23, 24, 25)).draw(rng, 300)
     assert set(bits.ravel()) == {23, 24, 25}
-    _, u = FaultModel("random").draw(rng, 1000)
-    vals = FaultModel("random").apply(np.zeros(1000, np.float32), np.zeros((1000, 0)), u, 1.0, 4.0)
+    _, u = FaultModel("random", "fp32").draw(rng, 1000)
+    vals = FaultModel("random", "fp32").apply(np.zeros(1000, np.float32), np.zeros((1000, 0)), u, 1.0, 4.0)
     assert vals.min() >= -4 and vals.max() <= 4 and vals.std() > 1
+    with pytest.raises(HardenError, match="not resolved"):  # the default takes its format from the sites
+        FaultModel("random").apply(np.zeros(1000, np.float32), np.zeros((1000, 0)), u, 1.0, 4.0)
     assert FaultModel("stuck-at-1", "fp32").apply(np.float32([1.0]), np.array([[31]]), np.zeros(1), 1, 1)[0] == -1.0
     assert FaultModel("stuck-at-0", "fp32").apply(np.float32([1.0]), np.array([[31]]), np.zeros(1), 1, 1)[0] == 1.0
     assert parse_bits("23-25,31") == (23, 24, 25, 31) and parse_bits("all") is None

@@ -71,8 +71,9 @@ def labelled_inputs(model: onnx.ModelProto, n: int, seed: int = 1) -> tuple[np.n
     """Random inputs labelled with the model's own predictions (so all are 'correct')."""
     import onnxruntime as ort
 
-    dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:]]
-    x = np.random.default_rng(seed).standard_normal((n, *dims)).astype(np.float32)
+    kind = model.graph.input[0].type.tensor_type
+    dims = [d.dim_value for d in kind.shape.dim[1:]]
+    x = np.random.default_rng(seed).standard_normal((n, *dims)).astype(helper.tensor_dtype_to_np_dtype(kind.elem_type))
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     y = np.argmax(sess.run(None, {"x": x})[0].reshape(n, -1), axis=1).astype(np.int64)
     return x, y

@@ -91,12 +91,16 @@ def test_a_channels_last_model_gets_nhwc_images() -> None:
         model_inputs(nhwc, _data((2, 3, 8, 8)), Preprocess(channels=3))
 
 
-def test_an_input_that_is_not_float32_is_refused_with_the_way_round() -> None:
+def test_a_float16_input_is_fed_float16_and_other_types_are_refused_with_the_way_round() -> None:
     model = _model(["N", 3, 8, 8])
     model.graph.input[0].type.tensor_type.elem_type = TensorProto.FLOAT16
-    with pytest.raises(HardenError, match="'x0' is float16; harden runs float32 models .*--format fp16"):
+    assert input_dims(model) == (3, 8, 8)
+    x = model_inputs(model, _data((2, 3, 8, 8)))
+    assert x.dtype == np.float16
+    model.graph.input[0].type.tensor_type.elem_type = TensorProto.UINT8
+    with pytest.raises(HardenError, match="'x0' is uint8; harden runs float32 and float16 models .*--format .*int8"):
         input_dims(model)
-    with pytest.raises(HardenError, match="is float16"):
+    with pytest.raises(HardenError, match="is uint8"):
         model_inputs(model, _data((2, 3, 8, 8)))
 
 
