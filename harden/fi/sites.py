@@ -18,6 +18,9 @@ from harden.errors import HardenError
 from harden.fi.graphinfo import GraphInfo
 
 COMPUTE_OPS = ("Conv", "Gemm", "MatMul", "ConvTranspose")
+# Ops of a quantised graph (QDQ or QOperator format): their integer tensors are not sites.
+QUANTISED_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
+                 "ConvInteger", "MatMulInteger", "QGemm", "QLinearAdd")
 # The storage types a site may have: float32, and float16 in a graph converted to half precision.
 SITE_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 # Which inputs of each compute op may be constant parameters.
@@ -103,7 +106,24 @@ def list_sites(model: onnx.ModelProto | GraphInfo, include_all_tensors: bool = F
             value = info.constants[name]
             sites.append(Site(name, "weight", name, node.name, node.op_type, tuple(int(s) for s in value.shape),
                               int(value.size), 2, len(info.consumers.get(name, [])) > 1, add.name, value.dtype.name))
+    note = quantised_note(info.model)
+    if not sites and note:
+        raise HardenError(f"{note}; this one has no float site left")
     return sites
+
+
+def quantised_note(model: onnx.ModelProto) -> str | None:
+    """What a user of a quantised graph must know: its int8 tensors are not fault sites, so its faults land in
+    the float tensors between them (a QDQ graph's Conv outputs before requantisation, say). None otherwise."""
+    ops: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.op_type in QUANTISED_OPS:
+            ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    if not ops:
+        return None
+    found = ", ".join(f"{count} {op}" for op, count in ops.items())
+    return (f"the graph is quantised ({found}): its integer tensors are not fault sites, only its float ones "
+            "(inject the float32 model with --format int8 to emulate int8 storage)")
 
 
 def layer_node(info: GraphInfo, site: Site) -> onnx.NodeProto:

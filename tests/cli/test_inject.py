@@ -203,3 +203,36 @@ def test_a_model_with_several_outputs_names_its_scores(files, tmp_path: Path, ca
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     assert report["config"]["scores"] == "logits"
     assert "alpha" in report["models"][0]["exact_skipped"]  # this head's own limit, not the second output
+
+
+@pytest.mark.parametrize("fmt", ["QDQ", "QOperator"])
+def test_a_quantised_model_says_that_its_integer_tensors_are_not_sites(files, tmp_path: Path, capsys,
+                                                                        fmt: str) -> None:
+    """A QDQ graph keeps float Conv outputs to inject (with a note saying what they are); a QOperator graph
+    has no float site left and gets one line saying why, instead of 'matches no site'."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    model, data = files
+    x = labelled_inputs(onnx.load(model), 8)[0]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{"x": x}])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.batches, None)
+
+    quantize_static(str(model), str(tmp_path / "q.onnx"), Reader(), quant_format=getattr(QuantFormat, fmt),
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+    capsys.readouterr()
+    argv = ["inject", str(tmp_path / "q.onnx"), "--data", f"npz:{data}", "--injections", "5",
+            "--out", str(tmp_path / "c.jsonl"), "--no-progress"]
+    if fmt == "QDQ":
+        assert main(argv) == 0
+        err = capsys.readouterr().err
+        assert "note: the graph is quantised (" in err and "DequantizeLinear" in err
+    else:
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert "the graph is quantised (" in err and "QLinearConv" in err and "no float site left" in err
+        assert len(err.strip().splitlines()) == 1 and not (tmp_path / "c.jsonl").exists()
