@@ -5,7 +5,10 @@ flipped (or forced to 0/1), and the pattern is decoded back to float32 for the
 float32 model. Only the faulty element passes through F; the rest of the tensor
 is untouched, so a null fault reproduces the golden output bit for bit.
 A float16 model's own values (float16 arrays) go in and come out as float16,
-and in fp16 their bits are flipped in place, NaN payloads included.
+and in fp16 their bits are flipped in place, NaN payloads included. So do a
+QDQ graph's stored integers (int8, uint8 and int32 arrays, formats int8, uint8
+and int32): their two's-complement or unsigned bits are flipped as stored,
+with no scale. uint8 and int32 exist only as such stored integers.
 
 int8 is symmetric per-tensor quantisation: q = clip(round(v / scale), -127, 127)
 with scale = max|tensor| / 127, the tensor's own scale being what a quantised
@@ -24,10 +27,16 @@ import numpy as np
 
 from harden.errors import HardenError
 
-Format = Literal["fp32", "fp16", "bf16", "fp8-e4m3", "fp8-e5m2", "int8"]
-WIDTH: dict[str, int] = {"fp32": 32, "fp16": 16, "bf16": 16, "fp8-e4m3": 8, "fp8-e5m2": 8, "int8": 8}
+Format = Literal["fp32", "fp16", "bf16", "fp8-e4m3", "fp8-e5m2", "int8", "uint8", "int32"]
+WIDTH: dict[str, int] = {"fp32": 32, "fp16": 16, "bf16": 16, "fp8-e4m3": 8, "fp8-e5m2": 8, "int8": 8, "uint8": 8,
+                         "int32": 32}
 _UINT = {"fp32": np.uint32, "fp16": np.uint16, "bf16": np.uint16, "fp8-e4m3": np.uint8, "fp8-e5m2": np.uint8,
-         "int8": np.uint8}
+         "int8": np.uint8, "uint8": np.uint8, "int32": np.uint32}
+# The formats whose values some array type holds as they are: flipped on its own bits, never converted.
+STORED = {"fp16": np.dtype(np.float16), "int8": np.dtype(np.int8), "uint8": np.dtype(np.uint8),
+          "int32": np.dtype(np.int32)}
+# The formats a float32 value can be stored in (emulated); uint8 and int32 are only ever stored integers.
+EMULATED = tuple(f for f in WIDTH if f not in ("uint8", "int32"))
 _FP8 = {"fp8-e4m3": ml_dtypes.float8_e4m3fn, "fp8-e5m2": ml_dtypes.float8_e5m2}
 # The largest stored magnitude of each scaled format: a tensor's max |value| maps to it.
 FULL_SCALE = {"int8": 127.0, "fp8-e4m3": 448.0, "fp8-e5m2": 57344.0}
@@ -61,8 +70,10 @@ def peak_scale(peak: float, fmt: str) -> float:
 def encode(values: np.ndarray, fmt: str, scale: float = 1.0) -> np.ndarray:
     """float32 values to their bit patterns in `fmt` (unsigned integers of the format's width)."""
     check_format(fmt)
-    if fmt == "fp16" and np.asarray(values).dtype == np.float16:
-        return np.array(values, dtype=np.float16).view(np.uint16)
+    if STORED.get(fmt) == np.asarray(values).dtype:
+        return np.array(values).view(_UINT[fmt])
+    if fmt not in EMULATED:
+        raise HardenError(f"--format {fmt} is a QDQ graph's stored integer; it cannot emulate float values")
     v = np.ascontiguousarray(values, dtype=np.float32)
     if fmt == "fp32":
         return v.view(np.uint32).copy()
@@ -86,11 +97,14 @@ def encode(values: np.ndarray, fmt: str, scale: float = 1.0) -> np.ndarray:
 
 
 def decode(codes: np.ndarray, fmt: str, scale: float = 1.0, dtype: type = np.float32) -> np.ndarray:
-    """Bit patterns in `fmt` back to float32 values, or float16 ones for a float16 model (`dtype`)."""
+    """Bit patterns in `fmt` back to float32 values, or to the type that stores them as they are (`dtype`:
+    a float16 model's float16, a QDQ graph's integers)."""
     check_format(fmt)
     c = np.ascontiguousarray(codes, dtype=_UINT[fmt])
+    if STORED.get(fmt) == np.dtype(dtype):
+        return c.view(dtype).copy()
     if np.dtype(dtype) == np.float16:
-        return c.view(np.float16).copy() if fmt == "fp16" else _decode32(c, fmt, scale).astype(np.float16)
+        return _decode32(c, fmt, scale).astype(np.float16)
     return _decode32(c, fmt, scale)
 
 
@@ -122,8 +136,10 @@ def _masks(bits: np.ndarray, fmt: str) -> np.ndarray:
 
 
 def _kind(values: np.ndarray) -> type:
-    """The type faulty values are returned in: float16 for a float16 model's values, else float32."""
-    return np.float16 if np.asarray(values).dtype == np.float16 else np.float32
+    """The type faulty values are returned in: the values' own when a format stores them as they are (float16,
+    a QDQ graph's integers), else float32."""
+    dtype = np.asarray(values).dtype
+    return dtype.type if dtype in STORED.values() else np.float32
 
 
 def flip(values: np.ndarray, bits: np.ndarray, fmt: str = "fp32", scale: float = 1.0) -> np.ndarray:

@@ -32,6 +32,8 @@ POINTWISE = {
     "Floor", "Gelu", "HardSigmoid", "HardSwish", "Identity", "LRN", "LeakyRelu", "Log", "Max", "Mean", "Min",
     "Mish", "Mul", "Neg", "Pow", "PRelu", "Reciprocal", "Relu", "Round", "Selu", "Sigmoid", "Sign", "Softplus",
     "Softsign", "Sqrt", "Sub", "Sum", "Tanh",
+    # a QDQ graph's activations are requantised per tensor (per-axis scales fail _pointwise_ok's shape check)
+    "QuantizeLinear", "DequantizeLinear",
 }
 SLIDING = {"Conv", "MaxPool", "AveragePool"}
 

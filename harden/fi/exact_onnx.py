@@ -23,6 +23,7 @@ from harden.fi.exact_text import TextHead
 from harden.fi.graphinfo import bypass_constant_views, named_copy
 from harden.fi.outcome import nonfinite_rows, top1_class
 from harden.fi.profile import profile_ranges
+from harden.fi.quantised import QOPERATOR_OPS
 from harden.graph.model_input import input_dtype
 from harden.graph.ort import expose
 from harden.graph.parallel import run_model
@@ -331,6 +332,9 @@ def model_sites(model: onnx.ModelProto, inputs: np.ndarray, policy: str = "none"
     if input_dtype(model) == np.float16 or any(i.data_type == onnx.TensorProto.FLOAT16
                                                for i in model.graph.initializer):
         raise HardenError("exact analysis: the model computes in float16, and the exact analysis covers float32 "
+                          "classifiers only (the sampled campaign covers this one)")
+    if any(n.op_type in ("QuantizeLinear", "DequantizeLinear", *QOPERATOR_OPS) for n in model.graph.node):
+        raise HardenError("exact analysis: the model is quantised, and the exact analysis covers float32 "
                           "classifiers only (the sampled campaign covers this one)")
     head = locate_head(model)
     g = _Graph(model)

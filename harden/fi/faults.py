@@ -12,14 +12,14 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from harden.errors import HardenError
-from harden.fi.bitflip import check_format, flip, quantise, stuck_at
+from harden.fi.bitflip import STORED, check_format, flip, quantise, stuck_at
 from harden.fi.sites import Site
 
 MODELS = ("flip", "stuck-at-0", "stuck-at-1", "random")
 
 
 # The storage format of each site type: a fault flips the bits the graph really stores.
-NATIVE = {"float32": "fp32", "float16": "fp16"}
+NATIVE = {"float32": "fp32", "float16": "fp16", "int8": "int8", "uint8": "uint8", "int32": "int32"}
 
 
 @dataclass(frozen=True)
@@ -27,9 +27,10 @@ class FaultModel:
     """`kind` of fault, the number format it corrupts, the bit positions it may touch (None: the format's
     whole width) and bits per fault.
 
-    `fmt` None means the sites' own storage (fp32, or fp16 in a float16
-    graph); a campaign fixes it from its sites (`resolve_format`) before it
-    draws anything, so files always record a concrete format.
+    `fmt` None means each site's own storage (fp32, fp16 in a float16 graph,
+    a QDQ graph's stored integers). A campaign fixes it from its sites
+    (`resolve_format`) where they all store one type, so its file records that
+    format; null there means each site's own (`site_fault`).
     """
 
     kind: str = "flip"
@@ -77,15 +78,22 @@ class FaultModel:
         return np.sort(choices[order], axis=1), np.zeros(n)
 
     def apply(self, golden: np.ndarray, bits: np.ndarray, uniforms: np.ndarray, scale: float, peak: float) -> np.ndarray:
-        """Faulty values for `golden` values (one per fault), of golden's type: float16 for a float16 site,
-        else float32.
+        """Faulty values for `golden` values (one per fault), of golden's type where the format stores it as
+        it is (a float16 site's float16, a QDQ graph's integers), else float32.
 
-        int8 uses `scale`; 'random' draws a value uniformly in ±`peak` (the
-        site's profiled range), stored in the format.
+        Emulated int8 and fp8 use `scale`; 'random' draws a value uniformly in
+        ±`peak` (the site's profiled range), stored in the format, and on a
+        stored integer any of its codes with equal chance.
         """
         g = np.asarray(golden)
-        g = g if g.dtype == np.float16 else g.astype(np.float32)
+        stored = STORED.get(self.format) == g.dtype
+        g = g if stored else g.astype(np.float32)
         if self.kind == "random":
+            if g.dtype.kind in "iu":
+                info = np.iinfo(g.dtype)
+                span = float(info.max) - float(info.min) + 1
+                codes = np.floor((uniforms + 1.0) / 2.0 * span) + float(info.min)
+                return np.clip(codes, info.min, info.max).astype(g.dtype)
             return quantise((uniforms * peak).astype(g.dtype), self.format, scale)
         if self.kind == "flip":
             return flip(g, bits, self.format, scale)
@@ -104,21 +112,32 @@ class FaultModel:
 
 
 def resolve_format(fault: FaultModel, sites: Sequence[Site]) -> FaultModel:
-    """The fault model with its number format fixed for these sites, or a HardenError if they cannot take it.
+    """The fault model with its number format fixed for these sites, or a HardenError if one cannot take it.
 
-    Unset, the format is what the graph stores: fp32 for float32 sites, fp16
-    once any site is float16 (a float32 site of a half-precision graph, such as
-    a Cast back to float32 under --all-tensors, is then flipped as the fp16
-    value it was computed as). A float16 site holds only fp16 bit patterns:
-    any other format's faulty value would need rounding to be stored, so it is
-    refused.
+    Unset, the format is what the graph stores (NATIVE): fp32 for float32
+    sites, fp16 for a float16 graph's, int8/uint8/int32 for a QDQ graph's stored
+    integers. Where the sites store different types (a QDQ graph keeps some
+    float tensors), it stays unset and each site's own applies (`site_fault`).
+    A set format must suit every site (`site_fault`).
     """
-    stored = {s.dtype for s in sites}
-    fmt = fault.fmt or ("fp16" if "float16" in stored else "fp32")
-    half = [s.name for s in sites if s.dtype == "float16"]
-    if half and fmt != "fp16":
-        raise HardenError(f"--format {fmt} cannot be stored in float16 site {half[0]!r} ({len(half)} such sites); "
-                          "a float16 model takes --format fp16 (the default)")
+    for site in sites:
+        site_fault(fault, site)
+    if fault.fmt is not None:
+        return fault
+    natives = {NATIVE[s.dtype] for s in sites}
+    return replace(fault, fmt=natives.pop()) if len(natives) == 1 else fault
+
+
+def site_fault(fault: FaultModel, site: Site) -> FaultModel:
+    """The fault model as it applies to one site: its native format when unset, else the set one if the site
+    can store it. A float16 site or a stored integer holds only its own bit patterns (any other format's
+    faulty value would need rounding to be stored); a float32 site takes any format but the stored-integer
+    ones, the others emulated."""
+    native = NATIVE[site.dtype]
+    fmt = fault.fmt or native
+    if fmt != native and (site.dtype != "float32" or fmt in ("uint8", "int32")):
+        raise HardenError(f"--format {fmt} cannot be stored in {site.dtype} site {site.name!r}; "
+                          f"its own format is {native} (the default)")
     return fault if fault.fmt == fmt else replace(fault, fmt=fmt)
 
 

@@ -19,6 +19,7 @@ import onnxruntime as ort
 from onnx import numpy_helper
 
 from harden.errors import HardenError
+from harden.fi.quantised import find_dequantized
 from harden.graph.model_input import image_input, input_dtype, select_scores
 from harden.graph.ort import expose, make_session
 
@@ -152,6 +153,11 @@ class GraphInfo:
                 for attr in node.attribute:
                     if attr.name == "value":
                         self.constants[node.output[0]] = numpy_helper.to_array(attr.t)
+        # a QDQ graph's stored integer weights, decoded as the layers read them (harden.fi.quantised)
+        self.dequantized = find_dequantized(self.nodes, self.constants)
+        for name, dq in self.dequantized.items():
+            stored = self.constants[dq.stored]
+            self.constants[name] = dq.decode(stored, stored.shape)
         dims = image.type.tensor_type.shape.dim
         first = dims[0] if dims else None
         self.fixed_batch: int | None = first.dim_value if first is not None and first.HasField("dim_value") else None

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from harden.fi.config import CampaignConfig
+from harden.fi.faults import site_fault
 from harden.fi.sites import Site
 from harden.fi.stats import leveugle_sample_size
 
@@ -38,8 +39,11 @@ def injections_per_site(sites: Sequence[Site], config: CampaignConfig, images: i
     """N per site: fixed, or Leveugle's sample size for the fault population elements × bits × images."""
     if config.margin is None:
         return {s.name: config.injections for s in sites}
-    bits = 1 if config.fault.kind == "random" else len(config.fault.choices())
-    return {s.name: leveugle_sample_size(s.elements * bits * images, config.margin, config.confidence) for s in sites}
+    def bits(site: Site) -> int:
+        return 1 if config.fault.kind == "random" else len(site_fault(config.fault, site).choices())
+
+    return {s.name: leveugle_sample_size(s.elements * bits(s) * images, config.margin, config.confidence)
+            for s in sites}
 
 
 def block_bounds(block: int, images: int, block_images: int) -> tuple[int, int]:

@@ -15,7 +15,8 @@ import numpy as np
 from harden.fi.bitflip import peak_scale, tensor_scale
 from harden.fi.cone import Cone, GoldenBlock
 from harden.fi.config import CampaignConfig
-from harden.fi.faults import resolve_format
+from harden.errors import HardenError
+from harden.fi.faults import site_fault
 from harden.fi.graphinfo import GraphInfo
 from harden.fi.nodes import NODE_LEVEL, NodeSessions
 from harden.fi.profile import clamp_to_range
@@ -46,7 +47,10 @@ class SiteRunner:
                  suffixes: dict[str, Suffix], threads: int = 0, sessions: NodeSessions | None = None,
                  whole: WholeModel | None = None) -> None:
         self.site, self.config = site, config
-        self.fault = resolve_format(config.fault, [site])  # a campaign's is already resolved over all its sites
+        self.fault = site_fault(config.fault, site)
+        if config.clamp == "range" and site.dtype not in ("float32", "float16"):
+            raise HardenError(f"--clamp range applies to float values, and {site.name!r} is a stored {site.dtype} "
+                              "(a flipped integer is never NaN or out of its type's range); select float sites")
         self.fixed_batch = info.fixed_batch
         node = info.nodes[info.node_index[site.node]]
         self.node = node
@@ -76,8 +80,10 @@ class SiteRunner:
             self.peak = float(ranges.get(site.tensor, 0.0))
             self.scale = peak_scale(self.peak, self.fault.format)
             return
-        self.stored = info.constants[site.tensor]  # as the graph stores it (float16 in a half-precision graph)
-        self.weight = self.stored.astype(np.float32)
+        self.stored = info.constants[site.tensor]  # as the graph stores it (float16, or a QDQ graph's integers)
+        # what the layer reads: in a QDQ graph, the stored integers decoded by their DequantizeLinear
+        self.dequantized = info.dequantized.get(site.decoded) if site.decoded else None
+        self.weight = info.constants[site.decoded] if site.decoded else self.stored.astype(np.float32)
         self.peak = float(np.max(np.abs(self.weight))) if self.weight.size else 0.0
         self.scale = tensor_scale(self.weight, self.fault.format)
         if self.whole is None and self.cone is None:
@@ -215,12 +221,13 @@ class SiteRunner:
                        faulty: np.ndarray) -> np.ndarray:
         """The layer output under each row's weight fault (fast path, or the node recomputed)."""
         y = np.ascontiguousarray(cache[self.out][rows])  # fancy indexing already copied
+        read_golden, read_faulty = self._read(golden, elems), self._read(faulty, elems)
         if self.via is not None:
             # bias through an Add: recompute the touched outputs as the Add does, one float32 addition each
             a = cache[self.acts[0]][rows].reshape(len(rows), -1)
             flat = y.reshape(len(rows), -1)
             per_image = (1, *y.shape[1:])
-            for i, (e, f) in enumerate(zip(elems.tolist(), faulty.astype(np.float32))):
+            for i, (e, f) in enumerate(zip(elems.tolist(), read_faulty)):
                 unit = np.zeros(self.weight.shape, dtype=bool)
                 unit.flat[e] = True
                 pos = np.flatnonzero(np.broadcast_to(unit, per_image))
@@ -228,7 +235,7 @@ class SiteRunner:
                     flat[i, pos] = a[i, pos] + f
             return y
         with np.errstate(all="ignore"):
-            delta = faulty.astype(np.float32) - golden.astype(np.float32)
+            delta = read_faulty - read_golden
             op, idx = self.node.op_type, self.site.input_index
             x = cache[self.acts[0]][rows] if self.acts else None
             done = False
@@ -242,8 +249,19 @@ class SiteRunner:
         if not done:
             if self.rerun is None:
                 self.rerun = NodeRerun(*self.rerun_args)
-            self.rerun.apply(self.site.tensor, self.stored, elems, faulty, {a: cache[a][rows] for a in self.acts}, y)
+            acts = {a: cache[a][rows] for a in self.acts}
+            if self.site.decoded:  # the layer reads the decoded float tensor: rerun it with that
+                self.rerun.apply(self.site.decoded, self.weight, elems, read_faulty, acts, y)
+            else:
+                self.rerun.apply(self.site.tensor, self.stored, elems, faulty, acts, y)
         return y
+
+    def _read(self, values: np.ndarray, elems: np.ndarray) -> np.ndarray:
+        """What the layer reads for weight elements `elems` holding `values`: float32, decoded from a QDQ
+        graph's stored integers by the DequantizeLinear's own arithmetic."""
+        if self.dequantized is None:
+            return values.astype(np.float32)
+        return self.dequantized.decode(values, self.stored.shape, elems)
 
 
 def golden_needs(info: GraphInfo, site: Site) -> set[str]:

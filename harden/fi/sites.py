@@ -16,13 +16,14 @@ import onnx
 
 from harden.errors import HardenError
 from harden.fi.graphinfo import GraphInfo
+from harden.fi.quantised import INTEGER_DTYPES, QOPERATOR_OPS, requantised_output
 
 COMPUTE_OPS = ("Conv", "Gemm", "MatMul", "ConvTranspose")
-# Ops of a quantised graph (QDQ or QOperator format): their integer tensors are not sites.
-QUANTISED_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
-                 "ConvInteger", "MatMulInteger", "QGemm", "QLinearAdd")
-# The storage types a site may have: float32, and float16 in a graph converted to half precision.
+# The storage types a site may have: float32, and float16 in a graph converted to half precision; in a
+# QDQ graph also the integers it stores (harden.fi.quantised).
 SITE_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
+ACTIVATION_DTYPES = (*SITE_DTYPES, np.dtype(np.int8), np.dtype(np.uint8))
+WEIGHT_DTYPES = (*SITE_DTYPES, *INTEGER_DTYPES)
 # Which inputs of each compute op may be constant parameters.
 _PARAM_INPUTS = {"Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (0, 1, 2), "MatMul": (0, 1)}
 
@@ -39,7 +40,9 @@ class Site:
     `via` names the Add node through which a separate bias enters the layer
     (MatMul + Add, as exporters write Linear); such a bias has input_index 2.
     `dtype` is how the graph stores the tensor, which fixes the bit patterns a
-    fault can flip (harden.fi.faults.resolve_format).
+    fault can flip (harden.fi.faults.resolve_format). `decoded` names the
+    float tensor a QDQ graph's DequantizeLinear makes of a stored integer
+    weight, which is what the layer reads (harden.fi.quantised).
     """
 
     name: str
@@ -53,12 +56,15 @@ class Site:
     shared: bool = False
     via: str = ""
     dtype: str = "float32"
+    decoded: str = ""
 
     def to_dict(self) -> dict[str, object]:
         d = asdict(self)
         d["shape"] = list(self.shape)
         if self.dtype == "float32":  # as files written before float16 models were read, so that they resume
             del d["dtype"]
+        if not self.decoded:
+            del d["decoded"]
         return d
 
     @classmethod
@@ -72,58 +78,72 @@ def list_sites(model: onnx.ModelProto | GraphInfo, include_all_tensors: bool = F
     """Every activation and weight site of the graph that can change the class scores."""
     info = model if isinstance(model, GraphInfo) else GraphInfo(model)
     live = info.reaches(info.scores)
+    outputs = {o.name for o in info.model.graph.output}
     sites: list[Site] = []
-    weights: set[str] = set()  # a stored tensor is one site, listed at its first reader
+    seen: set[str] = set()  # a tensor is one site: a stored weight is listed at its first reader
     for node in info.nodes:
         if node.op_type == "Constant":
             continue
-        outputs = [node.output[0]] if node.op_type in COMPUTE_OPS else (list(node.output) if include_all_tensors else [])
-        for out in outputs:
+        if node.op_type in COMPUTE_OPS:  # in a QDQ graph, the layer's output as stored: requantised
+            out = node.output[0]
+            tensors = [requantised_output(info.nodes, info.consumers, info.constants, out, outputs) or out]
+        else:
+            tensors = list(node.output) if include_all_tensors else []
+        for out in tensors:
             t = info.tensors.get(out)
-            if not out or out not in live or out in info.added or t is None:
+            if not out or out not in live or out in info.added or t is None or out in seen:
                 continue
-            if not (t.batched or t.fold) or t.dtype not in SITE_DTYPES:
+            if not (t.batched or t.fold) or t.dtype not in ACTIVATION_DTYPES:
                 continue
+            seen.add(out)
             shape = t.shape if t.fold else t.shape[1:]  # a fold's k rows are all one image's
             sites.append(Site(out, "activation", out, node.name, node.op_type, shape,
                               int(np.prod(shape, dtype=np.int64)), dtype=t.dtype.name))
         if node.op_type not in COMPUTE_OPS or node.output[0] not in live:
             continue
-        for j in _PARAM_INPUTS[node.op_type]:
-            if j >= len(node.input) or node.input[j] not in info.constants:
-                continue
-            name = node.input[j]
-            value = info.constants[name]
-            if value.dtype not in SITE_DTYPES or name in weights:
-                continue
-            weights.add(name)
-            sites.append(Site(name, "weight", name, node.name, node.op_type, tuple(int(s) for s in value.shape),
-                              int(value.size), j, len(info.consumers.get(name, [])) > 1, dtype=value.dtype.name))
+        params = [(j, node.input[j], "") for j in _PARAM_INPUTS[node.op_type]
+                  if j < len(node.input) and node.input[j] in info.constants]
         bias = _separate_bias(info, node)
-        if bias is not None and bias[1] not in weights:
-            add, name = bias
-            weights.add(name)
-            value = info.constants[name]
-            sites.append(Site(name, "weight", name, node.name, node.op_type, tuple(int(s) for s in value.shape),
-                              int(value.size), 2, len(info.consumers.get(name, [])) > 1, add.name, value.dtype.name))
+        if bias is not None:
+            params.append((2, bias[1], bias[0].name))
+        for j, name, via in params:
+            site = _weight_site(info, node, name, j, via)
+            if site is not None and site.tensor not in seen:
+                seen.add(site.tensor)
+                sites.append(site)
     note = quantised_note(info.model)
     if not sites and note:
         raise HardenError(f"{note}; this one has no float site left")
     return sites
 
 
+def _weight_site(info: GraphInfo, node: onnx.NodeProto, name: str, index: int, via: str) -> Site | None:
+    """The site of parameter `name` of a layer: the constant itself, or in a QDQ graph the stored integer
+    tensor that a DequantizeLinear decodes into it. None for a type no fault is drawn in."""
+    dq = info.dequantized.get(name)
+    stored = dq.stored if dq is not None else name
+    value = info.constants[stored]
+    if value.dtype not in (WEIGHT_DTYPES if dq is not None else SITE_DTYPES):
+        return None
+    readers = len(info.consumers.get(stored, [])) + (len(info.consumers.get(name, [])) - 1 if dq is not None else 0)
+    return Site(stored, "weight", stored, node.name, node.op_type, tuple(int(s) for s in value.shape),
+                int(value.size), index, readers > 1, via, value.dtype.name, name if dq is not None else "")
+
+
 def quantised_note(model: onnx.ModelProto) -> str | None:
-    """What a user of a quantised graph must know: its int8 tensors are not fault sites, so its faults land in
-    the float tensors between them (a QDQ graph's Conv outputs before requantisation, say). None otherwise."""
+    """What a user of a graph in QOperator format must know: its layers compute on integers end to end, so
+    only the float tensors left between them are sites. None for other graphs (QDQ graphs included: their
+    stored integers are sites)."""
     ops: dict[str, int] = {}
     for node in model.graph.node:
-        if node.op_type in QUANTISED_OPS:
+        if node.op_type in QOPERATOR_OPS:
             ops[node.op_type] = ops.get(node.op_type, 0) + 1
     if not ops:
         return None
     found = ", ".join(f"{count} {op}" for op, count in ops.items())
-    return (f"the graph is quantised ({found}): its integer tensors are not fault sites, only its float ones "
-            "(inject the float32 model with --format int8 to emulate int8 storage)")
+    return (f"the graph is quantised in QOperator format ({found}): its integer layers are not fault sites, only "
+            "its float tensors (quantise it in QDQ format, onnxruntime.quantization's default, to inject its "
+            "stored integers)")
 
 
 def layer_node(info: GraphInfo, site: Site) -> onnx.NodeProto:
@@ -132,16 +152,22 @@ def layer_node(info: GraphInfo, site: Site) -> onnx.NodeProto:
 
 
 def _separate_bias(info: GraphInfo, node: onnx.NodeProto) -> tuple[onnx.NodeProto, str] | None:
-    """(Add node, bias name) when the layer's output goes only into an Add with a per-image float constant."""
-    readers = info.consumers.get(node.output[0], [])
-    if len(readers) != 1 or info.nodes[readers[0]].op_type != "Add" or node.output[0] in {
-            o.name for o in info.model.graph.output}:
+    """(Add node, bias name) when the layer's output goes only into an Add with a per-image float constant
+    (in a QDQ graph, through the QuantizeLinear and DequantizeLinear that requantise it)."""
+    outputs = {o.name for o in info.model.graph.output}
+    out = node.output[0]
+    for op in ("QuantizeLinear", "DequantizeLinear"):
+        readers = info.consumers.get(out, [])
+        if len(readers) == 1 and info.nodes[readers[0]].op_type == op and out not in outputs:
+            out = info.nodes[readers[0]].output[0]
+    readers = info.consumers.get(out, [])
+    if len(readers) != 1 or info.nodes[readers[0]].op_type != "Add" or out in outputs:
         return None
     add = info.nodes[readers[0]]
-    others = [t for t in add.input if t != node.output[0]]
+    others = [t for t in add.input if t != out]
     if len(others) != 1 or others[0] not in info.constants or info.constants[others[0]].dtype not in SITE_DTYPES:
         return None
-    per_image = (1, *info.tensors[node.output[0]].shape[1:])
+    per_image = (1, *info.tensors[out].shape[1:])
     try:
         fits = np.broadcast_shapes(per_image, info.constants[others[0]].shape) == per_image
     except ValueError:

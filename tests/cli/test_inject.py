@@ -206,10 +206,10 @@ def test_a_model_with_several_outputs_names_its_scores(files, tmp_path: Path, ca
 
 
 @pytest.mark.parametrize("fmt", ["QDQ", "QOperator"])
-def test_a_quantised_model_says_that_its_integer_tensors_are_not_sites(files, tmp_path: Path, capsys,
-                                                                        fmt: str) -> None:
-    """A QDQ graph keeps float Conv outputs to inject (with a note saying what they are); a QOperator graph
-    has no float site left and gets one line saying why, instead of 'matches no site'."""
+def test_a_quantised_model_is_injected_in_its_stored_integers_or_refused_in_one_line(files, tmp_path: Path, capsys,
+                                                                                     fmt: str) -> None:
+    """A QDQ graph's sites are its stored int8 and int32 tensors. A QOperator graph computes on integers end
+    to end and has no float site left: one line says why, instead of 'matches no site'."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     model, data = files
@@ -229,10 +229,11 @@ def test_a_quantised_model_says_that_its_integer_tensors_are_not_sites(files, tm
             "--out", str(tmp_path / "c.jsonl"), "--no-progress"]
     if fmt == "QDQ":
         assert main(argv) == 0
-        err = capsys.readouterr().err
-        assert "note: the graph is quantised (" in err and "DequantizeLinear" in err
+        assert "note:" not in capsys.readouterr().err
+        header = JournalContents(tmp_path / "c.jsonl").header
+        assert {s["dtype"] for s in header["sites"]} == {"int8", "int32"} and header["config"]["fault"]["fmt"] is None
     else:
         assert main(argv) == 1
         err = capsys.readouterr().err
-        assert "the graph is quantised (" in err and "QLinearConv" in err and "no float site left" in err
+        assert "quantised in QOperator format (" in err and "QLinearConv" in err and "no float site left" in err
         assert len(err.strip().splitlines()) == 1 and not (tmp_path / "c.jsonl").exists()

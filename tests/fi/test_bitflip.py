@@ -60,7 +60,20 @@ def test_bad_bits_and_formats_are_refused() -> None:
 
 
 @settings(max_examples=300, deadline=None, derandomize=True)
-@given(st.floats(width=32, allow_nan=False), st.sampled_from(sorted(bitflip.WIDTH)), st.data())
+@given(st.integers(-2**31, 2**31 - 1), st.sampled_from(["int8", "uint8", "int32"]), st.data())
+def test_a_stored_integer_flipped_twice_is_itself(x: int, fmt: str, data: st.DataObject) -> None:
+    """A QDQ graph's stored integers: their own bits, in their own type, and no scale."""
+    dtype = bitflip.STORED[fmt]
+    v = np.array([x % 2**bitflip.WIDTH[fmt]], dtype=np.uint64).astype(bitflip._UINT[fmt]).view(dtype)
+    bit = np.array([data.draw(st.integers(0, bitflip.WIDTH[fmt] - 1))])
+    once = bitflip.flip(v, bit, fmt, 123.0)
+    assert once.dtype == dtype and int(once.view(bitflip._UINT[fmt])[0]) == int(v.view(bitflip._UINT[fmt])[0]) ^ (
+        1 << int(bit[0]))
+    assert np.array_equal(bitflip.flip(once, bit, fmt), v)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(st.floats(width=32, allow_nan=False), st.sampled_from(sorted(bitflip.EMULATED)), st.data())
 def test_flipping_twice_restores_the_stored_bits(x: float, fmt: str, data: st.DataObject) -> None:
     bit = data.draw(st.integers(0, bitflip.WIDTH[fmt] - 1))
     v = np.float32([x])

@@ -43,20 +43,24 @@ def _walk_setup(model: onnx.ModelProto, x: np.ndarray) -> tuple[GraphInfo, NodeS
 
 
 def _faults(rng: np.random.Generator, golden: np.ndarray) -> np.ndarray:
-    """Faulty values of every kind, in golden's own type (float32, or a float16 graph's float16): bit flips of
-    the golden value (sign, exponent, mantissa), NaN, ±inf and a huge finite value."""
+    """Faulty values of every kind, in golden's own type (float32, a float16 graph's float16, a QDQ graph's
+    stored integers): bit flips of the golden value (sign, exponent, mantissa), NaN, ±inf and a huge finite
+    value; for integers, their extremes."""
     width = golden.dtype.itemsize * 8
     uint = _uint(golden)
     bits = rng.integers(0, width, len(golden)).astype(uint)
     flipped = (golden.view(uint) ^ (uint(1) << bits)).view(golden.dtype)
-    special = rng.choice(np.array([np.nan, np.inf, -np.inf, np.finfo(golden.dtype).max / 2], dtype=golden.dtype),
-                         len(golden))
+    if golden.dtype.kind in "iu":
+        extremes = [np.iinfo(golden.dtype).min, np.iinfo(golden.dtype).max]
+    else:
+        extremes = [np.nan, np.inf, -np.inf, np.finfo(golden.dtype).max / 2]
+    special = rng.choice(np.array(extremes, dtype=golden.dtype), len(golden))
     return np.where(rng.random(len(golden)) < 0.1, special, flipped).astype(golden.dtype)
 
 
 def _uint(a: np.ndarray) -> type:
     """The unsigned type of a's width, to compare bit patterns (NaN == NaN, −0 ≠ +0)."""
-    return {2: np.uint16, 4: np.uint32}[a.dtype.itemsize]
+    return {1: np.uint8, 2: np.uint16, 4: np.uint32}[a.dtype.itemsize]
 
 
 def _check_against_whole_graph(model: onnx.ModelProto, x: np.ndarray, faults: int,

@@ -88,7 +88,11 @@ def test_a_1x1_conv_classifier_with_n_c_1_1_scores_matches_the_reference(cone: b
 
 
 def _weight_check(model: onnx.ModelProto, name: str, n: int = 6, seed: int = 0, rerun: bool = False,
-                  cone: bool = False, rtol: float = 1e-5, atol: float = 1e-5) -> None:
+                  cone: bool = False, rtol: float = 1e-5, atol: float = 1e-5,
+                  shifts: tuple[float, ...] = (-3.0, 2.5, 7.0), opposite: bool = False) -> None:
+    """Weight faults (the golden value plus one of `shifts`; a stored integer saturates; with `opposite`, a
+    stored integer goes to the far extreme of its type) through the fast path against the slow path, a copy
+    of the model with the faulty stored tensor."""
     x, _ = labelled_inputs(model, n)
     _, runner, cache, golden, site = _runner(model, name, x, cone=cone)
     assert (runner.cone is not None) == cone
@@ -96,7 +100,12 @@ def _weight_check(model: onnx.ModelProto, name: str, n: int = 6, seed: int = 0, 
     elems = rng.permutation(site.elements)[:n] if site.elements >= n else rng.integers(0, site.elements, n)
     rows = slice(0, n)
     gold = runner.golden_values(cache, rows, elems)
-    faulty = (gold + rng.choice([-3.0, 2.5, 7.0], n)).astype(gold.dtype)
+    faulty = gold + rng.choice(shifts, n)
+    if gold.dtype.kind in "iu":
+        faulty = np.clip(np.rint(faulty), np.iinfo(gold.dtype).min, np.iinfo(gold.dtype).max)
+    if opposite:
+        faulty = np.where(gold >= 0, np.iinfo(gold.dtype).min, np.iinfo(gold.dtype).max)
+    faulty = faulty.astype(gold.dtype)
     fast = runner.scores(cache, rows, elems, gold, faulty, golden[rows] if cone else None)
     for i in range(n):
         slow = weight_full(model, x[i:i + 1], site.tensor, int(elems[i]), float(faulty[i])).reshape(-1)
