@@ -39,8 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--injections", type=int, default=1000, help="injections per layer (default 1000)")
     p.add_argument("--margin", type=float, help="choose N per layer by Leveugle et al. for this error margin")
     p.add_argument("--format", dest="fmt", choices=sorted(WIDTH), default=None,
-                   help="number format a fault corrupts (default: what the graph stores, fp32 or fp16; "
-                        "others are emulated in a float32 graph)")
+                   help="number format a fault corrupts (default: what each site stores: fp32, fp16, or a QDQ "
+                        "graph's int8/uint8/int32; fp16, bf16, fp8 and int8 are also emulated on float32 sites)")
     p.add_argument("--clamp", choices=("none", "range"), default="none", help="range policy of the campaigns")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=64)
