@@ -209,21 +209,33 @@ def test_unsupported_ops_in_the_middle_fall_back_to_whole_tensors() -> None:
     assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
 
 
-def test_cone_and_suffix_campaigns_agree(tmp_path: Path) -> None:
-    """Both engines draw the same faults, and their SDC verdicts match (their kernels differ only in rounding)."""
-    model = windowed_cnn()
-    x, y = labelled_inputs(model, 24)
-    flags = {}
+def campaigns_by_engine(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, tmp_path: Path,
+                        **config: object) -> dict[str, JournalContents]:
+    """The same campaign (batch 16, `config` otherwise) run by the cone engine and by the suffix engine."""
+    out = {}
     for engine in ("cone", "suffix"):
-        config = CampaignConfig(kinds=("activation",), injections=120, batch=16, engine=engine, cache_mb=0.05)
-        run_campaign(model, x, y, config, tmp_path / f"{engine}.jsonl", progress=False)
-        records = list(JournalContents(tmp_path / f"{engine}.jsonl").records())
-        flags[engine] = [(r["site"], r["image"], r["element"], r["bits"], r["sdc"]) for r in records]
+        run_campaign(model, x, y, CampaignConfig(batch=16, engine=engine, **config),  # type: ignore[arg-type]
+                     tmp_path / f"{engine}.jsonl", progress=False)
+        out[engine] = JournalContents(tmp_path / f"{engine}.jsonl")
+    return out
+
+
+def assert_engines_agree(contents: dict[str, JournalContents]) -> None:
+    """Both engines drew the same faults, and their SDC verdicts match (their kernels differ only in
+    rounding), on a campaign that did see SDCs."""
+    flags = {engine: [(r["site"], r["image"], r["element"], r["bits"], r["sdc"]) for r in c.records()]
+             for engine, c in contents.items()}
     assert len(flags["cone"]) == len(flags["suffix"]) > 0
     assert [f[:-1] for f in flags["cone"]] == [f[:-1] for f in flags["suffix"]]  # the plan ignores the engine
-    same = np.mean([a == b for a, b in zip(flags["cone"], flags["suffix"])])
-    assert same >= 0.99
-    assert sum(f[-1] for f in flags["cone"]) > 0  # the campaign did see SDCs
+    assert np.mean([a == b for a, b in zip(flags["cone"], flags["suffix"])]) >= 0.99
+    assert sum(f[-1] for f in flags["cone"]) > 0
+
+
+def test_cone_and_suffix_campaigns_agree(tmp_path: Path) -> None:
+    model = windowed_cnn()
+    x, y = labelled_inputs(model, 24)
+    assert_engines_agree(campaigns_by_engine(model, x, y, tmp_path, kinds=("activation",), injections=120,
+                                             cache_mb=0.05))
 
 
 def test_cone_engine_walks_weight_faults_without_suffix_sessions(tmp_path: Path, monkeypatch) -> None:

@@ -12,14 +12,11 @@ from onnxconverter_common import float16
 
 from harden.errors import HardenError
 from harden.fi.bitflip import flip, stuck_at
-from harden.fi.config import CampaignConfig
-from harden.fi.engine import run_campaign
 from harden.fi.faults import FaultModel, resolve_format
 from harden.fi.graphinfo import GraphInfo
-from harden.fi.journal import JournalContents
 from harden.fi.sites import list_sites
 from harden.graph.model_input import input_dtype
-from tests.fi.test_cone import _check_against_whole_graph
+from tests.fi.test_cone import _check_against_whole_graph, assert_engines_agree, campaigns_by_engine
 from tests.fi.test_engine_paths import _weight_check
 from tests.fi.tiny_models import labelled_inputs, matmul_mlp, residual_cnn, windowed_cnn
 
@@ -83,23 +80,15 @@ def test_float16_weight_faults_match_the_slow_path(cone: bool) -> None:
 def test_a_float16_campaign_flips_16_bits_and_both_engines_agree(tmp_path: Path, keep_io_types: bool) -> None:
     model = half(windowed_cnn(), keep_io_types)
     x, y = labelled_inputs(windowed_cnn(), 24)
-    records = {}
-    for engine in ("cone", "suffix"):
-        config = CampaignConfig(injections=60, batch=16, engine=engine)
-        summary = run_campaign(model, x, y, config, tmp_path / f"{engine}.jsonl", progress=False)
-        assert summary.config.fault.fmt == "fp16"
-        contents = JournalContents(tmp_path / f"{engine}.jsonl")
-        assert contents.header["config"]["fault"]["fmt"] == "fp16"
-        assert all(s["dtype"] == "float16" for s in contents.header["sites"])
-        records[engine] = list(contents.records())
-    bits = {b for r in records["cone"] for b in r["bits"]}
+    contents = campaigns_by_engine(model, x, y, tmp_path, injections=60)
+    for c in contents.values():
+        assert c.header["config"]["fault"]["fmt"] == "fp16"
+        assert all(s["dtype"] == "float16" for s in c.header["sites"])
+    records = list(contents["cone"].records())
+    bits = {b for r in records for b in r["bits"]}
     assert bits <= set(range(16)) and len(bits) > 8
-    for r in records["cone"]:  # the recorded faulty value is the golden one with its fp16 bit flipped
+    for r in records:  # the recorded faulty value is the golden one with its fp16 bit flipped
         if all(isinstance(r[k], float) for k in ("golden", "faulty")):  # non-finite values are written as text
             g = np.float16(r["golden"]).view(np.uint16)
             assert np.float16(r["faulty"]).view(np.uint16) == g ^ (1 << r["bits"][0])
-    cone = [(r["site"], r["image"], r["element"], r["bits"], r["sdc"]) for r in records["cone"]]
-    suffix = [(r["site"], r["image"], r["element"], r["bits"], r["sdc"]) for r in records["suffix"]]
-    assert [c[:-1] for c in cone] == [s[:-1] for s in suffix]
-    assert np.mean([a == b for a, b in zip(cone, suffix)]) >= 0.99
-    assert sum(c[-1] for c in cone) > 0
+    assert_engines_agree(contents)
