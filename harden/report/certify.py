@@ -130,7 +130,9 @@ def _certify_one(role: str, path: str, config: CertifyConfig, campaign: Campaign
     if config.exact:
         try:
             exact = analyse_model(model, inputs[np.asarray(ev.ids, dtype=np.int64)], policy=config.clamp,
-                                  fmt=summary.config.fault.format, ranges=ev.ranges, profile_inputs=inputs,
+                                  # unset only where sites store different types (a quantised graph, which
+                                  # the analysis refuses with its reason)
+                                  fmt=summary.config.fault.fmt or "fp32", ranges=ev.ranges, profile_inputs=inputs,
                                   batch=config.batch, threads=config.threads, progress=config.progress)
         except HardenError as err:
             skipped = str(err)

@@ -21,18 +21,17 @@ from harden.report.schema import Cost
 
 
 def parameter_count(model: onnx.ModelProto) -> int:
-    """Elements of the float constants (initializers and Constant nodes)."""
-    total = 0
-    for t in model.graph.initializer:
-        if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
-                           onnx.TensorProto.DOUBLE):
-            total += int(np.prod(t.dims, dtype=np.int64))
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            for attr in node.attribute:
-                if attr.name == "value" and attr.t.data_type == onnx.TensorProto.FLOAT:
-                    total += int(np.prod(attr.t.dims, dtype=np.int64))
-    return total
+    """Elements of the float constants (initializers and Constant nodes), and in a quantised (QDQ) graph of
+    the stored integer tensors its DequantizeLinear nodes decode; their scales and zero points are not
+    counted (a handful per tensor)."""
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE)
+    stored = {n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    qparams = {t for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear") for t in n.input[1:]}
+    named = [(t.name, t) for t in model.graph.initializer]
+    named += [(n.output[0], a.t) for n in model.graph.node if n.op_type == "Constant" for a in n.attribute
+              if a.name == "value"]
+    return sum(int(np.prod(t.dims, dtype=np.int64)) for name, t in named
+               if name in stored or (t.data_type in floats and name not in qparams))
 
 
 def flop_count(info: GraphInfo) -> int:

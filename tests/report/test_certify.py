@@ -95,3 +95,31 @@ def test_a_model_ending_in_softmax_gets_the_exact_analysis(tmp_path: Path) -> No
     assert record.exact_skipped is None and record.exact is not None
     assert record.exact.total_faults > 0 and 0 < record.exact.total_sdc < record.exact.total_faults
     assert "Exact final-layer analysis (linear + softmax head" in (tmp_path / "r" / "report.html").read_text()
+
+
+def test_a_quantised_model_is_certified_on_its_stored_integers(tmp_path: Path) -> None:
+    """Its campaign flips the int8 and int32 tensors it stores; the exact analysis says why it is skipped
+    (it read 'format not resolved' until the certify step handled a per-site format)."""
+    from onnxruntime.quantization import CalibrationDataReader, quantize_static
+
+    from harden.data import load_dataset
+
+    _, base = write_models(tmp_path / "models")
+    images = load_dataset("digits", limit=64).images.astype("float32")
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{"x": images}])
+
+        def get_next(self) -> dict | None:  # type: ignore[type-arg]
+            return next(self.batches, None)
+
+    quantize_static(str(base), str(tmp_path / "q.onnx"), Reader())
+    report = certify(CertifyConfig(model=str(tmp_path / "q.onnx"), baseline=str(base), data="digits",
+                                   output=str(tmp_path / "r"), limit=60, injections=30, latency_runs=2,
+                                   progress=False))
+    model, baseline = report.model("model"), report.model("baseline")
+    assert model.campaign.config.fault.fmt is None and baseline.campaign.config.fault.fmt == "fp32"
+    assert model.exact is None and model.exact_skipped is not None and "quantised" in model.exact_skipped
+    assert baseline.exact is not None
+    assert model.cost.parameters == baseline.cost.parameters == 64 * 10 + 10  # the stored integers count
