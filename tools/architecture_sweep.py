@@ -11,9 +11,16 @@ exporter at opset 17):
    and write the same file, byte for byte.
 The weights are random, so the SDC rates mean nothing; this is about coverage,
 exactness and not crashing. It prints one line per model and a summary.
+With --float16, each model is first converted to a float16 graph
+(onnxconverter-common, float16 input and scores) and the campaign flips fp16
+bits; the exactness check then lets a NaN score carry any payload (see
+tests/fi/test_cone.py's _same_bits). With --int8, each model is quantised
+(onnxruntime.quantization's quantize_static defaults: QDQ, uint8 activations,
+int8 weights, calibrated on its 40 images) and the campaign flips the stored
+integers.
 
     .venv/bin/python tools/architecture_sweep.py [--models mobilenet_v3_small,swin_t] [--injections 16]
-        [--work /tmp/harden-architecture-sweep] [--skip-campaign]
+        [--work /tmp/harden-architecture-sweep] [--skip-campaign] [--float16 | --int8]
 """
 
 from __future__ import annotations
@@ -83,11 +90,15 @@ def main() -> None:
     parser.add_argument("--injections", type=int, default=16, help="injections per layer in the campaign")
     parser.add_argument("--work", default="/tmp/harden-architecture-sweep")
     parser.add_argument("--skip-campaign", action="store_true", help="only the bit-exactness check")
+    precision = parser.add_mutually_exclusive_group()
+    precision.add_argument("--float16", action="store_true", help="sweep float16 conversions of the models")
+    precision.add_argument("--int8", action="store_true", help="sweep int8 (QDQ) quantisations of the models")
     args = parser.parse_args()
 
     import onnx
 
     sys.path.insert(0, str(ROOT))
+    from harden.errors import HardenError
     from tests.fi.test_cone import _check_against_whole_graph
 
     work = Path(args.work)
@@ -95,21 +106,35 @@ def main() -> None:
     failures = []
     for name in args.models.split(","):
         path, data = export(name, work)
-        started = time.perf_counter()
         x = np.load(data)["x"][:3]
+        if args.float16:
+            from onnxconverter_common import float16
+
+            half = float16.convert_float_to_float16(onnx.load(str(path)), keep_io_types=False)
+            path = path.with_suffix(".fp16.onnx")
+            onnx.save(half, str(path))
+            x = x.astype(np.float16)
+        if args.int8:
+            path = quantise(path, np.load(data)["x"])
+        started = time.perf_counter()
         try:
-            _check_against_whole_graph(onnx.load(str(path)), x, faults=6, max_sites=8)
+            _check_against_whole_graph(onnx.load(str(path)), x, faults=6, max_sites=8, any_nan=args.float16)
             exact = "bit-exact"
         except AssertionError as err:
             exact = f"DIFFERS at {err}"
             failures.append(name)
+        except HardenError as err:  # e.g. a float16 conversion that ONNX Runtime cannot load
+            print(f"{name:20s} FAILED: {err}", flush=True)
+            failures.append(name)
+            continue
         line = f"{name:20s} cone {exact} ({time.perf_counter() - started:.0f} s)"
         if not args.skip_campaign:
             import json
 
             outs, seconds = [], []
             for threads in (1, 2):  # the file must not depend on the thread count
-                outs.append(work / f"{name}.jsonl" if threads == 1 else work / f"{name}.threads{threads}.jsonl")
+                stem = path.stem
+                outs.append(work / f"{stem}.jsonl" if threads == 1 else work / f"{stem}.threads{threads}.jsonl")
                 started = time.perf_counter()
                 run = subprocess.run([sys.executable, "-m", "harden", "inject", str(path), "--data", f"npz:{data}",
                                       "--preprocess", "identity", "--injections", str(args.injections),
@@ -131,6 +156,22 @@ def main() -> None:
         print(line, flush=True)
     print(f"{len(args.models.split(',')) - len(set(failures))} of {len(args.models.split(','))} architectures pass"
           + (f"; failing: {', '.join(dict.fromkeys(failures))}" if failures else ""))
+
+
+def quantise(path: Path, images: np.ndarray) -> Path:
+    """The model quantised to int8 in QDQ format (quantize_static's defaults), calibrated on `images`."""
+    from onnxruntime.quantization import CalibrationDataReader, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{"x": images[i:i + 8]} for i in range(0, len(images), 8)])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.batches, None)
+
+    out = path.with_suffix(".int8.onnx")
+    quantize_static(str(path), str(out), Reader())
+    return out
 
 
 if __name__ == "__main__":
