@@ -10,8 +10,10 @@ each model (default: the demo's baseline and text-guided models, after
 `make demo`), runs one campaign per model and precision with the same seed, and
 prints per precision: accuracy on the evaluation images, top-1 agreement with
 float32, SDC over all injections and over the classifier head's sites (with
-intervals), the non-finite rate, and the campaign's time. Under --clamp range
-the int8 graphs are skipped: the clamp applies to float values.
+intervals), the non-finite rate, the campaign's time, and how closely the
+injector's node-by-node run matches ONNX Runtime's whole graph as deployed
+(`node_fidelity`). Under --clamp range the int8 graphs are skipped: the clamp
+applies to float values.
 
     .venv/bin/python tools/precision_sweep.py
     .venv/bin/python tools/precision_sweep.py --models A.onnx B.onnx --data fashion-mnist:test --clamp range
@@ -31,7 +33,8 @@ from onnxruntime.quantization import CalibrationDataReader, quantize_static
 from harden.demo.table import head_nodes, pooled
 from harden.fi.campaign import inject_dataset
 from harden.fi.config import CampaignConfig
-from harden.fi.graphinfo import named_copy
+from harden.fi.graphinfo import GraphInfo, named_copy
+from harden.fi.nodes import NodeSessions, golden_pass
 from harden.fi.stats import Rate
 from harden.fi.summary import CampaignSummary
 from harden.graph.model_input import load_inputs
@@ -76,6 +79,19 @@ def top1(model: Path, data: str, limit: int) -> np.ndarray:
     return np.argmax(scores.astype(np.float32).reshape(len(x), -1), axis=1)
 
 
+def node_fidelity(model: Path, data: str, limit: int) -> tuple[float, float]:
+    """(top-1 agreement, share of equal scores) of the injector's node-by-node run with ONNX Runtime's whole
+    graph at level 'all', as deployed: there ORT fuses a QDQ graph's layers into integer kernels and keeps
+    some float16 intermediates in float32, where the injector computes each node as the graph declares it."""
+    proto = load_model(model)
+    x, _ = load_inputs(proto, data, limit)
+    (deployed,) = run_batched(make_session(proto, opt_level="all"), x)
+    info = GraphInfo(proto, example=x[:1])
+    nodes = golden_pass(NodeSessions(info, ["CPUExecutionProvider"], 1), x, 100, keep=[])[info.scores]
+    deployed, nodes = deployed.reshape(len(x), -1), nodes.reshape(len(x), -1)
+    return float(np.mean(deployed.argmax(1) == nodes.argmax(1))), float(np.mean(deployed == nodes))
+
+
 def nonfinite(summary: CampaignSummary) -> float:
     """The share of injections whose scores held NaN or Inf."""
     k = sum(layer.nonfinite.k for layer in summary.layers)
@@ -105,7 +121,7 @@ def main() -> None:
     print(f"{args.data}, {args.limit} images, {args.injections} injections per site, clamp {args.clamp}; each "
           "graph's own bits flipped (fp32, fp16, or int8/uint8/int32 as a QDQ graph stores them)")
     print(f"{'model':<14} {'graph':<8} {'accuracy':>9} {'agree':>7} {'SDC, all sites':>26} "
-          f"{'SDC, head sites':>26} {'non-finite':>10} {'time':>7}")
+          f"{'SDC, head sites':>26} {'non-finite':>10} {'time':>7}   node by node vs ORT's whole graph")
     for model in args.models:
         reference = top1(model, args.data, args.limit)
         head = head_nodes(named_copy(load_model(model)))  # the conversions keep the node names
@@ -120,9 +136,11 @@ def main() -> None:
             agree = float(np.mean(top1(path, args.data, args.limit) == reference))
             ev = summary.evaluation
             in_head = [layer.site for layer in summary.layers if layer.node in head]
+            same_top1, same_scores = node_fidelity(path, args.data, args.limit)
             print(f"{model.stem:<14} {precision:<8} {100 * ev['correct'] / ev['total']:>8.2f}% {100 * agree:>6.2f}% "
                   f"{rate(pooled_sdc(summary)):>26} {rate(pooled(summary, in_head)):>26} "
-                  f"{100 * nonfinite(summary):>9.2f}% {seconds:>6.1f}s", flush=True)
+                  f"{100 * nonfinite(summary):>9.2f}% {seconds:>6.1f}s   top-1 {100 * same_top1:.1f}%, "
+                  f"scores {100 * same_scores:.1f}% equal", flush=True)
 
 
 if __name__ == "__main__":
