@@ -121,3 +121,47 @@ def test_a_qdq_campaign_flips_stored_integers_and_both_engines_agree(tmp_path: P
     with pytest.raises(HardenError, match="--clamp range applies to float values"):
         run_campaign(model, x, y, CampaignConfig(injections=4, clamp="range"), tmp_path / "clamp.jsonl",
                      progress=False)
+
+
+def test_a_shared_stored_weight_reruns_the_whole_model_with_the_faulty_integer(tmp_path: Path) -> None:
+    """Two convs read one int8 weight: one site, and each fault reaches both readers (the whole model runs
+    with the stored integer replaced, bit for bit the slow path)."""
+    from harden.fi.reference import weight_full
+    from tests.fi.test_engine_paths import _runner
+    from tests.fi.tiny_models import tied_cnn
+
+    model = quantised(tied_cnn(), tmp_path)
+    x, _ = labelled_inputs(tied_cnn(), 6)
+    _, runner, cache, golden, site = _runner(model, "w_quantized", x)
+    assert site.shared and site.dtype == "int8" and runner.whole is not None
+    elems = np.arange(len(x)) * 7
+    gold = runner.golden_values(cache, slice(0, len(x)), elems)
+    faulty = np.where(gold >= 0, -128, 127).astype(np.int8)
+    fast = runner.scores(cache, slice(0, len(x)), elems, gold, faulty)
+    for i in range(len(x)):
+        np.testing.assert_array_equal(fast[i], weight_full(model, x[i:i + 1], site.tensor, int(elems[i]),
+                                                           int(faulty[i]))[0])
+    assert not np.allclose(fast, golden)
+
+
+def test_uint8_weights_with_zero_points_decode_as_onnx_runtime_does(tmp_path: Path) -> None:
+    """Asymmetric uint8 weights (a zero point per channel): faults decode through it on the fast path."""
+    x, _ = labelled_inputs(residual_cnn(), 2)
+    source = tmp_path / "float.onnx"
+    onnx.save(residual_cnn(seed=3), source)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{"x": x}])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.batches, None)
+
+    quantize_static(str(source), str(tmp_path / "u8.onnx"), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QUInt8)
+    model = onnx.load(tmp_path / "u8.onnx")
+    sites = {s.name: s for s in list_sites(GraphInfo(model, example=x[:1]))}
+    assert sites["w2_quantized"].dtype == "uint8" and sites["r1_QuantizeLinear_Output"].dtype == "uint8"
+    for cone in (False, True):
+        for name in ("w1_quantized", "w2_quantized", "wf_quantized"):
+            _weight_check(model, name, cone=cone, rtol=1e-4, atol=1e-4, opposite=True)
