@@ -117,7 +117,8 @@ def run(args: argparse.Namespace) -> int:
     engine = (f"cone engine (node by node at ORT level {NODE_LEVEL}; whole-model sites at level "
               f"{summary.opt_level})" if summary.config.engine == "cone" else f"suffix engine at level {summary.opt_level}")
     print(f"images: {ev['kept']} kept of {ev['total']} ({ev['correct']} correct); {engine}; "
-          f"{summary.config.fault.kind} {summary.config.fault.fmt}; shards {summary.shards_done}/{summary.total_shards}")
+          f"{summary.config.fault.kind} {summary.config.fault.fmt or 'in each site’s own format'}; "
+          f"shards {summary.shards_done}/{summary.total_shards}")
     print(summary.table())
     if args.by_bit:
         from harden.fi.summary import bit_table
