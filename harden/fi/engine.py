@@ -27,7 +27,7 @@ import onnx
 from harden.errors import HardenError
 from harden.fi.cone import SLIDING, Cone, GoldenBlock
 from harden.fi.config import CampaignConfig
-from harden.fi.faults import resolve_format
+from harden.fi.faults import check_clamp, resolve_format
 from harden.fi.graphinfo import GraphInfo
 from harden.fi.journal import Journal, JournalContents, num
 from harden.fi.nodes import NODE_LEVEL, NodeSessions, golden_pass
@@ -110,6 +110,7 @@ def run_campaign(model: str | os.PathLike[str] | onnx.ModelProto, inputs: np.nda
     info = GraphInfo(proto, example=inputs[:1], providers=config.providers)
     sites = select_sites(list_sites(info, config.all_tensors), config.layers, config.kinds)
     config = replace(config, fault=resolve_format(config.fault, sites))
+    check_clamp(config.clamp, sites)
     dtype = info.tensors[info.input_name].dtype  # a float16 graph takes float16 images
     inputs = inputs.astype(dtype, copy=False)
     profile_inputs = None if profile_inputs is None else profile_inputs.astype(dtype, copy=False)

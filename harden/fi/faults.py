@@ -128,6 +128,15 @@ def resolve_format(fault: FaultModel, sites: Sequence[Site]) -> FaultModel:
     return replace(fault, fmt=natives.pop()) if len(natives) == 1 else fault
 
 
+def check_clamp(clamp: str, sites: Sequence[Site]) -> None:
+    """Refuse `--clamp range` on a stored integer: the clamp is a float rule (NaN, Inf, out of range), and a
+    flipped integer is never NaN nor outside its type's range."""
+    integer = [s.name for s in sites if s.dtype not in ("float32", "float16")]
+    if clamp == "range" and integer:
+        raise HardenError(f"--clamp range applies to float values, and {integer[0]!r} is a stored integer "
+                          f"({len(integer)} such sites); select float sites, or leave the clamp out")
+
+
 def site_fault(fault: FaultModel, site: Site) -> FaultModel:
     """The fault model as it applies to one site: its native format when unset, else the set one if the site
     can store it. A float16 site or a stored integer holds only its own bit patterns (any other format's

@@ -15,7 +15,6 @@ import numpy as np
 from harden.fi.bitflip import peak_scale, tensor_scale
 from harden.fi.cone import Cone, GoldenBlock
 from harden.fi.config import CampaignConfig
-from harden.errors import HardenError
 from harden.fi.faults import site_fault
 from harden.fi.graphinfo import GraphInfo
 from harden.fi.nodes import NODE_LEVEL, NodeSessions
@@ -48,9 +47,6 @@ class SiteRunner:
                  whole: WholeModel | None = None) -> None:
         self.site, self.config = site, config
         self.fault = site_fault(config.fault, site)
-        if config.clamp == "range" and site.dtype not in ("float32", "float16"):
-            raise HardenError(f"--clamp range applies to float values, and {site.name!r} is a stored {site.dtype} "
-                              "(a flipped integer is never NaN or out of its type's range); select float sites")
         self.fixed_batch = info.fixed_batch
         node = info.nodes[info.node_index[site.node]]
         self.node = node

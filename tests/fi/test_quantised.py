@@ -121,6 +121,7 @@ def test_a_qdq_campaign_flips_stored_integers_and_both_engines_agree(tmp_path: P
     with pytest.raises(HardenError, match="--clamp range applies to float values"):
         run_campaign(model, x, y, CampaignConfig(injections=4, clamp="range"), tmp_path / "clamp.jsonl",
                      progress=False)
+    assert not (tmp_path / "clamp.jsonl").exists()  # refused before anything is written
 
 
 def test_a_shared_stored_weight_reruns_the_whole_model_with_the_faulty_integer(tmp_path: Path) -> None:
