@@ -19,7 +19,7 @@ MODELS = ("flip", "stuck-at-0", "stuck-at-1", "random")
 
 
 # The storage format of each site type: a fault flips the bits the graph really stores.
-NATIVE = {"float32": "fp32", "float16": "fp16", "int8": "int8", "uint8": "uint8", "int32": "int32"}
+NATIVE = {"float32": "fp32", **{dtype.name: fmt for fmt, dtype in STORED.items()}}
 
 
 @dataclass(frozen=True)

@@ -239,7 +239,7 @@ class GraphInfo:
             info[name] = TensorInfo(first.dtype, tuple(int(s) for s in shape), batched)
         if not self.fixed_batch:
             folded = [n for n in names if not info[n].batched and _doubles(runs[0][n], runs[1][n])]
-            for name in _image_major(session, folded, per_image):
+            for name in _image_major(session, folded, per_image, dtype):
                 info[name] = TensorInfo(info[name].dtype, info[name].shape, False, info[name].shape[0])
         return info
 
@@ -322,7 +322,8 @@ def _doubles(one: np.ndarray, two: np.ndarray) -> bool:
             and two.shape[0] == 2 * one.shape[0] and one.shape[1:] == two.shape[1:])
 
 
-def _image_major(session: ort.InferenceSession, names: list[str], per_image: tuple[int, ...]) -> list[str]:
+def _image_major(session: ort.InferenceSession, names: list[str], per_image: tuple[int, ...],
+                 dtype: np.dtype) -> list[str]:
     """The `names` whose batch-2 value is the two images' batch-1 values stacked (image-major folding).
 
     Shapes cannot tell images × k from k × images, so two different images are
@@ -330,10 +331,8 @@ def _image_major(session: ort.InferenceSession, names: list[str], per_image: tup
     """
     if not names:
         return []
-    inp = session.get_inputs()[0]
-    dtype = np.float16 if inp.type == "tensor(float16)" else np.float32
     pair = np.random.default_rng(0).standard_normal((2, *per_image)).astype(dtype)
-    inp = inp.name
+    inp = session.get_inputs()[0].name
     both = session.run(names, {inp: pair})
     alone = [session.run(names, {inp: pair[i:i + 1]}) for i in range(2)]
     found = []

@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-# The integer types a QDQ graph stores, and the float ones (which a flip's bits also come from).
+# The integer types a QDQ graph stores its weights, biases and requantised activations in.
 INTEGER_DTYPES = (np.dtype(np.int8), np.dtype(np.uint8), np.dtype(np.int32))
 # Ops of a graph in QOperator format, whose layers compute on integer tensors end to end.
 QOPERATOR_OPS = ("QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "QGemm", "QLinearAdd",

@@ -16,14 +16,13 @@ import onnx
 
 from harden.errors import HardenError
 from harden.fi.graphinfo import GraphInfo
-from harden.fi.quantised import INTEGER_DTYPES, QOPERATOR_OPS, requantised_output
+from harden.fi.quantised import QOPERATOR_OPS, requantised_output
 
 COMPUTE_OPS = ("Conv", "Gemm", "MatMul", "ConvTranspose")
 # The storage types a site may have: float32, and float16 in a graph converted to half precision; in a
 # QDQ graph also the integers it stores (harden.fi.quantised).
 SITE_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 ACTIVATION_DTYPES = (*SITE_DTYPES, np.dtype(np.int8), np.dtype(np.uint8))
-WEIGHT_DTYPES = (*SITE_DTYPES, *INTEGER_DTYPES)
 # Which inputs of each compute op may be constant parameters.
 _PARAM_INPUTS = {"Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (0, 1, 2), "MatMul": (0, 1)}
 
@@ -123,7 +122,7 @@ def _weight_site(info: GraphInfo, node: onnx.NodeProto, name: str, index: int, v
     dq = info.dequantized.get(name)
     stored = dq.stored if dq is not None else name
     value = info.constants[stored]
-    if value.dtype not in (WEIGHT_DTYPES if dq is not None else SITE_DTYPES):
+    if dq is None and value.dtype not in SITE_DTYPES:  # a decoded one is an integer (find_dequantized)
         return None
     readers = len(info.consumers.get(stored, [])) + (len(info.consumers.get(name, [])) - 1 if dq is not None else 0)
     return Site(stored, "weight", stored, node.name, node.op_type, tuple(int(s) for s in value.shape),
