@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _note_quantised(path: str) -> None:
-    """Say on stderr when the model is quantised, since its numbers then cover only its float tensors."""
+    """Say on stderr when the model is quantised dynamically, since its numbers then cover only its float tensors."""
     note = quantised_note(onnx.load(path, load_external_data=False))
     if note:
         print(f"note: {note}", file=sys.stderr)

@@ -34,8 +34,12 @@ POINTWISE = {
     "Softsign", "Sqrt", "Sub", "Sum", "Tanh",
     # a QDQ graph's activations are requantised per tensor (per-axis scales fail _pointwise_ok's shape check)
     "QuantizeLinear", "DequantizeLinear",
+    # a QOperator graph's pointwise integer ops (ONNX Runtime's com.microsoft domain)
+    "QLinearAdd", "QLinearMul", "QLinearLeakyRelu", "QLinearSigmoid", "QLinearConcat",
 }
-SLIDING = {"Conv", "MaxPool", "AveragePool"}
+SLIDING = {"Conv", "MaxPool", "AveragePool", "QLinearConv"}
+# Where each op's weight is, for its kernel shape.
+_WEIGHT_INPUT = {"Conv": 1, "QLinearConv": 3}
 
 
 class GoldenBlock(dict[str, np.ndarray]):
@@ -171,7 +175,7 @@ class Cone:
         out = info.tensors[node.output[0]]
         if len(out.shape) != 4 or out.shape[2:] != full or not out.batched:
             return False
-        if node.op_type == "Concat" and _attrs(node).get("axis") not in (1, -3):
+        if node.op_type in ("Concat", "QLinearConcat") and _attrs(node).get("axis") not in (1, -3):
             return False
         for t in node.input:
             if not t:
@@ -224,8 +228,9 @@ class Cone:
         a = _attrs(node)
         x, y = info.tensors[node.input[0]], info.tensors[node.output[0]]
         plan = None
-        if node.op_type == "Conv" and node.input[1] in info.constants:
-            kernel = list(info.constants[node.input[1]].shape[2:])
+        weight = node.input[_WEIGHT_INPUT[node.op_type]] if node.op_type in _WEIGHT_INPUT else ""
+        if weight in info.constants:
+            kernel = list(info.constants[weight].shape[2:])
         else:
             kernel = list(a.get("kernel_shape", []))  # type: ignore[arg-type]
         auto = a.get("auto_pad", b"NOTSET")
@@ -245,11 +250,11 @@ class Cone:
             dilations = list(a.get("dilations", [1, 1]))  # type: ignore[arg-type]
             ay = Axis(kernel[0], strides[0], dilations[0], pads[0], pads[2], x.shape[2], y.shape[2])
             ax = Axis(kernel[1], strides[1], dilations[1], pads[1], pads[3], x.shape[3], y.shape[3])
-            fill = float("-inf") if node.op_type == "MaxPool" else 0.0
             override: Override = (("auto_pad", None), ("ceil_mode", None), ("pads", (0, 0, 0, 0)))
-            if node.op_type == "Conv":
+            if node.op_type in _WEIGHT_INPUT:
                 override = (("auto_pad", None), ("pads", (0, 0, 0, 0)))
-            plan = (ay, ax, fill, override)
+            fill = _pad_value(node, x.dtype, info.constants)
+            plan = None if fill is None else (ay, ax, fill, override)
         self.sliding[i] = plan
         return plan
 
@@ -268,7 +273,7 @@ class Cone:
         feeds = {t: base if t == node.input[0] else self._golden(t, golden, rows)
                  for t in dict.fromkeys(node.input) if t and t not in self.info.constants}
         (data,) = self.sessions.run(i, feeds, override).values()
-        if fill != 0.0:
+        if node.op_type == "MaxPool" and np.issubdtype(data.dtype, np.floating):
             self._maxpool_nan_rows(i, node, win, golden, rows, oy, ox, data)
         return Window(oy, ox, data, (ay.length_out, ax.length_out))
 
@@ -288,6 +293,19 @@ class Cone:
                  for t in dict.fromkeys(node.input) if t and t not in self.info.constants}
         (out,) = self.sessions.run(i, feeds).values()
         data[nan] = crop(out, np.arange(int(nan.sum())), oy[nan], ox[nan], *data.shape[2:])
+
+
+def _pad_value(node: onnx.NodeProto, dtype: np.dtype, constants: dict[str, np.ndarray]) -> float | None:
+    """What the op reads in its padding, so that a crop can make it up: the smallest value for MaxPool, real
+    zero for the rest, which in a QLinearConv's quantised input is its zero point (None if not a constant)."""
+    if node.op_type == "MaxPool":
+        return float("-inf") if np.issubdtype(dtype, np.floating) else float(np.iinfo(dtype).min)
+    if node.op_type == "QLinearConv":
+        zero = node.input[2] if len(node.input) > 2 else ""
+        if zero and (zero not in constants or constants[zero].size != 1):
+            return None
+        return float(constants[zero].reshape(-1)[0]) if zero else 0.0
+    return 0.0
 
 
 def _bits(a: np.ndarray) -> np.ndarray:

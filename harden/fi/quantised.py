@@ -1,4 +1,4 @@
-"""Quantised (QDQ) graphs: the integer tensors that a deployment stores, and how layers read them.
+"""Quantised graphs: the integer tensors that a deployment stores, and how layers read them.
 
 onnxruntime.quantization's default QDQ format keeps every layer in float and
 brackets it with QuantizeLinear / DequantizeLinear: a weight is an int8
@@ -9,6 +9,11 @@ memory holds, and what a bit flip hits, are those integers. harden makes them
 the fault sites: a stored integer weight through its DequantizeLinear
 (`Dequantized`, folded into the float constant the layer reads), and the
 QuantizeLinear output after a layer (`requantised_output`).
+
+In QOperator format (the ONNX model zoo's int8 models) the layers are integer
+ops themselves: QLinearConv reads a uint8 map and an int8 weight and writes a
+uint8 map. Their stored inputs and outputs are the sites as they are
+(`QOPERATOR_LAYERS`), and every node runs in ONNX Runtime's own integer kernels.
 """
 
 from __future__ import annotations
@@ -25,6 +30,14 @@ INTEGER_DTYPES = (np.dtype(np.int8), np.dtype(np.uint8), np.dtype(np.int32))
 # Ops of a graph in QOperator format, whose layers compute on integer tensors end to end.
 QOPERATOR_OPS = ("QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "QGemm", "QLinearAdd",
                  "DynamicQuantizeLinear")
+# The QOperator layers that are fault sites, with the inputs that may be stored parameters: a QLinearConv's
+# weight and int32 bias, a QLinearMatMul's constant operand, a QGemm's B and C. Their output is stored too.
+QOPERATOR_LAYERS = {"QLinearConv": (3, 8), "QLinearMatMul": (0, 3), "QGemm": (0, 3, 6)}
+# A QLinearAdd of a stored constant is how quantize_static writes a MatMul's separate bias: the constant
+# (input 0 or 3) is a parameter site of its own, rerun through the QLinearAdd.
+QOPERATOR_BIAS_ADD = ("QLinearAdd", (0, 3))
+# What quantize_dynamic writes: float activations quantised at run time. No fault site is found in those ops.
+DYNAMIC_OPS = ("ConvInteger", "MatMulInteger", "DynamicQuantizeLinear")
 
 
 @dataclass(frozen=True)

@@ -85,7 +85,9 @@ class SiteRunner:
         if self.whole is None and self.cone is None:
             self.needs.update(self.acts)
         self.rerun: NodeRerun | None = None
-        self.rerun_args = (info, node, site.input_index, config.providers, threads)
+        # a QOperator bias (through its QLinearAdd) reruns that node, since the add requantises
+        self.rerun_args = (info, self.via if self.via is not None else node, site.input_index, config.providers,
+                           threads)
 
     def golden_values(self, cache: dict[str, np.ndarray], rows: slice | np.ndarray, elems: np.ndarray) -> np.ndarray:
         """The fault-free values of the chosen elements (one per batch row)."""
@@ -218,7 +220,7 @@ class SiteRunner:
         """The layer output under each row's weight fault (fast path, or the node recomputed)."""
         y = np.ascontiguousarray(cache[self.out][rows])  # fancy indexing already copied
         read_golden, read_faulty = self._read(golden, elems), self._read(faulty, elems)
-        if self.via is not None:
+        if self.via is not None and self.via.op_type == "Add":
             # bias through an Add: recompute the touched outputs as the Add does, one float32 addition each
             a = cache[self.acts[0]][rows].reshape(len(rows), -1)
             flat = y.reshape(len(rows), -1)

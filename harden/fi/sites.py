@@ -16,15 +16,15 @@ import onnx
 
 from harden.errors import HardenError
 from harden.fi.graphinfo import GraphInfo
-from harden.fi.quantised import QOPERATOR_OPS, requantised_output
+from harden.fi.quantised import DYNAMIC_OPS, INTEGER_DTYPES, QOPERATOR_BIAS_ADD, QOPERATOR_LAYERS, requantised_output
 
-COMPUTE_OPS = ("Conv", "Gemm", "MatMul", "ConvTranspose")
+COMPUTE_OPS = ("Conv", "Gemm", "MatMul", "ConvTranspose", *QOPERATOR_LAYERS)
 # The storage types a site may have: float32, and float16 in a graph converted to half precision; in a
-# QDQ graph also the integers it stores (harden.fi.quantised).
+# quantised graph also the integers it stores (harden.fi.quantised).
 SITE_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 ACTIVATION_DTYPES = (*SITE_DTYPES, np.dtype(np.int8), np.dtype(np.uint8))
 # Which inputs of each compute op may be constant parameters.
-_PARAM_INPUTS = {"Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (0, 1, 2), "MatMul": (0, 1)}
+_PARAM_INPUTS = {"Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (0, 1, 2), "MatMul": (0, 1), **QOPERATOR_LAYERS}
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,8 @@ class Site:
     it is one site, at its first reader, since a flipped bit in the stored
     tensor reaches every reader (harden.fi.whole_model runs those faults).
     `via` names the Add node through which a separate bias enters the layer
-    (MatMul + Add, as exporters write Linear); such a bias has input_index 2.
+    (MatMul + Add, as exporters write Linear; QLinearMatMul + QLinearAdd in a
+    QOperator graph); such a bias has input_index 2.
     `dtype` is how the graph stores the tensor, which fixes the bit patterns a
     fault can flip (harden.fi.faults.resolve_format). `decoded` names the
     float tensor a QDQ graph's DequantizeLinear makes of a stored integer
@@ -102,7 +103,7 @@ def list_sites(model: onnx.ModelProto | GraphInfo, include_all_tensors: bool = F
             continue
         params = [(j, node.input[j], "") for j in _PARAM_INPUTS[node.op_type]
                   if j < len(node.input) and node.input[j] in info.constants]
-        bias = _separate_bias(info, node)
+        bias = _separate_bias(info, node) or _qlinear_bias(info, node)
         if bias is not None:
             params.append((2, bias[1], bias[0].name))
         for j, name, via in params:
@@ -112,17 +113,20 @@ def list_sites(model: onnx.ModelProto | GraphInfo, include_all_tensors: bool = F
                 sites.append(site)
     note = quantised_note(info.model)
     if not sites and note:
-        raise HardenError(f"{note}; this one has no float site left")
+        raise HardenError(f"{note}; this one has no site left")
     return sites
 
 
 def _weight_site(info: GraphInfo, node: onnx.NodeProto, name: str, index: int, via: str) -> Site | None:
-    """The site of parameter `name` of a layer: the constant itself, or in a QDQ graph the stored integer
-    tensor that a DequantizeLinear decodes into it. None for a type no fault is drawn in."""
+    """The site of parameter `name` of a layer: the constant itself (an integer one in a QOperator layer), or
+    in a QDQ graph the stored integer tensor that a DequantizeLinear decodes into it. None for a type no
+    fault is drawn in."""
     dq = info.dequantized.get(name)
     stored = dq.stored if dq is not None else name
     value = info.constants[stored]
-    if dq is None and value.dtype not in SITE_DTYPES:  # a decoded one is an integer (find_dequantized)
+    integer = node.op_type in QOPERATOR_LAYERS or via and info.nodes[info.node_index[via]].op_type == QOPERATOR_BIAS_ADD[0]
+    # a decoded one is an integer (find_dequantized)
+    if dq is None and value.dtype not in (*SITE_DTYPES, *(INTEGER_DTYPES if integer else ())):
         return None
     readers = len(info.consumers.get(stored, [])) + (len(info.consumers.get(name, [])) - 1 if dq is not None else 0)
     return Site(stored, "weight", stored, node.name, node.op_type, tuple(int(s) for s in value.shape),
@@ -130,19 +134,18 @@ def _weight_site(info: GraphInfo, node: onnx.NodeProto, name: str, index: int, v
 
 
 def quantised_note(model: onnx.ModelProto) -> str | None:
-    """What a user of a graph in QOperator format must know: its layers compute on integers end to end, so
-    only the float tensors left between them are sites. None for other graphs (QDQ graphs included: their
-    stored integers are sites)."""
+    """What a user of a dynamically quantised graph must know: its integer layers quantise their float input
+    at run time, and only the float tensors around them are sites. None for other graphs (QDQ and QOperator
+    graphs included: their stored integers are sites)."""
     ops: dict[str, int] = {}
     for node in model.graph.node:
-        if node.op_type in QOPERATOR_OPS:
+        if node.op_type in DYNAMIC_OPS:
             ops[node.op_type] = ops.get(node.op_type, 0) + 1
     if not ops:
         return None
     found = ", ".join(f"{count} {op}" for op, count in ops.items())
-    return (f"the graph is quantised in QOperator format ({found}): its integer layers are not fault sites, only "
-            "its float tensors (quantise it in QDQ format, onnxruntime.quantization's default, to inject its "
-            "stored integers)")
+    return (f"the graph is quantised dynamically ({found}): its integer layers are not fault sites, only its "
+            "float tensors (quantise it statically, with quantize_static, to inject its stored integers)")
 
 
 def layer_node(info: GraphInfo, site: Site) -> onnx.NodeProto:
@@ -166,12 +169,31 @@ def _separate_bias(info: GraphInfo, node: onnx.NodeProto) -> tuple[onnx.NodeProt
     others = [t for t in add.input if t != out]
     if len(others) != 1 or others[0] not in info.constants or info.constants[others[0]].dtype not in SITE_DTYPES:
         return None
-    per_image = (1, *info.tensors[out].shape[1:])
+    return (add, others[0]) if _per_image(info, out, others[0]) else None
+
+
+def _qlinear_bias(info: GraphInfo, node: onnx.NodeProto) -> tuple[onnx.NodeProto, str] | None:
+    """(QLinearAdd node, bias name) when a QOperator layer's output goes only into a QLinearAdd with a stored
+    per-image integer constant: how quantize_static writes a MatMul's separate bias."""
+    op, operands = QOPERATOR_BIAS_ADD
+    out = node.output[0]
+    readers = info.consumers.get(out, [])
+    if node.op_type not in QOPERATOR_LAYERS or len(readers) != 1 or info.nodes[readers[0]].op_type != op:
+        return None
+    add = info.nodes[readers[0]]
+    others = [add.input[j] for j in operands if add.input[j] != out]
+    if len(others) != 1 or others[0] not in info.constants or info.constants[others[0]].dtype not in INTEGER_DTYPES:
+        return None
+    return (add, others[0]) if _per_image(info, out, others[0]) else None
+
+
+def _per_image(info: GraphInfo, tensor: str, constant: str) -> bool:
+    """Whether `constant` broadcasts onto one image's slice of `tensor` without enlarging it."""
+    per_image = (1, *info.tensors[tensor].shape[1:])
     try:
-        fits = np.broadcast_shapes(per_image, info.constants[others[0]].shape) == per_image
+        return np.broadcast_shapes(per_image, info.constants[constant].shape) == per_image
     except ValueError:
-        fits = False
-    return (add, others[0]) if fits else None
+        return False
 
 
 def select_sites(sites: Sequence[Site], spec: str | Sequence[str], kinds: Sequence[str] = ("activation", "weight")) -> list[Site]:

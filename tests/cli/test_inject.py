@@ -205,12 +205,13 @@ def test_a_model_with_several_outputs_names_its_scores(files, tmp_path: Path, ca
     assert "alpha" in report["models"][0]["exact_skipped"]  # this head's own limit, not the second output
 
 
-@pytest.mark.parametrize("fmt", ["QDQ", "QOperator"])
-def test_a_quantised_model_is_injected_in_its_stored_integers_or_refused_in_one_line(files, tmp_path: Path, capsys,
-                                                                                     fmt: str) -> None:
-    """A QDQ graph's sites are its stored int8 and int32 tensors. A QOperator graph computes on integers end
-    to end and has no float site left: one line says why, instead of 'matches no site'."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+@pytest.mark.parametrize("fmt", ["QDQ", "QOperator", "dynamic"])
+def test_a_quantised_model_is_injected_in_its_stored_integers(files, tmp_path: Path, capsys, fmt: str) -> None:
+    """A statically quantised graph's sites are its stored int8 and int32 tensors, whether its layers are
+    float ops between QuantizeLinear and DequantizeLinear (QDQ) or integer ops (QOperator, the model zoo's
+    int8 format). A dynamically quantised one quantises its float inputs at run time: a note says that only
+    its float tensors are sites."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
     model, data = files
     x = labelled_inputs(onnx.load(model), 8)[0]
@@ -222,19 +223,24 @@ def test_a_quantised_model_is_injected_in_its_stored_integers_or_refused_in_one_
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self.batches, None)
 
-    quantize_static(str(model), str(tmp_path / "q.onnx"), Reader(), quant_format=getattr(QuantFormat, fmt),
-                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+    if fmt == "dynamic":
+        quantize_dynamic(str(model), str(tmp_path / "q.onnx"), weight_type=QuantType.QUInt8)
+    else:
+        quantize_static(str(model), str(tmp_path / "q.onnx"), Reader(), quant_format=getattr(QuantFormat, fmt),
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
     capsys.readouterr()
     argv = ["inject", str(tmp_path / "q.onnx"), "--data", f"npz:{data}", "--injections", "5",
             "--out", str(tmp_path / "c.jsonl"), "--no-progress"]
-    if fmt == "QDQ":
-        assert main(argv) == 0
-        out, err = capsys.readouterr()
-        assert "flip in each site’s own format" in out and "note:" not in err
-        header = JournalContents(tmp_path / "c.jsonl").header
-        assert {s["dtype"] for s in header["sites"]} == {"int8", "int32"} and header["config"]["fault"]["fmt"] is None
-    else:
-        assert main(argv) == 1
-        err = capsys.readouterr().err
-        assert "quantised in QOperator format (" in err and "QLinearConv" in err and "no float site left" in err
-        assert len(err.strip().splitlines()) == 1 and not (tmp_path / "c.jsonl").exists()
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    header = JournalContents(tmp_path / "c.jsonl").header
+    sites = {s["name"]: s for s in header["sites"]}
+    if fmt == "dynamic":
+        assert "quantised dynamically (" in err and "ConvInteger" in err and len(err.strip().splitlines()) == 1
+        assert set(sites) == {"logits", "wf", "bf"} and header["config"]["fault"]["fmt"] == "fp32"
+        return
+    assert "flip in each site’s own format" in out and "note:" not in err
+    assert {s["dtype"] for s in sites.values()} == {"int8", "int32"} and header["config"]["fault"]["fmt"] is None
+    assert len(sites) == 9  # each layer's output, weight and bias
+    if fmt == "QOperator":
+        assert {s["op_type"] for s in sites.values()} == {"QLinearConv", "QGemm"}

@@ -245,3 +245,23 @@ def reshaped_weight_mlp(seed: int = 0, classes: int = 3) -> onnx.ModelProto:
              numpy_helper.from_array(np.array([classes, 6], dtype=np.int64), "wf_shape"),
              _init("bf", rng, classes, scale=0.1)]
     return classifier(nodes, inits, "reshaped_weight", (2, 3, 3), classes)
+
+
+def stem_cnn(seed: int = 0, classes: int = 4) -> onnx.ModelProto:
+    """A ResNet stem and one block: conv → relu → 3×3 max pool (stride 2, pad 1) → conv → relu → global pool →
+    gemm; input 1×3×12×12. Quantised in QOperator format, its max pool reads integers with padding."""
+    rng = np.random.default_rng(seed)
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("MaxPool", ["r1"], ["p1"], name="pool", kernel_shape=[3, 3], strides=[2, 2],
+                         pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["p1", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("GlobalAveragePool", ["r2"], ["gap"], name="gap"),
+        helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"),
+        helper.make_node("Gemm", ["flat", "wf", "bf"], ["logits"], name="fc", transB=1),
+    ]
+    inits = [_init("w1", rng, 6, 3, 3, 3), _init("b1", rng, 6, scale=0.1), _init("w2", rng, 6, 6, 3, 3),
+             _init("b2", rng, 6, scale=0.1), _init("wf", rng, classes, 6, scale=1.0), _init("bf", rng, classes, scale=0.1)]
+    return classifier(nodes, inits, "stem", (3, 12, 12), classes)
