@@ -17,10 +17,12 @@ bits; the exactness check then lets a NaN score carry any payload (see
 tests/fi/test_cone.py's _same_bits). With --int8, each model is quantised
 (onnxruntime.quantization's quantize_static defaults: QDQ, uint8 activations,
 int8 weights, calibrated on its 40 images) and the campaign flips the stored
-integers.
+integers. --qoperator does the same in QOperator format (QLinearConv, QGemm,
+QLinearAdd: the model zoo's int8 format), where every layer runs in ONNX
+Runtime's integer kernels.
 
     .venv/bin/python tools/architecture_sweep.py [--models mobilenet_v3_small,swin_t] [--injections 16]
-        [--work /tmp/harden-architecture-sweep] [--skip-campaign] [--float16 | --int8]
+        [--work /tmp/harden-architecture-sweep] [--skip-campaign] [--float16 | --int8 | --qoperator]
 """
 
 from __future__ import annotations
@@ -93,6 +95,8 @@ def main() -> None:
     precision = parser.add_mutually_exclusive_group()
     precision.add_argument("--float16", action="store_true", help="sweep float16 conversions of the models")
     precision.add_argument("--int8", action="store_true", help="sweep int8 (QDQ) quantisations of the models")
+    precision.add_argument("--qoperator", action="store_true",
+                           help="sweep int8 quantisations in QOperator format (integer layers)")
     args = parser.parse_args()
 
     import onnx
@@ -114,8 +118,13 @@ def main() -> None:
             path = path.with_suffix(".fp16.onnx")
             onnx.save(half, str(path))
             x = x.astype(np.float16)
-        if args.int8:
-            path = quantise(path, np.load(data)["x"])
+        if args.int8 or args.qoperator:
+            try:
+                path = quantise(path, np.load(data)["x"], qoperator=args.qoperator)
+            except Exception as err:  # the quantiser's failure, not the injector's
+                print(f"{name:20s} quantisation FAILED: {type(err).__name__}: {err}", flush=True)
+                failures.append(name)
+                continue
         started = time.perf_counter()
         try:
             _check_against_whole_graph(onnx.load(str(path)), x, faults=6, max_sites=8, any_nan=args.float16)
@@ -158,9 +167,10 @@ def main() -> None:
           + (f"; failing: {', '.join(dict.fromkeys(failures))}" if failures else ""))
 
 
-def quantise(path: Path, images: np.ndarray) -> Path:
-    """The model quantised to int8 in QDQ format (quantize_static's defaults), calibrated on `images`."""
-    from onnxruntime.quantization import CalibrationDataReader, quantize_static
+def quantise(path: Path, images: np.ndarray, qoperator: bool = False) -> Path:
+    """The model quantised to int8 (quantize_static's defaults: QDQ format, or QOperator), calibrated on
+    `images`."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -169,8 +179,15 @@ def quantise(path: Path, images: np.ndarray) -> Path:
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self.batches, None)
 
-    out = path.with_suffix(".int8.onnx")
-    quantize_static(str(path), str(out), Reader())
+    out = path.with_suffix(".qop.onnx" if qoperator else ".int8.onnx")
+    source = path
+    if qoperator:  # its Conv quantiser needs every bias as an initializer: pre-process, as ORT's docs advise
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        source = path.with_suffix(".pre.onnx")
+        quant_pre_process(str(path), str(source), skip_symbolic_shape=True)
+    quantize_static(str(source), str(out), Reader(),
+                    quant_format=QuantFormat.QOperator if qoperator else QuantFormat.QDQ)
     return out
 
 

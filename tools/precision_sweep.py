@@ -2,10 +2,12 @@
 
 Users deploy the same classifier in several precisions: float32, a float16
 graph (onnxconverter-common's `convert_float_to_float16`), or an int8 one
-(onnxruntime.quantization's `quantize_static`, QDQ format, its default uint8
-activations and int8 weights, calibrated on training images). `harden inject`
-flips the bits each graph stores: fp32, fp16, or the stored integers (int8/uint8
-activations, int8 weights, int32 biases). This tool makes the conversions of
+(onnxruntime.quantization's `quantize_static`, its default uint8 activations
+and int8 weights, calibrated on training images), in QDQ format (its default:
+float layers between QuantizeLinear and DequantizeLinear) or in QOperator
+format (integer layers: QLinearConv, QGemm). `harden inject` flips the bits
+each graph stores: fp32, fp16, or the stored integers (int8/uint8 activations,
+int8 weights, int32 biases). This tool makes the conversions of
 each model (default: the demo's baseline and text-guided models, after
 `make demo`), runs one campaign per model and precision with the same seed, and
 prints per precision: accuracy on the evaluation images, top-1 agreement with
@@ -28,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnxconverter_common import float16
-from onnxruntime.quantization import CalibrationDataReader, quantize_static
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
 
 from harden.demo.table import head_nodes, pooled
 from harden.fi.campaign import inject_dataset
@@ -51,10 +53,10 @@ def to_float16(model: Path, work: Path) -> Path:
     return out
 
 
-def to_int8(model: Path, work: Path, calibration: str, images: int) -> Path:
-    """The model quantised to int8 (QDQ, onnxruntime.quantization's defaults), calibrated on `images` images
-    of `calibration`, written once into `work`."""
-    out = work / f"{model.stem}.int8.onnx"
+def to_int8(model: Path, work: Path, calibration: str, images: int, qoperator: bool = False) -> Path:
+    """The model quantised to int8 (onnxruntime.quantization's defaults, in QDQ or QOperator format),
+    calibrated on `images` images of `calibration`, written once into `work`."""
+    out = work / f"{model.stem}.{'qop' if qoperator else 'int8'}.onnx"
     if not out.exists():
         proto = load_model(model)
         x, _ = load_inputs(proto, calibration, images)
@@ -67,7 +69,8 @@ def to_int8(model: Path, work: Path, calibration: str, images: int) -> Path:
             def get_next(self) -> dict[str, np.ndarray] | None:
                 return next(self.batches, None)
 
-        quantize_static(str(model), str(out), Reader())
+        quantize_static(str(model), str(out), Reader(),
+                        quant_format=QuantFormat.QOperator if qoperator else QuantFormat.QDQ)
     return out
 
 
@@ -119,15 +122,17 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     config = CampaignConfig(injections=args.injections, clamp=args.clamp, seed=0)
     print(f"{args.data}, {args.limit} images, {args.injections} injections per site, clamp {args.clamp}; each "
-          "graph's own bits flipped (fp32, fp16, or int8/uint8/int32 as a QDQ graph stores them)")
+          "graph's own bits flipped (fp32, fp16, or int8/uint8/int32 as a quantised graph stores them)")
     print(f"{'model':<14} {'graph':<8} {'accuracy':>9} {'agree':>7} {'SDC, all sites':>26} "
           f"{'SDC, head sites':>26} {'non-finite':>10} {'time':>7}   node by node vs ORT's whole graph")
     for model in args.models:
         reference = top1(model, args.data, args.limit)
-        head = head_nodes(named_copy(load_model(model)))  # the conversions keep the node names
+        head = head_nodes(named_copy(load_model(model)))  # the conversions keep the node names, QOperator's
+        head |= {f"{name}_quant" for name in head}  # with a suffix
         graphs = [("float32", model), ("float16", to_float16(model, args.work))]
         if args.clamp == "none":
             graphs.append(("int8", to_int8(model, args.work, args.calibration, args.calibration_images)))
+            graphs.append(("int8-qop", to_int8(model, args.work, args.calibration, args.calibration_images, True)))
         for precision, path in graphs:
             started = time.perf_counter()
             summary = inject_dataset(path, args.data, config, args.work / f"{model.stem}.{precision}.jsonl",
