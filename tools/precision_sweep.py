@@ -12,7 +12,9 @@ each model (default: the demo's baseline and text-guided models, after
 `make demo`), runs one campaign per model and precision with the same seed, and
 prints per precision: accuracy on the evaluation images, top-1 agreement with
 float32, SDC over all injections and over the classifier head's sites (with
-intervals), the non-finite rate, the campaign's time, and how closely the
+intervals), the non-finite rate, the campaign's time, ONNX Runtime's latency
+for the whole graph (`harden.report.cost.latency_ms`: level 'all', one thread,
+median of 10 runs of one image), and how closely the
 injector's node-by-node run matches ONNX Runtime's whole graph as deployed
 (`node_fidelity`). Under --clamp range the int8 graphs are skipped: the clamp
 applies to float values.
@@ -42,6 +44,7 @@ from harden.fi.summary import CampaignSummary
 from harden.graph.model_input import load_inputs
 from harden.graph.onnx_io import load_model
 from harden.graph.ort import make_session, run_batched
+from harden.report.cost import latency_ms
 from harden.report.gates import pooled_sdc
 
 
@@ -124,7 +127,7 @@ def main() -> None:
     print(f"{args.data}, {args.limit} images, {args.injections} injections per site, clamp {args.clamp}; each "
           "graph's own bits flipped (fp32, fp16, or int8/uint8/int32 as a quantised graph stores them)")
     print(f"{'model':<14} {'graph':<8} {'accuracy':>9} {'agree':>7} {'SDC, all sites':>26} "
-          f"{'SDC, head sites':>26} {'non-finite':>10} {'time':>7}   node by node vs ORT's whole graph")
+          f"{'SDC, head sites':>26} {'non-finite':>10} {'time':>7} {'ORT ms':>7}   node by node vs ORT's whole graph")
     for model in args.models:
         reference = top1(model, args.data, args.limit)
         head = head_nodes(named_copy(load_model(model)))  # the conversions keep the node names, QOperator's
@@ -142,9 +145,11 @@ def main() -> None:
             ev = summary.evaluation
             in_head = [layer.site for layer in summary.layers if layer.node in head]
             same_top1, same_scores = node_fidelity(path, args.data, args.limit)
+            proto = load_model(path)
+            ms = latency_ms(proto, load_inputs(proto, args.data, 1)[0], runs=10)
             print(f"{model.stem:<14} {precision:<8} {100 * ev['correct'] / ev['total']:>8.2f}% {100 * agree:>6.2f}% "
                   f"{rate(pooled_sdc(summary)):>26} {rate(pooled(summary, in_head)):>26} "
-                  f"{100 * nonfinite(summary):>9.2f}% {seconds:>6.1f}s   top-1 {100 * same_top1:.1f}%, "
+                  f"{100 * nonfinite(summary):>9.2f}% {seconds:>6.1f}s {ms:>7.1f}   top-1 {100 * same_top1:.1f}%, "
                   f"scores {100 * same_scores:.1f}% equal", flush=True)
 
 
