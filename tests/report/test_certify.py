@@ -97,10 +97,12 @@ def test_a_model_ending_in_softmax_gets_the_exact_analysis(tmp_path: Path) -> No
     assert "Exact final-layer analysis (linear + softmax head" in (tmp_path / "r" / "report.html").read_text()
 
 
-def test_a_quantised_model_is_certified_on_its_stored_integers(tmp_path: Path) -> None:
+@pytest.mark.parametrize("fmt", ["QDQ", "QOperator"])
+def test_a_quantised_model_is_certified_on_its_stored_integers(tmp_path: Path, fmt: str) -> None:
     """Its campaign flips the int8 and int32 tensors it stores; the exact analysis says why it is skipped
-    (it read 'format not resolved' until the certify step handled a per-site format)."""
-    from onnxruntime.quantization import CalibrationDataReader, quantize_static
+    (it read 'format not resolved' until the certify step handled a per-site format). Its cost counts the
+    stored integers and, in QOperator format, the integer layer's FLOPs (they read 0)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
 
     from harden.data import load_dataset
 
@@ -114,7 +116,7 @@ def test_a_quantised_model_is_certified_on_its_stored_integers(tmp_path: Path) -
         def get_next(self) -> dict | None:  # type: ignore[type-arg]
             return next(self.batches, None)
 
-    quantize_static(str(base), str(tmp_path / "q.onnx"), Reader())
+    quantize_static(str(base), str(tmp_path / "q.onnx"), Reader(), quant_format=getattr(QuantFormat, fmt))
     report = certify(CertifyConfig(model=str(tmp_path / "q.onnx"), baseline=str(base), data="digits",
                                    output=str(tmp_path / "r"), limit=60, injections=30, latency_runs=2,
                                    progress=False))
@@ -123,3 +125,4 @@ def test_a_quantised_model_is_certified_on_its_stored_integers(tmp_path: Path) -
     assert model.exact is None and model.exact_skipped is not None and "quantised" in model.exact_skipped
     assert baseline.exact is not None
     assert model.cost.parameters == baseline.cost.parameters == 64 * 10 + 10  # the stored integers count
+    assert model.cost.flops == baseline.cost.flops > 0
