@@ -162,7 +162,9 @@ class SiteRunner:
     def group_rows(self, batch: int, workers: int = 1) -> int:
         """How many faults one cone walk may carry: its share of a memory budget shared by the `workers` walks
         running at once, over the largest tensor a walk may hold whole per row; between one batch and 16."""
-        if self.cone is None or self.fixed_batch:  # a fixed-batch model's nodes take its own batch only
+        if self.fixed_batch:  # a fixed-batch model's nodes take its own batch only: no shards join
+            return self.fixed_batch
+        if self.cone is None:
             return batch
         if self._widest is None:
             info = self.cone.info

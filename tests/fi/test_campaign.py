@@ -19,7 +19,8 @@ from onnx import numpy_helper
 from harden.errors import HardenError
 from harden.fi import CampaignConfig, CampaignSummary, FaultModel, merge_shards, run_campaign, summarise_jsonl
 from harden.fi.journal import JournalContents
-from tests.fi.tiny_models import folded_batch_mlp, labelled_inputs, residual_cnn, shared_wide_cnn, tied_cnn
+from tests.fi.tiny_models import (fixed_batch_cnn, folded_batch_mlp, labelled_inputs, residual_cnn, shared_wide_cnn,
+                                  tied_cnn)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -376,3 +377,15 @@ def test_sites_that_rerun_the_whole_model_run_in_a_campaign(tmp_path: Path, leve
     records = [r for r in JournalContents(tmp_path / "c.jsonl").records() if r["site"] in whole]
     assert any(r["dloss"] != 0 for r in records)  # the faults reached the scores
     assert all(r["golden_class"] == y[r["image"]] for r in records)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_fixed_batch_model_walks_one_image_at_a_time(tmp_path: Path, threads: int) -> None:
+    """A graph exported for one image (the zoo's Inception v1: a Reshape to a fixed [1, 1024]) cannot take
+    several images in a node. The cone engine joined consecutive shards of a site into one walk of up to
+    --batch rows, and ONNX Runtime failed in that Reshape; each walk now carries the model's own batch."""
+    from tests.fi.test_cone import assert_engines_agree, campaigns_by_engine
+
+    x, y = labelled_inputs(residual_cnn(), 12)  # fixed_batch_cnn is residual_cnn for one image at a time
+    contents = campaigns_by_engine(fixed_batch_cnn(), x, y, tmp_path, injections=48, threads=threads)
+    assert_engines_agree(contents)

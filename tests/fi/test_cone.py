@@ -209,13 +209,13 @@ def test_unsupported_ops_in_the_middle_fall_back_to_whole_tensors() -> None:
     assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
 
 
-def campaigns_by_engine(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, tmp_path: Path,
+def campaigns_by_engine(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, tmp_path: Path, threads: int = 0,
                         **config: object) -> dict[str, JournalContents]:
     """The same campaign (batch 16, `config` otherwise) run by the cone engine and by the suffix engine."""
     out = {}
     for engine in ("cone", "suffix"):
         run_campaign(model, x, y, CampaignConfig(batch=16, engine=engine, **config),  # type: ignore[arg-type]
-                     tmp_path / f"{engine}.jsonl", progress=False)
+                     tmp_path / f"{engine}.jsonl", progress=False, threads=threads)
         out[engine] = JournalContents(tmp_path / f"{engine}.jsonl")
     return out
 

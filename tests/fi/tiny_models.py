@@ -265,3 +265,18 @@ def stem_cnn(seed: int = 0, classes: int = 4) -> onnx.ModelProto:
     inits = [_init("w1", rng, 6, 3, 3, 3), _init("b1", rng, 6, scale=0.1), _init("w2", rng, 6, 6, 3, 3),
              _init("b2", rng, 6, scale=0.1), _init("wf", rng, classes, 6, scale=1.0), _init("bf", rng, classes, scale=0.1)]
     return classifier(nodes, inits, "stem", (3, 12, 12), classes)
+
+
+def fixed_batch_cnn(seed: int = 0, classes: int = 4) -> onnx.ModelProto:
+    """residual_cnn exported for one image at a time, as caffe2-era zoo graphs are: input 1×3×8×8 (a fixed
+    batch of 1) and a Reshape to a fixed [1, C] in place of the Flatten."""
+    model = residual_cnn(seed, classes)
+    graph = model.graph
+    graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    graph.output[0].type.tensor_type.shape.dim[0].dim_value = 1
+    flatten = next(n for n in graph.node if n.op_type == "Flatten")
+    flatten.op_type = "Reshape"
+    flatten.input.append("fixed_shape")
+    graph.initializer.append(numpy_helper.from_array(np.array([1, 4], dtype=np.int64), "fixed_shape"))
+    onnx.checker.check_model(model)
+    return model
