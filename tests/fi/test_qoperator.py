@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization import QuantFormat, QuantType
 
 from harden.fi.bitflip import flip
 from harden.fi.graphinfo import GraphInfo
@@ -17,27 +17,14 @@ from harden.fi.sites import list_sites
 from harden.report.cost import flop_count, parameter_count
 from tests.fi.test_cone import _check_against_whole_graph, assert_engines_agree, campaigns_by_engine
 from tests.fi.test_engine_paths import _weight_check
+from tests.fi.test_quantised import quantised
 from tests.fi.tiny_models import labelled_inputs, matmul_mlp, residual_cnn, stem_cnn, windowed_cnn
 
 
 def qoperator(model: onnx.ModelProto, tmp_path: Path, activations: QuantType = QuantType.QUInt8,
               per_channel: bool = False) -> onnx.ModelProto:
-    """The model quantised statically in QOperator format (QLinearConv, QGemm, QLinearAdd, ...), calibrated on
-    its own random inputs."""
-    x, _ = labelled_inputs(model, 16)
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches = iter([{"x": x}])
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            return next(self.batches, None)
-
-    source, out = tmp_path / "float.onnx", tmp_path / f"qop{int(per_channel)}{activations.name}.onnx"
-    onnx.save(model, source)
-    quantize_static(str(source), str(out), Reader(), quant_format=QuantFormat.QOperator, per_channel=per_channel,
-                    activation_type=activations, weight_type=QuantType.QInt8)
-    return onnx.load(out)
+    """The model quantised statically in QOperator format (QLinearConv, QGemm, QLinearAdd, ...)."""
+    return quantised(model, tmp_path, per_channel, activations, QuantFormat.QOperator)
 
 
 def test_a_qoperator_graph_s_sites_are_the_integers_its_layers_read_and_write(tmp_path: Path) -> None:

@@ -24,9 +24,9 @@ from tests.fi.tiny_models import labelled_inputs, matmul_mlp, residual_cnn, wind
 
 
 def quantised(model: onnx.ModelProto, tmp_path: Path, per_channel: bool = False,
-              activations: QuantType = QuantType.QInt8) -> onnx.ModelProto:
-    """The model quantised the way users do it: static, QDQ format, int8 weights (int32 biases), calibrated
-    on its own random inputs."""
+              activations: QuantType = QuantType.QInt8, fmt: QuantFormat = QuantFormat.QDQ) -> onnx.ModelProto:
+    """The model quantised the way users do it: static, QDQ format (or `fmt`), int8 weights (int32 biases),
+    calibrated on its own random inputs."""
     x, _ = labelled_inputs(model, 16)
 
     class Reader(CalibrationDataReader):
@@ -36,9 +36,9 @@ def quantised(model: onnx.ModelProto, tmp_path: Path, per_channel: bool = False,
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self.batches, None)
 
-    source, out = tmp_path / "float.onnx", tmp_path / f"q{int(per_channel)}{activations.name}.onnx"
+    source, out = tmp_path / "float.onnx", tmp_path / f"q{int(per_channel)}{activations.name}{fmt.name}.onnx"
     onnx.save(model, source)
-    quantize_static(str(source), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
+    quantize_static(str(source), str(out), Reader(), quant_format=fmt, per_channel=per_channel,
                     activation_type=activations, weight_type=QuantType.QInt8)
     return onnx.load(out)
 
