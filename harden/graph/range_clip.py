@@ -24,6 +24,7 @@ import onnx_graphsurgeon as gs
 
 from harden.errors import HardenError
 from harden.fi.profile import profile_ranges
+from harden.fi.quantised import QOPERATOR_LAYERS
 from harden.graph.locate import import_graph
 from harden.graph.opset import clip, const, default_opset, ensure_min_opset
 from harden.graph.ort import make_session, run_batched
@@ -82,6 +83,10 @@ class RangeClipPass:
     def check(self, model: onnx.ModelProto) -> str | None:
         if len(self.calibration) == 0:
             return "range clip needs calibration images (--data)"
+        integer = sorted({n.op_type for n in model.graph.node if n.op_type in QOPERATOR_LAYERS})
+        if integer:
+            return (f"the model is quantised in QOperator format ({', '.join(integer)}): its layers write integers, "
+                    "which their type already bounds; range-clip the float model, then quantise it")
         try:
             ensure_min_opset(model)
             resolve_layers(model, self.layers)

@@ -84,6 +84,26 @@ def test_refusals(calibration: np.ndarray) -> None:
         RangeClipPass(calibration, layers=["missing"]).run(model)
 
 
+def test_a_qoperator_graph_is_refused_with_its_reason(calibration: np.ndarray, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Its layers write integers: the refusal said it had 'no Conv, ConvTranspose, Gemm or MatMul node'."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    model = tiny_classifier("gemm-transB1", True)
+    onnx.save(model, tmp_path / "f.onnx")
+    name = model.graph.input[0].name
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{name: calibration[:32].astype(np.float32)}])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.batches, None)
+
+    quantize_static(str(tmp_path / "f.onnx"), str(tmp_path / "q.onnx"), Reader(), quant_format=QuantFormat.QOperator)
+    reason = RangeClipPass(calibration).check(onnx.load(tmp_path / "q.onnx")) or ""
+    assert "quantised in QOperator format (QGemm, QLinearConv)" in reason and "range-clip the float model" in reason
+
+
 def test_a_second_run_gets_fresh_names(calibration: np.ndarray) -> None:
     model = tiny_classifier("gemm-transB1", True)
     once = RangeClipPass(calibration[:32]).run(model)
