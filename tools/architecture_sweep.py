@@ -170,11 +170,16 @@ def main() -> None:
 def quantise(path: Path, images: np.ndarray, qoperator: bool = False) -> Path:
     """The model quantised to int8 (quantize_static's defaults: QDQ format, or QOperator), calibrated on
     `images`."""
+    import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    name = onnx.load(str(path), load_external_data=False).graph.input[0].name
+    fixed = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim[0].dim_value
+    step = fixed or 8
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.batches = iter([{"x": images[i:i + 8]} for i in range(0, len(images), 8)])
+            self.batches = iter([{name: images[i:i + step]} for i in range(0, len(images), step)])
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self.batches, None)

@@ -14,7 +14,12 @@ It then compares the final layer's exact SDC fraction as the graph is, range-cli
 --range-clip` (peaks from the same images), and under the injector's `--clamp range`, which also clamps a
 faulty weight to ± max|w|: the graph's clips bound activations only.
 
-    .venv/bin/python tools/zoo_sweep.py [--injections 4] [--images 6] [--out /tmp/harden-zoo-sweep]
+With --qoperator, each graph is first quantised to int8 in QOperator format (as the model zoo ships its
+int8 models; tools/architecture_sweep.py's `quantise`, calibrated on the same images), and certify flips the
+integers it stores. Its scores are compared with the float graph's labels, and the exact analysis is skipped
+(it covers float32 classifiers).
+
+    .venv/bin/python tools/zoo_sweep.py [--injections 4] [--images 6] [--out /tmp/harden-zoo-sweep] [--qoperator]
 """
 
 from __future__ import annotations
@@ -114,7 +119,10 @@ def main() -> None:
     parser.add_argument("--injections", type=int, default=4, help="injections per site")
     parser.add_argument("--images", type=int, default=6)
     parser.add_argument("--out", default="/tmp/harden-zoo-sweep")
+    parser.add_argument("--qoperator", action="store_true", help="certify int8 quantisations in QOperator format")
     args = parser.parse_args()
+
+    from architecture_sweep import quantise
 
     import onnxruntime as ort
 
@@ -136,9 +144,10 @@ def main() -> None:
         scores = np.concatenate([session.run(None, {session.get_inputs()[0].name: x[i:i + 1]})[0]
                                  for i in range(len(x))]).reshape(len(x), -1)
         np.savez(out / f"{name}.npz", x=x, y=scores.argmax(axis=1))
+        certified_path = quantise(out / f"{name}.onnx", x, qoperator=True) if args.qoperator else out / f"{name}.onnx"
         started = time.perf_counter()
         try:
-            report = certify(CertifyConfig(model=str(out / f"{name}.onnx"), data=f"npz:{out / name}.npz",
+            report = certify(CertifyConfig(model=str(certified_path), data=f"npz:{out / name}.npz",
                                            output=str(out / f"{name}-report"), preprocess="identity",
                                            injections=args.injections, exact=False, latency_runs=2,
                                            progress=False))
@@ -149,6 +158,8 @@ def main() -> None:
         layers = report.model("model").campaign.layers
         certified = time.perf_counter() - started
         try:
+            if args.qoperator:
+                raise HardenError("the graph is quantised (the exact analysis covers float32 classifiers)")
             result = analyse_model(model, x)
             exact = (f"exact: {result.head} head, {'/'.join(s.role for s in result.sites)}, "
                      f"{result.total_faults:,} faults ({result.recomputed:,} in float32) in {result.seconds:.0f} s")
