@@ -39,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--injections", type=int, default=1000, help="injections per layer (default 1000)")
     p.add_argument("--margin", type=float, help="choose N per layer by Leveugle et al. for this error margin")
     p.add_argument("--format", dest="fmt", choices=sorted(WIDTH), default=None,
-                   help="number format a fault corrupts (default: what each site stores: fp32, fp16, or a QDQ "
+                   help="number format a fault corrupts (default: what each site stores: fp32, fp16, or a quantised "
                         "graph's int8/uint8/int32; fp16, bf16, fp8 and int8 are also emulated on float32 sites)")
     p.add_argument("--clamp", choices=("none", "range"), default="none", help="range policy of the campaigns")
     p.add_argument("--seed", type=int, default=0)

@@ -45,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bits", help="bit positions: all (default), 30, 23-30 or 0,7,31")
     p.add_argument("--flips", type=int, default=1, help="distinct bits per fault (k-bit flips)")
     p.add_argument("--format", dest="fmt", choices=sorted(WIDTH), default=None,
-                   help="number format a fault corrupts (default: what each site stores: fp32, fp16, or a QDQ "
+                   help="number format a fault corrupts (default: what each site stores: fp32, fp16, or a quantised "
                         "graph's int8/uint8/int32; fp16, bf16, fp8 and int8 are also emulated on float32 sites)")
     p.add_argument("--clamp", choices=("none", "range"), default="none",
                    help="range: clamp NaN/Inf/out-of-range faulty values to ± the profiled max "

@@ -10,7 +10,7 @@ Public API (what `harden inject` and `harden certify` call):
 - `select_sites(sites, spec, kinds=("activation", "weight"))`: spec is 'all',
   'last' (the classifier node), names (site, tensor or node) or 're:REGEX', comma-separated.
 - `FaultModel(kind='flip'|'stuck-at-0'|'stuck-at-1'|'random', fmt=None|'fp32'|'fp16'|'bf16'|'fp8-e4m3'|'fp8-e5m2'|'int8'
-  |'uint8'|'int32', bits=None, k=1)`; fmt None is what each site stores (fp32, fp16 in a float16 graph, a QDQ
+  |'uint8'|'int32', bits=None, k=1)`; fmt None is what each site stores (fp32, fp16 in a float16 graph, a quantised
   graph's stored integers), fixed per campaign by `resolve_format(fault, sites)` where the sites agree, and
   per site by `site_fault(fault, site)`.
 - `CampaignConfig(...)`: layers, kinds, injections or margin, fault, clamp, seed,

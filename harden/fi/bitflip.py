@@ -6,7 +6,7 @@ float32 model. Only the faulty element passes through F; the rest of the tensor
 is untouched, so a null fault reproduces the golden output bit for bit.
 A float16 model's own values (float16 arrays) go in and come out as float16,
 and in fp16 their bits are flipped in place, NaN payloads included. So do a
-QDQ graph's stored integers (int8, uint8 and int32 arrays, formats int8, uint8
+quantised graph's stored integers (int8, uint8 and int32 arrays, formats int8, uint8
 and int32): their two's-complement or unsigned bits are flipped as stored,
 with no scale. uint8 and int32 exist only as such stored integers.
 
@@ -73,7 +73,7 @@ def encode(values: np.ndarray, fmt: str, scale: float = 1.0) -> np.ndarray:
     if STORED.get(fmt) == np.asarray(values).dtype:
         return np.array(values).view(_UINT[fmt])
     if fmt not in EMULATED:
-        raise HardenError(f"--format {fmt} is a QDQ graph's stored integer; it cannot emulate float values")
+        raise HardenError(f"--format {fmt} is a quantised graph's stored integer; it cannot emulate float values")
     v = np.ascontiguousarray(values, dtype=np.float32)
     if fmt == "fp32":
         return v.view(np.uint32).copy()
@@ -98,7 +98,7 @@ def encode(values: np.ndarray, fmt: str, scale: float = 1.0) -> np.ndarray:
 
 def decode(codes: np.ndarray, fmt: str, scale: float = 1.0, dtype: type = np.float32) -> np.ndarray:
     """Bit patterns in `fmt` back to float32 values, or to the type that stores them as they are (`dtype`:
-    a float16 model's float16, a QDQ graph's integers)."""
+    a float16 model's float16, a quantised graph's integers)."""
     check_format(fmt)
     c = np.ascontiguousarray(codes, dtype=_UINT[fmt])
     if STORED.get(fmt) == np.dtype(dtype):
@@ -137,7 +137,7 @@ def _masks(bits: np.ndarray, fmt: str) -> np.ndarray:
 
 def _kind(values: np.ndarray) -> type:
     """The type faulty values are returned in: the values' own when a format stores them as they are (float16,
-    a QDQ graph's integers), else float32."""
+    a quantised graph's integers), else float32."""
     dtype = np.asarray(values).dtype
     return dtype.type if dtype in STORED.values() else np.float32
 

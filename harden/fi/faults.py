@@ -28,7 +28,7 @@ class FaultModel:
     whole width) and bits per fault.
 
     `fmt` None means each site's own storage (fp32, fp16 in a float16 graph,
-    a QDQ graph's stored integers). A campaign fixes it from its sites
+    a quantised graph's stored integers). A campaign fixes it from its sites
     (`resolve_format`) where they all store one type, so its file records that
     format; null there means each site's own (`site_fault`).
     """
@@ -79,7 +79,7 @@ class FaultModel:
 
     def apply(self, golden: np.ndarray, bits: np.ndarray, uniforms: np.ndarray, scale: float, peak: float) -> np.ndarray:
         """Faulty values for `golden` values (one per fault), of golden's type where the format stores it as
-        it is (a float16 site's float16, a QDQ graph's integers), else float32.
+        it is (a float16 site's float16, a quantised graph's integers), else float32.
 
         Emulated int8 and fp8 use `scale`; 'random' draws a value uniformly in
         ±`peak` (the site's profiled range), stored in the format, and on a
@@ -115,7 +115,7 @@ def resolve_format(fault: FaultModel, sites: Sequence[Site]) -> FaultModel:
     """The fault model with its number format fixed for these sites, or a HardenError if one cannot take it.
 
     Unset, the format is what the graph stores (NATIVE): fp32 for float32
-    sites, fp16 for a float16 graph's, int8/uint8/int32 for a QDQ graph's stored
+    sites, fp16 for a float16 graph's, int8/uint8/int32 for a quantised graph's stored
     integers. Where the sites store different types (a QDQ graph keeps some
     float tensors), it stays unset and each site's own applies (`site_fault`).
     A set format must suit every site (`site_fault`).

@@ -49,7 +49,7 @@ def test_stored_integers_flip_as_stored() -> None:
     assert got.dtype == np.int8 and got.tolist() == [-125, 0, 1, 63]
     assert flip(np.array([3, 255], np.uint8), np.array([7, 0]), "uint8").tolist() == [131, 254]
     assert flip(np.array([5], np.int32), np.array([31]), "int32").tolist() == [5 - 2**31]
-    with pytest.raises(HardenError, match="int32 is a QDQ graph's stored integer"):
+    with pytest.raises(HardenError, match="int32 is a quantised graph's stored integer"):
         flip(np.float32([1.0]), np.array([3]), "int32")
 
 
