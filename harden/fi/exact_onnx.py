@@ -23,7 +23,8 @@ from harden.fi.exact_text import TextHead
 from harden.fi.graphinfo import bypass_constant_views, named_copy
 from harden.fi.outcome import nonfinite_rows, top1_class
 from harden.fi.profile import profile_ranges
-from harden.fi.quantised import QOPERATOR_OPS
+from harden.fi.exact_integer import analyse_integer_head
+from harden.fi.quantised import QOPERATOR_LAYERS, QOPERATOR_OPS
 from harden.graph.model_input import input_dtype
 from harden.graph.ort import expose
 from harden.graph.parallel import run_model
@@ -297,8 +298,14 @@ def analyse_model(model: onnx.ModelProto, inputs: np.ndarray, policy: str = "non
     (EvalSet.ranges) are reused where they cover a tensor; the others are profiled
     on `profile_inputs` (default `inputs`) as the engine would. `roles` limits
     the sites (weight, bias, input, output, proj_weight, proj_bias, proj_output, cosine). `threads` (0: every
-    CPU) changes speed only. `progress` shows a bar of faults decided on stderr.
+    CPU) changes speed only. `progress` shows a bar of faults decided on stderr. A QOperator graph's QGemm
+    classifier is analysed in its stored integers (harden.fi.exact_integer), whatever `fmt`.
     """
+    if any(n.op_type in QOPERATOR_LAYERS for n in model.graph.node):
+        if policy != "none":
+            raise HardenError(f"exact analysis: policy {policy!r} clamps float values, and this model's "
+                              "classifier computes on integers")
+        return analyse_integer_head(model, inputs, batch, providers, threads)
     head, sites, top1, ties = model_sites(model, inputs, policy, fmt, ranges, profile_inputs, roles, batch,
                                           providers, threads)
     result = analyse_sites(sites, top1, fmt, head.kind + (f" + {head.softmax.lower()}" if head.softmax else ""),
@@ -334,8 +341,9 @@ def model_sites(model: onnx.ModelProto, inputs: np.ndarray, policy: str = "none"
         raise HardenError("exact analysis: the model computes in float16, and the exact analysis covers float32 "
                           "classifiers only (the sampled campaign covers this one)")
     if any(n.op_type in ("QuantizeLinear", "DequantizeLinear", *QOPERATOR_OPS) for n in model.graph.node):
-        raise HardenError("exact analysis: the model is quantised, and the exact analysis covers float32 "
-                          "classifiers only (the sampled campaign covers this one)")
+        raise HardenError("exact analysis: the model is quantised in QDQ format, and the exact analysis covers "
+                          "float32 classifiers and QOperator integer ones (QGemm) only (the sampled campaign "
+                          "covers this one)")
     head = locate_head(model)
     g = _Graph(model)
     tensors = head_tensors(head)

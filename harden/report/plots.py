@@ -68,9 +68,11 @@ def sdc_by_bit(models: list[ModelRecord], path: Path) -> None:
             ax.plot(bits, [100 * k[b] / n[b] for b in bits], "o-", color=COLOURS.get(m.role, "grey"), ms=3,
                     label=f"{m.role}: sampled, all layers")
         if m.exact is not None and m.exact.sites:
-            width = len(m.exact.sites[0].faults)
-            sdc = np.sum([s.sdc for s in m.exact.sites], axis=0)
-            total = np.sum([s.faults for s in m.exact.sites], axis=0)
+            # an integer classifier's sites differ in width (int8 weights, int32 bias): pool each bit over the
+            # sites that have it
+            width = max(len(s.faults) for s in m.exact.sites)
+            sdc = np.sum([np.pad(s.sdc, (0, width - len(s.sdc))) for s in m.exact.sites], axis=0)
+            total = np.sum([np.pad(s.faults, (0, width - len(s.faults))) for s in m.exact.sites], axis=0)
             ax.plot(range(width), 100 * sdc / np.maximum(total, 1), "s--", color=COLOURS.get(m.role, "grey"),
                     ms=3, alpha=0.6, label=f"{m.role}: exact, final layer")
     ax.set_xlabel("bit position (0 = least significant)")

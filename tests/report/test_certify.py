@@ -100,8 +100,9 @@ def test_a_model_ending_in_softmax_gets_the_exact_analysis(tmp_path: Path) -> No
 @pytest.mark.parametrize("fmt", ["QDQ", "QOperator"])
 def test_a_quantised_model_is_certified_on_its_stored_integers(tmp_path: Path, fmt: str) -> None:
     """Its campaign flips the int8 and int32 tensors it stores; the exact analysis says why it is skipped
-    (it read 'format not resolved' until the certify step handled a per-site format). Its cost counts the
-    stored integers and, in QOperator format, the integer layer's FLOPs (they read 0)."""
+    (it read 'format not resolved' until the certify step handled a per-site format), or in QOperator format
+    runs on the stored integers. Its cost counts the stored integers and, in QOperator format, the integer
+    layer's FLOPs (they read 0)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
 
     from harden.data import load_dataset
@@ -122,7 +123,13 @@ def test_a_quantised_model_is_certified_on_its_stored_integers(tmp_path: Path, f
                                    progress=False))
     model, baseline = report.model("model"), report.model("baseline")
     assert model.campaign.config.fault.fmt is None and baseline.campaign.config.fault.fmt == "fp32"
-    assert model.exact is None and model.exact_skipped is not None and "quantised" in model.exact_skipped
+    if fmt == "QDQ":
+        assert model.exact is None and model.exact_skipped is not None and "quantised in QDQ" in model.exact_skipped
+    else:  # the QGemm classifier, analysed in its stored integers
+        assert model.exact is not None and model.exact.head == "integer linear (QGemm)"
+        assert {s.role: s.fmt for s in model.exact.sites} == {"weight": "int8", "bias": "int32", "input": "int8",
+                                                               "output": "int8"}  # quantize_static's defaults
+        assert "integer linear (QGemm) head" in (tmp_path / "r" / "report.html").read_text()
     assert baseline.exact is not None
     assert model.cost.parameters == baseline.cost.parameters == 64 * 10 + 10  # the stored integers count
     assert model.cost.flops == baseline.cost.flops > 0
