@@ -1,7 +1,7 @@
-"""The exact final-layer analysis of an integer classifier: a QOperator graph's QGemm head.
+"""The exact final-layer analysis of an integer classifier: a QOperator graph's QGemm or QLinearMatMul head.
 
-A quantised deployment's classifier is a QGemm: its int32 accumulator is
-exact integer arithmetic, acc[n, c] = Σ_f (x[n, f] − zx)·(W[c, f] − zw[c]) + b[c]
+A quantised deployment's classifier is an integer layer: its int32 accumulator
+is exact integer arithmetic, acc[n, c] = Σ_f (x[n, f] − zx)·(W[c, f] − zw[c]) + b[c]
 (wrapping at 32 bits, as the kernel adds), and its output is requantised once,
 y = saturate(round_half_even(float32(acc) · M[c]) + zy) with M = sx·sw/sy in
 float32. A single flipped bit changes acc by an exact integer: (x − zx)·Δw in
@@ -10,9 +10,13 @@ an input, and the output y itself for an output fault. So every fault × image i
 decided by integer arithmetic and one requantisation, with no rounding bound to
 allow for. The requantisation is checked against ONNX Runtime's own output on
 every analysed image before anything is counted; where it differs in a single
-value the analysis is refused rather than approximated. The scores are the
-output dequantised (an increasing map, so top-1 and ties are the integers'),
-through shape-only ops at most.
+value the analysis is refused rather than approximated.
+
+Between y and the scores there may be elementwise integer ops with constant
+operands (the text head's QLinearMul by exp(s)) and the final
+DequantizeLinear. y has only 2^8 values, so that tail is a table per class,
+which ONNX Runtime itself computes once: scores = table[y, c]. Shape-only ops
+may follow.
 """
 
 from __future__ import annotations
@@ -28,62 +32,105 @@ from harden.errors import HardenError
 from harden.fi.bitflip import flip
 from harden.fi.exact import ExactResult, ExactSiteResult
 from harden.fi.graphinfo import bypass_constant_views, named_copy
-from harden.graph.ort import expose
+from harden.graph.ort import expose, make_session
 from harden.graph.parallel import run_model
 
 SHAPE_ONLY = frozenset({"Identity", "Flatten", "Reshape", "Squeeze"})
+# Elementwise integer ops the tail may hold, with the input that carries the layer's output (the other
+# operand must be a constant).
+ELEMENTWISE = {"QLinearMul": (0, 3), "QLinearAdd": (0, 3)}
+# Each layer's (input, weight, bias) positions; a QLinearMatMul has no bias.
+LAYERS = {"QGemm": (0, 3, 6), "QLinearMatMul": (0, 3, None)}
 # integers worked on at once per chunk (int64): a few tens of MB
 CHUNK = 1 << 22
 
 
 class IntegerHead:
-    """A QGemm classifier's stored integers and quantisation parameters, and its exact arithmetic."""
+    """An integer classifier's stored integers and quantisation parameters, and its exact arithmetic."""
 
     def __init__(self, model: onnx.ModelProto) -> None:
         model = named_copy(model)
         bypass_constant_views(model)
+        self.model = model
         producer = {o: n for n in model.graph.node for o in n.output if o}
         constants = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
-        scores = model.graph.output[0].name
-        node = producer.get(scores)
+        tail: list[onnx.NodeProto] = []
+        node = producer.get(model.graph.output[0].name)
         while node is not None and node.op_type in SHAPE_ONLY:
             node = producer.get(node.input[0])
         if node is None or node.op_type != "DequantizeLinear":
             found = "a graph input" if node is None else f"{node.op_type} {node.name!r}"
             raise HardenError(f"exact analysis: the integer classifier's scores come from {found}; the analysis "
-                              "covers a QGemm whose output is dequantised into the scores")
-        gemm = producer.get(node.input[0])
-        if gemm is None or gemm.op_type != "QGemm":
-            found = "a graph input" if gemm is None else f"{gemm.op_type} {gemm.name!r}"
+                              "covers an integer layer whose output is dequantised into the scores")
+        tail.append(node)
+        node = producer.get(node.input[0])
+        while node is not None and node.op_type in ELEMENTWISE:
+            carried = [node.input[j] for j in ELEMENTWISE[node.op_type] if node.input[j] not in constants]
+            if len(carried) != 1:
+                raise HardenError(f"exact analysis: {node.op_type} {node.name!r} after the classifier has no "
+                                  "constant operand")
+            tail.append(node)
+            node = producer.get(carried[0])
+        if node is None or node.op_type not in LAYERS:
+            found = "a graph input" if node is None else f"{node.op_type} {node.name!r}"
             raise HardenError(f"exact analysis: the dequantised scores come from {found}; the analysis of an "
-                              "integer classifier covers QGemm (quantize_static's QOperator Gemm)")
-        attrs = {a.name: helper.get_attribute_value(a) for a in gemm.attribute}
-        names = list(gemm.input) + [""] * (9 - len(gemm.input))
-        needed = [names[i] for i in (1, 2, 3, 4, 5, 6, 7, 8)]
+                              f"integer classifier covers {' and '.join(LAYERS)}")
+        self.tail = tail[::-1]
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        names = list(node.input) + [""] * (9 - len(node.input))
+        at_x, at_w, at_b = LAYERS[node.op_type]
+        bias = names[at_b] if at_b is not None else ""
+        quant = [names[i] for i in (1, 2, 4, 5, 6, 7)] if at_b is None else [names[i] for i in (1, 2, 4, 5, 7, 8)]
         if attrs.get("transA", 0) or float(attrs.get("alpha", 1.0)) != 1.0 or any(  # type: ignore[arg-type]
-                t and t not in constants for t in needed) or not names[3] or not names[6] or not names[7]:
-            raise HardenError(f"exact analysis: QGemm {gemm.name!r} needs constant B, C and quantisation "
-                              "parameters, alpha 1 and no transA")
-        self.node, self.input, self.output = gemm.name, names[0], gemm.output[0]
-        self.weight_name, self.bias_name = names[3], names[6]
-        self.stored_weight = constants[names[3]]
-        weight = self.stored_weight.T if attrs.get("transB", 0) else self.stored_weight  # F × C
-        self.classes = weight.shape[1]
+                t and t not in constants for t in (*quant, names[at_w], bias)) or names[at_w] not in constants \
+                or names[at_x] in constants or (at_b is not None and (not bias or not quant[4])):
+            raise HardenError(f"exact analysis: {node.op_type} {node.name!r} needs a constant weight, bias and "
+                              "quantisation parameters, alpha 1 and no transA")
+        self.op, self.node, self.input, self.output = node.op_type, node.name, names[at_x], node.output[0]
+        self.weight_name, self.bias_name = names[at_w], bias
+        self.stored_weight = constants[names[at_w]]
         self.transposed = bool(attrs.get("transB", 0))
-        self.zx = int(constants[names[2]].reshape(-1)[0]) if names[2] else 0
-        zw = constants[names[5]].astype(np.int64).reshape(-1) if names[5] else np.zeros(1, np.int64)
+        weight = self.stored_weight.T if self.transposed else self.stored_weight  # F × C
+        if weight.ndim != 2:
+            raise HardenError(f"exact analysis: {node.op_type} {node.name!r} has a {weight.ndim}-D weight")
+        self.classes = weight.shape[1]
+        sx_name, zx_name, sw_name, zw_name, sy_name, zy_name = quant
+        self.zx = int(constants[zx_name].reshape(-1)[0]) if zx_name else 0
+        zw = constants[zw_name].astype(np.int64).reshape(-1) if zw_name else np.zeros(1, np.int64)
         self.wz = weight.astype(np.int64) - np.broadcast_to(zw, (self.classes,))[None, :]  # (W − zw), F × C
-        self.bias = constants[names[6]]
+        self.bias = constants[bias] if bias else np.zeros(self.classes, np.int32)
         if self.bias.size != self.classes:
-            raise HardenError(f"exact analysis: QGemm {gemm.name!r} has a bias of {self.bias.size} values for "
-                              f"{self.classes} classes")
-        sx = np.float32(constants[names[1]].reshape(-1)[0])
-        sw = constants[names[4]].astype(np.float32).reshape(-1)
-        sy = np.float32(constants[names[7]].reshape(-1)[0])
+            raise HardenError(f"exact analysis: {node.op_type} {node.name!r} has a bias of {self.bias.size} "
+                              f"values for {self.classes} classes")
+        sx = np.float32(constants[sx_name].reshape(-1)[0])
+        sw = constants[sw_name].astype(np.float32).reshape(-1)
+        sy = np.float32(constants[sy_name].reshape(-1)[0])
         self.multiplier = np.broadcast_to((sx * sw) / sy, (self.classes,)).astype(np.float32)
-        self.zy = int(constants[names[8]].reshape(-1)[0]) if names[8] else 0
-        self.out_dtype = np.dtype(np.uint8) if not names[8] else constants[names[8]].dtype
-        self.model = model
+        self.zy = int(constants[zy_name].reshape(-1)[0]) if zy_name else 0
+        self.out_dtype = constants[zy_name].dtype if zy_name else np.dtype(np.uint8)
+        self.table = self._tabulate(constants)
+
+    def _tabulate(self, constants: dict[str, np.ndarray]) -> np.ndarray:
+        """The scores (float32) of every stored output value v of every class c, as ONNX Runtime's tail of
+        elementwise ops computes them: table[v − min, c]."""
+        info = np.iinfo(self.out_dtype)
+        values = np.arange(info.min, info.max + 1)
+        grid = np.repeat(values[:, None], self.classes, axis=1).astype(self.out_dtype)
+        inits = [onnx.numpy_helper.from_array(constants[t], t) for n in self.tail for t in n.input if t in constants]
+        graph = helper.make_graph(
+            self.tail, "tail", [helper.make_tensor_value_info(self.output, helper.np_dtype_to_tensor_dtype(
+                self.out_dtype), list(grid.shape))],
+            [helper.make_tensor_value_info(self.tail[-1].output[0], onnx.TensorProto.FLOAT, None)],
+            list({t.name: t for t in inits}.values()))
+        tail = helper.make_model(graph, opset_imports=list(self.model.opset_import))
+        tail.ir_version = self.model.ir_version
+        (table,) = make_session(tail, opt_level="disable").run(None, {self.output: grid})
+        return np.asarray(table, dtype=np.float32).reshape(len(values), self.classes)
+
+    def scores(self, y: np.ndarray, classes: np.ndarray | slice = slice(None)) -> np.ndarray:
+        """The scores of stored outputs `y` (last axis: the classes `classes`)."""
+        columns = np.arange(self.classes)[classes]
+        return self.table[y - np.iinfo(self.out_dtype).min, np.broadcast_to(columns, y.shape)]
 
     def accumulate(self, x: np.ndarray) -> np.ndarray:
         """The int32 accumulators (as int64 values) of inputs `x` (N × F stored integers)."""
@@ -113,18 +160,18 @@ def _wins(top_value: np.ndarray, value: np.ndarray, before_top: np.ndarray) -> n
 
 
 class _Scorer:
-    """Decides single-class faults: class c's stored output becomes `value`, every other class keeps its own."""
+    """Decides single-class faults: class c's score becomes `value`, every other class keeps its own."""
 
-    def __init__(self, y: np.ndarray, top1: np.ndarray) -> None:
-        n, classes = y.shape
-        self.top1, self.top = top1, y[np.arange(n), top1]
-        masked = np.where(np.arange(classes)[None, :] < top1[:, None], y, np.iinfo(np.int64).min)
+    def __init__(self, scores: np.ndarray, top1: np.ndarray) -> None:
+        n, classes = scores.shape
+        self.top1, self.top = top1, scores[np.arange(n), top1]
+        masked = np.where(np.arange(classes)[None, :] < top1[:, None], scores, -np.inf)
         self.before = masked.max(axis=1)  # the best rival before the top-1 class (or −inf)
-        masked = np.where(np.arange(classes)[None, :] > top1[:, None], y, np.iinfo(np.int64).min)
+        masked = np.where(np.arange(classes)[None, :] > top1[:, None], scores, -np.inf)
         self.after = masked.max(axis=1)
 
     def sdc(self, rows: np.ndarray, classes: np.ndarray, value: np.ndarray) -> np.ndarray:
-        """SDC of each fault (image rows[i], class classes[i], new output value[i])."""
+        """SDC of each fault (image rows[i], class classes[i], new score value[i])."""
         t = self.top1[rows]
         own = classes == t
         kept = np.where(own, _stays(self.before[rows], self.after[rows], value),
@@ -134,8 +181,8 @@ class _Scorer:
 
 def analyse_integer_head(model: onnx.ModelProto, inputs: np.ndarray, batch: int = 64,
                          providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0) -> ExactResult:
-    """Exact SDC counts of every single-bit fault in a QGemm classifier's weight, bias, input and output, over
-    the model-ready `inputs`, each flipped in the integer type it is stored in."""
+    """Exact SDC counts of every single-bit fault in an integer classifier's weight, bias, input and output,
+    over the model-ready `inputs`, each flipped in the integer type it is stored in."""
     started = time.perf_counter()
     head = IntegerHead(model)
     scores_name = head.model.graph.output[0].name
@@ -146,17 +193,19 @@ def analyse_integer_head(model: onnx.ModelProto, inputs: np.ndarray, batch: int 
     acc = head.accumulate(x)
     y = head.requantise(acc)
     if not np.array_equal(y, y_ort):
-        raise HardenError(f"exact analysis: numpy's requantisation of QGemm {head.node!r} differs from ONNX "
+        raise HardenError(f"exact analysis: numpy's requantisation of {head.op} {head.node!r} differs from ONNX "
                           f"Runtime's in {int((y != y_ort).sum())} of {y.size} values; nothing can be judged "
                           "exactly (the sampled campaign covers this model)")
-    top1 = np.argmax(scores.reshape(n, -1).astype(np.float32), axis=1)
-    if not np.array_equal(top1, np.argmax(y, axis=1)):
-        raise HardenError("exact analysis: the scores' top-1 is not the integer outputs' (something after the "
-                          "QGemm reorders them)")
-    scorer = _Scorer(y, top1)
-    sites = [_weight(head, x, acc, scorer), _bias(head, acc, scorer), _input(head, x, acc, top1),
-             _output(head, y, scorer)]
-    return ExactResult(head="integer linear (QGemm)", policy="none", fmt="stored integers", images=n, sites=sites,
+    mine = head.scores(y)
+    if not np.array_equal(mine.view(np.uint32), scores.reshape(n, -1).astype(np.float32).view(np.uint32)):
+        raise HardenError(f"exact analysis: the scores after {head.op} {head.node!r} are not a function of each "
+                          "class's own output (something after it mixes the classes)")
+    top1 = np.argmax(mine, axis=1)
+    scorer = _Scorer(mine, top1)
+    sites = [_weight(head, x, acc, scorer), *([_bias(head, acc, scorer)] if head.bias_name else []),
+             _input(head, x, acc, top1), _output(head, y, scorer)]
+    kind = f"integer linear ({' + '.join([head.op, *(n.op_type for n in head.tail[:-1])])})"
+    return ExactResult(head=kind, policy="none", fmt="stored integers", images=n, sites=sites,
                        seconds=time.perf_counter() - started)
 
 
@@ -186,7 +235,7 @@ def _weight(head: IntegerHead, x: np.ndarray, acc: np.ndarray, scorer: _Scorer) 
         for c0 in range(0, head.classes, step):
             cs = np.arange(c0, min(head.classes, c0 + step))
             faulty = wrap32(acc[:, None, cs] + xz[:, :, None] * dw[None, :, cs])  # N × F × c
-            value = head.requantise(faulty, cs)
+            value = head.scores(head.requantise(faulty, cs), cs)
             rows = np.broadcast_to(np.arange(n)[:, None, None], value.shape).reshape(-1)
             classes = np.broadcast_to(cs[None, None, :], value.shape).reshape(-1)
             sdc = scorer.sdc(rows, classes, value.reshape(-1))
@@ -207,7 +256,7 @@ def _bias(head: IntegerHead, acc: np.ndarray, scorer: _Scorer) -> ExactSiteResul
     hit = classes == scorer.top1[rows]
     for bit in range(len(site.faults)):
         db = _flip_all(head.bias, bit) - head.bias.astype(np.int64)
-        value = head.requantise(wrap32(acc + db[None, :]))
+        value = head.scores(head.requantise(wrap32(acc + db[None, :])))
         sdc = scorer.sdc(rows, classes, value.reshape(-1))
         site.faults[bit] += int(sdc.size)
         site.sdc[bit] += int(sdc.sum())
@@ -227,7 +276,7 @@ def _input(head: IntegerHead, x: np.ndarray, acc: np.ndarray, top1: np.ndarray) 
         for f0 in range(0, features, step):
             fs = slice(f0, min(features, f0 + step))
             faulty = wrap32(acc[:, None, :] + dx[:, fs, None] * head.wz[None, fs, :])  # N × f × C
-            winner = np.argmax(head.requantise(faulty), axis=2)
+            winner = np.argmax(head.scores(head.requantise(faulty)), axis=2)
             sdc = winner != top1[:, None]
             site.faults[bit] += int(sdc.size)
             site.sdc[bit] += int(sdc.sum())
@@ -243,7 +292,7 @@ def _output(head: IntegerHead, y: np.ndarray, scorer: _Scorer) -> ExactSiteResul
     rows = np.broadcast_to(np.arange(n)[:, None], y.shape).reshape(-1)
     hit = classes == scorer.top1[rows]
     for bit in range(len(site.faults)):
-        sdc = scorer.sdc(rows, classes, _flip_all(stored, bit).reshape(-1))
+        sdc = scorer.sdc(rows, classes, head.scores(_flip_all(stored, bit)).reshape(-1))
         site.faults[bit] += int(sdc.size)
         site.sdc[bit] += int(sdc.sum())
         site.hit_faults[bit] += int(hit.sum())  # type: ignore[index]

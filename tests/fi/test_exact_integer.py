@@ -17,30 +17,25 @@ from harden.fi.exact_integer import IntegerHead
 from harden.fi.exact_onnx import analyse_model
 from harden.graph.ort import expose, make_session
 from tests.fi.test_qoperator import qoperator
-from tests.fi.tiny_models import labelled_inputs, matmul_mlp, stem_cnn
+from tests.fi.tiny_models import labelled_inputs, matmul_mlp, scaled_mlp, stem_cnn
 
 
-def _head_session(model: onnx.ModelProto, head: IntegerHead, input_dtype: np.dtype):  # type: ignore[no-untyped-def]
-    """ONNX Runtime's QGemm and DequantizeLinear alone, the input, weight and bias fed per run: the top-1 of
-    each image, and the stored weight and bias."""
-    gemm = next(n for n in model.graph.node if n.name == head.node)
-    dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == gemm.output[0])
+def _session(model: onnx.ModelProto, nodes: list[onnx.NodeProto], fed: list[str], dtypes: list[np.dtype]):  # type: ignore[no-untyped-def]
+    """ONNX Runtime running `nodes` of the model alone, the tensors `fed` given per run: each image's top-1."""
     consts = {t.name: t for t in model.graph.initializer}
-    fed = (gemm.input[0], gemm.input[3], gemm.input[6])
-    weight, bias = (numpy_helper.to_array(consts[t]) for t in fed[1:])
-    inits = [consts[t] for t in (*gemm.input, *dq.input) if t in consts and t not in fed]
-    inputs = [helper.make_tensor_value_info(t, helper.np_dtype_to_tensor_dtype(d), None)
-              for t, d in zip(fed, (input_dtype, weight.dtype, bias.dtype))]
-    graph = helper.make_graph([gemm, dq], "head", inputs,
-                              [helper.make_tensor_value_info(dq.output[0], onnx.TensorProto.FLOAT, None)], inits)
+    inits = {t: consts[t] for n in nodes for t in n.input if t in consts and t not in fed}
+    inputs = [helper.make_tensor_value_info(t, helper.np_dtype_to_tensor_dtype(d), None) for t, d in zip(fed, dtypes)]
+    graph = helper.make_graph(nodes, "head", inputs,
+                              [helper.make_tensor_value_info(nodes[-1].output[0], onnx.TensorProto.FLOAT, None)],
+                              list(inits.values()))
     copy = helper.make_model(graph, opset_imports=list(model.opset_import))
     copy.ir_version = model.ir_version
     session = make_session(copy, opt_level="disable")
 
-    def top1(a: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
-        return np.argmax(session.run(None, {fed[0]: a, fed[1]: w, fed[2]: b})[0], axis=1)
+    def top1(*values: np.ndarray | None) -> np.ndarray:
+        return np.argmax(session.run(None, dict(zip(fed, values)))[0], axis=1)
 
-    return top1, weight, bias
+    return top1
 
 
 def _flipped(values: np.ndarray, index: tuple, bit: int) -> np.ndarray:  # type: ignore[type-arg]
@@ -57,22 +52,27 @@ def _brute(model: onnx.ModelProto, x: np.ndarray) -> dict[str, list[int]]:
     a, y = make_session(expose(model, [head.input, head.output]), opt_level="disable").run(
         [head.input, head.output], {model.graph.input[0].name: x})
     a, y = a.reshape(len(x), -1), y.reshape(len(x), -1)
-    run, weight, bias = _head_session(model, head, a.dtype)
+    consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    weight, bias = consts[head.weight_name], consts.get(head.bias_name)
+    fed = [t for t in (head.input, head.weight_name, head.bias_name) if t]
+    layer = next(n for n in model.graph.node if n.name == head.node)
+    run = _session(model, [layer, *head.tail], fed, [a.dtype, weight.dtype, *([bias.dtype] if bias is not None else [])])
+    tail = _session(model, head.tail, [head.output], [y.dtype])
     top1 = run(a, weight, bias)
     out = {role: [0] * (8 * v.dtype.itemsize) for role, v in (("weight", weight), ("bias", bias), ("input", a),
-                                                                ("output", y))}
+                                                                ("output", y)) if v is not None}
     for bit in range(8 * weight.dtype.itemsize):
         for k in np.ndindex(weight.shape):
             out["weight"][bit] += int((run(a, _flipped(weight, k, bit), bias) != top1).sum())
-    for bit in range(8 * bias.dtype.itemsize):
+    for bit in range(8 * bias.dtype.itemsize if bias is not None else 0):
         for k in np.ndindex(bias.shape):
             out["bias"][bit] += int((run(a, weight, _flipped(bias, k, bit)) != top1).sum())
     for bit in range(8 * a.dtype.itemsize):
         for f in range(a.shape[1]):
             out["input"][bit] += int((run(_flipped(a, np.s_[:, f], bit), weight, bias) != top1).sum())
     for bit in range(8 * y.dtype.itemsize):
-        for c in range(y.shape[1]):  # dequantising keeps the order of the stored scores
-            out["output"][bit] += int((np.argmax(_flipped(y, np.s_[:, c], bit), axis=1) != top1).sum())
+        for c in range(y.shape[1]):  # the layer's output, through ORT's nodes after it
+            out["output"][bit] += int((tail(_flipped(y, np.s_[:, c], bit)) != top1).sum())
     return out
 
 
@@ -85,20 +85,33 @@ def test_every_integer_fault_of_a_qgemm_head_matches_onnx_runtime(tmp_path: Path
     model = qoperator(stem_cnn(seed=3, classes=5), tmp_path, activations, per_channel)
     x, _ = labelled_inputs(stem_cnn(seed=3, classes=5), 24)
     result = analyse_model(model, x)
-    want = _brute(model, x)
-    assert {s.role: s.sdc for s in result.sites} == want
+    assert {s.role: s.sdc for s in result.sites} == _brute(model, x)
     assert result.total_sdc > 0 and all(sum(s.due) == 0 for s in result.sites)
+    assert result.head == "integer linear (QGemm)"
     weight = result.site(IntegerHead(model).weight_name)
     assert weight.total_faults == 5 * 6 * 8 * len(x) and weight.fmt == "int8"
     assert result.site(IntegerHead(model).bias_name).fmt == "int32"
 
 
+@pytest.mark.parametrize("activations", [QuantType.QUInt8, QuantType.QInt8], ids=["uint8", "int8"])
+def test_a_scaled_qlinearmatmul_head_as_the_text_head_ends_matches_onnx_runtime(tmp_path: Path,
+                                                                                activations: QuantType) -> None:
+    """QLinearMatMul (no bias) and a QLinearMul by a stored scale: the scale's requantisation, tabulated from
+    ONNX Runtime per stored value, merges scores into ties that the first-index rule settles."""
+    model = qoperator(scaled_mlp(seed=1), tmp_path, activations)
+    x, _ = labelled_inputs(scaled_mlp(seed=1), 24)
+    result = analyse_model(model, x)
+    assert result.head == "integer linear (QLinearMatMul + QLinearMul)"
+    assert {s.role: s.sdc for s in result.sites} == _brute(model, x)
+    assert [s.role for s in result.sites] == ["weight", "input", "output"] and result.total_sdc > 0
+
+
 def test_what_the_integer_analysis_does_not_cover_is_refused_with_its_reason(tmp_path: Path) -> None:
-    """A QLinearMatMul classifier (with its QLinearAdd bias), a range policy, and a QDQ graph."""
+    """A weight quantised at run time (a Constant node), a range policy, and a QDQ graph."""
     from tests.fi.test_quantised import quantised
 
     x, _ = labelled_inputs(matmul_mlp(), 8)
-    with pytest.raises(HardenError, match="the dequantised scores come from QLinearAdd"):
+    with pytest.raises(HardenError, match="needs a constant weight"):
         analyse_model(qoperator(matmul_mlp(), tmp_path), x)
     model = qoperator(stem_cnn(), tmp_path)
     with pytest.raises(HardenError, match="policy 'range' clamps float values"):

@@ -280,3 +280,19 @@ def fixed_batch_cnn(seed: int = 0, classes: int = 4) -> onnx.ModelProto:
     graph.initializer.append(numpy_helper.from_array(np.array([1, 4], dtype=np.int64), "fixed_shape"))
     onnx.checker.check_model(model)
     return model
+
+
+def scaled_mlp(seed: int = 0, classes: int = 5) -> onnx.ModelProto:
+    """flatten → matmul → relu → matmul → mul by a constant scale, as the text head ends (W·z times exp(s));
+    input 1×1×4×4. Quantised in QOperator format: QLinearMatMul, then QLinearMul by a stored constant."""
+    rng = np.random.default_rng(seed)
+    nodes = [
+        helper.make_node("Flatten", ["x"], ["flat"], name="flatten"),
+        helper.make_node("MatMul", ["flat", "w1"], ["h"], name="mm1"),
+        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+        helper.make_node("MatMul", ["r", "w2"], ["m"], name="mm2"),
+        helper.make_node("Mul", ["m", "scale"], ["logits"], name="scale_mul"),
+    ]
+    inits = [_init("w1", rng, 16, 8), _init("w2", rng, 8, classes, scale=1.0),
+             numpy_helper.from_array(np.array(2.5, dtype=np.float32), "scale")]
+    return classifier(nodes, inits, "scaled_mlp", (1, 4, 4), classes)
