@@ -14,7 +14,9 @@ prints per precision: accuracy on the evaluation images, top-1 agreement with
 float32, SDC over all injections and over the classifier head's sites (with
 intervals), the non-finite rate, the campaign's time, ONNX Runtime's latency
 for the whole graph (`harden.report.cost.latency_ms`: level 'all', one thread,
-median of 10 runs of one image), and how closely the
+median of 10 runs of one image), the exact final-layer SDC fraction over the
+campaign's kept images (`harden.fi.exact_onnx.analyse_model`: float32 graphs,
+and a QOperator graph's integer classifier; the others have none), and how closely the
 injector's node-by-node run matches ONNX Runtime's whole graph as deployed
 (`node_fidelity`). Under --clamp range the int8 graphs are skipped: the clamp
 applies to float values.
@@ -37,7 +39,10 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantiz
 from harden.demo.table import head_nodes, pooled
 from harden.fi.campaign import inject_dataset
 from harden.fi.config import CampaignConfig
+from harden.errors import HardenError
+from harden.fi.exact_onnx import analyse_model
 from harden.fi.graphinfo import GraphInfo, named_copy
+from harden.fi.journal import JournalContents
 from harden.fi.nodes import NodeSessions, golden_pass
 from harden.fi.stats import Rate
 from harden.fi.summary import CampaignSummary
@@ -105,6 +110,19 @@ def nonfinite(summary: CampaignSummary) -> float:
     return k / n if n else float("nan")
 
 
+def exact_sdc(path: Path, data: str, limit: int, campaign: Path) -> str:
+    """The exact SDC fraction over every final-layer fault, on the campaign's kept images; '-' where the
+    analysis does not cover the graph."""
+    proto = load_model(path)
+    x, _ = load_inputs(proto, data, limit)
+    kept = np.asarray(JournalContents(campaign).evaluation.ids, dtype=np.int64)
+    try:
+        result = analyse_model(proto, x[kept])
+    except HardenError:
+        return "-"
+    return f"{100 * result.total_sdc / result.total_faults:.3f}%"
+
+
 def rate(r: Rate) -> str:
     return f"{100 * r.value:.2f}% [{100 * r.low:.2f}, {100 * r.high:.2f}]"
 
@@ -127,7 +145,8 @@ def main() -> None:
     print(f"{args.data}, {args.limit} images, {args.injections} injections per site, clamp {args.clamp}; each "
           "graph's own bits flipped (fp32, fp16, or int8/uint8/int32 as a quantised graph stores them)")
     print(f"{'model':<14} {'graph':<8} {'accuracy':>9} {'agree':>7} {'SDC, all sites':>26} "
-          f"{'SDC, head sites':>26} {'non-finite':>10} {'time':>7} {'ORT ms':>7}   node by node vs ORT's whole graph")
+          f"{'SDC, head sites':>26} {'non-finite':>10} {'time':>7} {'ORT ms':>7} {'exact':>7}   "
+          "node by node vs ORT's whole graph")
     for model in args.models:
         reference = top1(model, args.data, args.limit)
         head = head_nodes(named_copy(load_model(model)))  # the conversions keep the node names, QOperator's
@@ -138,7 +157,8 @@ def main() -> None:
             graphs.append(("int8-qop", to_int8(model, args.work, args.calibration, args.calibration_images, True)))
         for precision, path in graphs:
             started = time.perf_counter()
-            summary = inject_dataset(path, args.data, config, args.work / f"{model.stem}.{precision}.jsonl",
+            campaign = args.work / f"{model.stem}.{precision}.jsonl"
+            summary = inject_dataset(path, args.data, config, campaign,
                                      limit=args.limit, progress=False, threads=args.threads, fresh=True)
             seconds = time.perf_counter() - started
             agree = float(np.mean(top1(path, args.data, args.limit) == reference))
@@ -147,9 +167,10 @@ def main() -> None:
             same_top1, same_scores = node_fidelity(path, args.data, args.limit)
             proto = load_model(path)
             ms = latency_ms(proto, load_inputs(proto, args.data, 1)[0], runs=10)
+            exact = exact_sdc(path, args.data, args.limit, campaign) if args.clamp == "none" else "-"
             print(f"{model.stem:<14} {precision:<8} {100 * ev['correct'] / ev['total']:>8.2f}% {100 * agree:>6.2f}% "
                   f"{rate(pooled_sdc(summary)):>26} {rate(pooled(summary, in_head)):>26} "
-                  f"{100 * nonfinite(summary):>9.2f}% {seconds:>6.1f}s {ms:>7.1f}   top-1 {100 * same_top1:.1f}%, "
+                  f"{100 * nonfinite(summary):>9.2f}% {seconds:>6.1f}s {ms:>7.1f} {exact:>7}   top-1 {100 * same_top1:.1f}%, "
                   f"scores {100 * same_scores:.1f}% equal", flush=True)
 
 
