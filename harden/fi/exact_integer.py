@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import onnx
@@ -179,12 +180,20 @@ class _Scorer:
         return ~kept
 
 
-def analyse_integer_head(model: onnx.ModelProto, inputs: np.ndarray, batch: int = 64,
-                         providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0) -> ExactResult:
-    """Exact SDC counts of every single-bit fault in an integer classifier's weight, bias, input and output,
-    over the model-ready `inputs`, each flipped in the integer type it is stored in."""
-    started = time.perf_counter()
-    head = IntegerHead(model)
+class Golden(NamedTuple):
+    """The fault-free state the faults are judged against: the layer's stored input, its accumulators, the
+    images' top-1 classes, and the scorer of single-class changes."""
+
+    x: np.ndarray
+    acc: np.ndarray
+    y: np.ndarray
+    top1: np.ndarray
+    scorer: _Scorer
+
+
+def golden_state(head: IntegerHead, inputs: np.ndarray, batch: int = 64,
+                 providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0) -> Golden:
+    """ONNX Runtime's fault-free run, and numpy's integer arithmetic checked against it bit for bit."""
     scores_name = head.model.graph.output[0].name
     names = [scores_name, head.input, head.output]
     scores, x, y_ort = run_model(expose(head.model, names[1:]), inputs, names, "disable", batch, threads, providers)
@@ -201,11 +210,20 @@ def analyse_integer_head(model: onnx.ModelProto, inputs: np.ndarray, batch: int 
         raise HardenError(f"exact analysis: the scores after {head.op} {head.node!r} are not a function of each "
                           "class's own output (something after it mixes the classes)")
     top1 = np.argmax(mine, axis=1)
-    scorer = _Scorer(mine, top1)
-    sites = [_weight(head, x, acc, scorer), *([_bias(head, acc, scorer)] if head.bias_name else []),
-             _input(head, x, acc, top1), _output(head, y, scorer)]
+    return Golden(x, acc, y, top1, _Scorer(mine, top1))
+
+
+def analyse_integer_head(model: onnx.ModelProto, inputs: np.ndarray, batch: int = 64,
+                         providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0) -> ExactResult:
+    """Exact SDC counts of every single-bit fault in an integer classifier's weight, bias, input and output,
+    over the model-ready `inputs`, each flipped in the integer type it is stored in."""
+    started = time.perf_counter()
+    head = IntegerHead(model)
+    g = golden_state(head, inputs, batch, providers, threads)
+    sites = [_weight(head, g.x, g.acc, g.scorer), *([_bias(head, g.acc, g.scorer)] if head.bias_name else []),
+             _input(head, g.x, g.acc, g.top1), _output(head, g.y, g.scorer)]
     kind = f"integer linear ({' + '.join([head.op, *(n.op_type for n in head.tail[:-1])])})"
-    return ExactResult(head=kind, policy="none", fmt="stored integers", images=n, sites=sites,
+    return ExactResult(head=kind, policy="none", fmt="stored integers", images=len(inputs), sites=sites,
                        seconds=time.perf_counter() - started)
 
 
@@ -222,29 +240,78 @@ def _flip_all(values: np.ndarray, bit: int) -> np.ndarray:
     return flip(flat, np.full(flat.size, bit), flat.dtype.name).astype(np.int64).reshape(values.shape)
 
 
-def _weight(head: IntegerHead, x: np.ndarray, acc: np.ndarray, scorer: _Scorer) -> ExactSiteResult:
-    """W[c, f] flipped: class c's accumulator moves by (x[n, f] − zx)·Δw on every image."""
+def _weight(head: IntegerHead, x: np.ndarray, acc: np.ndarray, scorer: _Scorer, bisect: bool = True) -> ExactSiteResult:
+    """W[c, f] flipped: class c's accumulator moves by (x[n, f] − zx)·Δw on every image.
+
+    Where no such move can wrap the int32 accumulator and the scores rise with the stored output, each
+    image and class has an interval of moves that keep its top-1 (`_keep_interval`), and a fault costs a
+    multiplication and two comparisons; otherwise every faulty accumulator is requantised.
+    """
     n = len(x)
     site = _site(head, head.weight_name, "weight", head.stored_weight, n)
     xz = x.astype(np.int64) - head.zx  # N × F
     features = xz.shape[1]
     stored = head.stored_weight.T if head.transposed else head.stored_weight  # F × C
+    reach = int(np.abs(xz).max(initial=0)) * 2 ** (8 * stored.dtype.itemsize - 1)
+    interval = None
+    if bisect and int(np.abs(acc).max(initial=0)) + reach < 2**31 and bool(np.all(np.diff(head.table, axis=0) >= 0)):
+        interval = _keep_interval(head, acc, scorer)
+        # every move fits in int32 here, which halves the memory each comparison streams through
+        interval = tuple(np.clip(v, -(2**31), 2**31 - 1).astype(np.int32) for v in interval)
+        xz = xz.astype(np.int32)
     step = max(1, CHUNK // max(1, n * features))
     for bit in range(len(site.faults)):
-        dw = _flip_all(stored, bit) - stored.astype(np.int64)  # F × C
+        dw = (_flip_all(stored, bit) - stored.astype(np.int64)).astype(xz.dtype)  # F × C
         for c0 in range(0, head.classes, step):
             cs = np.arange(c0, min(head.classes, c0 + step))
-            faulty = wrap32(acc[:, None, cs] + xz[:, :, None] * dw[None, :, cs])  # N × F × c
-            value = head.scores(head.requantise(faulty, cs), cs)
-            rows = np.broadcast_to(np.arange(n)[:, None, None], value.shape).reshape(-1)
-            classes = np.broadcast_to(cs[None, None, :], value.shape).reshape(-1)
-            sdc = scorer.sdc(rows, classes, value.reshape(-1))
-            hit = classes == scorer.top1[rows]
+            move = xz[:, :, None] * dw[None, :, cs]  # N × F × c
+            if interval is not None:
+                sdc = (move < interval[0][:, None, cs]) | (move > interval[1][:, None, cs])
+            else:
+                value = head.scores(head.requantise(wrap32(acc[:, None, cs] + move), cs), cs)
+                rows = np.broadcast_to(np.arange(n)[:, None, None], value.shape).reshape(-1)
+                sdc = scorer.sdc(rows, np.broadcast_to(cs, value.shape).reshape(-1),
+                                 value.reshape(-1)).reshape(value.shape)
+            hit = np.flatnonzero((scorer.top1 >= cs[0]) & (scorer.top1 <= cs[-1]))  # images whose top-1 is here
             site.faults[bit] += int(sdc.size)
-            site.sdc[bit] += int(sdc.sum())
-            site.hit_faults[bit] += int(hit.sum())  # type: ignore[index]
-            site.hit_sdc[bit] += int((sdc & hit).sum())  # type: ignore[index]
+            site.sdc[bit] += int(np.count_nonzero(sdc))
+            site.hit_faults[bit] += len(hit) * features  # type: ignore[index]
+            site.hit_sdc[bit] += int(np.count_nonzero(sdc[hit, :, scorer.top1[hit] - cs[0]]))  # type: ignore[index]
     return site
+
+
+def _keep_interval(head: IntegerHead, acc: np.ndarray, scorer: _Scorer) -> tuple[np.ndarray, np.ndarray]:
+    """For each image and class, the moves [lo, hi] of that class's accumulator that keep the image's top-1.
+
+    A class's score rises with its accumulator (requantisation and the table are non-decreasing), so the
+    top-1 class keeps first place above some accumulator and another class stays behind below one; both
+    are found by bisection over the int32 range, with the exact requantisation at every step.
+    """
+    n, classes = acc.shape
+    own = np.arange(classes)[None, :] == scorer.top1[:, None]
+    before_top = np.arange(classes)[None, :] < scorer.top1[:, None]
+
+    def keeps(a: np.ndarray) -> np.ndarray:
+        value = head.scores(head.requantise(a))
+        stays = _stays(scorer.before[:, None], scorer.after[:, None], value)
+        return np.where(own, stays, ~_wins(scorer.top[:, None], value, before_top))
+
+    # the top-1 class: the smallest accumulator that keeps it (the golden one does)
+    low, high = np.full_like(acc, -(2**31)), acc.copy()
+    while (low < high).any():
+        mid = (low + high) // 2
+        ok = keeps(mid)
+        low, high = np.where(ok | (low >= high), low, mid + 1), np.where(ok & (low < high), mid, high)
+    first = low
+    # every other class: the largest accumulator that keeps it behind
+    low, high = acc.copy(), np.full_like(acc, 2**31 - 1)
+    while (low < high).any():
+        mid = (low + high + 1) // 2
+        ok = keeps(mid)
+        low, high = np.where(ok & (low < high), mid, low), np.where(ok | (low >= high), high, mid - 1)
+    last = low
+    big = np.int64(2**62)
+    return np.where(own, first - acc, -big), np.where(own, big, last - acc)
 
 
 def _bias(head: IntegerHead, acc: np.ndarray, scorer: _Scorer) -> ExactSiteResult:

@@ -61,9 +61,12 @@ def _brute(model: onnx.ModelProto, x: np.ndarray) -> dict[str, list[int]]:
     top1 = run(a, weight, bias)
     out = {role: [0] * (8 * v.dtype.itemsize) for role, v in (("weight", weight), ("bias", bias), ("input", a),
                                                                 ("output", y)) if v is not None}
+    out["weight hitting the top-1 class"] = [0] * (8 * weight.dtype.itemsize)
     for bit in range(8 * weight.dtype.itemsize):
         for k in np.ndindex(weight.shape):
-            out["weight"][bit] += int((run(a, _flipped(weight, k, bit), bias) != top1).sum())
+            sdc = run(a, _flipped(weight, k, bit), bias) != top1
+            out["weight"][bit] += int(sdc.sum())
+            out["weight hitting the top-1 class"][bit] += int((sdc & (top1 == k[0 if head.transposed else 1])).sum())
     for bit in range(8 * bias.dtype.itemsize if bias is not None else 0):
         for k in np.ndindex(bias.shape):
             out["bias"][bit] += int((run(a, weight, _flipped(bias, k, bit)) != top1).sum())
@@ -85,10 +88,12 @@ def test_every_integer_fault_of_a_qgemm_head_matches_onnx_runtime(tmp_path: Path
     model = qoperator(stem_cnn(seed=3, classes=5), tmp_path, activations, per_channel)
     x, _ = labelled_inputs(stem_cnn(seed=3, classes=5), 24)
     result = analyse_model(model, x)
-    assert {s.role: s.sdc for s in result.sites} == _brute(model, x)
+    want = _brute(model, x)
+    weight = result.site(IntegerHead(model).weight_name)
+    assert want.pop("weight hitting the top-1 class") == weight.hit_sdc
+    assert {s.role: s.sdc for s in result.sites} == want
     assert result.total_sdc > 0 and all(sum(s.due) == 0 for s in result.sites)
     assert result.head == "integer linear (QGemm)"
-    weight = result.site(IntegerHead(model).weight_name)
     assert weight.total_faults == 5 * 6 * 8 * len(x) and weight.fmt == "int8"
     assert result.site(IntegerHead(model).bias_name).fmt == "int32"
 
@@ -102,7 +107,9 @@ def test_a_scaled_qlinearmatmul_head_as_the_text_head_ends_matches_onnx_runtime(
     x, _ = labelled_inputs(scaled_mlp(seed=1), 24)
     result = analyse_model(model, x)
     assert result.head == "integer linear (QLinearMatMul + QLinearMul)"
-    assert {s.role: s.sdc for s in result.sites} == _brute(model, x)
+    want = _brute(model, x)
+    assert want.pop("weight hitting the top-1 class") == result.sites[0].hit_sdc
+    assert {s.role: s.sdc for s in result.sites} == want
     assert [s.role for s in result.sites] == ["weight", "input", "output"] and result.total_sdc > 0
 
 
@@ -118,3 +125,28 @@ def test_what_the_integer_analysis_does_not_cover_is_refused_with_its_reason(tmp
         analyse_model(model, labelled_inputs(stem_cnn(), 8)[0], policy="range")
     with pytest.raises(HardenError, match="quantised in QDQ format"):
         analyse_model(quantised(stem_cnn(), tmp_path), labelled_inputs(stem_cnn(), 8)[0])
+
+
+def test_the_bisected_weight_intervals_give_the_requantised_counts(tmp_path: Path) -> None:
+    """The fast weight path (an interval of harmless accumulator moves per image and class, bisected) against
+    requantising every faulty accumulator, on a head with 24 classes."""
+    from harden.fi.exact_integer import _keep_interval, _weight, golden_state
+
+    model = qoperator(stem_cnn(seed=4, classes=24), tmp_path)
+    head = IntegerHead(model)
+    g = golden_state(head, labelled_inputs(stem_cnn(seed=4, classes=24), 32)[0])
+    fast = _weight(head, g.x, g.acc, g.scorer)
+    assert fast.total_sdc > 0 and fast == _weight(head, g.x, g.acc, g.scorer, bisect=False)
+    # the intervals are tight: their ends keep the top-1, one step past them does not
+    lo, hi = _keep_interval(head, g.acc, g.scorer)
+    rows, classes = np.indices(g.acc.shape).reshape(2, -1)
+    own = (classes == g.top1[rows]).reshape(g.acc.shape)
+
+    def sdc(acc: np.ndarray) -> np.ndarray:
+        return g.scorer.sdc(rows, classes, head.scores(head.requantise(acc)).reshape(-1)).reshape(acc.shape)
+
+    end = np.where(own, g.acc + lo, g.acc + hi)
+    past = np.where(own, end - 1, end + 1)
+    inside = (past >= -(2**31)) & (past < 2**31)  # an end at the int32 limit has nothing past it
+    assert not sdc(np.clip(end, -(2**31), 2**31 - 1)).any()
+    assert sdc(np.where(inside, past, g.acc))[inside].all() and inside.sum() > 0.9 * inside.size
