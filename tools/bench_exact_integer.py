@@ -25,7 +25,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
 
 from harden.fi.bitflip import flip
-from harden.fi.exact_integer import IntegerHead, _Scorer, golden_state
+from harden.fi.exact_integer import IntegerHead, golden_state
 from harden.fi.exact_onnx import analyse_model
 from harden.graph.ort import make_session
 
@@ -98,12 +98,11 @@ def main() -> None:
     xz = g.x.astype(np.int64) - head.zx
     c, f = (np.unravel_index(elems, stored.shape)[::-1] if not head.transposed else np.unravel_index(elems, stored.shape))
     flipped = flip(stored.reshape(-1)[elems], bits, "int8").astype(np.int64) - stored.reshape(-1)[elems]
-    scorer: _Scorer = g.scorer
     agree = 0
     for i in range(args.sample):
         acc = g.acc[:, c[i]] + xz[:, f[i]] * flipped[i]
-        value = head.scores(head.requantise(acc[:, None], np.array([c[i]])), np.array([c[i]]))[:, 0]
-        mine = scorer.sdc(np.arange(len(x)), np.full(len(x), c[i]), value)
+        value = head.requantise(acc[:, None], np.array([c[i]]))[:, 0]
+        mine = g.judge.sdc(np.arange(len(x)), np.full(len(x), c[i]), value)
         agree += int(mine.sum() == brute_sdc[i])
     print(f"brute force: {1 / brute_s:,.0f} faults × images/s over {args.sample} sampled weight faults; "
           f"same SDC count on {agree} of {args.sample}")

@@ -16,7 +16,10 @@ Between y and the scores there may be elementwise integer ops with constant
 operands (the text head's QLinearMul by exp(s)) and the final
 DequantizeLinear. y has only 2^8 values, so that tail is a table per class,
 which ONNX Runtime itself computes once: scores = table[y, c]. Shape-only ops
-may follow.
+may follow. A softmax in the tail (QLinearSoftmax, as the zoo's int8 graphs
+end, or Softmax after the DequantizeLinear) mixes the classes: then ONNX
+Runtime runs the tail on every row a single-class fault can make, image ×
+class × stored value, once, and on every row an input fault makes.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ SHAPE_ONLY = frozenset({"Identity", "Flatten", "Reshape", "Squeeze"})
 # Elementwise integer ops the tail may hold, with the input that carries the layer's output (the other
 # operand must be a constant).
 ELEMENTWISE = {"QLinearMul": (0, 3), "QLinearAdd": (0, 3)}
+# Ops of the tail that mix the classes of a row; the class axis must be the last.
+ROWWISE = frozenset({"QLinearSoftmax", "Softmax", "LogSoftmax"})
 # Each layer's (input, weight, bias) positions; a QLinearMatMul has no bias.
 LAYERS = {"QGemm": (0, 3, 6), "QLinearMatMul": (0, 3, None)}
 # integers worked on at once per chunk (int64): a few tens of MB
@@ -59,19 +64,26 @@ class IntegerHead:
         node = producer.get(model.graph.output[0].name)
         while node is not None and node.op_type in SHAPE_ONLY:
             node = producer.get(node.input[0])
+        if node is not None and node.op_type in ("Softmax", "LogSoftmax"):
+            tail.append(node)
+            node = producer.get(node.input[0])
         if node is None or node.op_type != "DequantizeLinear":
             found = "a graph input" if node is None else f"{node.op_type} {node.name!r}"
             raise HardenError(f"exact analysis: the integer classifier's scores come from {found}; the analysis "
                               "covers an integer layer whose output is dequantised into the scores")
         tail.append(node)
         node = producer.get(node.input[0])
-        while node is not None and node.op_type in ELEMENTWISE:
-            carried = [node.input[j] for j in ELEMENTWISE[node.op_type] if node.input[j] not in constants]
+        while node is not None and (node.op_type in ELEMENTWISE or node.op_type == "QLinearSoftmax"):
+            carried = [node.input[j] for j in ELEMENTWISE.get(node.op_type, (0,)) if node.input[j] not in constants]
             if len(carried) != 1:
                 raise HardenError(f"exact analysis: {node.op_type} {node.name!r} after the classifier has no "
                                   "constant operand")
             tail.append(node)
             node = producer.get(carried[0])
+        for op in tail:
+            axis = next((helper.get_attribute_value(a) for a in op.attribute if a.name == "axis"), -1)
+            if op.op_type in ROWWISE and axis not in (-1, 1):
+                raise HardenError(f"exact analysis: {op.op_type} {op.name!r} is not over the classes")
         if node is None or node.op_type not in LAYERS:
             found = "a graph input" if node is None else f"{node.op_type} {node.name!r}"
             raise HardenError(f"exact analysis: the dequantised scores come from {found}; the analysis of an "
@@ -109,29 +121,32 @@ class IntegerHead:
         self.multiplier = np.broadcast_to((sx * sw) / sy, (self.classes,)).astype(np.float32)
         self.zy = int(constants[zy_name].reshape(-1)[0]) if zy_name else 0
         self.out_dtype = constants[zy_name].dtype if zy_name else np.dtype(np.uint8)
-        self.table = self._tabulate(constants)
-
-    def _tabulate(self, constants: dict[str, np.ndarray]) -> np.ndarray:
-        """The scores (float32) of every stored output value v of every class c, as ONNX Runtime's tail of
-        elementwise ops computes them: table[v − min, c]."""
-        info = np.iinfo(self.out_dtype)
-        values = np.arange(info.min, info.max + 1)
-        grid = np.repeat(values[:, None], self.classes, axis=1).astype(self.out_dtype)
+        self.levels = np.arange(np.iinfo(self.out_dtype).min, np.iinfo(self.out_dtype).max + 1)
+        self.mixes = any(n.op_type in ROWWISE for n in self.tail)
         inits = [onnx.numpy_helper.from_array(constants[t], t) for n in self.tail for t in n.input if t in constants]
         graph = helper.make_graph(
             self.tail, "tail", [helper.make_tensor_value_info(self.output, helper.np_dtype_to_tensor_dtype(
-                self.out_dtype), list(grid.shape))],
+                self.out_dtype), ["rows", self.classes])],
             [helper.make_tensor_value_info(self.tail[-1].output[0], onnx.TensorProto.FLOAT, None)],
             list({t.name: t for t in inits}.values()))
-        tail = helper.make_model(graph, opset_imports=list(self.model.opset_import))
-        tail.ir_version = self.model.ir_version
-        (table,) = make_session(tail, opt_level="disable").run(None, {self.output: grid})
-        return np.asarray(table, dtype=np.float32).reshape(len(values), self.classes)
+        tail_model = helper.make_model(graph, opset_imports=list(self.model.opset_import))
+        tail_model.ir_version = self.model.ir_version
+        self._tail = make_session(tail_model, opt_level="disable")
+        # the scores of every stored value v of every class c: table[v − min, c] (elementwise tails only)
+        grid = np.repeat(self.levels[:, None], self.classes, axis=1)
+        self.table = None if self.mixes else self.run_tail(grid)
+
+    def run_tail(self, y: np.ndarray) -> np.ndarray:
+        """ONNX Runtime's scores of rows of stored outputs `y` (… × C), through the nodes after the layer."""
+        rows = y.reshape(-1, self.classes).astype(self.out_dtype)
+        (scores,) = self._tail.run(None, {self.output: rows})
+        return np.asarray(scores, dtype=np.float32).reshape(y.shape)
 
     def scores(self, y: np.ndarray, classes: np.ndarray | slice = slice(None)) -> np.ndarray:
-        """The scores of stored outputs `y` (last axis: the classes `classes`)."""
+        """The scores of stored outputs `y` (last axis: the classes `classes`) of an elementwise tail."""
+        assert self.table is not None
         columns = np.arange(self.classes)[classes]
-        return self.table[y - np.iinfo(self.out_dtype).min, np.broadcast_to(columns, y.shape)]
+        return self.table[y - self.levels[0], np.broadcast_to(columns, y.shape)]
 
     def accumulate(self, x: np.ndarray) -> np.ndarray:
         """The int32 accumulators (as int64 values) of inputs `x` (N × F stored integers)."""
@@ -160,35 +175,84 @@ def _wins(top_value: np.ndarray, value: np.ndarray, before_top: np.ndarray) -> n
     return (value > top_value) | ((value == top_value) & before_top)
 
 
-class _Scorer:
-    """Decides single-class faults: class c's score becomes `value`, every other class keeps its own."""
+class _Judge:
+    """Decides faults from the stored outputs they make: `sdc` for a fault that changes one class's output,
+    `winners` for whole rows of outputs. `monotone`: a class's chance to stay (or to stay behind) only grows
+    (or shrinks) with its output, which the weight site's intervals need."""
 
-    def __init__(self, scores: np.ndarray, top1: np.ndarray) -> None:
+    top1: np.ndarray
+    monotone: bool
+
+    def sdc(self, rows: np.ndarray, classes: np.ndarray, values: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def winners(self, y: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
+class _TableJudge(_Judge):
+    """An elementwise tail: every other class keeps its score, so a fault is two comparisons."""
+
+    def __init__(self, head: IntegerHead, scores: np.ndarray, top1: np.ndarray) -> None:
         n, classes = scores.shape
-        self.top1, self.top = top1, scores[np.arange(n), top1]
+        self.head, self.top1, self.top = head, top1, scores[np.arange(n), top1]
         masked = np.where(np.arange(classes)[None, :] < top1[:, None], scores, -np.inf)
         self.before = masked.max(axis=1)  # the best rival before the top-1 class (or −inf)
         masked = np.where(np.arange(classes)[None, :] > top1[:, None], scores, -np.inf)
         self.after = masked.max(axis=1)
+        assert head.table is not None
+        self.monotone = bool(np.all(np.diff(head.table, axis=0) >= 0))
 
-    def sdc(self, rows: np.ndarray, classes: np.ndarray, value: np.ndarray) -> np.ndarray:
-        """SDC of each fault (image rows[i], class classes[i], new score value[i])."""
+    def sdc(self, rows: np.ndarray, classes: np.ndarray, values: np.ndarray) -> np.ndarray:
+        assert self.head.table is not None
+        value = self.head.table[values - self.head.levels[0], classes]
         t = self.top1[rows]
-        own = classes == t
-        kept = np.where(own, _stays(self.before[rows], self.after[rows], value),
+        kept = np.where(classes == t, _stays(self.before[rows], self.after[rows], value),
                         ~_wins(self.top[rows], value, classes < t))
         return ~kept
+
+    def winners(self, y: np.ndarray) -> np.ndarray:
+        return np.argmax(self.head.scores(y), axis=-1)
+
+
+class _RowJudge(_Judge):
+    """A tail that mixes the classes (a softmax): the top-1 of every row a single-class fault can make
+    (image × class × stored value), from ONNX Runtime once; whole rows run through it as they come."""
+
+    def __init__(self, head: IntegerHead, y: np.ndarray, top1: np.ndarray) -> None:
+        n, classes = y.shape
+        levels = head.levels
+        self.head, self.top1 = head, top1
+        self.outcome = np.empty((n, classes, len(levels)), np.int32)
+        pairs = n * classes
+        per = max(1, CHUNK // (len(levels) * classes))
+        for p0 in range(0, pairs, per):
+            ps = np.arange(p0, min(pairs, p0 + per))
+            ns, cs = ps // classes, ps % classes
+            rows = np.repeat(y[ns][:, None, :], len(levels), axis=1)  # pairs × levels × C
+            rows[np.arange(len(ps))[:, None], np.arange(len(levels))[None, :], cs[:, None]] = levels[None, :]
+            self.outcome[ns, cs] = np.argmax(head.run_tail(rows), axis=-1)
+        keep = (self.outcome == top1[:, None, None]).astype(np.int8)
+        step = np.diff(keep, axis=-1)
+        own = np.arange(classes)[None, :, None] == top1[:, None, None]
+        self.monotone = bool(np.all(np.where(own, step >= 0, step <= 0)))
+
+    def sdc(self, rows: np.ndarray, classes: np.ndarray, values: np.ndarray) -> np.ndarray:
+        return self.outcome[rows, classes, values - self.head.levels[0]] != self.top1[rows]
+
+    def winners(self, y: np.ndarray) -> np.ndarray:
+        return np.argmax(self.head.run_tail(y), axis=-1)
 
 
 class Golden(NamedTuple):
     """The fault-free state the faults are judged against: the layer's stored input, its accumulators, the
-    images' top-1 classes, and the scorer of single-class changes."""
+    images' top-1 classes, and the judge of faults."""
 
     x: np.ndarray
     acc: np.ndarray
     y: np.ndarray
     top1: np.ndarray
-    scorer: _Scorer
+    judge: _Judge
 
 
 def golden_state(head: IntegerHead, inputs: np.ndarray, batch: int = 64,
@@ -205,12 +269,12 @@ def golden_state(head: IntegerHead, inputs: np.ndarray, batch: int = 64,
         raise HardenError(f"exact analysis: numpy's requantisation of {head.op} {head.node!r} differs from ONNX "
                           f"Runtime's in {int((y != y_ort).sum())} of {y.size} values; nothing can be judged "
                           "exactly (the sampled campaign covers this model)")
-    mine = head.scores(y)
+    mine = head.run_tail(y) if head.mixes else head.scores(y)
     if not np.array_equal(mine.view(np.uint32), scores.reshape(n, -1).astype(np.float32).view(np.uint32)):
-        raise HardenError(f"exact analysis: the scores after {head.op} {head.node!r} are not a function of each "
-                          "class's own output (something after it mixes the classes)")
+        raise HardenError(f"exact analysis: the nodes after {head.op} {head.node!r}, run on its outputs alone, "
+                          "do not give the model's scores")
     top1 = np.argmax(mine, axis=1)
-    return Golden(x, acc, y, top1, _Scorer(mine, top1))
+    return Golden(x, acc, y, top1, _RowJudge(head, y, top1) if head.mixes else _TableJudge(head, mine, top1))
 
 
 def analyse_integer_head(model: onnx.ModelProto, inputs: np.ndarray, batch: int = 64,
@@ -220,8 +284,8 @@ def analyse_integer_head(model: onnx.ModelProto, inputs: np.ndarray, batch: int 
     started = time.perf_counter()
     head = IntegerHead(model)
     g = golden_state(head, inputs, batch, providers, threads)
-    sites = [_weight(head, g.x, g.acc, g.scorer), *([_bias(head, g.acc, g.scorer)] if head.bias_name else []),
-             _input(head, g.x, g.acc, g.top1), _output(head, g.y, g.scorer)]
+    sites = [_weight(head, g.x, g.acc, g.judge), *([_bias(head, g.acc, g.judge)] if head.bias_name else []),
+             _input(head, g.x, g.acc, g.judge), _output(head, g.y, g.judge)]
     kind = f"integer linear ({' + '.join([head.op, *(n.op_type for n in head.tail[:-1])])})"
     return ExactResult(head=kind, policy="none", fmt="stored integers", images=len(inputs), sites=sites,
                        seconds=time.perf_counter() - started)
@@ -240,10 +304,10 @@ def _flip_all(values: np.ndarray, bit: int) -> np.ndarray:
     return flip(flat, np.full(flat.size, bit), flat.dtype.name).astype(np.int64).reshape(values.shape)
 
 
-def _weight(head: IntegerHead, x: np.ndarray, acc: np.ndarray, scorer: _Scorer, bisect: bool = True) -> ExactSiteResult:
+def _weight(head: IntegerHead, x: np.ndarray, acc: np.ndarray, judge: _Judge, bisect: bool = True) -> ExactSiteResult:
     """W[c, f] flipped: class c's accumulator moves by (x[n, f] − zx)·Δw on every image.
 
-    Where no such move can wrap the int32 accumulator and the scores rise with the stored output, each
+    Where no such move can wrap the int32 accumulator and the judge is monotone, each
     image and class has an interval of moves that keep its top-1 (`_keep_interval`), and a fault costs a
     multiplication and two comparisons; otherwise every faulty accumulator is requantised.
     """
@@ -254,8 +318,8 @@ def _weight(head: IntegerHead, x: np.ndarray, acc: np.ndarray, scorer: _Scorer, 
     stored = head.stored_weight.T if head.transposed else head.stored_weight  # F × C
     reach = int(np.abs(xz).max(initial=0)) * 2 ** (8 * stored.dtype.itemsize - 1)
     interval = None
-    if bisect and int(np.abs(acc).max(initial=0)) + reach < 2**31 and bool(np.all(np.diff(head.table, axis=0) >= 0)):
-        interval = _keep_interval(head, acc, scorer)
+    if bisect and int(np.abs(acc).max(initial=0)) + reach < 2**31 and judge.monotone:
+        interval = _keep_interval(head, acc, judge)
         # every move fits in int32 here, which halves the memory each comparison streams through
         interval = tuple(np.clip(v, -(2**31), 2**31 - 1).astype(np.int32) for v in interval)
         xz = xz.astype(np.int32)
@@ -268,33 +332,31 @@ def _weight(head: IntegerHead, x: np.ndarray, acc: np.ndarray, scorer: _Scorer, 
             if interval is not None:
                 sdc = (move < interval[0][:, None, cs]) | (move > interval[1][:, None, cs])
             else:
-                value = head.scores(head.requantise(wrap32(acc[:, None, cs] + move), cs), cs)
+                value = head.requantise(wrap32(acc[:, None, cs] + move), cs)
                 rows = np.broadcast_to(np.arange(n)[:, None, None], value.shape).reshape(-1)
-                sdc = scorer.sdc(rows, np.broadcast_to(cs, value.shape).reshape(-1),
-                                 value.reshape(-1)).reshape(value.shape)
-            hit = np.flatnonzero((scorer.top1 >= cs[0]) & (scorer.top1 <= cs[-1]))  # images whose top-1 is here
+                sdc = judge.sdc(rows, np.broadcast_to(cs, value.shape).reshape(-1),
+                                value.reshape(-1)).reshape(value.shape)
+            hit = np.flatnonzero((judge.top1 >= cs[0]) & (judge.top1 <= cs[-1]))  # images whose top-1 is here
             site.faults[bit] += int(sdc.size)
             site.sdc[bit] += int(np.count_nonzero(sdc))
             site.hit_faults[bit] += len(hit) * features  # type: ignore[index]
-            site.hit_sdc[bit] += int(np.count_nonzero(sdc[hit, :, scorer.top1[hit] - cs[0]]))  # type: ignore[index]
+            site.hit_sdc[bit] += int(np.count_nonzero(sdc[hit, :, judge.top1[hit] - cs[0]]))  # type: ignore[index]
     return site
 
 
-def _keep_interval(head: IntegerHead, acc: np.ndarray, scorer: _Scorer) -> tuple[np.ndarray, np.ndarray]:
+def _keep_interval(head: IntegerHead, acc: np.ndarray, judge: _Judge) -> tuple[np.ndarray, np.ndarray]:
     """For each image and class, the moves [lo, hi] of that class's accumulator that keep the image's top-1.
 
-    A class's score rises with its accumulator (requantisation and the table are non-decreasing), so the
-    top-1 class keeps first place above some accumulator and another class stays behind below one; both
-    are found by bisection over the int32 range, with the exact requantisation at every step.
+    The requantisation is non-decreasing and the judge monotone, so the top-1 class keeps first place above
+    some accumulator and another class stays behind below one; both are found by bisection over the int32
+    range, with the exact requantisation at every step.
     """
     n, classes = acc.shape
-    own = np.arange(classes)[None, :] == scorer.top1[:, None]
-    before_top = np.arange(classes)[None, :] < scorer.top1[:, None]
+    own = np.arange(classes)[None, :] == judge.top1[:, None]
+    rows, columns = np.indices(acc.shape).reshape(2, -1)
 
     def keeps(a: np.ndarray) -> np.ndarray:
-        value = head.scores(head.requantise(a))
-        stays = _stays(scorer.before[:, None], scorer.after[:, None], value)
-        return np.where(own, stays, ~_wins(scorer.top[:, None], value, before_top))
+        return ~judge.sdc(rows, columns, head.requantise(a).reshape(-1)).reshape(acc.shape)
 
     # the top-1 class: the smallest accumulator that keeps it (the golden one does)
     low, high = np.full_like(acc, -(2**31)), acc.copy()
@@ -314,17 +376,16 @@ def _keep_interval(head: IntegerHead, acc: np.ndarray, scorer: _Scorer) -> tuple
     return np.where(own, first - acc, -big), np.where(own, big, last - acc)
 
 
-def _bias(head: IntegerHead, acc: np.ndarray, scorer: _Scorer) -> ExactSiteResult:
+def _bias(head: IntegerHead, acc: np.ndarray, judge: _Judge) -> ExactSiteResult:
     """b[c] flipped: class c's accumulator moves by Δb (wrapping at 32 bits, as the kernel's addition does)."""
     n = len(acc)
     site = _site(head, head.bias_name, "bias", head.bias, n)
     classes = np.broadcast_to(np.arange(head.classes)[None, :], acc.shape).reshape(-1)
     rows = np.broadcast_to(np.arange(n)[:, None], acc.shape).reshape(-1)
-    hit = classes == scorer.top1[rows]
+    hit = classes == judge.top1[rows]
     for bit in range(len(site.faults)):
         db = _flip_all(head.bias, bit) - head.bias.astype(np.int64)
-        value = head.scores(head.requantise(wrap32(acc + db[None, :])))
-        sdc = scorer.sdc(rows, classes, value.reshape(-1))
+        sdc = judge.sdc(rows, classes, head.requantise(wrap32(acc + db[None, :])).reshape(-1))
         site.faults[bit] += int(sdc.size)
         site.sdc[bit] += int(sdc.sum())
         site.hit_faults[bit] += int(hit.sum())  # type: ignore[index]
@@ -332,7 +393,7 @@ def _bias(head: IntegerHead, acc: np.ndarray, scorer: _Scorer) -> ExactSiteResul
     return site
 
 
-def _input(head: IntegerHead, x: np.ndarray, acc: np.ndarray, top1: np.ndarray) -> ExactSiteResult:
+def _input(head: IntegerHead, x: np.ndarray, acc: np.ndarray, judge: _Judge) -> ExactSiteResult:
     """x[n, f] flipped: every class's accumulator moves by Δx·(W[c, f] − zw), so all scores are recomputed."""
     n, features = x.shape
     site = _site(head, head.input, "input", x[0], n)
@@ -343,23 +404,22 @@ def _input(head: IntegerHead, x: np.ndarray, acc: np.ndarray, top1: np.ndarray) 
         for f0 in range(0, features, step):
             fs = slice(f0, min(features, f0 + step))
             faulty = wrap32(acc[:, None, :] + dx[:, fs, None] * head.wz[None, fs, :])  # N × f × C
-            winner = np.argmax(head.scores(head.requantise(faulty)), axis=2)
-            sdc = winner != top1[:, None]
+            sdc = judge.winners(head.requantise(faulty)) != judge.top1[:, None]
             site.faults[bit] += int(sdc.size)
             site.sdc[bit] += int(sdc.sum())
     return site
 
 
-def _output(head: IntegerHead, y: np.ndarray, scorer: _Scorer) -> ExactSiteResult:
+def _output(head: IntegerHead, y: np.ndarray, judge: _Judge) -> ExactSiteResult:
     """y[n, c] flipped: that one stored score changes."""
     n = len(y)
     stored = y.astype(head.out_dtype)
     site = _site(head, head.output, "output", stored[0], n)
     classes = np.broadcast_to(np.arange(head.classes)[None, :], y.shape).reshape(-1)
     rows = np.broadcast_to(np.arange(n)[:, None], y.shape).reshape(-1)
-    hit = classes == scorer.top1[rows]
+    hit = classes == judge.top1[rows]
     for bit in range(len(site.faults)):
-        sdc = scorer.sdc(rows, classes, head.scores(_flip_all(stored, bit)).reshape(-1))
+        sdc = judge.sdc(rows, classes, _flip_all(stored, bit).reshape(-1))
         site.faults[bit] += int(sdc.size)
         site.sdc[bit] += int(sdc.sum())
         site.hit_faults[bit] += int(hit.sum())  # type: ignore[index]

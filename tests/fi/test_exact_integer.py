@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import helper, numpy_helper
-from onnxruntime.quantization import QuantType
+from onnxruntime.quantization import QuantFormat, QuantType
 
 from harden.errors import HardenError
 from harden.fi.bitflip import flip
@@ -17,6 +17,7 @@ from harden.fi.exact_integer import IntegerHead
 from harden.fi.exact_onnx import analyse_model
 from harden.graph.ort import expose, make_session
 from tests.fi.test_qoperator import qoperator
+from tests.fi.test_quantised import quantised
 from tests.fi.tiny_models import labelled_inputs, matmul_mlp, scaled_mlp, stem_cnn
 
 
@@ -113,10 +114,27 @@ def test_a_scaled_qlinearmatmul_head_as_the_text_head_ends_matches_onnx_runtime(
     assert [s.role for s in result.sites] == ["weight", "input", "output"] and result.total_sdc > 0
 
 
+@pytest.mark.parametrize("integer_softmax", [True, False], ids=["QLinearSoftmax", "float-Softmax"])
+def test_a_head_ending_in_a_softmax_matches_onnx_runtime(tmp_path: Path, integer_softmax: bool) -> None:
+    """A softmax mixes the classes: each row a single-class fault can make is run through ONNX Runtime's own
+    tail, and input faults' rows as they come. Quantised into uint8 probabilities, many scores tie."""
+    model = stem_cnn(seed=3, classes=5, softmax=True)
+    x, _ = labelled_inputs(model, 24)
+    if integer_softmax:
+        quantised_model = qoperator(model, tmp_path, QuantType.QUInt8)
+    else:  # the softmax left in float, after the DequantizeLinear
+        quantised_model = quantised(model, tmp_path, activations=QuantType.QUInt8, fmt=QuantFormat.QOperator,
+                                    op_types=["Conv", "Gemm", "MaxPool", "GlobalAveragePool"])
+    head = IntegerHead(quantised_model)
+    assert head.mixes and ("QLinearSoftmax" if integer_softmax else "Softmax") in {n.op_type for n in head.tail}
+    result = analyse_model(quantised_model, x)
+    want = _brute(quantised_model, x)
+    assert want.pop("weight hitting the top-1 class") == result.sites[0].hit_sdc
+    assert {s.role: s.sdc for s in result.sites} == want and result.total_sdc > 0
+
+
 def test_what_the_integer_analysis_does_not_cover_is_refused_with_its_reason(tmp_path: Path) -> None:
     """A weight quantised at run time (a Constant node), a range policy, and a QDQ graph."""
-    from tests.fi.test_quantised import quantised
-
     x, _ = labelled_inputs(matmul_mlp(), 8)
     with pytest.raises(HardenError, match="needs a constant weight"):
         analyse_model(qoperator(matmul_mlp(), tmp_path), x)
@@ -135,15 +153,15 @@ def test_the_bisected_weight_intervals_give_the_requantised_counts(tmp_path: Pat
     model = qoperator(stem_cnn(seed=4, classes=24), tmp_path)
     head = IntegerHead(model)
     g = golden_state(head, labelled_inputs(stem_cnn(seed=4, classes=24), 32)[0])
-    fast = _weight(head, g.x, g.acc, g.scorer)
-    assert fast.total_sdc > 0 and fast == _weight(head, g.x, g.acc, g.scorer, bisect=False)
+    fast = _weight(head, g.x, g.acc, g.judge)
+    assert fast.total_sdc > 0 and fast == _weight(head, g.x, g.acc, g.judge, bisect=False)
     # the intervals are tight: their ends keep the top-1, one step past them does not
-    lo, hi = _keep_interval(head, g.acc, g.scorer)
+    lo, hi = _keep_interval(head, g.acc, g.judge)
     rows, classes = np.indices(g.acc.shape).reshape(2, -1)
     own = (classes == g.top1[rows]).reshape(g.acc.shape)
 
     def sdc(acc: np.ndarray) -> np.ndarray:
-        return g.scorer.sdc(rows, classes, head.scores(head.requantise(acc)).reshape(-1)).reshape(acc.shape)
+        return g.judge.sdc(rows, classes, head.requantise(acc).reshape(-1)).reshape(acc.shape)
 
     end = np.where(own, g.acc + lo, g.acc + hi)
     past = np.where(own, end - 1, end + 1)

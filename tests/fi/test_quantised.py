@@ -24,9 +24,10 @@ from tests.fi.tiny_models import labelled_inputs, matmul_mlp, residual_cnn, wind
 
 
 def quantised(model: onnx.ModelProto, tmp_path: Path, per_channel: bool = False,
-              activations: QuantType = QuantType.QInt8, fmt: QuantFormat = QuantFormat.QDQ) -> onnx.ModelProto:
+              activations: QuantType = QuantType.QInt8, fmt: QuantFormat = QuantFormat.QDQ,
+              op_types: list[str] | None = None) -> onnx.ModelProto:
     """The model quantised the way users do it: static, QDQ format (or `fmt`), int8 weights (int32 biases),
-    calibrated on its own random inputs."""
+    calibrated on its own random inputs; `op_types` limits the ops quantised."""
     x, _ = labelled_inputs(model, 16)
 
     class Reader(CalibrationDataReader):
@@ -39,7 +40,7 @@ def quantised(model: onnx.ModelProto, tmp_path: Path, per_channel: bool = False,
     source, out = tmp_path / "float.onnx", tmp_path / f"q{int(per_channel)}{activations.name}{fmt.name}.onnx"
     onnx.save(model, source)
     quantize_static(str(source), str(out), Reader(), quant_format=fmt, per_channel=per_channel,
-                    activation_type=activations, weight_type=QuantType.QInt8)
+                    op_types_to_quantize=op_types, activation_type=activations, weight_type=QuantType.QInt8)
     return onnx.load(out)
 
 

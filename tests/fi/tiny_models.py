@@ -247,9 +247,10 @@ def reshaped_weight_mlp(seed: int = 0, classes: int = 3) -> onnx.ModelProto:
     return classifier(nodes, inits, "reshaped_weight", (2, 3, 3), classes)
 
 
-def stem_cnn(seed: int = 0, classes: int = 4) -> onnx.ModelProto:
+def stem_cnn(seed: int = 0, classes: int = 4, softmax: bool = False) -> onnx.ModelProto:
     """A ResNet stem and one block: conv → relu → 3×3 max pool (stride 2, pad 1) → conv → relu → global pool →
-    gemm; input 1×3×12×12. Quantised in QOperator format, its max pool reads integers with padding."""
+    gemm (→ softmax, as caffe2-era zoo graphs end); input 1×3×12×12. Quantised in QOperator format, its max
+    pool reads integers with padding."""
     rng = np.random.default_rng(seed)
     nodes = [
         helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
@@ -260,7 +261,8 @@ def stem_cnn(seed: int = 0, classes: int = 4) -> onnx.ModelProto:
         helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
         helper.make_node("GlobalAveragePool", ["r2"], ["gap"], name="gap"),
         helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"),
-        helper.make_node("Gemm", ["flat", "wf", "bf"], ["logits"], name="fc", transB=1),
+        helper.make_node("Gemm", ["flat", "wf", "bf"], ["fc_out" if softmax else "logits"], name="fc", transB=1),
+        *([helper.make_node("Softmax", ["fc_out"], ["logits"], name="softmax")] if softmax else []),
     ]
     inits = [_init("w1", rng, 6, 3, 3, 3), _init("b1", rng, 6, scale=0.1), _init("w2", rng, 6, 6, 3, 3),
              _init("b2", rng, 6, scale=0.1), _init("wf", rng, classes, 6, scale=1.0), _init("bf", rng, classes, scale=0.1)]
