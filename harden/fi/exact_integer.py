@@ -286,7 +286,8 @@ def analyse_integer_head(model: onnx.ModelProto, inputs: np.ndarray, batch: int 
     g = golden_state(head, inputs, batch, providers, threads)
     sites = [_weight(head, g.x, g.acc, g.judge), *([_bias(head, g.acc, g.judge)] if head.bias_name else []),
              _input(head, g.x, g.acc, g.judge), _output(head, g.y, g.judge)]
-    kind = f"integer linear ({' + '.join([head.op, *(n.op_type for n in head.tail[:-1])])})"
+    ops = [head.op, *(n.op_type for n in head.tail if n.op_type != "DequantizeLinear")]
+    kind = f"integer linear ({' + '.join(ops)})"
     return ExactResult(head=kind, policy="none", fmt="stored integers", images=len(inputs), sites=sites,
                        seconds=time.perf_counter() - started)
 

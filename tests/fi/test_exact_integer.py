@@ -128,6 +128,7 @@ def test_a_head_ending_in_a_softmax_matches_onnx_runtime(tmp_path: Path, integer
     head = IntegerHead(quantised_model)
     assert head.mixes and ("QLinearSoftmax" if integer_softmax else "Softmax") in {n.op_type for n in head.tail}
     result = analyse_model(quantised_model, x)
+    assert result.head == f"integer linear (QGemm + {'QLinearSoftmax' if integer_softmax else 'Softmax'})"
     want = _brute(quantised_model, x)
     assert want.pop("weight hitting the top-1 class") == result.sites[0].hit_sdc
     assert {s.role: s.sdc for s in result.sites} == want and result.total_sdc > 0
