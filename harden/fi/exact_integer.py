@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import onnx
@@ -175,22 +175,21 @@ def _wins(top_value: np.ndarray, value: np.ndarray, before_top: np.ndarray) -> n
     return (value > top_value) | ((value == top_value) & before_top)
 
 
-class _Judge:
-    """Decides faults from the stored outputs they make: `sdc` for a fault that changes one class's output,
-    `winners` for whole rows of outputs. `monotone`: a class's chance to stay (or to stay behind) only grows
-    (or shrinks) with its output, which the weight site's intervals need."""
+class _Judge(Protocol):
+    """Decides faults from the stored outputs they make. `monotone`: a class's chance to stay first (or to
+    stay behind) only grows (or shrinks) with its output, which the weight site's intervals need."""
 
     top1: np.ndarray
     monotone: bool
 
     def sdc(self, rows: np.ndarray, classes: np.ndarray, values: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+        """SDC of each fault that sets class classes[i]'s output of image rows[i] to values[i]."""
 
     def winners(self, y: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+        """The top-1 class of each row of stored outputs (last axis: the classes)."""
 
 
-class _TableJudge(_Judge):
+class _TableJudge:
     """An elementwise tail: every other class keeps its score, so a fault is two comparisons."""
 
     def __init__(self, head: IntegerHead, scores: np.ndarray, top1: np.ndarray) -> None:
@@ -215,7 +214,7 @@ class _TableJudge(_Judge):
         return np.argmax(self.head.scores(y), axis=-1)
 
 
-class _RowJudge(_Judge):
+class _RowJudge:
     """A tail that mixes the classes (a softmax): the top-1 of every row a single-class fault can make
     (image × class × stored value), from ONNX Runtime once; whole rows run through it as they come."""
 
