@@ -124,7 +124,8 @@ def _weight_site(info: GraphInfo, node: onnx.NodeProto, name: str, index: int, v
     dq = info.dequantized.get(name)
     stored = dq.stored if dq is not None else name
     value = info.constants[stored]
-    integer = node.op_type in QOPERATOR_LAYERS or via and info.nodes[info.node_index[via]].op_type == QOPERATOR_BIAS_ADD[0]
+    via_op = info.nodes[info.node_index[via]].op_type if via else ""
+    integer = node.op_type in QOPERATOR_LAYERS or via_op == QOPERATOR_BIAS_ADD[0]  # read as stored
     # a decoded one is an integer (find_dequantized)
     if dq is None and value.dtype not in (*SITE_DTYPES, *(INTEGER_DTYPES if integer else ())):
         return None
