@@ -49,6 +49,9 @@ ROWWISE = frozenset({"QLinearSoftmax", "Softmax", "LogSoftmax"})
 LAYERS = {"QGemm": (0, 3, 6), "QLinearMatMul": (0, 3, None)}
 # integers worked on at once per chunk (int64): a few tens of MB
 CHUNK = 1 << 22
+# scores a softmax tail may run through ONNX Runtime for the single-class table (images × classes × 2^8 rows
+# of C): about 100 s on one core
+ROW_BUDGET = 2 * 10**10
 
 
 class IntegerHead:
@@ -221,8 +224,13 @@ class _RowJudge:
     def __init__(self, head: IntegerHead, y: np.ndarray, top1: np.ndarray) -> None:
         n, classes = y.shape
         levels = head.levels
+        if n * classes * len(levels) * classes > ROW_BUDGET:
+            most = max(1, ROW_BUDGET // (classes * len(levels) * classes))
+            raise HardenError(f"exact analysis: the softmax after the {classes}-class integer classifier needs "
+                              f"{n * classes * len(levels):,} rows run through ONNX Runtime for {n} images; it "
+                              f"allows {most} images (certify with a smaller --limit)")
         self.head, self.top1 = head, top1
-        self.outcome = np.empty((n, classes, len(levels)), np.int32)
+        self.outcome = np.empty((n, classes, len(levels)), np.int16 if classes < 2**15 else np.int32)
         pairs = n * classes
         per = max(1, CHUNK // (len(levels) * classes))
         for p0 in range(0, pairs, per):

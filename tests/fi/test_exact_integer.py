@@ -134,8 +134,15 @@ def test_a_head_ending_in_a_softmax_matches_onnx_runtime(tmp_path: Path, integer
     assert {s.role: s.sdc for s in result.sites} == want and result.total_sdc > 0
 
 
-def test_what_the_integer_analysis_does_not_cover_is_refused_with_its_reason(tmp_path: Path) -> None:
-    """A weight quantised at run time (a Constant node), a range policy, and a QDQ graph."""
+def test_what_the_integer_analysis_does_not_cover_is_refused_with_its_reason(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A weight quantised at run time (a Constant node), a range policy, a QDQ graph, and a softmax tail
+    whose table would take too long."""
+    from harden.fi import exact_integer
+
+    monkeypatch.setattr(exact_integer, "ROW_BUDGET", 10 * 5 * 256 * 5)  # 10 images of 5 classes
+    softmax = stem_cnn(seed=3, classes=5, softmax=True)
+    with pytest.raises(HardenError, match="needs 15,360 rows run through ONNX Runtime for 12 images; it allows 10 images"):
+        analyse_model(qoperator(softmax, tmp_path), labelled_inputs(softmax, 12)[0])
     x, _ = labelled_inputs(matmul_mlp(), 8)
     with pytest.raises(HardenError, match="needs a constant weight"):
         analyse_model(qoperator(matmul_mlp(), tmp_path), x)
