@@ -25,7 +25,8 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
 
 from harden.fi.bitflip import flip
-from harden.fi.exact_integer import IntegerHead, golden_state
+from harden.fi.integer_head import IntegerHead
+from harden.fi.integer_judges import golden_state
 from harden.fi.exact_onnx import analyse_model
 from harden.graph.ort import make_session
 

@@ -13,7 +13,7 @@ from onnxruntime.quantization import QuantFormat, QuantType
 
 from harden.errors import HardenError
 from harden.fi.bitflip import flip
-from harden.fi.exact_integer import IntegerHead
+from harden.fi.integer_head import IntegerHead
 from harden.fi.exact_onnx import analyse_model
 from harden.graph.ort import expose, make_session
 from tests.fi.test_qoperator import qoperator
@@ -137,9 +137,9 @@ def test_a_head_ending_in_a_softmax_matches_onnx_runtime(tmp_path: Path, integer
 def test_what_the_integer_analysis_does_not_cover_is_refused_with_its_reason(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """A weight quantised at run time (a Constant node), a range policy, a QDQ graph, and a softmax tail
     whose table would take too long."""
-    from harden.fi import exact_integer
+    from harden.fi import integer_judges
 
-    monkeypatch.setattr(exact_integer, "ROW_BUDGET", 10 * 5 * 256 * 5)  # 10 images of 5 classes
+    monkeypatch.setattr(integer_judges, "ROW_BUDGET", 10 * 5 * 256 * 5)  # 10 images of 5 classes
     softmax = stem_cnn(seed=3, classes=5, softmax=True)
     with pytest.raises(HardenError, match="needs 15,360 rows run through ONNX Runtime for 12 images; it allows 10 images"):
         analyse_model(qoperator(softmax, tmp_path), labelled_inputs(softmax, 12)[0])
@@ -156,7 +156,8 @@ def test_what_the_integer_analysis_does_not_cover_is_refused_with_its_reason(tmp
 def test_the_bisected_weight_intervals_give_the_requantised_counts(tmp_path: Path) -> None:
     """The fast weight path (an interval of harmless accumulator moves per image and class, bisected) against
     requantising every faulty accumulator, on a head with 24 classes."""
-    from harden.fi.exact_integer import _keep_interval, _weight, golden_state
+    from harden.fi.exact_integer import _keep_interval, _weight
+    from harden.fi.integer_judges import golden_state
 
     model = qoperator(stem_cnn(seed=4, classes=24), tmp_path)
     head = IntegerHead(model)
