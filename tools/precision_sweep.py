@@ -16,7 +16,8 @@ intervals), the non-finite rate, the campaign's time, ONNX Runtime's latency
 for the whole graph (`harden.report.cost.latency_ms`: level 'all', one thread,
 median of 10 runs of one image), the exact final-layer SDC fraction over the
 campaign's kept images (`harden.fi.exact_onnx.analyse_model`: float32 graphs,
-and a QOperator graph's integer classifier; the others have none), and how closely the
+a QOperator graph's integer classifier, and the integer kernel ONNX Runtime
+fuses a QDQ graph's classifier into; float16 graphs have none), and how closely the
 injector's node-by-node run matches ONNX Runtime's whole graph as deployed
 (`node_fidelity`). Under --clamp range the int8 graphs are skipped: the clamp
 applies to float values.

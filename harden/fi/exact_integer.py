@@ -43,13 +43,20 @@ def analyse_integer_head(model: onnx.ModelProto, inputs: np.ndarray, batch: int 
                          providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0) -> ExactResult:
     """Exact SDC counts of every single-bit fault in an integer classifier's weight, bias, input and output,
     over the model-ready `inputs`, each flipped in the integer type it is stored in."""
+    return analyse_head(IntegerHead(model), inputs, batch, providers, threads)
+
+
+def analyse_head(head: IntegerHead, inputs: np.ndarray, batch: int = 64,
+                 providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0,
+                 origin: str = "") -> ExactResult:
+    """`analyse_integer_head` of a classifier already found (harden.fi.qdq_deployed finds it in the graph
+    ONNX Runtime fused); `origin` says where its kernel comes from, in the reported kind of head."""
     started = time.perf_counter()
-    head = IntegerHead(model)
     g = golden_state(head, inputs, batch, providers, threads)
     sites = [_weight(head, g.x, g.acc, g.judge), *([_bias(head, g.acc, g.judge)] if head.bias_name else []),
              _input(head, g.x, g.acc, g.judge), _output(head, g.y, g.judge)]
     ops = [head.op, *(n.op_type for n in head.tail if n.op_type != "DequantizeLinear")]
-    kind = f"integer linear ({' + '.join(ops)})"
+    kind = f"integer linear ({' + '.join(ops)}{', ' + origin if origin else ''})"
     return ExactResult(head=kind, policy="none", fmt="stored integers", images=len(inputs), sites=sites,
                        seconds=time.perf_counter() - started)
 

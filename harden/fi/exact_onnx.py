@@ -24,6 +24,7 @@ from harden.fi.graphinfo import bypass_constant_views, named_copy
 from harden.fi.outcome import nonfinite_rows, top1_class
 from harden.fi.profile import profile_ranges
 from harden.fi.exact_integer import analyse_integer_head
+from harden.fi.qdq_deployed import analyse_qdq_head, fused_classifier, is_qdq
 from harden.fi.quantised import QOPERATOR_LAYERS, QOPERATOR_OPS
 from harden.graph.model_input import input_dtype
 from harden.graph.ort import expose
@@ -60,6 +61,10 @@ class _Graph:
 
     def const(self, tensor: str, what: str) -> np.ndarray:
         if tensor not in self.constants:
+            if getattr(self.producer.get(tensor), "op_type", "") == "DequantizeLinear":
+                raise HardenError(f"exact analysis: the {what} {tensor!r} is dequantised from stored integers, and "
+                                  "ONNX Runtime does not fuse this layer into an integer kernel; the sampled "
+                                  "campaign covers it")
             raise HardenError(f"exact analysis: the {what} {tensor!r} is not a constant of the model")
         value = self.constants[tensor]
         if value.dtype != np.float32:
@@ -299,13 +304,20 @@ def analyse_model(model: onnx.ModelProto, inputs: np.ndarray, policy: str = "non
     on `profile_inputs` (default `inputs`) as the engine would. `roles` limits
     the sites (weight, bias, input, output, proj_weight, proj_bias, proj_output, cosine). `threads` (0: every
     CPU) changes speed only. `progress` shows a bar of faults decided on stderr. A QOperator graph's QGemm
-    classifier is analysed in its stored integers (harden.fi.exact_integer), whatever `fmt`.
+    classifier is analysed in its stored integers (harden.fi.exact_integer), whatever `fmt`; so is a QDQ
+    graph's, in the integer kernel ONNX Runtime fuses it into (harden.fi.qdq_deployed).
     """
     if any(n.op_type in QOPERATOR_LAYERS for n in model.graph.node):
         if policy != "none":
             raise HardenError(f"exact analysis: policy {policy!r} clamps float values, and this model's "
                               "classifier computes on integers")
         return analyse_integer_head(model, inputs, batch, providers, threads)
+    fused = fused_classifier(model, providers) if is_qdq(model) else None
+    if fused is not None:
+        if policy != "none":
+            raise HardenError(f"exact analysis: policy {policy!r} clamps float values, and ONNX Runtime runs this "
+                              "QDQ graph's classifier on integers")
+        return analyse_qdq_head(model, fused, inputs, batch, providers, threads)
     head, sites, top1, ties = model_sites(model, inputs, policy, fmt, ranges, profile_inputs, roles, batch,
                                           providers, threads)
     result = analyse_sites(sites, top1, fmt, head.kind + (f" + {head.softmax.lower()}" if head.softmax else ""),
@@ -340,11 +352,18 @@ def model_sites(model: onnx.ModelProto, inputs: np.ndarray, policy: str = "none"
                                                for i in model.graph.initializer):
         raise HardenError("exact analysis: the model computes in float16, and the exact analysis covers float32 "
                           "classifiers only (the sampled campaign covers this one)")
-    if any(n.op_type in ("QuantizeLinear", "DequantizeLinear", *QOPERATOR_OPS) for n in model.graph.node):
-        raise HardenError("exact analysis: the model is quantised in QDQ format, and the exact analysis covers "
-                          "float32 classifiers and QOperator integer ones (QGemm) only (the sampled campaign "
-                          "covers this one)")
-    head = locate_head(model)
+    integer_ops = sorted({n.op_type for n in model.graph.node if n.op_type in QOPERATOR_OPS})
+    if integer_ops:
+        raise HardenError(f"exact analysis: the model computes with {', '.join(integer_ops)}, and the exact "
+                          "analysis covers float32 classifiers and integer ones (QGemm, QLinearMatMul) only (the "
+                          "sampled campaign covers this one)")
+    try:
+        head = locate_head(model)
+    except HardenError as err:
+        if not is_qdq(model):
+            raise
+        raise HardenError(f"{err} (ONNX Runtime does not fuse this QDQ graph's classifier into an integer "
+                          "kernel either; the sampled campaign covers it)") from err
     g = _Graph(model)
     tensors = head_tensors(head)
     score_name = g.model.graph.output[0].name

@@ -22,13 +22,52 @@ from harden.fi.graphinfo import bypass_constant_views, named_copy
 from harden.graph.ort import make_session
 
 SHAPE_ONLY = frozenset({"Identity", "Flatten", "Reshape", "Squeeze"})
-# Elementwise integer ops the tail may hold, with the input that carries the layer's output (the other
-# operand must be a constant).
-ELEMENTWISE = {"QLinearMul": (0, 3), "QLinearAdd": (0, 3)}
+# Ops of the tail that act on each class's value alone: the text head's QLinearMul by exp(s), or in a graph
+# that ONNX Runtime fused from QDQ, the float Mul between a DequantizeLinear and a QuantizeLinear. Every input
+# but the one carrying the layer's output must be a constant.
+ELEMENTWISE = frozenset({"QLinearMul", "QLinearAdd", "DequantizeLinear", "QuantizeLinear", "Mul", "Add", "Sub",
+                         "Div", "Cast"})
 # Ops of the tail that mix the classes of a row; the class axis must be the last.
 ROWWISE = frozenset({"QLinearSoftmax", "Softmax", "LogSoftmax"})
 # Each layer's (input, weight, bias) positions; a QLinearMatMul has no bias.
 LAYERS = {"QGemm": (0, 3, 6), "QLinearMatMul": (0, 3, None)}
+
+
+def _constant_producers(model: onnx.ModelProto) -> tuple[set[str], dict[str, onnx.NodeProto]]:
+    """Every tensor computed from constants alone (initializers, Constant nodes and, say, the
+    DequantizeLinear of a stored scale), and the node that makes each one that is not an initializer."""
+    constant = {t.name for t in model.graph.initializer}
+    made: dict[str, onnx.NodeProto] = {}
+    for node in model.graph.node:
+        if all(not t or t in constant for t in node.input):
+            for t in node.output:
+                if t:
+                    constant.add(t)
+                    made[t] = node
+    return constant, made
+
+
+def _tail_nodes(model: onnx.ModelProto) -> tuple[onnx.NodeProto | None, list[onnx.NodeProto]]:
+    """The nodes from the classifier's output to the scores (scores first), and the node before them."""
+    constant, _ = _constant_producers(model)
+    producer = {o: n for n in model.graph.node for o in n.output if o}
+    tail: list[onnx.NodeProto] = []
+    node = producer.get(model.graph.output[0].name)
+    while node is not None and node.op_type not in LAYERS:
+        if node.op_type not in SHAPE_ONLY | ELEMENTWISE | ROWWISE:
+            raise HardenError(f"exact analysis: the scores come from {node.op_type} {node.name!r}; the analysis of "
+                              f"an integer classifier covers {' and '.join(LAYERS)} followed by elementwise ops, "
+                              "a softmax and shape-only ops")
+        carried = [t for t in node.input if t and t not in constant]
+        if len(carried) != 1:
+            raise HardenError(f"exact analysis: {node.op_type} {node.name!r} after the classifier has no "
+                              "constant operand")
+        axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), -1)
+        if node.op_type in ROWWISE and axis not in (-1, 1):
+            raise HardenError(f"exact analysis: {node.op_type} {node.name!r} is not over the classes")
+        tail.append(node)
+        node = producer.get(carried[0])
+    return node, tail
 
 
 class IntegerHead:
@@ -38,36 +77,11 @@ class IntegerHead:
         model = named_copy(model)
         bypass_constant_views(model)
         self.model = model
-        producer = {o: n for n in model.graph.node for o in n.output if o}
         constants = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
-        tail: list[onnx.NodeProto] = []
-        node = producer.get(model.graph.output[0].name)
-        while node is not None and node.op_type in SHAPE_ONLY:
-            node = producer.get(node.input[0])
-        if node is not None and node.op_type in ("Softmax", "LogSoftmax"):
-            tail.append(node)
-            node = producer.get(node.input[0])
-        if node is None or node.op_type != "DequantizeLinear":
-            found = "a graph input" if node is None else f"{node.op_type} {node.name!r}"
-            raise HardenError(f"exact analysis: the integer classifier's scores come from {found}; the analysis "
-                              "covers an integer layer whose output is dequantised into the scores")
-        tail.append(node)
-        node = producer.get(node.input[0])
-        while node is not None and (node.op_type in ELEMENTWISE or node.op_type == "QLinearSoftmax"):
-            carried = [node.input[j] for j in ELEMENTWISE.get(node.op_type, (0,)) if node.input[j] not in constants]
-            if len(carried) != 1:
-                raise HardenError(f"exact analysis: {node.op_type} {node.name!r} after the classifier has no "
-                                  "constant operand")
-            tail.append(node)
-            node = producer.get(carried[0])
-        for op in tail:
-            axis = next((helper.get_attribute_value(a) for a in op.attribute if a.name == "axis"), -1)
-            if op.op_type in ROWWISE and axis not in (-1, 1):
-                raise HardenError(f"exact analysis: {op.op_type} {op.name!r} is not over the classes")
-        if node is None or node.op_type not in LAYERS:
-            found = "a graph input" if node is None else f"{node.op_type} {node.name!r}"
-            raise HardenError(f"exact analysis: the dequantised scores come from {found}; the analysis of an "
-                              f"integer classifier covers {' and '.join(LAYERS)}")
+        node, tail = _tail_nodes(model)
+        if node is None:
+            raise HardenError("exact analysis: the scores come from a graph input; the analysis covers an "
+                              f"integer classifier ({' or '.join(LAYERS)})")
         self.tail = tail[::-1]
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         names = list(node.input) + [""] * (9 - len(node.input))
@@ -103,11 +117,13 @@ class IntegerHead:
         self.out_dtype = constants[zy_name].dtype if zy_name else np.dtype(np.uint8)
         self.levels = np.arange(np.iinfo(self.out_dtype).min, np.iinfo(self.out_dtype).max + 1)
         self.mixes = any(n.op_type in ROWWISE for n in self.tail)
-        inits = [onnx.numpy_helper.from_array(constants[t], t) for n in self.tail for t in n.input if t in constants]
+        nodes = self.with_constant_producers(self.tail)
+        inits = [onnx.numpy_helper.from_array(constants[t], t) for n in nodes for t in n.input if t in constants]
+        scores_type = self.model.graph.output[0].type.tensor_type.elem_type
         graph = helper.make_graph(
-            self.tail, "tail", [helper.make_tensor_value_info(self.output, helper.np_dtype_to_tensor_dtype(
+            nodes, "tail", [helper.make_tensor_value_info(self.output, helper.np_dtype_to_tensor_dtype(
                 self.out_dtype), ["rows", self.classes])],
-            [helper.make_tensor_value_info(self.tail[-1].output[0], onnx.TensorProto.FLOAT, None)],
+            [helper.make_tensor_value_info(self.tail[-1].output[0], scores_type, None)],
             list({t.name: t for t in inits}.values()))
         tail_model = helper.make_model(graph, opset_imports=list(self.model.opset_import))
         tail_model.ir_version = self.model.ir_version
@@ -115,6 +131,20 @@ class IntegerHead:
         # the scores of every stored value v of every class c: table[v − min, c] (elementwise tails only)
         grid = np.repeat(self.levels[:, None], self.classes, axis=1)
         self.table = None if self.mixes else self.run_tail(grid)
+
+    def with_constant_producers(self, tail: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
+        """The tail with the nodes that compute its constant operands (a DequantizeLinear of a stored scale),
+        in graph order (computed from initializers alone, so the same for every image)."""
+        _, made = _constant_producers(self.model)
+        position = {id(n): i for i, n in enumerate(self.model.graph.node)}
+        needed: dict[int, onnx.NodeProto] = {}
+        pending = [t for n in tail for t in n.input]
+        while pending:
+            t = pending.pop()
+            if t in made and id(made[t]) not in needed:
+                needed[id(made[t])] = made[t]
+                pending.extend(made[t].input)
+        return sorted(needed.values(), key=lambda n: position[id(n)]) + tail
 
     def run_tail(self, y: np.ndarray) -> np.ndarray:
         """ONNX Runtime's scores of rows of stored outputs `y` (… × C), through the nodes after the layer."""

@@ -99,9 +99,9 @@ def test_a_model_ending_in_softmax_gets_the_exact_analysis(tmp_path: Path) -> No
 
 @pytest.mark.parametrize("fmt", ["QDQ", "QOperator"])
 def test_a_quantised_model_is_certified_on_its_stored_integers(tmp_path: Path, fmt: str) -> None:
-    """Its campaign flips the int8 and int32 tensors it stores; the exact analysis says why it is skipped
-    (it read 'format not resolved' until the certify step handled a per-site format), or in QOperator format
-    runs on the stored integers. Its cost counts the stored integers and, in QOperator format, the integer
+    """Its campaign flips the int8 and int32 tensors it stores; the exact analysis runs on the stored integers
+    of its classifier: in QDQ format, of the integer kernel ONNX Runtime runs in place of the declared float
+    layer. Its cost counts the stored integers and, in QOperator format, the integer
     layer's FLOPs (they read 0)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
 
@@ -123,13 +123,15 @@ def test_a_quantised_model_is_certified_on_its_stored_integers(tmp_path: Path, f
                                    progress=False))
     model, baseline = report.model("model"), report.model("baseline")
     assert model.campaign.config.fault.fmt is None and baseline.campaign.config.fault.fmt == "fp32"
-    if fmt == "QDQ":
-        assert model.exact is None and model.exact_skipped is not None and "quantised in QDQ" in model.exact_skipped
-    else:  # the QGemm classifier, analysed in its stored integers
-        assert model.exact is not None and model.exact.head == "integer linear (QGemm)"
-        assert {s.role: s.fmt for s in model.exact.sites} == {"weight": "int8", "bias": "int32", "input": "int8",
-                                                               "output": "int8"}  # quantize_static's defaults
-        assert "integer linear (QGemm) head" in (tmp_path / "r" / "report.html").read_text()
+    # the QGemm classifier, analysed in its stored integers; in QDQ format, the QGemm ONNX Runtime runs for it
+    kind = "integer linear (QGemm" + (", fused from QDQ by ONNX Runtime)" if fmt == "QDQ" else ")")
+    assert model.exact is not None and model.exact.head == kind, model.exact_skipped
+    assert {s.role: s.fmt for s in model.exact.sites} == {"weight": "int8", "bias": "int32", "input": "int8",
+                                                           "output": "int8"}  # quantize_static's defaults
+    assert f"{kind} head" in (tmp_path / "r" / "report.html").read_text()
+    if fmt == "QDQ":  # each site under the name the campaign gives it
+        sampled = {layer.site for layer in model.campaign.layers}
+        assert {s.tensor for s in model.exact.sites if s.role != "input"} <= sampled
     assert baseline.exact is not None
     assert model.cost.parameters == baseline.cost.parameters == 64 * 10 + 10  # the stored integers count
     assert model.cost.flops == baseline.cost.flops > 0
