@@ -15,7 +15,7 @@ With --float16, each model is first converted to a float16 graph
 (onnxconverter-common, float16 input and scores) and the campaign flips fp16
 bits; the exactness check then lets a NaN score carry any payload (see
 tests/fi/test_cone.py's _same_bits). With --int8, each model is quantised
-(onnxruntime.quantization's quantize_static defaults: QDQ, uint8 activations,
+(onnxruntime.quantization's quantize_static defaults: QDQ, int8 activations,
 int8 weights, calibrated on its 40 images) and the campaign flips the stored
 integers. --qoperator does the same in QOperator format (QLinearConv, QGemm,
 QLinearAdd: the model zoo's int8 format), where every layer runs in ONNX

@@ -2,7 +2,7 @@
 
 Users deploy the same classifier in several precisions: float32, a float16
 graph (onnxconverter-common's `convert_float_to_float16`), or an int8 one
-(onnxruntime.quantization's `quantize_static`, its default uint8 activations
+(onnxruntime.quantization's `quantize_static`, its default int8 activations
 and int8 weights, calibrated on training images), in QDQ format (its default:
 float layers between QuantizeLinear and DequantizeLinear) or in QOperator
 format (integer layers: QLinearConv, QGemm). `harden inject` flips the bits
