@@ -35,7 +35,7 @@ import onnx
 
 from harden.fi.bitflip import flip
 from harden.fi.exact import ExactResult, ExactSiteResult
-from harden.fi.integer_head import IntegerHead, wrap32
+from harden.fi.integer_head import SHAPE_ONLY, IntegerHead, wrap32
 from harden.fi.integer_judges import CHUNK, Judge, golden_state
 
 
@@ -54,8 +54,9 @@ def analyse_head(head: IntegerHead, inputs: np.ndarray, batch: int = 64,
     started = time.perf_counter()
     g = golden_state(head, inputs, batch, providers, threads)
     sites = [_weight(head, g.x, g.acc, g.judge), *([_bias(head, g.acc, g.judge)] if head.bias_name else []),
-             _input(head, g.x, g.acc, g.judge), _output(head, g.y, g.judge)]
-    ops = [head.op, *(n.op_type for n in head.tail if n.op_type != "DequantizeLinear")]
+             _input(head, g.x, g.acc, g.y, g.judge), _output(head, g.y, g.judge)]
+    ops = [head.op, *([head.pool.op_type] if head.pool is not None else []),
+           *(n.op_type for n in head.tail if n.op_type not in SHAPE_ONLY | {"DequantizeLinear"})]
     kind = f"integer linear ({' + '.join(ops)}{', ' + origin if origin else ''})"
     return ExactResult(head=kind, policy="none", fmt="stored integers", images=len(inputs), sites=sites,
                        seconds=time.perf_counter() - started)
@@ -75,34 +76,35 @@ def _flip_all(values: np.ndarray, bit: int) -> np.ndarray:
 
 
 def _weight(head: IntegerHead, x: np.ndarray, acc: np.ndarray, judge: Judge, bisect: bool = True) -> ExactSiteResult:
-    """W[c, f] flipped: class c's accumulator moves by (x[n, f] − zx)·Δw on every image.
+    """W[c, f] flipped: class c's accumulator moves by (x[n, f, p] − zx)·Δw at every pixel p of every image.
 
-    Where no such move can wrap the int32 accumulator and the judge is monotone, each
+    With one pixel, where no such move can wrap the int32 accumulator and the judge is monotone, each
     image and class has an interval of moves that keep its top-1 (`_keep_interval`), and a fault costs a
-    multiplication and two comparisons; otherwise every faulty accumulator is requantised.
+    multiplication and two comparisons; otherwise every faulty accumulator is requantised (and pooled).
     """
-    n = len(x)
+    n, features, pixels = x.shape
     site = _site(head, head.weight_name, "weight", head.stored_weight, n)
-    xz = x.astype(np.int64) - head.zx  # N × F
-    features = xz.shape[1]
-    stored = head.stored_weight.T if head.transposed else head.stored_weight  # F × C
+    xz = x.astype(np.int64) - head.zx  # N × F × P
+    stored = head.weight_fc  # F × C
     reach = int(np.abs(xz).max(initial=0)) * 2 ** (8 * stored.dtype.itemsize - 1)
     interval = None
-    if bisect and int(np.abs(acc).max(initial=0)) + reach < 2**31 and judge.monotone:
-        interval = _keep_interval(head, acc, judge)
+    if bisect and pixels == 1 and head.pool is None and int(np.abs(acc).max(initial=0)) + reach < 2**31 \
+            and judge.monotone:
+        interval = _keep_interval(head, acc[:, :, 0], judge)
         # every move fits in int32 here, which halves the memory each comparison streams through
         interval = tuple(np.clip(v, -(2**31), 2**31 - 1).astype(np.int32) for v in interval)
         xz = xz.astype(np.int32)
-    step = max(1, CHUNK // max(1, n * features))
+    step = max(1, CHUNK // max(1, n * features * pixels))
     for bit in range(len(site.faults)):
         dw = (_flip_all(stored, bit) - stored.astype(np.int64)).astype(xz.dtype)  # F × C
         for c0 in range(0, head.classes, step):
             cs = np.arange(c0, min(head.classes, c0 + step))
-            move = xz[:, :, None] * dw[None, :, cs]  # N × F × c
             if interval is not None:
+                move = xz[:, :, 0, None] * dw[None, :, cs]  # N × F × c
                 sdc = (move < interval[0][:, None, cs]) | (move > interval[1][:, None, cs])
             else:
-                value = head.requantise(wrap32(acc[:, None, cs] + move), cs)
+                move = xz[:, :, None, :] * dw[None, :, cs, None]  # N × F × c × P
+                value = head.reduce(wrap32(acc[:, None, cs, :] + move), cs)
                 rows = np.broadcast_to(np.arange(n)[:, None, None], value.shape).reshape(-1)
                 sdc = judge.sdc(rows, np.broadcast_to(cs, value.shape).reshape(-1),
                                 value.reshape(-1)).reshape(value.shape)
@@ -115,7 +117,8 @@ def _weight(head: IntegerHead, x: np.ndarray, acc: np.ndarray, judge: Judge, bis
 
 
 def _keep_interval(head: IntegerHead, acc: np.ndarray, judge: Judge) -> tuple[np.ndarray, np.ndarray]:
-    """For each image and class, the moves [lo, hi] of that class's accumulator that keep the image's top-1.
+    """For each image and class, the moves [lo, hi] of that class's accumulator (N × C, one pixel) that keep
+    the image's top-1.
 
     The requantisation is non-decreasing and the judge monotone, so the top-1 class keeps first place above
     some accumulator and another class stays behind below one; both are found by bisection over the int32
@@ -126,7 +129,7 @@ def _keep_interval(head: IntegerHead, acc: np.ndarray, judge: Judge) -> tuple[np
     rows, columns = np.indices(acc.shape).reshape(2, -1)
 
     def keeps(a: np.ndarray) -> np.ndarray:
-        return ~judge.sdc(rows, columns, head.requantise(a).reshape(-1)).reshape(acc.shape)
+        return ~judge.sdc(rows, columns, head.reduce(a[:, :, None]).reshape(-1)).reshape(acc.shape)
 
     # the top-1 class: the smallest accumulator that keeps it (the golden one does)
     low, high = np.full_like(acc, -(2**31)), acc.copy()
@@ -147,15 +150,16 @@ def _keep_interval(head: IntegerHead, acc: np.ndarray, judge: Judge) -> tuple[np
 
 
 def _bias(head: IntegerHead, acc: np.ndarray, judge: Judge) -> ExactSiteResult:
-    """b[c] flipped: class c's accumulator moves by Δb (wrapping at 32 bits, as the kernel's addition does)."""
+    """b[c] flipped: class c's accumulator moves by Δb at every pixel (wrapping at 32 bits, as the kernel's
+    addition does)."""
     n = len(acc)
     site = _site(head, head.bias_name, "bias", head.bias, n)
-    classes = np.broadcast_to(np.arange(head.classes)[None, :], acc.shape).reshape(-1)
-    rows = np.broadcast_to(np.arange(n)[:, None], acc.shape).reshape(-1)
+    classes = np.broadcast_to(np.arange(head.classes)[None, :], acc.shape[:2]).reshape(-1)
+    rows = np.broadcast_to(np.arange(n)[:, None], acc.shape[:2]).reshape(-1)
     hit = classes == judge.top1[rows]
     for bit in range(len(site.faults)):
         db = _flip_all(head.bias, bit) - head.bias.astype(np.int64)
-        sdc = judge.sdc(rows, classes, head.requantise(wrap32(acc + db[None, :])).reshape(-1))
+        sdc = judge.sdc(rows, classes, head.reduce(wrap32(acc + db[None, :, None])).reshape(-1))
         site.faults[bit] += int(sdc.size)
         site.sdc[bit] += int(sdc.sum())
         site.hit_faults[bit] += int(hit.sum())  # type: ignore[index]
@@ -163,33 +167,40 @@ def _bias(head: IntegerHead, acc: np.ndarray, judge: Judge) -> ExactSiteResult:
     return site
 
 
-def _input(head: IntegerHead, x: np.ndarray, acc: np.ndarray, judge: Judge) -> ExactSiteResult:
-    """x[n, f] flipped: every class's accumulator moves by Δx·(W[c, f] − zw), so all scores are recomputed."""
-    n, features = x.shape
+def _input(head: IntegerHead, x: np.ndarray, acc: np.ndarray, y: np.ndarray, judge: Judge) -> ExactSiteResult:
+    """x[n, f, p] flipped: every class's accumulator at pixel p moves by Δx·(W[c, f] − zw), so every class's
+    stored output there is recomputed, and its pooled value from the pixels' new sum."""
+    n, features, pixels = x.shape
     site = _site(head, head.input, "input", x[0], n)
     site.hit_faults = site.hit_sdc = None
+    sums = y.sum(axis=-1)  # N × C
     step = max(1, CHUNK // max(1, n * head.classes))
     for bit in range(len(site.faults)):
-        dx = _flip_all(x, bit) - x.astype(np.int64)  # N × F
-        for f0 in range(0, features, step):
-            fs = slice(f0, min(features, f0 + step))
-            faulty = wrap32(acc[:, None, :] + dx[:, fs, None] * head.wz[None, fs, :])  # N × f × C
-            sdc = judge.winners(head.requantise(faulty)) != judge.top1[:, None]
+        dx = (_flip_all(x, bit) - x.astype(np.int64)).reshape(n, -1)  # N × (F·P), feature-major
+        for k0 in range(0, features * pixels, step):
+            ks = np.arange(k0, min(features * pixels, k0 + step))
+            f, p = ks // pixels, ks % pixels
+            faulty = wrap32(acc[:, :, p].transpose(0, 2, 1) + dx[:, ks, None] * head.wz[None, f, :])  # N × k × C
+            new = head.requantise(faulty[..., None])[..., 0]
+            moved = sums[:, None, :] - y[:, :, p].transpose(0, 2, 1) + new
+            sdc = judge.winners(head.pool_sums(moved, pixels)) != judge.top1[:, None]
             site.faults[bit] += int(sdc.size)
             site.sdc[bit] += int(sdc.sum())
     return site
 
 
 def _output(head: IntegerHead, y: np.ndarray, judge: Judge) -> ExactSiteResult:
-    """y[n, c] flipped: that one stored score changes."""
-    n = len(y)
+    """y[n, c, p] flipped: that one stored output changes, and with it class c's pooled value."""
+    n, classes, pixels = y.shape
     stored = y.astype(head.out_dtype)
     site = _site(head, head.output, "output", stored[0], n)
-    classes = np.broadcast_to(np.arange(head.classes)[None, :], y.shape).reshape(-1)
-    rows = np.broadcast_to(np.arange(n)[:, None], y.shape).reshape(-1)
-    hit = classes == judge.top1[rows]
+    sums = y.sum(axis=-1)
+    rows = np.broadcast_to(np.arange(n)[:, None, None], y.shape).reshape(-1)
+    cls = np.broadcast_to(np.arange(classes)[None, :, None], y.shape).reshape(-1)
+    hit = cls == judge.top1[rows]
     for bit in range(len(site.faults)):
-        sdc = judge.sdc(rows, classes, _flip_all(stored, bit).reshape(-1))
+        moved = sums[:, :, None] - y + _flip_all(stored, bit)
+        sdc = judge.sdc(rows, cls, head.pool_sums(moved, pixels).reshape(-1))
         site.faults[bit] += int(sdc.size)
         site.sdc[bit] += int(sdc.sum())
         site.hit_faults[bit] += int(hit.sum())  # type: ignore[index]

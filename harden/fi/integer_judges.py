@@ -82,6 +82,7 @@ class RowJudge:
     (image × class × stored value), from ONNX Runtime once; whole rows run through it as they come."""
 
     def __init__(self, head: IntegerHead, y: np.ndarray, top1: np.ndarray) -> None:
+        """`y`: the values the tail reads, N × C."""
         n, classes = y.shape
         levels = head.levels
         if n * classes * len(levels) * classes > ROW_BUDGET:
@@ -112,12 +113,14 @@ class RowJudge:
 
 
 class Golden(NamedTuple):
-    """The fault-free state the faults are judged against: the layer's stored input, its accumulators, the
-    images' top-1 classes, and the judge of faults."""
+    """The fault-free state the faults are judged against: the layer's stored input (N × F × P), its
+    accumulators and stored outputs (N × C × P), the values the tail reads (N × C), the images' top-1
+    classes, and the judge of faults."""
 
     x: np.ndarray
     acc: np.ndarray
     y: np.ndarray
+    u: np.ndarray
     top1: np.ndarray
     judge: Judge
 
@@ -126,19 +129,34 @@ def golden_state(head: IntegerHead, inputs: np.ndarray, batch: int = 64,
                  providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0) -> Golden:
     """ONNX Runtime's fault-free run, and numpy's integer arithmetic checked against it bit for bit."""
     scores_name = head.model.graph.output[0].name
-    names = [scores_name, head.input, head.output]
-    scores, x, y_ort = run_model(expose(head.model, names[1:]), inputs, names, "disable", batch, threads, providers)
+    names = list(dict.fromkeys([scores_name, head.input, head.output, head.pooled]))
+    values = dict(zip(names, run_model(expose(head.model, names[1:]), inputs, names, "disable", batch, threads,
+                                       providers)))
     n = len(inputs)
-    x, y_ort = x.reshape(n, -1), y_ort.reshape(n, -1).astype(np.int64)
+    x, y_ort = values[head.input], values[head.output]
+    features, per_image = head.wz.shape[0], x.size // n
+    if per_image % features or (head.op != "QLinearConv" and per_image != features):
+        raise HardenError(f"exact analysis: {head.op} {head.node!r} reads {per_image} values per image for "
+                          f"{features} features")
+    pixels = per_image // features  # a 1×1 convolution's map, channels first
+    if pixels > 1 and head.pool is None:
+        raise HardenError(f"exact analysis: {head.op} {head.node!r} classifies each of {pixels} pixels, and no "
+                          "QLinearGlobalAveragePool follows it; the scores must be one value per class")
+    x = x.reshape(n, features, pixels)
     acc = head.accumulate(x)
     y = head.requantise(acc)
-    if not np.array_equal(y, y_ort):
+    if not np.array_equal(y.reshape(-1), y_ort.reshape(-1).astype(np.int64)):
         raise HardenError(f"exact analysis: numpy's requantisation of {head.op} {head.node!r} differs from ONNX "
-                          f"Runtime's in {int((y != y_ort).sum())} of {y.size} values; nothing can be judged "
-                          "exactly (the sampled campaign covers this model)")
-    mine = head.run_tail(y) if head.mixes else head.scores(y)
-    if not np.array_equal(mine.view(np.uint32), scores.reshape(n, -1).astype(np.float32).view(np.uint32)):
+                          f"Runtime's in {int((y.reshape(-1) != y_ort.reshape(-1)).sum())} of {y.size} values; "
+                          "nothing can be judged exactly (the sampled campaign covers this model)")
+    u = head.pool_sums(y.sum(axis=-1), pixels)
+    if not np.array_equal(u.reshape(-1), values[head.pooled].reshape(-1).astype(np.int64)):
+        raise HardenError(f"exact analysis: the pooled values after {head.op} {head.node!r}, from the sums of "
+                          "its outputs, differ from ONNX Runtime's; nothing can be judged exactly")
+    mine = head.run_tail(u) if head.mixes else head.scores(u)
+    if not np.array_equal(mine.view(np.uint32), values[scores_name].reshape(n, -1).astype(np.float32)
+                          .view(np.uint32)):
         raise HardenError(f"exact analysis: the nodes after {head.op} {head.node!r}, run on its outputs alone, "
                           "do not give the model's scores")
     top1 = np.argmax(mine, axis=1)
-    return Golden(x, acc, y, top1, RowJudge(head, y, top1) if head.mixes else TableJudge(head, mine, top1))
+    return Golden(x, acc, y, u, top1, RowJudge(head, u, top1) if head.mixes else TableJudge(head, mine, top1))

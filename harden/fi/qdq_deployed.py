@@ -36,8 +36,8 @@ from harden.fi.integer_head import IntegerHead
 from harden.graph.ort import make_session
 from harden.graph.parallel import run_model
 
-# the layers a QDQ graph declares in float, which ONNX Runtime fuses into QGemm or QLinearMatMul
-DECLARED = frozenset({"Gemm", "MatMul"})
+# the layers a QDQ graph declares in float, which ONNX Runtime fuses into QGemm, QLinearMatMul or QLinearConv
+DECLARED = frozenset({"Gemm", "MatMul", "Conv"})
 
 
 def is_qdq(model: onnx.ModelProto) -> bool:

@@ -18,7 +18,7 @@ from harden.fi.exact_onnx import analyse_model
 from harden.graph.ort import expose, make_session
 from tests.fi.test_qoperator import qoperator
 from tests.fi.test_quantised import quantised
-from tests.fi.tiny_models import labelled_inputs, matmul_mlp, scaled_mlp, stem_cnn
+from tests.fi.tiny_models import labelled_inputs, matmul_mlp, pointwise_cnn, scaled_mlp, stem_cnn
 
 
 def _session(model: onnx.ModelProto, nodes: list[onnx.NodeProto], fed: list[str], dtypes: list[np.dtype]):  # type: ignore[no-untyped-def]
@@ -52,13 +52,14 @@ def _brute(model: onnx.ModelProto, x: np.ndarray) -> dict[str, list[int]]:
     head = IntegerHead(model)
     a, y = make_session(expose(model, [head.input, head.output]), opt_level="disable").run(
         [head.input, head.output], {model.graph.input[0].name: x})
-    a, y = a.reshape(len(x), -1), y.reshape(len(x), -1)
     consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     weight, bias = consts[head.weight_name], consts.get(head.bias_name)
     fed = [t for t in (head.input, head.weight_name, head.bias_name) if t]
     layer = next(n for n in model.graph.node if n.name == head.node)
-    run = _session(model, head.with_constant_producers([layer, *head.tail]), fed, [a.dtype, weight.dtype, *([bias.dtype] if bias is not None else [])])
-    tail = _session(model, head.with_constant_producers(head.tail), [head.output], [y.dtype])
+    after = [*([head.pool] if head.pool is not None else []), *head.tail]
+    run = _session(model, head.with_constant_producers([layer, *after]), fed,
+                   [a.dtype, weight.dtype, *([bias.dtype] if bias is not None else [])])
+    tail = _session(model, head.with_constant_producers(after), [head.output], [y.dtype])
     top1 = run(a, weight, bias)
     out = {role: [0] * (8 * v.dtype.itemsize) for role, v in (("weight", weight), ("bias", bias), ("input", a),
                                                                 ("output", y)) if v is not None}
@@ -71,12 +72,14 @@ def _brute(model: onnx.ModelProto, x: np.ndarray) -> dict[str, list[int]]:
     for bit in range(8 * bias.dtype.itemsize if bias is not None else 0):
         for k in np.ndindex(bias.shape):
             out["bias"][bit] += int((run(a, weight, _flipped(bias, k, bit)) != top1).sum())
+    flat_a, flat_y = a.reshape(len(x), -1), y.reshape(len(x), -1)  # every element of an image, as stored
     for bit in range(8 * a.dtype.itemsize):
-        for f in range(a.shape[1]):
-            out["input"][bit] += int((run(_flipped(a, np.s_[:, f], bit), weight, bias) != top1).sum())
+        for f in range(flat_a.shape[1]):
+            faulty = _flipped(flat_a, np.s_[:, f], bit).reshape(a.shape)
+            out["input"][bit] += int((run(faulty, weight, bias) != top1).sum())
     for bit in range(8 * y.dtype.itemsize):
-        for c in range(y.shape[1]):  # the layer's output, through ORT's nodes after it
-            out["output"][bit] += int((tail(_flipped(y, np.s_[:, c], bit)) != top1).sum())
+        for c in range(flat_y.shape[1]):  # the layer's output, through ORT's nodes after it
+            out["output"][bit] += int((tail(_flipped(flat_y, np.s_[:, c], bit).reshape(y.shape)) != top1).sum())
     return out
 
 
@@ -134,6 +137,49 @@ def test_a_head_ending_in_a_softmax_matches_onnx_runtime(tmp_path: Path, integer
     assert {s.role: s.sdc for s in result.sites} == want and result.total_sdc > 0
 
 
+@pytest.mark.parametrize("case", ["map-pooled", "map-pooled-softmax", "pooled-first"])
+def test_a_1x1_qlinearconv_classifier_matches_onnx_runtime(tmp_path: Path, case: str) -> None:
+    """The model zoo's SqueezeNet classifies each pixel of a 5×5 map (its ReLU folded into the requantisation)
+    and pools the classes' maps with QLinearGlobalAveragePool: a weight or bias fault moves a whole map, an
+    input or output fault one pixel of it, and the pool reads the sum. DenseNet-121 pools first: a 1×1 map,
+    a Gemm in all but layout."""
+    float_model = pointwise_cnn(seed=2, pool_first=case == "pooled-first", softmax=case.endswith("softmax"))
+    model = qoperator(float_model, tmp_path)
+    x, _ = labelled_inputs(float_model, 16)
+    head = IntegerHead(model)
+    assert head.op == "QLinearConv" and (head.pool is None) == (case == "pooled-first")
+    result = analyse_model(model, x)
+    want = _brute(model, x)
+    by_role = {s.role: s for s in result.sites}
+    assert want.pop("weight hitting the top-1 class") == by_role["weight"].hit_sdc
+    assert {role: s.sdc for role, s in by_role.items()} == want and result.total_sdc > 0
+    pixels = 1 if case == "pooled-first" else 25
+    assert by_role["input"].elements == 6 * pixels and by_role["output"].elements == 5 * pixels
+    assert result.head == "integer linear (QLinearConv" + ("" if case == "pooled-first" else " + QLinearGlobalAveragePool") \
+        + (" + QLinearSoftmax)" if case.endswith("softmax") else ")")
+
+
+def test_a_convolution_classifier_that_is_not_a_pooled_1x1_one_is_refused(tmp_path: Path) -> None:
+    """A 3×3 classifier mixes neighbouring pixels, and a 1×1 one with no pool scores every pixel."""
+    wide = pointwise_cnn(seed=2)
+    conv = next(n for n in wide.graph.node if n.name == "classifier")
+    del conv.attribute[:]
+    conv.attribute.extend([helper.make_attribute("kernel_shape", [3, 3]), helper.make_attribute("pads", [1] * 4)])
+    weight = next(t for t in wide.graph.initializer if t.name == "wc")
+    weight.CopyFrom(numpy_helper.from_array(np.full((5, 6, 3, 3), 0.1, np.float32), "wc"))
+    x, _ = labelled_inputs(pointwise_cnn(seed=2), 8)
+    with pytest.raises(HardenError, match="is not an unpadded, ungrouped 1×1 convolution of stride 1"):
+        analyse_model(qoperator(wide, tmp_path), x)
+    unpooled = pointwise_cnn(seed=2)
+    nodes = [n for n in unpooled.graph.node if n.op_type not in ("GlobalAveragePool", "Flatten")]
+    nodes[-1].output[0] = "logits"  # the classifier's ReLU writes the 5-class map
+    graph = helper.make_graph(nodes, "unpooled", list(unpooled.graph.input), [helper.make_tensor_value_info(
+        "logits", onnx.TensorProto.FLOAT, ["N", 5, 5, 5])], list(unpooled.graph.initializer))
+    model = helper.make_model(graph, opset_imports=list(unpooled.opset_import))
+    with pytest.raises(HardenError, match="classifies each of 25 pixels, and no QLinearGlobalAveragePool follows"):
+        analyse_model(qoperator(model, tmp_path), x)
+
+
 def test_what_the_integer_analysis_does_not_cover_is_refused_with_its_reason(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """A weight quantised at run time (a Constant node), a range policy, and a softmax tail whose table would
     take too long."""
@@ -163,15 +209,16 @@ def test_the_bisected_weight_intervals_give_the_requantised_counts(tmp_path: Pat
     fast = _weight(head, g.x, g.acc, g.judge)
     assert fast.total_sdc > 0 and fast == _weight(head, g.x, g.acc, g.judge, bisect=False)
     # the intervals are tight: their ends keep the top-1, one step past them does not
-    lo, hi = _keep_interval(head, g.acc, g.judge)
-    rows, classes = np.indices(g.acc.shape).reshape(2, -1)
-    own = (classes == g.top1[rows]).reshape(g.acc.shape)
+    acc = g.acc[:, :, 0]  # one pixel
+    lo, hi = _keep_interval(head, acc, g.judge)
+    rows, classes = np.indices(acc.shape).reshape(2, -1)
+    own = (classes == g.top1[rows]).reshape(acc.shape)
 
-    def sdc(acc: np.ndarray) -> np.ndarray:
-        return g.judge.sdc(rows, classes, head.requantise(acc).reshape(-1)).reshape(acc.shape)
+    def sdc(a: np.ndarray) -> np.ndarray:
+        return g.judge.sdc(rows, classes, head.requantise(a[:, :, None]).reshape(-1)).reshape(a.shape)
 
-    end = np.where(own, g.acc + lo, g.acc + hi)
+    end = np.where(own, acc + lo, acc + hi)
     past = np.where(own, end - 1, end + 1)
     inside = (past >= -(2**31)) & (past < 2**31)  # an end at the int32 limit has nothing past it
     assert not sdc(np.clip(end, -(2**31), 2**31 - 1)).any()
-    assert sdc(np.where(inside, past, g.acc))[inside].all() and inside.sum() > 0.9 * inside.size
+    assert sdc(np.where(inside, past, acc))[inside].all() and inside.sum() > 0.9 * inside.size

@@ -20,7 +20,7 @@ from harden.fi.sites import list_sites
 from harden.graph.ort import make_session
 from tests.fi.test_exact_integer import _brute, _flipped
 from tests.fi.test_quantised import quantised
-from tests.fi.tiny_models import labelled_inputs, matmul_mlp, scaled_mlp, stem_cnn
+from tests.fi.tiny_models import labelled_inputs, matmul_mlp, pointwise_cnn, scaled_mlp, stem_cnn
 
 CPU = ("CPUExecutionProvider",)
 
@@ -45,14 +45,16 @@ def _deployed_brute(model: onnx.ModelProto, x: np.ndarray, name: str) -> list[in
     return counts
 
 
-@pytest.mark.parametrize("case", ["gemm-uint8", "gemm-int8-per-channel", "softmax-uint8", "scaled-int8"])
+@pytest.mark.parametrize("case", ["gemm-uint8", "gemm-int8-per-channel", "softmax-uint8", "scaled-int8",
+                                  "pointwise-uint8"])
 def test_every_fault_of_a_qdq_classifier_matches_onnx_runtime_as_deployed(tmp_path: Path, case: str) -> None:
     """Bit by bit, each site's SDC count equals brute force through the fused graph's own nodes; the bias's
     equals faults written into the QDQ graph and run as deployed. Sites carry the QDQ graph's names, which
     are the sampled campaign's. `scaled-int8`: ONNX Runtime leaves the text head's scale a float Mul between
-    a DequantizeLinear and a QuantizeLinear; its table comes from those nodes."""
-    float_model = scaled_mlp(seed=1) if case.startswith("scaled") else stem_cnn(
-        seed=3, classes=5, softmax=case.startswith("softmax"))
+    a DequantizeLinear and a QuantizeLinear; its table comes from those nodes. `pointwise`: a 1×1 Conv over a
+    map, pooled (SqueezeNet's classifier), fused into QLinearConv and QLinearGlobalAveragePool."""
+    float_model = scaled_mlp(seed=1) if case.startswith("scaled") else pointwise_cnn(seed=2) \
+        if case.startswith("pointwise") else stem_cnn(seed=3, classes=5, softmax=case.startswith("softmax"))
     model = quantised(float_model, tmp_path, per_channel="per-channel" in case,
                       activations=QuantType.QInt8 if "-int8" in case else QuantType.QUInt8)
     x, _ = labelled_inputs(float_model, 24)

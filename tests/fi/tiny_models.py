@@ -298,3 +298,25 @@ def scaled_mlp(seed: int = 0, classes: int = 5) -> onnx.ModelProto:
     inits = [_init("w1", rng, 16, 8), _init("w2", rng, 8, classes, scale=1.0),
              numpy_helper.from_array(np.array(2.5, dtype=np.float32), "scale")]
     return classifier(nodes, inits, "scaled_mlp", (1, 4, 4), classes)
+
+
+def pointwise_cnn(seed: int = 0, classes: int = 5, pool_first: bool = False, softmax: bool = False) -> onnx.ModelProto:
+    """A classifier that is a 1×1 convolution, as the model zoo's SqueezeNet and DenseNet-121 end: conv → relu
+    → 1×1 conv over the 5×5 map → relu → global pool (SqueezeNet), or with `pool_first` conv → relu → global
+    pool → 1×1 conv on the 1×1 map (DenseNet-121); then flatten (→ softmax). Input 1×3×5×5."""
+    rng = np.random.default_rng(seed)
+    out = "pre_softmax" if softmax else "logits"
+    stem = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", ["c1"], ["r1"], name="relu1")]
+    if pool_first:
+        head = [helper.make_node("GlobalAveragePool", ["r1"], ["gap"], name="gap"),
+                helper.make_node("Conv", ["gap", "wc", "bc"], ["cls"], name="classifier", kernel_shape=[1, 1])]
+    else:
+        head = [helper.make_node("Conv", ["r1", "wc", "bc"], ["c2"], name="classifier", kernel_shape=[1, 1]),
+                helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+                helper.make_node("GlobalAveragePool", ["r2"], ["cls"], name="gap")]
+    nodes = [*stem, *head, helper.make_node("Flatten", ["cls"], [out], name="flatten"),
+             *([helper.make_node("Softmax", [out], ["logits"], name="softmax")] if softmax else [])]
+    inits = [_init("w1", rng, 6, 3, 3, 3), _init("b1", rng, 6, scale=0.1),
+             _init("wc", rng, classes, 6, 1, 1, scale=1.0), _init("bc", rng, classes, scale=0.3)]
+    return classifier(nodes, inits, "pointwise", (3, 5, 5), classes)
