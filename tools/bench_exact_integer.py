@@ -96,13 +96,13 @@ def main() -> None:
         brute_sdc[i] = int((np.argmax(scores, axis=1) != g.top1).sum())
     brute_s = (time.perf_counter() - started) / (args.sample * len(x))
     # the same faults, decided as the exact analysis decides them
-    xz = g.x.astype(np.int64) - head.zx
+    xz = g.x[:, :, 0].astype(np.int64) - head.zx  # a Gemm: one pixel
     c, f = (np.unravel_index(elems, stored.shape)[::-1] if not head.transposed else np.unravel_index(elems, stored.shape))
     flipped = flip(stored.reshape(-1)[elems], bits, "int8").astype(np.int64) - stored.reshape(-1)[elems]
     agree = 0
     for i in range(args.sample):
-        acc = g.acc[:, c[i]] + xz[:, f[i]] * flipped[i]
-        value = head.requantise(acc[:, None], np.array([c[i]]))[:, 0]
+        acc = g.acc[:, c[i], 0] + xz[:, f[i]] * flipped[i]
+        value = head.requantise(acc[:, None, None], np.array([c[i]]))[:, 0, 0]
         mine = g.judge.sdc(np.arange(len(x)), np.full(len(x), c[i]), value)
         agree += int(mine.sum() == brute_sdc[i])
     print(f"brute force: {1 / brute_s:,.0f} faults × images/s over {args.sample} sampled weight faults; "

@@ -84,16 +84,14 @@ def _weight(head: IntegerHead, x: np.ndarray, acc: np.ndarray, judge: Judge, bis
     """
     n, features, pixels = x.shape
     site = _site(head, head.weight_name, "weight", head.stored_weight, n)
-    xz = x.astype(np.int64) - head.zx  # N × F × P
     stored = head.weight_fc  # F × C
-    reach = int(np.abs(xz).max(initial=0)) * 2 ** (8 * stored.dtype.itemsize - 1)
+    reach = int(np.abs(x.astype(np.int64) - head.zx).max(initial=0)) * 2 ** (8 * stored.dtype.itemsize - 1)
+    dtype = _accumulator_type(acc, reach)
+    xz = x.astype(dtype) - dtype(head.zx)  # N × F × P
     interval = None
-    if bisect and pixels == 1 and head.pool is None and int(np.abs(acc).max(initial=0)) + reach < 2**31 \
-            and judge.monotone:
+    if bisect and pixels == 1 and head.pool is None and dtype == np.int32 and judge.monotone:
         interval = _keep_interval(head, acc[:, :, 0], judge)
-        # every move fits in int32 here, which halves the memory each comparison streams through
         interval = tuple(np.clip(v, -(2**31), 2**31 - 1).astype(np.int32) for v in interval)
-        xz = xz.astype(np.int32)
     step = max(1, CHUNK // max(1, n * features * pixels))
     for bit in range(len(site.faults)):
         dw = (_flip_all(stored, bit) - stored.astype(np.int64)).astype(xz.dtype)  # F × C
@@ -103,8 +101,8 @@ def _weight(head: IntegerHead, x: np.ndarray, acc: np.ndarray, judge: Judge, bis
                 move = xz[:, :, 0, None] * dw[None, :, cs]  # N × F × c
                 sdc = (move < interval[0][:, None, cs]) | (move > interval[1][:, None, cs])
             else:
-                move = xz[:, :, None, :] * dw[None, :, cs, None]  # N × F × c × P
-                value = head.reduce(wrap32(acc[:, None, cs, :] + move), cs)
+                faulty = acc[:, None, cs, :].astype(dtype) + xz[:, :, None, :] * dw[None, :, cs, None]  # N×F×c×P
+                value = head.reduce(faulty if dtype == np.int32 else wrap32(faulty), cs)
                 rows = np.broadcast_to(np.arange(n)[:, None, None], value.shape).reshape(-1)
                 sdc = judge.sdc(rows, np.broadcast_to(cs, value.shape).reshape(-1),
                                 value.reshape(-1)).reshape(value.shape)
@@ -174,19 +172,29 @@ def _input(head: IntegerHead, x: np.ndarray, acc: np.ndarray, y: np.ndarray, jud
     site = _site(head, head.input, "input", x[0], n)
     site.hit_faults = site.hit_sdc = None
     sums = y.sum(axis=-1)  # N × C
+    moves = [(_flip_all(x, bit) - x.astype(np.int64)).reshape(n, -1) for bit in range(len(site.faults))]
+    reach = max(int(np.abs(dx).max(initial=0)) for dx in moves) * int(np.abs(head.wz).max(initial=0))
+    dtype = _accumulator_type(acc, reach)
     step = max(1, CHUNK // max(1, n * head.classes))
-    for bit in range(len(site.faults)):
-        dx = (_flip_all(x, bit) - x.astype(np.int64)).reshape(n, -1)  # N × (F·P), feature-major
-        for k0 in range(0, features * pixels, step):
-            ks = np.arange(k0, min(features * pixels, k0 + step))
-            f, p = ks // pixels, ks % pixels
-            faulty = wrap32(acc[:, :, p].transpose(0, 2, 1) + dx[:, ks, None] * head.wz[None, f, :])  # N × k × C
-            new = head.requantise(faulty[..., None])[..., 0]
-            moved = sums[:, None, :] - y[:, :, p].transpose(0, 2, 1) + new
-            sdc = judge.winners(head.pool_sums(moved, pixels)) != judge.top1[:, None]
+    for k0 in range(0, features * pixels, step):
+        ks = np.arange(k0, min(features * pixels, k0 + step))  # feature-major, as x[n] is stored
+        f, p = ks // pixels, ks % pixels
+        before = acc[:, :, p].transpose(0, 2, 1).astype(dtype)  # N × k × C
+        others = sums[:, None, :] - y[:, :, p].transpose(0, 2, 1)  # each class's sum over the other pixels
+        wz = head.wz[f, :].astype(dtype)[None]
+        for bit, dx in enumerate(moves):
+            faulty = before + dx[:, ks, None].astype(dtype) * wz
+            new = head.requantise((faulty if dtype == np.int32 else wrap32(faulty))[..., None])[..., 0]
+            sdc = judge.winners(head.pool_sums(others + new, pixels)) != judge.top1[:, None]
             site.faults[bit] += int(sdc.size)
             site.sdc[bit] += int(sdc.sum())
     return site
+
+
+def _accumulator_type(acc: np.ndarray, reach: int) -> type:
+    """int32 where no fault's move (at most `reach`) can take an accumulator past int32, so nothing wraps and
+    each array is half the size; int64, wrapped after every addition, otherwise."""
+    return np.int32 if int(np.abs(acc).max(initial=0)) + reach < 2**31 else np.int64
 
 
 def _output(head: IntegerHead, y: np.ndarray, judge: Judge) -> ExactSiteResult:

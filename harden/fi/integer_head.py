@@ -212,7 +212,7 @@ class IntegerHead:
         """The stored outputs of accumulators `acc` (… × c × P, c the classes `classes`), as the kernel rounds."""
         info = np.iinfo(self.out_dtype)
         scaled = np.rint(acc.astype(np.float32) * self.multiplier[classes][:, None])
-        return np.clip(scaled + self.zy, info.min, info.max).astype(np.int64)
+        return np.clip(scaled + self.zy, info.min, info.max).astype(np.int32)
 
     def pool_sums(self, sums: np.ndarray, pixels: int) -> np.ndarray:
         """What the tail reads for each class whose P = `pixels` stored outputs sum to `sums`: the sum itself
@@ -242,5 +242,6 @@ class IntegerHead:
 
 
 def wrap32(values: np.ndarray) -> np.ndarray:
-    """int64 values as an int32 register holds them after wrapping additions."""
-    return ((values + 2**31) % 2**32) - 2**31
+    """int64 values as an int32 register holds them after wrapping additions (numpy's narrowing cast keeps
+    the low 32 bits)."""
+    return values.astype(np.int32).astype(np.int64)
