@@ -85,6 +85,16 @@ class ExactSiteResult:
         return {**asdict(self), "sdc_fraction": self.sdc_fraction, "due_fraction": self.due_fraction}
 
     @classmethod
+    def for_stored(cls, tensor: str, role: str, layer: str, stored: np.ndarray, images: int,
+                   hits: bool = True) -> ExactSiteResult:
+        """Empty counts for a site of stored integers: one per bit of their type. `hits`: whether faults are
+        also counted by whether they strike the image's top-1 class."""
+        width = 8 * stored.dtype.itemsize
+        return cls(tensor=tensor, role=role, layer=layer, elements=int(stored.size), images=images,
+                   fmt=stored.dtype.name, faults=[0] * width, sdc=[0] * width, due=[0] * width,
+                   hit_faults=[0] * width if hits else None, hit_sdc=[0] * width if hits else None)
+
+    @classmethod
     def from_dict(cls, data: dict[str, object]) -> ExactSiteResult:
         names = [f.name for f in cls.__dataclass_fields__.values()]
         return cls(**{k: data[k] for k in names if k in data})  # type: ignore[arg-type]

@@ -33,20 +33,22 @@ from collections.abc import Sequence
 import numpy as np
 import onnx
 
-from harden.fi.bitflip import flip
 from harden.fi.exact import ExactResult, ExactSiteResult
-from harden.fi.integer_head import SHAPE_ONLY, IntegerHead, wrap32
+from harden.fi.integer_head import SHAPE_ONLY, IntegerHead, accumulator_type, flip_all, wrap32
 from harden.fi.integer_judges import CHUNK, Judge, golden_state
+from harden.fi.integer_projection import Projection, analyse_projection, find_projection
 
 
 def analyse_integer_head(model: onnx.ModelProto, inputs: np.ndarray, batch: int = 64,
                          providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0) -> ExactResult:
-    """Exact SDC counts of every single-bit fault in an integer classifier's weight, bias, input and output,
-    over the model-ready `inputs`, each flipped in the integer type it is stored in."""
-    return analyse_head(IntegerHead(model), inputs, batch, providers, threads)
+    """Exact SDC counts of every single-bit fault in an integer classifier's weight, bias, input and output
+    (and its projection's, harden.fi.integer_projection), over the model-ready `inputs`, each flipped in the
+    integer type it is stored in."""
+    head = IntegerHead(model)
+    return analyse_head(head, find_projection(head), inputs, batch, providers, threads)
 
 
-def analyse_head(head: IntegerHead, inputs: np.ndarray, batch: int = 64,
+def analyse_head(head: IntegerHead, projection: Projection | None, inputs: np.ndarray, batch: int = 64,
                  providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0,
                  origin: str = "") -> ExactResult:
     """`analyse_integer_head` of a classifier already found (harden.fi.qdq_deployed finds it in the graph
@@ -57,22 +59,12 @@ def analyse_head(head: IntegerHead, inputs: np.ndarray, batch: int = 64,
              _input(head, g.x, g.acc, g.y, g.judge), _output(head, g.y, g.judge)]
     ops = [head.op, *([head.pool.op_type] if head.pool is not None else []),
            *(n.op_type for n in head.tail if n.op_type not in SHAPE_ONLY | {"DequantizeLinear"})]
+    if projection is not None:
+        sites = [*analyse_projection(projection, inputs, g.top1, batch, providers, threads), *sites]
+        ops.insert(0, f"{projection.layer.op} projection")
     kind = f"integer linear ({' + '.join(ops)}{', ' + origin if origin else ''})"
     return ExactResult(head=kind, policy="none", fmt="stored integers", images=len(inputs), sites=sites,
                        seconds=time.perf_counter() - started)
-
-
-def _site(head: IntegerHead, tensor: str, role: str, stored: np.ndarray, images: int) -> ExactSiteResult:
-    width = 8 * stored.dtype.itemsize
-    return ExactSiteResult(tensor=tensor, role=role, layer=head.node, elements=int(stored.size), images=images,
-                           fmt=stored.dtype.name, faults=[0] * width, sdc=[0] * width, due=[0] * width,
-                           hit_faults=[0] * width, hit_sdc=[0] * width)
-
-
-def _flip_all(values: np.ndarray, bit: int) -> np.ndarray:
-    """Every element of stored integers with `bit` flipped, as int64."""
-    flat = values.reshape(-1)
-    return flip(flat, np.full(flat.size, bit), flat.dtype.name).astype(np.int64).reshape(values.shape)
 
 
 def _weight(head: IntegerHead, x: np.ndarray, acc: np.ndarray, judge: Judge, bisect: bool = True) -> ExactSiteResult:
@@ -83,10 +75,10 @@ def _weight(head: IntegerHead, x: np.ndarray, acc: np.ndarray, judge: Judge, bis
     multiplication and two comparisons; otherwise every faulty accumulator is requantised (and pooled).
     """
     n, features, pixels = x.shape
-    site = _site(head, head.weight_name, "weight", head.stored_weight, n)
+    site = ExactSiteResult.for_stored(head.weight_name, "weight", head.node, head.stored_weight, n)
     stored = head.weight_fc  # F × C
     reach = int(np.abs(x.astype(np.int64) - head.zx).max(initial=0)) * 2 ** (8 * stored.dtype.itemsize - 1)
-    dtype = _accumulator_type(acc, reach)
+    dtype = accumulator_type(acc, reach)
     xz = x.astype(dtype) - dtype(head.zx)  # N × F × P
     interval = None
     if bisect and pixels == 1 and head.pool is None and dtype == np.int32 and judge.monotone:
@@ -94,7 +86,7 @@ def _weight(head: IntegerHead, x: np.ndarray, acc: np.ndarray, judge: Judge, bis
         interval = tuple(np.clip(v, -(2**31), 2**31 - 1).astype(np.int32) for v in interval)
     step = max(1, CHUNK // max(1, n * features * pixels))
     for bit in range(len(site.faults)):
-        dw = (_flip_all(stored, bit) - stored.astype(np.int64)).astype(xz.dtype)  # F × C
+        dw = (flip_all(stored, bit) - stored.astype(np.int64)).astype(xz.dtype)  # F × C
         for c0 in range(0, head.classes, step):
             cs = np.arange(c0, min(head.classes, c0 + step))
             if interval is not None:
@@ -151,12 +143,12 @@ def _bias(head: IntegerHead, acc: np.ndarray, judge: Judge) -> ExactSiteResult:
     """b[c] flipped: class c's accumulator moves by Δb at every pixel (wrapping at 32 bits, as the kernel's
     addition does)."""
     n = len(acc)
-    site = _site(head, head.bias_name, "bias", head.bias, n)
+    site = ExactSiteResult.for_stored(head.bias_name, "bias", head.node, head.bias, n)
     classes = np.broadcast_to(np.arange(head.classes)[None, :], acc.shape[:2]).reshape(-1)
     rows = np.broadcast_to(np.arange(n)[:, None], acc.shape[:2]).reshape(-1)
     hit = classes == judge.top1[rows]
     for bit in range(len(site.faults)):
-        db = _flip_all(head.bias, bit) - head.bias.astype(np.int64)
+        db = flip_all(head.bias, bit) - head.bias.astype(np.int64)
         sdc = judge.sdc(rows, classes, head.reduce(wrap32(acc + db[None, :, None])).reshape(-1))
         site.faults[bit] += int(sdc.size)
         site.sdc[bit] += int(sdc.sum())
@@ -169,12 +161,11 @@ def _input(head: IntegerHead, x: np.ndarray, acc: np.ndarray, y: np.ndarray, jud
     """x[n, f, p] flipped: every class's accumulator at pixel p moves by Δx·(W[c, f] − zw), so every class's
     stored output there is recomputed, and its pooled value from the pixels' new sum."""
     n, features, pixels = x.shape
-    site = _site(head, head.input, "input", x[0], n)
-    site.hit_faults = site.hit_sdc = None
+    site = ExactSiteResult.for_stored(head.input, "input", head.node, x[0], n, hits=False)
     sums = y.sum(axis=-1)  # N × C
-    moves = [(_flip_all(x, bit) - x.astype(np.int64)).reshape(n, -1) for bit in range(len(site.faults))]
+    moves = [(flip_all(x, bit) - x.astype(np.int64)).reshape(n, -1) for bit in range(len(site.faults))]
     reach = max(int(np.abs(dx).max(initial=0)) for dx in moves) * int(np.abs(head.wz).max(initial=0))
-    dtype = _accumulator_type(acc, reach)
+    dtype = accumulator_type(acc, reach)
     step = max(1, CHUNK // max(1, n * head.classes))
     for k0 in range(0, features * pixels, step):
         ks = np.arange(k0, min(features * pixels, k0 + step))  # feature-major, as x[n] is stored
@@ -191,23 +182,17 @@ def _input(head: IntegerHead, x: np.ndarray, acc: np.ndarray, y: np.ndarray, jud
     return site
 
 
-def _accumulator_type(acc: np.ndarray, reach: int) -> type:
-    """int32 where no fault's move (at most `reach`) can take an accumulator past int32, so nothing wraps and
-    each array is half the size; int64, wrapped after every addition, otherwise."""
-    return np.int32 if int(np.abs(acc).max(initial=0)) + reach < 2**31 else np.int64
-
-
 def _output(head: IntegerHead, y: np.ndarray, judge: Judge) -> ExactSiteResult:
     """y[n, c, p] flipped: that one stored output changes, and with it class c's pooled value."""
     n, classes, pixels = y.shape
     stored = y.astype(head.out_dtype)
-    site = _site(head, head.output, "output", stored[0], n)
+    site = ExactSiteResult.for_stored(head.output, "output", head.node, stored[0], n)
     sums = y.sum(axis=-1)
     rows = np.broadcast_to(np.arange(n)[:, None, None], y.shape).reshape(-1)
     cls = np.broadcast_to(np.arange(classes)[None, :, None], y.shape).reshape(-1)
     hit = cls == judge.top1[rows]
     for bit in range(len(site.faults)):
-        moved = sums[:, :, None] - y + _flip_all(stored, bit)
+        moved = sums[:, :, None] - y + flip_all(stored, bit)
         sdc = judge.sdc(rows, cls, head.pool_sums(moved, pixels).reshape(-1))
         site.faults[bit] += int(sdc.size)
         site.sdc[bit] += int(sdc.sum())

@@ -22,6 +22,7 @@ import onnx
 from onnx import helper
 
 from harden.errors import HardenError
+from harden.fi.bitflip import flip
 from harden.fi.graphinfo import bypass_constant_views, named_copy
 from harden.graph.ort import make_session
 
@@ -239,6 +240,18 @@ class IntegerHead:
             (pooled,) = session.run(None, {self.output: rows.astype(self.out_dtype)[:, None, :, None]})  # type: ignore[attr-defined]
             self._pool_tables[pixels] = np.asarray(pooled).reshape(-1).astype(np.int64)
         return self._pool_tables[pixels]
+
+
+def flip_all(values: np.ndarray, bit: int) -> np.ndarray:
+    """Every element of stored integers with `bit` flipped, as int64."""
+    flat = values.reshape(-1)
+    return flip(flat, np.full(flat.size, bit), flat.dtype.name).astype(np.int64).reshape(values.shape)
+
+
+def accumulator_type(acc: np.ndarray, reach: int) -> type:
+    """int32 where no fault's move (at most `reach`) can take an accumulator past int32, so nothing wraps and
+    each array is half the size; int64, wrapped after every addition, otherwise."""
+    return np.int32 if int(np.abs(acc).max(initial=0)) + reach < 2**31 else np.int64
 
 
 def wrap32(values: np.ndarray) -> np.ndarray:

@@ -33,6 +33,7 @@ from harden.errors import HardenError
 from harden.fi.exact import ExactResult
 from harden.fi.exact_integer import analyse_head
 from harden.fi.integer_head import IntegerHead
+from harden.fi.integer_projection import find_projection
 from harden.graph.ort import make_session
 from harden.graph.parallel import run_model
 
@@ -66,12 +67,15 @@ def analyse_qdq_head(model: onnx.ModelProto, fused: Fused, inputs: np.ndarray, b
                      providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0) -> ExactResult:
     """Exact SDC counts of every single-bit fault in a QDQ graph's classifier, as ONNX Runtime deploys it
     (`fused`, from `fused_classifier`)."""
-    names, layer = declared_names(model, fused.head)
+    projection = find_projection(fused.head)
+    names = declared_names(model, fused.head)
+    if projection is not None:
+        names.update(declared_names(model, projection.layer))
     _check_deployed(model, fused.model, inputs, batch, providers, threads)
-    result = analyse_head(fused.head, inputs, batch, providers, threads, origin="fused from QDQ by ONNX Runtime")
+    result = analyse_head(fused.head, projection, inputs, batch, providers, threads,
+                          origin="fused from QDQ by ONNX Runtime")
     for site in result.sites:
-        site.tensor, site.fmt = names[site.tensor]
-        site.layer = layer
+        site.tensor, site.fmt, site.layer = names[site.tensor]
     return result
 
 
@@ -84,9 +88,9 @@ def fused_graph(model: onnx.ModelProto, providers: Sequence[str]) -> onnx.ModelP
         return onnx.load(str(path))
 
 
-def declared_names(model: onnx.ModelProto, head: IntegerHead) -> tuple[dict[str, tuple[str, str]], str]:
-    """For each tensor of the fused classifier, the name and stored type the QDQ graph gives it; and the
-    declared layer's name."""
+def declared_names(model: onnx.ModelProto, head: IntegerHead) -> dict[str, tuple[str, str, str]]:
+    """For each tensor of a fused integer layer (the classifier, or its projection), the name and stored type
+    the QDQ graph gives it, and the name of the layer it declares."""
     graph = model.graph
     stored = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
     producer = {o: n for n in graph.node for o in n.output if o}
@@ -115,11 +119,12 @@ def declared_names(model: onnx.ModelProto, head: IntegerHead) -> tuple[dict[str,
         zero_point = node.input[2] if len(node.input) > 2 and node.input[2] else ""
         return stored[zero_point].dtype.name if zero_point in stored else "uint8"
 
-    names = {head.input: (source.input[0], stored_type(source)), head.output: (sink.output[0], stored_type(sink)),
-             head.weight_name: (head.weight_name, head.stored_weight.dtype.name)}
+    names = {head.input: (source.input[0], stored_type(source), layer.name),
+             head.output: (sink.output[0], stored_type(sink), layer.name),
+             head.weight_name: (head.weight_name, head.stored_weight.dtype.name, layer.name)}
     if head.bias_name:
-        names[head.bias_name] = (head.bias_name, head.bias.dtype.name)
-    return names, layer.name
+        names[head.bias_name] = (head.bias_name, head.bias.dtype.name, layer.name)
+    return names
 
 
 def _check_deployed(model: onnx.ModelProto, fused: onnx.ModelProto, inputs: np.ndarray, batch: int,

@@ -62,7 +62,7 @@ def test_every_fault_of_a_qdq_classifier_matches_onnx_runtime_as_deployed(tmp_pa
     fused = fused_classifier(model, CPU)
     assert fused is not None and "fused from QDQ by ONNX Runtime" in result.head
     want = _brute(fused.model, x)
-    by_role = {s.role: s for s in result.sites}
+    by_role = {s.role: s for s in result.sites if not s.role.startswith("proj_")}  # the projection: its own test
     assert want.pop("weight hitting the top-1 class") == by_role["weight"].hit_sdc
     assert {role: s.sdc for role, s in by_role.items()} == want and result.total_sdc > 0
     campaign_sites = {s.name for s in list_sites(GraphInfo(model))}

@@ -320,3 +320,23 @@ def pointwise_cnn(seed: int = 0, classes: int = 5, pool_first: bool = False, sof
     inits = [_init("w1", rng, 6, 3, 3, 3), _init("b1", rng, 6, scale=0.1),
              _init("wc", rng, classes, 6, 1, 1, scale=1.0), _init("bc", rng, classes, scale=0.3)]
     return classifier(nodes, inits, "pointwise", (3, 5, 5), classes)
+
+
+def text_head_mlp(seed: int = 0, classes: int = 5, embed: int = 6) -> onnx.ModelProto:
+    """The text-guided head on flattened pixels: z = P·f + b, ẑ = z / max(‖z‖, eps), logits = 2.5 · ẑ·Wᵀ, as
+    `harden export` writes it (ReduceL2, Max, Div, MatMul, Mul); input 1×1×4×4. Quantised, the projection is a
+    QGemm whose stored output is normalised in float and requantised for the classifier's QLinearMatMul."""
+    rng = np.random.default_rng(seed)
+    nodes = [
+        helper.make_node("Flatten", ["x"], ["flat"], name="flatten"),
+        helper.make_node("Gemm", ["flat", "proj_w", "proj_b"], ["z"], name="proj", transB=1),
+        helper.make_node("ReduceL2", ["z"], ["norm"], name="norm", axes=[1], keepdims=1),
+        helper.make_node("Max", ["norm", "eps"], ["safe"], name="max"),
+        helper.make_node("Div", ["z", "safe"], ["zhat"], name="div"),
+        helper.make_node("MatMul", ["zhat", "w_t"], ["cos"], name="cosine"),
+        helper.make_node("Mul", ["cos", "scale"], ["logits"], name="scale_mul"),
+    ]
+    inits = [_init("proj_w", rng, embed, 16), _init("proj_b", rng, embed, scale=0.1),
+             numpy_helper.from_array(np.array(1e-6, dtype=np.float32), "eps"), _init("w_t", rng, embed, classes),
+             numpy_helper.from_array(np.array(2.5, dtype=np.float32), "scale")]
+    return classifier(nodes, inits, "text_head_mlp", (1, 4, 4), classes)
