@@ -1,4 +1,5 @@
-"""An integer classifier inside a QOperator graph: where it is, what it stores, and its exact arithmetic.
+"""An integer classifier (in a QOperator graph, or in the graph ONNX Runtime fuses from QDQ): where it is,
+what it stores, and its exact arithmetic.
 
 A quantised deployment's classifier is an integer layer (QGemm, QLinearMatMul, or
 a 1×1 QLinearConv): its int32 accumulator is exact integer arithmetic,
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 from onnx import helper
 
 from harden.errors import HardenError
@@ -42,7 +44,7 @@ LAYERS = {"QGemm": (0, 3, 6, (1, 2, 4, 5, 7, 8)), "QLinearMatMul": (0, 3, None, 
           "QLinearConv": (0, 3, 8, (1, 2, 4, 5, 6, 7))}
 
 
-def _constant_producers(model: onnx.ModelProto) -> tuple[set[str], dict[str, onnx.NodeProto]]:
+def constant_producers(model: onnx.ModelProto) -> tuple[set[str], dict[str, onnx.NodeProto]]:
     """Every tensor computed from constants alone (initializers, Constant nodes and, say, the
     DequantizeLinear of a stored scale), and the node that makes each one that is not an initializer."""
     constant = {t.name for t in model.graph.initializer}
@@ -58,7 +60,7 @@ def _constant_producers(model: onnx.ModelProto) -> tuple[set[str], dict[str, onn
 
 def _tail_nodes(model: onnx.ModelProto) -> tuple[onnx.NodeProto | None, list[onnx.NodeProto]]:
     """The nodes from the classifier's output to the scores (scores first), and the node before them."""
-    constant, _ = _constant_producers(model)
+    constant, _ = constant_producers(model)
     producer = {o: n for n in model.graph.node for o in n.output if o}
     tail: list[onnx.NodeProto] = []
     node = producer.get(model.graph.output[0].name)
@@ -155,15 +157,17 @@ class IntegerHead:
     @staticmethod
     def _check_pointwise(node: onnx.NodeProto, attrs: dict[str, object]) -> None:
         """A QLinearConv classifier must be a matrix applied at every pixel: 1×1, ungrouped, unpadded, stride 1."""
-        kernel = list(attrs.get("kernel_shape", []))  # type: ignore[call-overload]
-        if kernel not in ([1, 1], []) or attrs.get("group", 1) != 1 or any(attrs.get("pads", [])) or any(  # type: ignore[arg-type]
-                s != 1 for s in attrs.get("strides", [])) or attrs.get("auto_pad", b"NOTSET") not in (  # type: ignore[attr-defined]
-                b"NOTSET", b"VALID", "NOTSET", "VALID"):
+        kernel, pads, strides = (list(attrs.get(k, d)) for k, d in (  # type: ignore[call-overload]
+            ("kernel_shape", [1, 1]), ("pads", []), ("strides", [])))
+        auto_pad = attrs.get("auto_pad", b"NOTSET")
+        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+        if kernel != [1, 1] or attrs.get("group", 1) != 1 or any(pads) or any(s != 1 for s in strides) \
+                or auto_pad not in ("NOTSET", "VALID"):
             raise HardenError(f"exact analysis: QLinearConv {node.name!r} is not an unpadded, ungrouped 1×1 "
                               "convolution of stride 1")
 
     def _session(self, nodes: list[onnx.NodeProto], source: str, dtype: np.dtype, shape: list[int | None],
-                 out_type: int) -> object:
+                 out_type: int) -> ort.InferenceSession:
         """ONNX Runtime running `nodes` of the graph alone, fed `source`."""
         nodes = self.with_constant_producers(nodes)
         constants = {t.name: t for t in self.model.graph.initializer}
@@ -178,7 +182,7 @@ class IntegerHead:
     def with_constant_producers(self, nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
         """`nodes` with the nodes that compute their constant operands (a DequantizeLinear of a stored scale),
         in graph order (computed from initializers alone, so the same for every image)."""
-        _, made = _constant_producers(self.model)
+        _, made = constant_producers(self.model)
         position = {id(n): i for i, n in enumerate(self.model.graph.node)}
         needed: dict[int, onnx.NodeProto] = {}
         pending = [t for n in nodes for t in n.input]
@@ -194,7 +198,7 @@ class IntegerHead:
         rows = u.reshape(-1, self.classes).astype(self.tail_dtype)
         if self._tail is None:
             return rows.astype(np.float32).reshape(u.shape)
-        (scores,) = self._tail.run(None, {self.pooled: rows})  # type: ignore[attr-defined]
+        (scores,) = self._tail.run(None, {self.pooled: rows})
         return np.asarray(scores, dtype=np.float32).reshape(u.shape)
 
     def scores(self, u: np.ndarray, classes: np.ndarray | slice = slice(None)) -> np.ndarray:
@@ -237,7 +241,7 @@ class IntegerHead:
             rows = lo + q[:, None] + (np.arange(pixels)[None, :] < r[:, None])
             session = self._session([self.pool], self.output, self.out_dtype, [None, 1, pixels, 1],
                                     helper.np_dtype_to_tensor_dtype(self.tail_dtype))
-            (pooled,) = session.run(None, {self.output: rows.astype(self.out_dtype)[:, None, :, None]})  # type: ignore[attr-defined]
+            (pooled,) = session.run(None, {self.output: rows.astype(self.out_dtype)[:, None, :, None]})
             self._pool_tables[pixels] = np.asarray(pooled).reshape(-1).astype(np.int64)
         return self._pool_tables[pixels]
 

@@ -28,7 +28,7 @@ from onnx import helper
 from harden.errors import HardenError
 from harden.fi.exact import ExactSiteResult
 from harden.fi.integer_head import (
-    LAYERS, IntegerHead, _constant_producers, accumulator_type, flip_all, wrap32,
+    LAYERS, IntegerHead, constant_producers, accumulator_type, flip_all, wrap32,
 )
 from harden.fi.integer_judges import CHUNK, golden_state
 from harden.graph.ort import make_session
@@ -77,7 +77,7 @@ class Projection:
 def find_projection(head: IntegerHead) -> Projection | None:
     """The integer layer whose output alone the classifier reads (through nodes that read nothing else), or
     None. A projection whose weight, bias or quantisation parameters are not constants is not analysed."""
-    constant, _ = _constant_producers(head.model)
+    constant, _ = constant_producers(head.model)
     producer = {o: n for n in head.model.graph.node for o in n.output if o}
     middle: dict[str, onnx.NodeProto] = {}
     sources: set[str] = set()
