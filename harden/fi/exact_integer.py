@@ -61,7 +61,7 @@ def analyse_head(head: IntegerHead, projection: Projection | None, inputs: np.nd
            *(n.op_type for n in head.tail if n.op_type not in SHAPE_ONLY | {"DequantizeLinear"})]
     if projection is not None:
         sites = [*analyse_projection(projection, inputs, g.top1, batch, providers, threads), *sites]
-        ops.insert(0, f"{projection.layer.op} projection")
+        ops.insert(0, f"{projection.op} projection")
     kind = f"integer linear ({' + '.join(ops)}{', ' + origin if origin else ''})"
     return ExactResult(head=kind, policy="none", fmt="stored integers", images=len(inputs), sites=sites,
                        seconds=time.perf_counter() - started)

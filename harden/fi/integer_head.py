@@ -185,10 +185,11 @@ class IntegerHead:
         _, made = constant_producers(self.model)
         position = {id(n): i for i, n in enumerate(self.model.graph.node)}
         needed: dict[int, onnx.NodeProto] = {}
+        present = {id(n) for n in nodes}
         pending = [t for n in nodes for t in n.input]
         while pending:
             t = pending.pop()
-            if t in made and id(made[t]) not in needed:
+            if t in made and id(made[t]) not in needed and id(made[t]) not in present:
                 needed[id(made[t])] = made[t]
                 pending.extend(made[t].input)
         return sorted(needed.values(), key=lambda n: position[id(n)]) + nodes

@@ -1,25 +1,31 @@
-"""The integer layer before an integer classifier (the text head's projection z = P·f + b), decided exactly.
+"""The projection before an integer classifier (the text head's z = P·f + b), decided exactly.
 
-In the text head the classifier reads ẑ = z/‖z‖ requantised, and z is the
-stored output of an integer projection (QGemm or QLinearMatMul) that is
-dequantised and normalised in float. A flip in P[e, j], in b[e] or in the stored
-z[n, e] changes exactly one stored value of z, and everything after z (the
-dequantisation, the norm, the requantisation, the classifier and its tail) is a
-function of the row of E stored values alone, which ONNX Runtime computes. So
-each such fault's outcome is the top-1 of one row: z[n] with z[n, e] set to the
-faulty value, which the projection's exact integer arithmetic gives
-(harden.fi.integer_head). Many faults share a row: each distinct (image, e,
-value) runs through ORT once, as the graph's own nodes run it. A flip in f[n, j]
-moves every component of z[n], so its row runs on its own.
+In the int8 text head the classifier reads ẑ = z/‖z‖ requantised, and z is the
+stored output of a projection that ONNX Runtime computes from the stored input
+f, weight P and bias b: an integer QGemm, or (where ORT leaves a QDQ graph's
+projection unfused) a float Gemm between DequantizeLinear and QuantizeLinear.
+Each component z[n, e] depends only on row e of P and on b[e]. So a flip in
+P[e, j] or in b[e] changes one stored value of z, and ORT computes that value
+for every e at once: one run of the projection's own nodes with every row's
+element j flipped (or every bias flipped) gives E faults per image. A flip in
+the stored z[n, e] changes that value directly. Everything after z (the norm,
+the requantisation, the classifier and its tail) is a function of the row of E
+stored values alone, so each such fault's outcome is the top-1 of one row, z[n]
+with z[n, e] set to the faulty value: each distinct (image, e, value) runs
+through ORT's own nodes once, shared by every fault that reaches it. A flip in
+f[n, j] moves every component of z[n], so its row runs on its own.
 
-Any integer layer whose output reaches the classifier through nodes that read
-nothing else is such a projection (the text head's, or an MLP head's first
-layer); one reached through a residual sum or a convolution is not.
+ORT computes every value here with the graph's own kernels, so the analysis is
+exact in float as in integers; the projection's and the rest's golden outputs
+must reproduce the model's bit for bit, or the analysis is refused. Any layer
+whose stored output alone reaches the classifier counts as its projection (the
+text head's, or an MLP head's first layer); one reached through a residual sum,
+a pool or a convolution does not.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import onnx
@@ -27,86 +33,179 @@ from onnx import helper
 
 from harden.errors import HardenError
 from harden.fi.exact import ExactSiteResult
-from harden.fi.integer_head import (
-    LAYERS, IntegerHead, constant_producers, accumulator_type, flip_all, wrap32,
-)
-from harden.fi.integer_judges import CHUNK, golden_state
-from harden.graph.ort import make_session
+from harden.fi.integer_head import IntegerHead, constant_producers, flip_all
+from harden.fi.integer_judges import CHUNK
+from harden.graph.ort import expose, make_session
+from harden.graph.parallel import run_model
 
-# the layers a projection may be; a convolution's pixels would each need a row
-PROJECTIONS = frozenset({"QGemm", "QLinearMatMul"})
+# the layers a projection may be, with the positions of (input, weight, bias) where the layer reads them itself
+PROJECTIONS = {"QGemm": (0, 3, 6), "QLinearMatMul": (0, 3, None), "Gemm": (0, 1, 2), "MatMul": (0, 1, None)}
+# the nodes around a float projection in a QDQ graph, between its stored tensors and the layer
+AROUND = frozenset({"DequantizeLinear", "QuantizeLinear", "Add"})
+# ops that end the walk back from the classifier without a projection: a convolution, a pool, a join
+BARRIERS = frozenset({"QLinearConv", "Conv", "ConvInteger", "MatMulInteger", "QLinearAdd", "QLinearConcat",
+                      "Concat", "QLinearGlobalAveragePool", "GlobalAveragePool"})
 # the rows a projection's table may hold (image × component × stored value): 1,365 images of a 384-d text head
 TABLE_CELLS = 1 << 27
 # multiply-adds of the classifier the rows may take in all: a few minutes of ONNX Runtime (the demo's text
 # head on 458 images: 2.5e10)
 ROW_BUDGET = 2 * 10**11
-# ops that end the walk back from the classifier without a projection: another layer, or a join of branches
-BARRIERS = frozenset({"QLinearConv", "Conv", "Gemm", "MatMul", "ConvInteger", "MatMulInteger", "QLinearAdd",
-                      "Add", "QLinearConcat", "Concat"})
 
 
 class Projection:
-    """The projection layer's arithmetic (an IntegerHead of the graph cut at its output), and ONNX Runtime
-    running everything from its stored output to the scores."""
+    """The projection's stored tensors and two ONNX Runtime sessions of the graph's own nodes: one computes
+    the stored output z from the stored input, weight and bias fed to it, the other the scores from z.
+    Its attributes are named as an IntegerHead's (input, output, weight_name, bias_name, op, node)."""
 
-    def __init__(self, model: onnx.ModelProto, output: str, dtype: np.dtype, rest: list[onnx.NodeProto],
-                 classes: int) -> None:
-        cut = onnx.ModelProto()
-        cut.CopyFrom(model)
-        del cut.graph.output[:]
-        cut.graph.output.append(helper.make_tensor_value_info(output, helper.np_dtype_to_tensor_dtype(dtype), None))
-        self.layer = IntegerHead(cut)
-        self.output, self.dtype, self.rest, self.classes = output, dtype, rest, classes
-        constants = {t.name: t for t in model.graph.initializer}
-        inits = {t: constants[t] for n in rest for t in n.input if t in constants}
-        graph = helper.make_graph(rest, "rest", [helper.make_tensor_value_info(
-            output, helper.np_dtype_to_tensor_dtype(dtype), [None, self.layer.classes])], [model.graph.output[0]],
-            list(inits.values()))
-        part = helper.make_model(graph, opset_imports=list(model.opset_import))
-        part.ir_version = model.ir_version
-        self._rest = make_session(part, opt_level="disable")
+    def __init__(self, head: IntegerHead, output: str, layer: onnx.NodeProto, inputs: dict[str, str],
+                 types: dict[str, int], nodes: list[onnx.NodeProto], rest: list[onnx.NodeProto]) -> None:
+        model = head.model
+        stored = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+        self.model, self.classes, self.op, self.node = model, head.classes, layer.op_type, layer.name
+        self.input, self.output, self.weight_name = inputs["input"], output, inputs["weight"]
+        self.bias_name = inputs.get("bias", "")
+        self.stored_weight = stored[self.weight_name]
+        self.bias = stored[self.bias_name] if self.bias_name else np.zeros(0, np.int32)
+        if self.stored_weight.ndim != 2 or (self.bias_name and self.bias.ndim != 1):
+            raise HardenError(f"exact analysis: the projection {layer.op_type} {layer.name!r} has a "
+                              f"{self.stored_weight.ndim}-D weight")
+        trans_b = any(a.name == "transB" and a.i for a in layer.attribute)
+        self.rows_are_outputs = layer.op_type in ("Gemm", "QGemm") and trans_b  # P stored E × F, else F × E
+        kinds = {t.name: t.data_type for t in model.graph.initializer}
+        fed = {self.input: types["input"], self.weight_name: kinds[self.weight_name],
+               **({self.bias_name: kinds[self.bias_name]} if self.bias_name else {})}
+        self._project = _session(model, nodes, fed, (output, types["output"]))
+        self._rest = _session(model, rest, {output: types["output"]},
+                              (model.graph.output[0].name, model.graph.output[0].type.tensor_type.elem_type))
+        self.nodes, self.rest = nodes, rest
+
+    def project(self, f: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
+        """ORT's stored z (N × E) of stored inputs `f` (N × F) with the stored `weight` and `bias`."""
+        feed = {self.input: f, self.weight_name: weight, **({self.bias_name: bias} if self.bias_name else {})}
+        return np.asarray(self._project.run(None, feed)[0]).reshape(len(f), -1)
 
     def top1(self, rows: np.ndarray) -> np.ndarray:
         """The top-1 class of each row of stored projection outputs (… × E)."""
-        flat = rows.reshape(-1, rows.shape[-1]).astype(self.dtype)
+        flat = rows.reshape(-1, rows.shape[-1])
         out = [np.argmax(np.asarray(self._rest.run(None, {self.output: flat[i:i + 4096]})[0])
                          .reshape(len(flat[i:i + 4096]), -1), axis=1) for i in range(0, len(flat), 4096)]
         return np.concatenate(out).reshape(rows.shape[:-1]) if out else np.zeros(rows.shape[:-1], np.int64)
 
+    def flip_column(self, bit: int, j: int) -> np.ndarray:
+        """The weight with element j of every output's row flipped: E faults, one per component of z."""
+        weight = self.stored_weight.copy()
+        view = weight if self.rows_are_outputs else weight.T  # E × F
+        view[:, j] = flip_all(view[:, j], bit).astype(weight.dtype)
+        return weight
+
+
+def _session(model: onnx.ModelProto, nodes: list[onnx.NodeProto], fed: dict[str, int], output: tuple[str, int]):  # type: ignore[no-untyped-def]
+    """ONNX Runtime running `nodes` of the model alone: the tensors `fed` (name: ONNX type) given per run."""
+    stored = {t.name: t for t in model.graph.initializer}
+    inits = {t: stored[t] for n in nodes for t in n.input if t in stored and t not in fed}
+    graph = helper.make_graph(nodes, "part", [helper.make_tensor_value_info(t, kind, None) for t, kind in fed.items()],
+                              [helper.make_tensor_value_info(*output, None)], list(inits.values()))
+    part = helper.make_model(graph, opset_imports=list(model.opset_import))
+    part.ir_version = model.ir_version
+    return make_session(part, opt_level="disable")
+
+
+def _zero_point_type(model: onnx.ModelProto, node: onnx.NodeProto, at: int) -> int:
+    """The ONNX type of the stored integers a quantisation parameter at input `at` describes (uint8 if absent)."""
+    name = node.input[at] if at < len(node.input) else ""
+    return next((t.data_type for t in model.graph.initializer if t.name == name), onnx.TensorProto.UINT8)
+
 
 def find_projection(head: IntegerHead) -> Projection | None:
-    """The integer layer whose output alone the classifier reads (through nodes that read nothing else), or
-    None. A projection whose weight, bias or quantisation parameters are not constants is not analysed."""
+    """The layer whose stored output alone the classifier reads, through nodes that read nothing else, or None.
+    A projection whose weight and bias are not stored constants is not analysed."""
     constant, _ = constant_producers(head.model)
     producer = {o: n for n in head.model.graph.node for o in n.output if o}
     middle: dict[str, onnx.NodeProto] = {}
-    sources: set[str] = set()
+    outputs: set[str] = set()
     pending = [head.input]
+    found = None
     while pending:
         tensor = pending.pop()
         node = producer.get(tensor)
         if node is None or node.op_type in BARRIERS or len(middle) > 64:
             return None
-        if node.op_type in PROJECTIONS:
-            sources.add(tensor)
+        made = _projection_nodes(head, tensor, producer, constant) if node.op_type in (
+            "QGemm", "QLinearMatMul", "QuantizeLinear") else None
+        if made is not None:  # a stored tensor that a layer makes: the projection's output
+            outputs.add(tensor)
+            found = made
         elif node.name not in middle:
             middle[node.name] = node
             pending.extend(t for t in node.input if t and t not in constant)
-    if len(sources) != 1:
+    if len(outputs) != 1 or found is None:
         return None
-    (output,) = sources
-    layer = producer[output]
-    zero_point = layer.input[LAYERS[layer.op_type][3][5]] if len(layer.input) > LAYERS[layer.op_type][3][5] else ""
-    stored = {t.name: t for t in head.model.graph.initializer}
-    dtype = onnx.numpy_helper.to_array(stored[zero_point]).dtype if zero_point in stored else np.dtype(np.uint8)
+    (output,) = outputs
+    layer, inputs, types, nodes = found
     position = {id(n): i for i, n in enumerate(head.model.graph.node)}
     classifier = next(n for n in head.model.graph.node if n.name == head.node)
     rest = sorted([*middle.values(), classifier, *([head.pool] if head.pool is not None else []), *head.tail],
                   key=lambda n: position[id(n)])
     try:
-        return Projection(head.model, output, dtype, head.with_constant_producers(rest), head.classes)
+        return Projection(head, output, layer, inputs, types, head.with_constant_producers(nodes),
+                          head.with_constant_producers(rest))
     except HardenError:
         return None
+
+
+def _projection_nodes(head: IntegerHead, output: str, producer: dict[str, onnx.NodeProto], constant: set[str]
+                      ) -> tuple[onnx.NodeProto, dict[str, str], dict[str, int], list[onnx.NodeProto]] | None:
+    """The layer that makes the stored `output`, the stored tensors it reads (input, weight, bias), the types
+    of its stored input and output, and the nodes from them to `output`; None unless it reads one activation
+    and stored constants."""
+    stored = {t.name for t in head.model.graph.initializer}
+    nodes: list[onnx.NodeProto] = []
+    layer: onnx.NodeProto | None = None
+    roles: dict[str, str] = {}
+    types: dict[str, int] = {}
+    pending = [output]
+    while pending:  # from the stored output back to the layer, through a QuantizeLinear (and a bias Add)
+        node = producer.get(pending.pop())
+        if node is None or node.op_type not in PROJECTIONS and node.op_type not in AROUND:
+            return None
+        if any(node is n for n in nodes):
+            continue
+        nodes.append(node)
+        if node.op_type in PROJECTIONS:  # its stored input, weight and bias: below
+            if layer is not None:
+                return None
+            layer = node
+        else:
+            pending.extend(t for t in node.input if t and t not in constant)
+    if layer is None:
+        return None
+    positions = PROJECTIONS[layer.op_type]
+    for role, at in zip(("input", "weight", "bias"), positions):
+        if at is None or at >= len(layer.input) or not layer.input[at]:
+            continue
+        tensor = layer.input[at]
+        source = producer.get(tensor)
+        if source is not None and source.op_type == "DequantizeLinear":
+            tensor = source.input[0]  # the stored integers the float layer dequantises
+            if role == "input":
+                types["input"] = _zero_point_type(head.model, source, 2)
+        elif role == "input":
+            types["input"] = _zero_point_type(head.model, layer, 2)
+        if (role == "input") == (tensor in stored):
+            return None
+        roles[role] = tensor
+    integers = {t.name: t.data_type for t in head.model.graph.initializer}
+    if "weight" not in roles or "input" not in roles or any(
+            onnx.helper.tensor_dtype_to_np_dtype(integers[roles[r]]).kind not in "iu" for r in ("weight", "bias")
+            if r in roles):
+        return None
+    nodes.extend(producer[t] for t in (layer.input[i] for i in positions if i is not None and i < len(layer.input))
+                 if t in producer and producer[t] not in nodes and producer[t].op_type == "DequantizeLinear")
+    maker = producer[output]
+    types["output"] = _zero_point_type(head.model, maker, {"QuantizeLinear": 2, "QGemm": 8, "QLinearMatMul": 7}.get(
+        maker.op_type, len(maker.input)))
+    position = {id(n): i for i, n in enumerate(head.model.graph.node)}
+    return layer, roles, types, sorted(nodes, key=lambda n: position[id(n)])
 
 
 class _Rows:
@@ -115,7 +214,7 @@ class _Rows:
 
     def __init__(self, projection: Projection, z: np.ndarray) -> None:
         n, e = z.shape
-        info = np.iinfo(projection.dtype)
+        info = np.iinfo(z.dtype)
         self.low, levels = int(info.min), int(info.max) - int(info.min) + 1
         if n * e * levels > TABLE_CELLS:
             raise HardenError(f"exact analysis: the projection before the classifier has {n * e * levels:,} rows "
@@ -126,11 +225,10 @@ class _Rows:
         self.top1 = np.zeros((n, e, levels), np.int32)
 
     def mark(self, rows: np.ndarray, e: np.ndarray, values: np.ndarray) -> None:
-        self.wanted[rows, e, values - self.low] = True
+        self.wanted[rows, e, values.astype(np.int64) - self.low] = True
 
-    def run(self, more: int) -> int:
-        """Runs every marked row; returns how many. `more`: the rows the input faults will run, counted into
-        the budget."""
+    def run(self, more: int) -> None:
+        """Runs every marked row. `more`: the rows the input faults will run, counted into the budget."""
         rows, e, v = np.nonzero(self.wanted)
         n, components = self.z.shape
         cost = (len(rows) + more) * components * self.projection.classes
@@ -138,19 +236,21 @@ class _Rows:
             raise HardenError(f"exact analysis: the projection before the classifier needs {len(rows) + more:,} rows "
                               f"run through ONNX Runtime for {n} images ({cost:.1e} multiply-adds); it allows "
                               f"about {max(1, int(n * ROW_BUDGET / cost))} images (certify with a smaller --limit)")
-        step = max(1, CHUNK // max(1, self.z.shape[1]))
+        step = max(1, CHUNK // max(1, components))
         for i in range(0, len(rows), step):
             s = slice(i, i + step)
             batch = self.z[rows[s]].copy()
-            batch[np.arange(len(batch)), e[s]] = v[s] + self.low
+            batch[np.arange(len(batch)), e[s]] = (v[s] + self.low).astype(self.z.dtype)
             self.top1[rows[s], e[s], v[s]] = self.projection.top1(batch)
-        return len(rows)
 
     def sdc(self, rows: np.ndarray, e: np.ndarray, values: np.ndarray, top1: np.ndarray) -> np.ndarray:
         """Whether each fault (image rows[i], component e[i] set to values[i]) changes the top-1; a value equal
         to the golden one changes nothing."""
         same = values == self.z[rows, e]
-        return ~same & (self.top1[rows, e, values - self.low] != top1[rows])
+        return ~same & (self.top1[rows, e, values.astype(np.int64) - self.low] != top1[rows])
+
+
+Faults = Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray, int]]
 
 
 def analyse_projection(projection: Projection, inputs: np.ndarray, top1: np.ndarray, batch: int = 64,
@@ -158,84 +258,73 @@ def analyse_projection(projection: Projection, inputs: np.ndarray, top1: np.ndar
                        threads: int = 0) -> list[ExactSiteResult]:
     """Exact SDC counts of every single-bit fault in the projection's weight, bias, input and output, against
     the classifier's golden `top1` on the same `inputs`."""
-    layer = projection.layer
-    g = golden_state(layer, inputs, batch, providers, threads)
-    z = g.y[:, :, 0]  # N × E stored outputs
+    names = [projection.input, projection.output]
+    f, z = run_model(expose(projection.model, names), inputs, names, "disable", batch, threads, providers)
+    f, z = f.reshape(len(inputs), -1), z.reshape(len(inputs), -1)
+    if not np.array_equal(projection.project(f, projection.stored_weight, projection.bias), z):
+        raise HardenError(f"exact analysis: the projection {projection.op} {projection.node!r}, run on its stored "
+                          "input alone, does not give its stored output")
     if not np.array_equal(projection.top1(z), top1):
         raise HardenError("exact analysis: the nodes after the projection, run on its outputs alone, do not give "
                           "the classifier's top-1")
     table = _Rows(projection, z)
-    faults = [_weight_values, *([_bias_values] if layer.bias_name else []), _output_values]
-    for values in faults:  # the rows every single-value fault makes, marked
-        for _, rows, e, v, _ in values(layer, g.x[:, :, 0], g.acc[:, :, 0], z):
+    enumerations = [("proj_weight", projection.weight_name, projection.stored_weight, _weight_faults),
+                    ("proj_bias", projection.bias_name, projection.bias, _bias_faults),
+                    ("proj_output", projection.output, z[0], _output_faults)]
+    enumerations = [e for e in enumerations if e[1]]
+    for *_, faults in enumerations:  # the rows every single-value fault makes, marked
+        for _, rows, e, v, _ in faults(projection, f, z):
             table.mark(rows, e, v)
-    table.run(more=len(z) * g.x.shape[1] * 8 * g.x.dtype.itemsize)
+    table.run(more=f.size * 8 * f.dtype.itemsize)
     sites = []
-    for values, role, tensor, stored in ((_weight_values, "proj_weight", layer.weight_name, layer.stored_weight),
-                                         (_bias_values, "proj_bias", layer.bias_name, layer.bias),
-                                         (_output_values, "proj_output", layer.output, z[0].astype(layer.out_dtype))):
-        if not tensor:
-            continue
-        site = ExactSiteResult.for_stored(tensor, role, layer.node, stored, len(z), hits=False)
-        for bit, rows, e, v, count in values(layer, g.x[:, :, 0], g.acc[:, :, 0], z):
+    for role, tensor, stored, faults in enumerations:
+        site = ExactSiteResult.for_stored(tensor, role, projection.node, stored, len(z), hits=False)
+        for bit, rows, e, v, count in faults(projection, f, z):
             site.faults[bit] += count
             site.sdc[bit] += int(table.sdc(rows, e, v, top1).sum())
         sites.append(site)
-    return [sites[0], *sites[1:-1], _input(projection, g.x[:, :, 0], g.acc[:, :, 0], top1), sites[-1]]
+    return [*sites[:-1], _input(projection, f, top1), sites[-1]]
 
 
-def _weight_values(layer: IntegerHead, x: np.ndarray, acc: np.ndarray, z: np.ndarray):  # type: ignore[no-untyped-def]
-    """For each bit, chunk by chunk: (bit, image, e, faulty z value, faults) of every P[e, j] flip that changes
-    z[n, e] (the others change nothing), and how many faults the chunk held."""
-    n, features = x.shape
-    stored = layer.weight_fc  # F × E
-    reach = int(np.abs(x.astype(np.int64) - layer.zx).max(initial=0)) * 2 ** (8 * stored.dtype.itemsize - 1)
-    dtype = accumulator_type(acc, reach)
-    xz = x.astype(dtype) - dtype(layer.zx)
+def _changed(bit: int, z: np.ndarray, faulty: np.ndarray) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, int]:
+    rows, e = np.nonzero(faulty != z)
+    return bit, rows, e, faulty[rows, e], int(faulty.size)
+
+
+def _weight_faults(projection: Projection, f: np.ndarray, z: np.ndarray) -> Faults:
+    """(bit, image, e, faulty z value, faults) of every P[e, j] flip that changes z[n, e], E faults per run."""
+    features = f.shape[1]
+    for bit in range(8 * projection.stored_weight.dtype.itemsize):
+        for j in range(features):
+            yield _changed(bit, z, projection.project(f, projection.flip_column(bit, j), projection.bias))
+
+
+def _bias_faults(projection: Projection, f: np.ndarray, z: np.ndarray) -> Faults:
+    """As `_weight_faults`, for b[e] flips: every bias flipped in one run."""
+    for bit in range(8 * projection.bias.dtype.itemsize):
+        bias = flip_all(projection.bias, bit).astype(projection.bias.dtype)
+        yield _changed(bit, z, projection.project(f, projection.stored_weight, bias))
+
+
+def _output_faults(projection: Projection, f: np.ndarray, z: np.ndarray) -> Faults:
+    """As `_weight_faults`, for flips of the stored z[n, e] itself."""
+    for bit in range(8 * z.dtype.itemsize):
+        yield _changed(bit, z, flip_all(z, bit).astype(z.dtype))
+
+
+def _input(projection: Projection, f: np.ndarray, top1: np.ndarray) -> ExactSiteResult:
+    """f[n, j] flipped: every component of z[n] moves, so each fault runs its own row."""
+    n, features = f.shape
+    site = ExactSiteResult.for_stored(projection.input, "proj_input", projection.node, f[0], n, hits=False)
     step = max(1, CHUNK // max(1, n * features))
-    for bit in range(8 * stored.dtype.itemsize):
-        dw = (flip_all(stored, bit) - stored.astype(np.int64)).astype(dtype)
-        for e0 in range(0, layer.classes, step):
-            es = np.arange(e0, min(layer.classes, e0 + step))
-            faulty = acc[:, None, es].astype(dtype) + xz[:, :, None] * dw[None, :, es]  # N × F × e
-            value = layer.requantise((faulty if dtype == np.int32 else wrap32(faulty))[..., None], es)[..., 0]
-            changed = value != z[:, None, es]
-            rows, _, k = np.nonzero(changed)
-            yield bit, rows, es[k], value[changed], int(value.size)
-
-
-def _bias_values(layer: IntegerHead, x: np.ndarray, acc: np.ndarray, z: np.ndarray):  # type: ignore[no-untyped-def]
-    """As `_weight_values`, for b[e] flips: every image's z[n, e] moves by the same Δb before requantising."""
-    n, e = acc.shape
-    for bit in range(8 * layer.bias.dtype.itemsize):
-        db = flip_all(layer.bias, bit) - layer.bias.astype(np.int64)
-        value = layer.requantise(wrap32(acc + db[None, :])[..., None])[..., 0]
-        rows, k = np.nonzero(value != z)
-        yield bit, rows, k, value[rows, k], n * e
-
-
-def _output_values(layer: IntegerHead, x: np.ndarray, acc: np.ndarray, z: np.ndarray):  # type: ignore[no-untyped-def]
-    """As `_weight_values`, for flips of the stored z[n, e] itself."""
-    n, e = z.shape
-    stored = z.astype(layer.out_dtype)
-    for bit in range(8 * stored.dtype.itemsize):
-        rows, k = np.indices(z.shape).reshape(2, -1)
-        yield bit, rows, k, flip_all(stored, bit).reshape(-1), n * e
-
-
-def _input(projection: Projection, x: np.ndarray, acc: np.ndarray, top1: np.ndarray) -> ExactSiteResult:
-    """f[n, j] flipped: every component of z[n] moves by Δf·(P[:, j] − zw), so each fault runs its own row."""
-    layer = projection.layer
-    n, features = x.shape
-    site = ExactSiteResult.for_stored(layer.input, "proj_input", layer.node, x[0], n, hits=False)
-    step = max(1, CHUNK // max(1, n * layer.classes))
     for bit in range(len(site.faults)):
-        dx = flip_all(x, bit) - x.astype(np.int64)  # N × F
+        flipped = flip_all(f, bit).astype(f.dtype)
         for j0 in range(0, features, step):
             js = np.arange(j0, min(features, j0 + step))
-            faulty = wrap32(acc[:, None, :] + dx[:, js, None] * layer.wz[None, js, :])  # N × j × E
-            rows = layer.requantise(faulty[..., None])[..., 0]
-            sdc = projection.top1(rows) != top1[:, None]
+            rows = np.repeat(f[:, None, :], len(js), axis=1)  # N × j × F
+            rows[:, np.arange(len(js)), js] = flipped[:, js]
+            faulty = projection.project(rows.reshape(-1, features), projection.stored_weight, projection.bias)
+            sdc = projection.top1(faulty.reshape(n, len(js), -1)) != top1[:, None]
             site.faults[bit] += int(sdc.size)
             site.sdc[bit] += int(sdc.sum())
     return site

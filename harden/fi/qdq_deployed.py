@@ -33,7 +33,7 @@ from harden.errors import HardenError
 from harden.fi.exact import ExactResult
 from harden.fi.exact_integer import analyse_head
 from harden.fi.integer_head import IntegerHead
-from harden.fi.integer_projection import find_projection
+from harden.fi.integer_projection import Projection, find_projection
 from harden.graph.ort import make_session
 from harden.graph.parallel import run_model
 
@@ -70,7 +70,7 @@ def analyse_qdq_head(model: onnx.ModelProto, fused: Fused, inputs: np.ndarray, b
     projection = find_projection(fused.head)
     names = declared_names(model, fused.head)
     if projection is not None:
-        names.update(declared_names(model, projection.layer))
+        names.update(declared_names(model, projection))
     _check_deployed(model, fused.model, inputs, batch, providers, threads)
     result = analyse_head(fused.head, projection, inputs, batch, providers, threads,
                           origin="fused from QDQ by ONNX Runtime")
@@ -88,7 +88,7 @@ def fused_graph(model: onnx.ModelProto, providers: Sequence[str]) -> onnx.ModelP
         return onnx.load(str(path))
 
 
-def declared_names(model: onnx.ModelProto, head: IntegerHead) -> dict[str, tuple[str, str, str]]:
+def declared_names(model: onnx.ModelProto, head: IntegerHead | Projection) -> dict[str, tuple[str, str, str]]:
     """For each tensor of a fused integer layer (the classifier, or its projection), the name and stored type
     the QDQ graph gives it, and the name of the layer it declares."""
     graph = model.graph

@@ -21,25 +21,26 @@ from harden.fi.qdq_deployed import fused_graph
 from harden.fi.sites import list_sites
 from harden.graph.ort import expose, make_session
 from tests.fi.test_exact_integer import _flipped, _session
+from tests.fi.test_qdq_deployed import _deployed_brute
 from tests.fi.test_qoperator import qoperator
 from tests.fi.test_quantised import quantised
 from tests.fi.tiny_models import labelled_inputs, pointwise_cnn, stem_cnn, text_head_mlp
 
 
 def _brute(model: onnx.ModelProto, x: np.ndarray) -> dict[str, list[int]]:
-    """SDC per bit of the projection's sites, each fault applied and run by ONNX Runtime."""
+    """SDC per bit of the projection's sites, each fault applied alone and run by ONNX Runtime through the
+    graph's nodes from the projection's stored tensors to the scores."""
     head = IntegerHead(model)
     projection = find_projection(head)
     assert projection is not None
-    layer = projection.layer
-    a, z = make_session(expose(model, [layer.input, layer.output]), opt_level="disable").run(
-        [layer.input, layer.output], {model.graph.input[0].name: x})
+    p = projection
+    a, z = make_session(expose(model, [p.input, p.output]), opt_level="disable").run(
+        [p.input, p.output], {model.graph.input[0].name: x})
     consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    weight, bias = consts[layer.weight_name], consts[layer.bias_name]
-    node = next(n for n in head.model.graph.node if n.name == layer.node)
-    run = _session(head.model, [node, *projection.rest], [layer.input, layer.weight_name, layer.bias_name],
+    weight, bias = consts[p.weight_name], consts[p.bias_name]
+    run = _session(head.model, [*p.nodes, *p.rest], [p.input, p.weight_name, p.bias_name],
                    [a.dtype, weight.dtype, bias.dtype])
-    rest = _session(head.model, projection.rest, [layer.output], [z.dtype])
+    rest = _session(head.model, p.rest, [p.output], [z.dtype])
     top1 = run(a, weight, bias)
     out = {role: [0] * (8 * v.dtype.itemsize) for role, v in (("proj_weight", weight), ("proj_bias", bias),
                                                                 ("proj_input", a), ("proj_output", z))}
@@ -58,18 +59,21 @@ def _brute(model: onnx.ModelProto, x: np.ndarray) -> dict[str, list[int]]:
     return out
 
 
-@pytest.mark.parametrize("fmt", ["QOperator-uint8", "QOperator-int8", "QDQ-uint8"])
+@pytest.mark.parametrize("fmt", ["QOperator-uint8", "QOperator-int8", "QDQ-uint8", "QDQ-int8"])
 def test_every_fault_of_the_text_head_s_projection_matches_onnx_runtime(tmp_path: Path, fmt: str) -> None:
     """The projection's stored output is dequantised, L2-normalised in float and requantised before the
     classifier: each fault's row runs through ORT's own nodes, and the counts equal brute force bit by bit. In
-    a QDQ graph the kernels are those ORT fuses, and the sites carry the QDQ graph's (the campaign's) names."""
+    a QDQ graph the kernels are those ORT fuses (with int8 activations it leaves the projection a float Gemm
+    between DequantizeLinear and QuantizeLinear), the sites carry the QDQ graph's (the campaign's) names, and
+    bias faults written into the QDQ graph and run as deployed give the same counts."""
     float_model = text_head_mlp(seed=1)
-    activations = QuantType.QInt8 if fmt.endswith("int8") and "uint8" not in fmt else QuantType.QUInt8
+    activations = QuantType.QInt8 if fmt.endswith("-int8") else QuantType.QUInt8
     model = qoperator(float_model, tmp_path, activations) if fmt.startswith("QOperator") else quantised(
         float_model, tmp_path, activations=activations)
     x, _ = labelled_inputs(float_model, 24)
     result = analyse_model(model, x)
-    assert result.head.startswith("integer linear (QGemm projection + QLinearMatMul + QLinearMul")
+    projection = "Gemm" if fmt == "QDQ-int8" else "QGemm"
+    assert result.head.startswith(f"integer linear ({projection} projection + QLinearMatMul + ")
     assert [s.role for s in result.sites] == ["proj_weight", "proj_bias", "proj_input", "proj_output", "weight",
                                               "input", "output"]
     reference = fused_graph(model, ("CPUExecutionProvider",)) if fmt.startswith("QDQ") else model
@@ -78,6 +82,8 @@ def test_every_fault_of_the_text_head_s_projection_matches_onnx_runtime(tmp_path
     if fmt.startswith("QDQ"):
         campaign = {s.name for s in list_sites(GraphInfo(model))}
         assert {s.tensor for s in result.sites if s.role in ("proj_weight", "proj_bias", "proj_output")} <= campaign
+        bias = next(s for s in analyse_model(model, x[:8]).sites if s.role == "proj_bias")
+        assert bias.sdc == _deployed_brute(model, x[:8], bias.tensor)
 
 
 def test_a_classifier_after_a_convolution_has_no_projection(tmp_path: Path) -> None:
