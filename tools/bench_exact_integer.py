@@ -10,6 +10,10 @@ times brute force on a sample of weight faults, checks that their outcomes
 equal the exact analysis's, and prints both rates and their ratio.
 
     .venv/bin/python tools/bench_exact_integer.py [--images 64] [--features 2048] [--classes 1000] [--sample 200]
+
+With --text-head E the head is the text-guided one (projection to E dimensions,
+L2 normalisation, cosine classifier, scale), and the analysis covers its
+projection too (`harden.fi.integer_projection`); it is timed without brute force.
 """
 
 from __future__ import annotations
@@ -31,16 +35,27 @@ from harden.fi.exact_onnx import analyse_model
 from harden.graph.ort import make_session
 
 
-def head_model(features: int, classes: int, images: np.ndarray, work: Path) -> onnx.ModelProto:
-    """ReLU features → Gemm, quantised in QOperator format and calibrated on `images`."""
+def head_model(features: int, classes: int, images: np.ndarray, work: Path, embed: int = 0) -> onnx.ModelProto:
+    """ReLU features → Gemm, quantised in QOperator format and calibrated on `images`; with `embed`, the text
+    head: a projection to `embed` dimensions, L2 normalisation, the cosine classifier and its scale."""
     rng = np.random.default_rng(0)
-    weight = (rng.standard_normal((classes, features)) / np.sqrt(features)).astype(np.float32)
+    width = embed or features
+    weight = (rng.standard_normal((classes, width)) / np.sqrt(width)).astype(np.float32)
     bias = (rng.standard_normal(classes) * 0.1).astype(np.float32)
+    inits = [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")]
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Gemm", ["r", "w", "b"], ["logits"], transB=1)]
+    if embed:
+        projection = (rng.standard_normal((embed, features)) / np.sqrt(features)).astype(np.float32)
+        inits = [numpy_helper.from_array(projection, "p"), numpy_helper.from_array(bias[:embed] * 0 + 0.01, "pb"),
+                 numpy_helper.from_array(np.array(1e-6, np.float32), "eps"),
+                 numpy_helper.from_array(weight.T.copy(), "wt"), numpy_helper.from_array(np.float32(30.0), "s")]
+        nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Gemm", ["r", "p", "pb"], ["z"], transB=1),
+                 helper.make_node("ReduceL2", ["z"], ["n"], axes=[1], keepdims=1),
+                 helper.make_node("Max", ["n", "eps"], ["m"]), helper.make_node("Div", ["z", "m"], ["zh"]),
+                 helper.make_node("MatMul", ["zh", "wt"], ["c"]), helper.make_node("Mul", ["c", "s"], ["logits"])]
     graph = helper.make_graph(
-        [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Gemm", ["r", "w", "b"], ["logits"], transB=1)],
-        "head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", features])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])],
-        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")])
+        nodes, "head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", features])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.save(model, work / "head.onnx")
@@ -62,17 +77,21 @@ def main() -> None:
     p.add_argument("--features", type=int, default=2048)
     p.add_argument("--classes", type=int, default=1000)
     p.add_argument("--sample", type=int, default=200, help="weight faults timed by brute force")
+    p.add_argument("--text-head", type=int, default=0, metavar="E",
+                   help="the text head with an E-d projection instead (timed, without brute force)")
     args = p.parse_args()
     x = np.abs(np.random.default_rng(1).standard_normal((args.images, args.features))).astype(np.float32)
     with tempfile.TemporaryDirectory() as tmp:
-        model = head_model(args.features, args.classes, x, Path(tmp))
+        model = head_model(args.features, args.classes, x, Path(tmp), args.text_head)
     started = time.perf_counter()
     result = analyse_model(model, x)
     exact_s = time.perf_counter() - started
-    print(f"exact: {result.total_faults:,} faults × images in {exact_s:.1f} s "
+    print(f"exact ({result.head}): {result.total_faults:,} faults × images in {exact_s:.1f} s "
           f"({result.total_faults / exact_s:,.0f}/s); SDC {100 * result.total_sdc / result.total_faults:.4f}%")
     for s in result.sites:
-        print(f"  {s.role:<7} {s.fmt:<6} {s.total_faults:>14,} faults  SDC {100 * s.sdc_fraction:.4f}%")
+        print(f"  {s.role:<11} {s.fmt:<6} {s.total_faults:>14,} faults  SDC {100 * s.sdc_fraction:.4f}%")
+    if args.text_head:
+        return
 
     # brute force: the quantised head with the weight fed per run, one fault at a time on all images
     head = IntegerHead(model)

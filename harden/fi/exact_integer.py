@@ -60,7 +60,7 @@ def analyse_head(head: IntegerHead, projection: Projection | None, inputs: np.nd
     ops = [head.op, *([head.pool.op_type] if head.pool is not None else []),
            *(n.op_type for n in head.tail if n.op_type not in SHAPE_ONLY | {"DequantizeLinear"})]
     if projection is not None:
-        sites = [*analyse_projection(projection, inputs, g.top1, batch, providers, threads), *sites]
+        sites = [*analyse_projection(projection, inputs, g, batch, providers, threads), *sites]
         ops.insert(0, f"{projection.op} projection")
     kind = f"integer linear ({' + '.join(ops)}{', ' + origin if origin else ''})"
     return ExactResult(head=kind, policy="none", fmt="stored integers", images=len(inputs), sites=sites,

@@ -128,6 +128,7 @@ class IntegerHead:
         self.classes = weight.shape[1]
         sx_name, zx_name, sw_name, zw_name, sy_name, zy_name = quant
         self.zx = int(constants[zx_name].reshape(-1)[0]) if zx_name else 0
+        self.in_dtype = constants[zx_name].dtype if zx_name else np.dtype(np.uint8)  # the stored input's type
         zw = constants[zw_name].astype(np.int64).reshape(-1) if zw_name else np.zeros(1, np.int64)
         self.wz = weight.astype(np.int64) - np.broadcast_to(zw, (self.classes,))[None, :]  # (W − zw), F × C
         self.bias = constants[bias] if bias else np.zeros(self.classes, np.int32)

@@ -33,8 +33,8 @@ from onnx import helper
 
 from harden.errors import HardenError
 from harden.fi.exact import ExactSiteResult
-from harden.fi.integer_head import IntegerHead, constant_producers, flip_all
-from harden.fi.integer_judges import CHUNK
+from harden.fi.integer_head import IntegerHead, constant_producers, flip_all, wrap32
+from harden.fi.integer_judges import CHUNK, Golden
 from harden.graph.ort import expose, make_session
 from harden.graph.parallel import run_model
 
@@ -47,21 +47,27 @@ BARRIERS = frozenset({"QLinearConv", "Conv", "ConvInteger", "MatMulInteger", "QL
                       "Concat", "QLinearGlobalAveragePool", "GlobalAveragePool"})
 # the rows a projection's table may hold (image × component × stored value): 1,365 images of a 384-d text head
 TABLE_CELLS = 1 << 27
-# multiply-adds of the classifier the rows may take in all: a few minutes of ONNX Runtime (the demo's text
-# head on 458 images: 2.5e10)
+# operations the rows may take in all (`Projection.row_cost`), counting E for the nodes ORT runs from z to
+# ẑ and C per component of ẑ summed: all E with few classes, else CHANGED (a few for the small changes most
+# faults make): a few minutes at most (the demo's text head on 458 images: 2.5e10)
 ROW_BUDGET = 2 * 10**11
+CHANGED = 8
+# up to this many classes ORT runs every row from z to the scores; beyond, only to ẑ (`Projection.top1`)
+DENSE_CLASSES = 64
 
 
 class Projection:
     """The projection's stored tensors and two ONNX Runtime sessions of the graph's own nodes: one computes
-    the stored output z from the stored input, weight and bias fed to it, the other the scores from z.
-    Its attributes are named as an IntegerHead's (input, output, weight_name, bias_name, op, node)."""
+    the stored output z from the stored input, weight and bias fed to it, the other the classifier's stored
+    input ẑ from z. Its attributes are named as an IntegerHead's (input, output, weight_name, bias_name, op,
+    node). `rest`: the nodes from z to the scores."""
 
     def __init__(self, head: IntegerHead, output: str, layer: onnx.NodeProto, inputs: dict[str, str],
-                 types: dict[str, int], nodes: list[onnx.NodeProto], rest: list[onnx.NodeProto]) -> None:
+                 types: dict[str, int], nodes: list[onnx.NodeProto], middle: list[onnx.NodeProto],
+                 rest: list[onnx.NodeProto]) -> None:
         model = head.model
         stored = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
-        self.model, self.classes, self.op, self.node = model, head.classes, layer.op_type, layer.name
+        self.model, self.head, self.op, self.node = model, head, layer.op_type, layer.name
         self.input, self.output, self.weight_name = inputs["input"], output, inputs["weight"]
         self.bias_name = inputs.get("bias", "")
         self.stored_weight = stored[self.weight_name]
@@ -75,21 +81,59 @@ class Projection:
         fed = {self.input: types["input"], self.weight_name: kinds[self.weight_name],
                **({self.bias_name: kinds[self.bias_name]} if self.bias_name else {})}
         self._project = _session(model, nodes, fed, (output, types["output"]))
+        self._middle = _session(model, middle, {output: types["output"]},
+                                (head.input, helper.np_dtype_to_tensor_dtype(head.in_dtype)))
         self._rest = _session(model, rest, {output: types["output"]},
                               (model.graph.output[0].name, model.graph.output[0].type.tensor_type.elem_type))
         self.nodes, self.rest = nodes, rest
+        self.golden: Golden | None = None
 
     def project(self, f: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
         """ORT's stored z (N × E) of stored inputs `f` (N × F) with the stored `weight` and `bias`."""
         feed = {self.input: f, self.weight_name: weight, **({self.bias_name: bias} if self.bias_name else {})}
         return np.asarray(self._project.run(None, feed)[0]).reshape(len(f), -1)
 
-    def top1(self, rows: np.ndarray) -> np.ndarray:
-        """The top-1 class of each row of stored projection outputs (… × E)."""
-        flat = rows.reshape(-1, rows.shape[-1])
-        out = [np.argmax(np.asarray(self._rest.run(None, {self.output: flat[i:i + 4096]})[0])
-                         .reshape(len(flat[i:i + 4096]), -1), axis=1) for i in range(0, len(flat), 4096)]
-        return np.concatenate(out).reshape(rows.shape[:-1]) if out else np.zeros(rows.shape[:-1], np.int64)
+    def classifier_input(self, z: np.ndarray) -> np.ndarray:
+        """ORT's stored ẑ of rows of stored z (R × E): the nodes between them (the norm, the requantisation)."""
+        return np.asarray(self._middle.run(None, {self.output: z})[0]).reshape(len(z), -1)
+
+    def top1(self, rows: np.ndarray, images: np.ndarray) -> np.ndarray:
+        """The top-1 class of rows of stored z (R × E), each a faulty copy of image images[i]'s.
+
+        With few classes ORT runs every node from z to the scores. With many, the classifier's product
+        would cost E·C per row, so ORT computes only ẑ: a single changed z moves a few of its components
+        (more as the change grows), the classifier's accumulators move by Σ Δẑ[i]·(W[:, i] − zw) over
+        those alone, and its exact arithmetic (harden.fi.integer_head) and judge give the top-1."""
+        assert self.golden is not None
+        head, g = self.head, self.golden
+        if self.dense:
+            return np.concatenate([np.argmax(np.asarray(self._rest.run(None, {self.output: rows[i:i + 4096]})[0])
+                                             .reshape(len(rows[i:i + 4096]), -1), axis=1)
+                                   for i in range(0, len(rows), 4096)]) if len(rows) else np.zeros(0, np.int64)
+        delta = self.classifier_input(rows).astype(np.int64) - g.x[images, :, 0]
+        acc = g.acc[images, :, 0].copy()
+        if 8 * np.count_nonzero(delta) > delta.size:  # most components moved (an input fault's rows): one
+            # product, in float64 and exact (every partial sum is an integer below 2^53)
+            acc += (delta.astype(np.float64) @ head.wz.astype(np.float64)).astype(np.int64)
+            return g.judge.winners(head.requantise(wrap32(acc)[..., None])[..., 0])
+        r, i = np.nonzero(delta)  # by row
+        per = max(1, CHUNK // max(1, head.classes))
+        for k0 in range(0, len(r), per):  # contributions of `per` changed components at a time
+            k = slice(k0, k0 + per)
+            contribution = delta[r[k], i[k]][:, None] * head.wz[i[k]]
+            starts = np.flatnonzero(np.r_[True, r[k][1:] != r[k][:-1]])
+            acc[r[k][starts]] += np.add.reduceat(contribution, starts, axis=0)
+        return g.judge.winners(head.requantise(wrap32(acc)[..., None])[..., 0])
+
+    @property
+    def dense(self) -> bool:
+        """Whether a row's scores are cheaper to recompute whole (few classes) than component by component."""
+        return self.head.classes <= DENSE_CLASSES
+
+    def row_cost(self) -> int:
+        """Operations per row, for the budget: ORT's nodes from z to ẑ, then the classifier's update."""
+        components = self.head.wz.shape[0]
+        return components + (components if self.dense else CHANGED) * self.head.classes
 
     def flip_column(self, bit: int, j: int) -> np.ndarray:
         """The weight with element j of every output's row flipped: E faults, one per component of z."""
@@ -119,6 +163,8 @@ def _zero_point_type(model: onnx.ModelProto, node: onnx.NodeProto, at: int) -> i
 def find_projection(head: IntegerHead) -> Projection | None:
     """The layer whose stored output alone the classifier reads, through nodes that read nothing else, or None.
     A projection whose weight and bias are not stored constants is not analysed."""
+    if head.pool is not None:  # a pooled map is not a vector a projection makes
+        return None
     constant, _ = constant_producers(head.model)
     producer = {o: n for n in head.model.graph.node for o in n.output if o}
     middle: dict[str, onnx.NodeProto] = {}
@@ -143,12 +189,12 @@ def find_projection(head: IntegerHead) -> Projection | None:
     (output,) = outputs
     layer, inputs, types, nodes = found
     position = {id(n): i for i, n in enumerate(head.model.graph.node)}
+    between = sorted(middle.values(), key=lambda n: position[id(n)])
     classifier = next(n for n in head.model.graph.node if n.name == head.node)
-    rest = sorted([*middle.values(), classifier, *([head.pool] if head.pool is not None else []), *head.tail],
-                  key=lambda n: position[id(n)])
     try:
         return Projection(head, output, layer, inputs, types, head.with_constant_producers(nodes),
-                          head.with_constant_producers(rest))
+                          head.with_constant_producers(between),
+                          head.with_constant_producers([*between, classifier, *head.tail]))
     except HardenError:
         return None
 
@@ -231,17 +277,17 @@ class _Rows:
         """Runs every marked row. `more`: the rows the input faults will run, counted into the budget."""
         rows, e, v = np.nonzero(self.wanted)
         n, components = self.z.shape
-        cost = (len(rows) + more) * components * self.projection.classes
+        cost = (len(rows) + more) * self.projection.row_cost()
         if cost > ROW_BUDGET:
             raise HardenError(f"exact analysis: the projection before the classifier needs {len(rows) + more:,} rows "
-                              f"run through ONNX Runtime for {n} images ({cost:.1e} multiply-adds); it allows "
-                              f"about {max(1, int(n * ROW_BUDGET / cost))} images (certify with a smaller --limit)")
+                              f"run for {n} images (about {cost:.1e} operations); it allows about "
+                              f"{max(1, int(n * ROW_BUDGET / cost))} images (certify with a smaller --limit)")
         step = max(1, CHUNK // max(1, components))
         for i in range(0, len(rows), step):
             s = slice(i, i + step)
             batch = self.z[rows[s]].copy()
             batch[np.arange(len(batch)), e[s]] = (v[s] + self.low).astype(self.z.dtype)
-            self.top1[rows[s], e[s], v[s]] = self.projection.top1(batch)
+            self.top1[rows[s], e[s], v[s]] = self.projection.top1(batch, rows[s])
 
     def sdc(self, rows: np.ndarray, e: np.ndarray, values: np.ndarray, top1: np.ndarray) -> np.ndarray:
         """Whether each fault (image rows[i], component e[i] set to values[i]) changes the top-1; a value equal
@@ -253,20 +299,22 @@ class _Rows:
 Faults = Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray, int]]
 
 
-def analyse_projection(projection: Projection, inputs: np.ndarray, top1: np.ndarray, batch: int = 64,
+def analyse_projection(projection: Projection, inputs: np.ndarray, golden: Golden, batch: int = 64,
                        providers: Sequence[str] = ("CPUExecutionProvider",),
                        threads: int = 0) -> list[ExactSiteResult]:
     """Exact SDC counts of every single-bit fault in the projection's weight, bias, input and output, against
-    the classifier's golden `top1` on the same `inputs`."""
+    the classifier's `golden` state on the same `inputs`."""
+    projection.golden, top1 = golden, golden.top1
     names = [projection.input, projection.output]
     f, z = run_model(expose(projection.model, names), inputs, names, "disable", batch, threads, providers)
     f, z = f.reshape(len(inputs), -1), z.reshape(len(inputs), -1)
     if not np.array_equal(projection.project(f, projection.stored_weight, projection.bias), z):
         raise HardenError(f"exact analysis: the projection {projection.op} {projection.node!r}, run on its stored "
                           "input alone, does not give its stored output")
-    if not np.array_equal(projection.top1(z), top1):
+    if not np.array_equal(projection.classifier_input(z), golden.x[:, :, 0]) or not np.array_equal(
+            projection.top1(z, np.arange(len(z))), top1):
         raise HardenError("exact analysis: the nodes after the projection, run on its outputs alone, do not give "
-                          "the classifier's top-1")
+                          "the classifier's input and top-1")
     table = _Rows(projection, z)
     enumerations = [("proj_weight", projection.weight_name, projection.stored_weight, _weight_faults),
                     ("proj_bias", projection.bias_name, projection.bias, _bias_faults),
@@ -324,7 +372,8 @@ def _input(projection: Projection, f: np.ndarray, top1: np.ndarray) -> ExactSite
             rows = np.repeat(f[:, None, :], len(js), axis=1)  # N × j × F
             rows[:, np.arange(len(js)), js] = flipped[:, js]
             faulty = projection.project(rows.reshape(-1, features), projection.stored_weight, projection.bias)
-            sdc = projection.top1(faulty.reshape(n, len(js), -1)) != top1[:, None]
+            images = np.repeat(np.arange(n), len(js))
+            sdc = projection.top1(faulty, images).reshape(n, len(js)) != top1[:, None]
             site.faults[bit] += int(sdc.size)
             site.sdc[bit] += int(sdc.sum())
     return site

@@ -107,6 +107,22 @@ def test_a_projection_whose_rows_would_take_too_long_is_refused(tmp_path: Path, 
 
     monkeypatch.setattr(integer_projection, "ROW_BUDGET", 1000)
     float_model = text_head_mlp(seed=1)
-    with pytest.raises(HardenError, match=r"needs [\d,]+ rows run through ONNX Runtime for 12 images .*; it allows "
+    with pytest.raises(HardenError, match=r"needs [\d,]+ rows run for 12 images .*; it allows "
                                           "about 1 images"):
         analyse_model(qoperator(float_model, tmp_path), labelled_inputs(float_model, 12)[0])
+
+
+@pytest.mark.parametrize("fmt", ["QOperator", "QDQ-int8"])
+def test_the_sparse_update_of_many_classes_gives_the_same_counts(tmp_path: Path, monkeypatch, fmt: str) -> None:  # type: ignore[no-untyped-def]
+    """Past DENSE_CLASSES, ORT computes only ẑ and the classifier's accumulators move by the changed components
+    alone: every count equals the whole rows' run through ORT (and brute force)."""
+    from harden.fi import integer_projection
+
+    float_model = text_head_mlp(seed=2, classes=7)
+    model = qoperator(float_model, tmp_path) if fmt == "QOperator" else quantised(float_model, tmp_path)
+    x, _ = labelled_inputs(float_model, 24)
+    whole = analyse_model(model, x)
+    monkeypatch.setattr(integer_projection, "DENSE_CLASSES", 0)
+    sparse = analyse_model(model, x)
+    assert [(s.role, s.sdc) for s in sparse.sites] == [(s.role, s.sdc) for s in whole.sites]
+    assert sum(s.total_sdc for s in sparse.sites if s.role.startswith("proj_")) > 0
