@@ -57,10 +57,10 @@ DENSE_CLASSES = 64
 
 
 class Projection:
-    """The projection's stored tensors and two ONNX Runtime sessions of the graph's own nodes: one computes
-    the stored output z from the stored input, weight and bias fed to it, the other the classifier's stored
-    input ẑ from z. Its attributes are named as an IntegerHead's (input, output, weight_name, bias_name, op,
-    node). `rest`: the nodes from z to the scores."""
+    """The projection's stored tensors and three ONNX Runtime sessions of the graph's own nodes: the stored
+    output z from the stored input, weight and bias fed to it; the classifier's stored input ẑ from z; and
+    the scores from z (`rest`: those nodes). Its attributes are named as an IntegerHead's (input, output,
+    weight_name, bias_name, op, node)."""
 
     def __init__(self, head: IntegerHead, output: str, layer: onnx.NodeProto, inputs: dict[str, str],
                  types: dict[str, int], nodes: list[onnx.NodeProto], middle: list[onnx.NodeProto],
