@@ -31,28 +31,20 @@ import time
 from collections.abc import Sequence
 
 import numpy as np
-import onnx
 
 from harden.fi.exact import ExactResult, ExactSiteResult
 from harden.fi.integer_head import SHAPE_ONLY, IntegerHead, accumulator_type, flip_all, wrap32
 from harden.fi.integer_judges import CHUNK, Judge, golden_state
-from harden.fi.integer_projection import Projection, analyse_projection, find_projection
-
-
-def analyse_integer_head(model: onnx.ModelProto, inputs: np.ndarray, batch: int = 64,
-                         providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0) -> ExactResult:
-    """Exact SDC counts of every single-bit fault in an integer classifier's weight, bias, input and output
-    (and its projection's, harden.fi.integer_projection), over the model-ready `inputs`, each flipped in the
-    integer type it is stored in."""
-    head = IntegerHead(model)
-    return analyse_head(head, find_projection(head), inputs, batch, providers, threads)
+from harden.fi.integer_projection import Projection, analyse_projection
 
 
 def analyse_head(head: IntegerHead, projection: Projection | None, inputs: np.ndarray, batch: int = 64,
                  providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0,
                  origin: str = "") -> ExactResult:
-    """`analyse_integer_head` of a classifier already found (harden.fi.qdq_deployed finds it in the graph
-    ONNX Runtime fused); `origin` says where its kernel comes from, in the reported kind of head."""
+    """Exact SDC counts of every single-bit fault in an integer classifier's weight, bias, input and output
+    (and its `projection`'s, harden.fi.integer_projection), over the model-ready `inputs`, each flipped in
+    the integer type it is stored in. harden.fi.qdq_deployed finds the classifier in the graph ONNX Runtime
+    fuses from QDQ; `origin` says so in the reported kind of head."""
     started = time.perf_counter()
     g = golden_state(head, inputs, batch, providers, threads)
     sites = [_weight(head, g.x, g.acc, g.judge), *([_bias(head, g.acc, g.judge)] if head.bias_name else []),

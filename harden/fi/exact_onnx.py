@@ -23,7 +23,9 @@ from harden.fi.exact_text import TextHead
 from harden.fi.graphinfo import bypass_constant_views, named_copy
 from harden.fi.outcome import nonfinite_rows, top1_class
 from harden.fi.profile import profile_ranges
-from harden.fi.exact_integer import analyse_integer_head
+from harden.fi.exact_integer import analyse_head
+from harden.fi.integer_head import integer_classifier
+from harden.fi.integer_projection import find_projection
 from harden.fi.qdq_deployed import analyse_qdq_head, fused_classifier, is_qdq
 from harden.fi.quantised import QOPERATOR_LAYERS, QOPERATOR_OPS
 from harden.graph.model_input import input_dtype
@@ -303,15 +305,17 @@ def analyse_model(model: onnx.ModelProto, inputs: np.ndarray, policy: str = "non
     (EvalSet.ranges) are reused where they cover a tensor; the others are profiled
     on `profile_inputs` (default `inputs`) as the engine would. `roles` limits
     the sites (weight, bias, input, output, proj_weight, proj_bias, proj_output, cosine). `threads` (0: every
-    CPU) changes speed only. `progress` shows a bar of faults decided on stderr. A QOperator graph's QGemm
+    CPU) changes speed only. `progress` shows a bar of faults decided on stderr. A QOperator graph's integer
     classifier is analysed in its stored integers (harden.fi.exact_integer), whatever `fmt`; so is a QDQ
-    graph's, in the integer kernel ONNX Runtime fuses it into (harden.fi.qdq_deployed).
+    graph's, in the integer kernel ONNX Runtime fuses it into (harden.fi.qdq_deployed). A classifier left
+    out of quantisation gets the float32 analysis.
     """
-    if any(n.op_type in QOPERATOR_LAYERS for n in model.graph.node):
+    integer = integer_classifier(model) if any(n.op_type in QOPERATOR_LAYERS for n in model.graph.node) else None
+    if integer is not None:
         if policy != "none":
             raise HardenError(f"exact analysis: policy {policy!r} clamps float values, and this model's "
                               "classifier computes on integers")
-        return analyse_integer_head(model, inputs, batch, providers, threads)
+        return analyse_head(integer, find_projection(integer), inputs, batch, providers, threads)
     fused = fused_classifier(model, providers) if is_qdq(model) else None
     if fused is not None:
         if policy != "none":
@@ -352,14 +356,14 @@ def model_sites(model: onnx.ModelProto, inputs: np.ndarray, policy: str = "none"
                                                for i in model.graph.initializer):
         raise HardenError("exact analysis: the model computes in float16, and the exact analysis covers float32 "
                           "classifiers only (the sampled campaign covers this one)")
-    integer_ops = sorted({n.op_type for n in model.graph.node if n.op_type in QOPERATOR_OPS})
-    if integer_ops:
-        raise HardenError(f"exact analysis: the model computes with {', '.join(integer_ops)}, and the exact "
-                          "analysis covers float32 classifiers and integer ones (QGemm, QLinearMatMul) only (the "
-                          "sampled campaign covers this one)")
     try:
         head = locate_head(model)
     except HardenError as err:
+        integer_ops = sorted({n.op_type for n in model.graph.node if n.op_type in QOPERATOR_OPS})
+        if integer_ops:
+            raise HardenError(f"exact analysis: the model computes with {', '.join(integer_ops)}, and its "
+                              "classifier is neither a float32 layer nor an integer one the analysis covers "
+                              f"(QGemm, QLinearMatMul, a 1×1 QLinearConv): {err}") from err
         if not is_qdq(model):
             raise
         raise HardenError(f"{err} (ONNX Runtime does not fuse this QDQ graph's classifier into an integer "

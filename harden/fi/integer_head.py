@@ -248,6 +248,16 @@ class IntegerHead:
         return self._pool_tables[pixels]
 
 
+def integer_classifier(model: onnx.ModelProto) -> IntegerHead | None:
+    """The model's integer classifier, or None where its scores come from another kind of layer (a float
+    classifier left out of quantisation, which the float32 analysis takes)."""
+    try:
+        node, _ = _tail_nodes(model)
+    except HardenError:
+        return None
+    return IntegerHead(model) if node is not None and node.op_type in LAYERS else None
+
+
 def flip_all(values: np.ndarray, bit: int) -> np.ndarray:
     """Every element of stored integers with `bit` flipped, as int64."""
     flat = values.reshape(-1)

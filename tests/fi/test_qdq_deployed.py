@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
-from onnxruntime.quantization import QuantType, quantize_dynamic
+from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic
 
 from harden.errors import HardenError
 from harden.fi.exact_onnx import analyse_model
@@ -97,8 +97,8 @@ def test_a_classifier_left_out_of_quantisation_gets_the_float32_analysis(tmp_pat
 
 
 def test_what_the_qdq_analysis_cannot_judge_is_refused_with_its_reason(tmp_path: Path) -> None:
-    """A range policy (it clamps floats), a fused graph that does not give the deployed scores, and dynamic
-    quantisation (its integer layers are made at run time)."""
+    """A range policy (it clamps floats), a fused graph that does not give the deployed scores, and a
+    classifier quantised dynamically (MatMulInteger, its input quantised at run time)."""
     float_model = stem_cnn(seed=3, classes=5)
     model = quantised(float_model, tmp_path)
     x, _ = labelled_inputs(float_model, 8)
@@ -110,7 +110,25 @@ def test_what_the_qdq_analysis_cannot_judge_is_refused_with_its_reason(tmp_path:
     _check_deployed(model, fused_graph(model, CPU), x, 8, CPU, 1)
     with pytest.raises(HardenError, match="does not give the deployed scores on 8 of 8 images"):
         _check_deployed(model, tampered, x, 8, CPU, 1)
+    onnx.save(scaled_mlp(), tmp_path / "mlp.onnx")
+    quantize_dynamic(str(tmp_path / "mlp.onnx"), str(tmp_path / "dynamic.onnx"))
+    with pytest.raises(HardenError, match="computes with .*MatMulInteger.*neither a float32 layer nor an integer"):
+        analyse_model(onnx.load(tmp_path / "dynamic.onnx"), labelled_inputs(scaled_mlp(), 4)[0])
+    # its classifier's weight a Constant node, quantize_dynamic leaves it in float: analysed as stored
     onnx.save(matmul_mlp(), tmp_path / "mlp.onnx")
     quantize_dynamic(str(tmp_path / "mlp.onnx"), str(tmp_path / "dynamic.onnx"))
-    with pytest.raises(HardenError, match="computes with .*MatMulInteger"):
-        analyse_model(onnx.load(tmp_path / "dynamic.onnx"), labelled_inputs(matmul_mlp(), 4)[0])
+    dynamic = onnx.load(tmp_path / "dynamic.onnx")
+    assert any(n.op_type == "MatMulInteger" for n in dynamic.graph.node)
+    assert analyse_model(dynamic, labelled_inputs(matmul_mlp(), 8)[0]).head == "linear"
+
+
+@pytest.mark.parametrize("fmt", ["QDQ", "QOperator"])
+def test_a_classifier_left_out_of_quantisation_gets_the_float32_analysis_in_either_format(tmp_path: Path,
+                                                                                          fmt: str) -> None:
+    """The convolutions quantised, the Gemm left in float (as users often keep the last layer): the same
+    float32 analysis in both formats, of the classifier as stored."""
+    float_model = stem_cnn(seed=3, classes=5)
+    model = quantised(float_model, tmp_path, op_types=["Conv"], fmt=getattr(QuantFormat, fmt))
+    assert any(n.op_type == "QLinearConv" for n in model.graph.node) == (fmt == "QOperator")
+    result = analyse_model(model, labelled_inputs(float_model, 16)[0])
+    assert result.head == "linear" and {s.fmt for s in result.sites} == {"fp32"} and result.total_sdc > 0

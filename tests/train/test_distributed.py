@@ -72,7 +72,7 @@ def test_sampler_shards_are_disjoint_and_cover_the_data(tmp_path: Path) -> None:
 def test_torchrun_two_processes(tmp_path: Path) -> None:
     emb = write_embeddings(tmp_path / "emb.npz")
     out = tmp_path / "ddp2.pt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",  # picks its own port
            "-m", "harden", "finetune", "--arch", "tinyresnet", "--data", "digits:train", "--limit", "96",
            "--eval-limit", "48", "--batch-size", "24", "--embeddings", str(emb), "--epochs", "1",
            "--threads", "1", "--no-progress", "-o", str(out)]
