@@ -19,10 +19,12 @@ tests/fi/test_cone.py's _same_bits). With --int8, each model is quantised
 int8 weights, calibrated on its 40 images) and the campaign flips the stored
 integers. --qoperator does the same in QOperator format (QLinearConv, QGemm,
 QLinearAdd: the model zoo's int8 format), where every layer runs in ONNX
-Runtime's integer kernels.
+Runtime's integer kernels. --exact also runs the exact final-layer analysis
+(`harden.fi.exact_onnx.analyse_model`) on the 40 images, or prints why it
+refuses the model: which classifiers it reaches, in each precision.
 
     .venv/bin/python tools/architecture_sweep.py [--models mobilenet_v3_small,swin_t] [--injections 16]
-        [--work /tmp/harden-architecture-sweep] [--skip-campaign] [--float16 | --int8 | --qoperator]
+        [--work /tmp/harden-architecture-sweep] [--skip-campaign] [--exact] [--float16 | --int8 | --qoperator]
 """
 
 from __future__ import annotations
@@ -92,6 +94,8 @@ def main() -> None:
     parser.add_argument("--injections", type=int, default=16, help="injections per layer in the campaign")
     parser.add_argument("--work", default="/tmp/harden-architecture-sweep")
     parser.add_argument("--skip-campaign", action="store_true", help="only the bit-exactness check")
+    parser.add_argument("--exact", action="store_true",
+                        help="also run the exact final-layer analysis on the 40 images, or say why it refuses")
     precision = parser.add_mutually_exclusive_group()
     precision.add_argument("--float16", action="store_true", help="sweep float16 conversions of the models")
     precision.add_argument("--int8", action="store_true", help="sweep int8 (QDQ) quantisations of the models")
@@ -137,6 +141,8 @@ def main() -> None:
             failures.append(name)
             continue
         line = f"{name:20s} cone {exact} ({time.perf_counter() - started:.0f} s)"
+        if args.exact:
+            line += "; " + exact_analysis(onnx.load(str(path)), np.load(data)["x"].astype(x.dtype))
         if not args.skip_campaign:
             import json
 
@@ -165,6 +171,19 @@ def main() -> None:
         print(line, flush=True)
     print(f"{len(args.models.split(',')) - len(set(failures))} of {len(args.models.split(','))} architectures pass"
           + (f"; failing: {', '.join(dict.fromkeys(failures))}" if failures else ""))
+
+
+def exact_analysis(model: object, x: np.ndarray) -> str:
+    """The exact final-layer analysis's kind of head, faults and time, or its one-line refusal."""
+    from harden.errors import HardenError
+    from harden.fi.exact_onnx import analyse_model
+
+    try:
+        result = analyse_model(model, x)  # type: ignore[arg-type]
+    except HardenError as err:
+        return f"exact: refused ({err})"
+    return (f"exact: {result.head} head, {result.total_faults:,} faults, SDC "
+            f"{100 * result.total_sdc / max(1, result.total_faults):.3f}%, in {result.seconds:.1f} s")
 
 
 def quantise(path: Path, images: np.ndarray, qoperator: bool = False) -> Path:

@@ -316,7 +316,7 @@ def analyse_model(model: onnx.ModelProto, inputs: np.ndarray, policy: str = "non
             raise HardenError(f"exact analysis: policy {policy!r} clamps float values, and this model's "
                               "classifier computes on integers")
         return analyse_head(integer, find_projection(integer), inputs, batch, providers, threads)
-    fused = fused_classifier(model, providers) if is_qdq(model) else None
+    fused = fused_classifier(model, inputs, batch, providers, threads) if is_qdq(model) else None
     if fused is not None:
         if policy != "none":
             raise HardenError(f"exact analysis: policy {policy!r} clamps float values, and ONNX Runtime runs this "

@@ -7,8 +7,8 @@ level it replaces the group with one integer kernel (QGemm, QLinearMatMul) that
 accumulates in int32 and requantises once, as a QOperator graph's layer does.
 So the exact integer analysis (harden.fi.exact_integer) applies to what is
 deployed. This module has ONNX Runtime save the graph it fused (level
-`extended`, on the analysis's providers), checks that this graph gives the
-deployed scores (level `all`) bit for bit on every analysed image, and reports
+`extended`, or `all`, on the analysis's providers), checks that this graph gives
+the deployed scores (level `all`) bit for bit on every analysed image, and reports
 each site under the name the QDQ graph declares, which is the sampled
 campaign's name for it: the stored weight and bias keep their names, and the
 input and output are the QuantizeLinear outputs around the declared layer.
@@ -53,14 +53,27 @@ class Fused(NamedTuple):
     head: IntegerHead
 
 
-def fused_classifier(model: onnx.ModelProto, providers: Sequence[str]) -> Fused | None:
-    """The integer kernel ONNX Runtime runs for the QDQ graph's classifier; None where it leaves the classifier
-    in float (one left out of quantisation, say: the float32 analysis covers that one)."""
-    fused = fused_graph(model, providers)
-    try:
-        return Fused(fused, IntegerHead(fused))
-    except HardenError:
-        return None
+def fused_classifier(model: onnx.ModelProto, inputs: np.ndarray, batch: int = 64,
+                     providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0) -> Fused | None:
+    """The integer kernel ONNX Runtime runs for the QDQ graph's classifier, in a saved graph that gives the
+    deployed scores on `inputs` bit for bit; None where ORT leaves the classifier in float (one left out of
+    quantisation, say: the float32 analysis covers that one).
+
+    The graph is saved at level `extended` (every fusion of quantised layers, before layout changes specific
+    to this CPU), or where that graph's float layers round differently from the deployed ones, at `all`
+    (which may move the classifier into a layout the analysis does not read)."""
+    found, refusal = None, None
+    for level in ("extended", "all"):
+        fused = fused_graph(model, providers, level)
+        try:
+            found = Fused(fused, IntegerHead(fused))
+            _check_deployed(model, fused, inputs, batch, providers, threads)
+            return found
+        except HardenError as err:
+            refusal = err if found is not None else refusal
+    if found is not None and refusal is not None:
+        raise refusal
+    return None
 
 
 def analyse_qdq_head(model: onnx.ModelProto, fused: Fused, inputs: np.ndarray, batch: int = 64,
@@ -71,7 +84,6 @@ def analyse_qdq_head(model: onnx.ModelProto, fused: Fused, inputs: np.ndarray, b
     names = declared_names(model, fused.head)
     if projection is not None:
         names.update(declared_names(model, projection))
-    _check_deployed(model, fused.model, inputs, batch, providers, threads)
     result = analyse_head(fused.head, projection, inputs, batch, providers, threads,
                           origin="fused from QDQ by ONNX Runtime")
     for site in result.sites:
@@ -79,12 +91,11 @@ def analyse_qdq_head(model: onnx.ModelProto, fused: Fused, inputs: np.ndarray, b
     return result
 
 
-def fused_graph(model: onnx.ModelProto, providers: Sequence[str]) -> onnx.ModelProto:
-    """The graph ONNX Runtime runs after its fusions (level `extended`: before layout changes specific to
-    this CPU, after every fusion of quantised layers)."""
+def fused_graph(model: onnx.ModelProto, providers: Sequence[str], level: str = "extended") -> onnx.ModelProto:
+    """The graph ONNX Runtime runs after its optimisations at `level`, as it saves it."""
     with tempfile.TemporaryDirectory(prefix="harden-fused-") as tmp:
         path = Path(tmp) / "fused.onnx"
-        make_session(model, providers=providers, opt_level="extended", threads=1, save_optimized=str(path))
+        make_session(model, providers=providers, opt_level=level, threads=1, save_optimized=str(path))
         return onnx.load(str(path))
 
 

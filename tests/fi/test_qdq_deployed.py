@@ -4,6 +4,7 @@ as ONNX Runtime deploys it (level `all`)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +60,7 @@ def test_every_fault_of_a_qdq_classifier_matches_onnx_runtime_as_deployed(tmp_pa
                       activations=QuantType.QInt8 if "-int8" in case else QuantType.QUInt8)
     x, _ = labelled_inputs(float_model, 24)
     result = analyse_model(model, x)
-    fused = fused_classifier(model, CPU)
+    fused = fused_classifier(model, x, providers=CPU)
     assert fused is not None and "fused from QDQ by ONNX Runtime" in result.head
     want = _brute(fused.model, x)
     by_role = {s.role: s for s in result.sites if not s.role.startswith("proj_")}  # the projection: its own test
@@ -90,7 +91,7 @@ def test_a_classifier_left_out_of_quantisation_gets_the_float32_analysis(tmp_pat
     float_model = stem_cnn(seed=3, classes=5)
     model = quantised(float_model, tmp_path, op_types=["Conv"])
     x, _ = labelled_inputs(float_model, 16)
-    assert fused_classifier(model, CPU) is None
+    assert fused_classifier(model, x, providers=CPU) is None
     result = analyse_model(model, x)
     assert result.head == "linear" and {s.fmt for s in result.sites} == {"fp32"} and result.total_sdc > 0
     assert {s.tensor for s in result.sites} == {"wf", "bf", "flat", "logits"}
@@ -132,3 +133,32 @@ def test_a_classifier_left_out_of_quantisation_gets_the_float32_analysis_in_eith
     assert any(n.op_type == "QLinearConv" for n in model.graph.node) == (fmt == "QOperator")
     result = analyse_model(model, labelled_inputs(float_model, 16)[0])
     assert result.head == "linear" and {s.fmt for s in result.sites} == {"fp32"} and result.total_sdc > 0
+
+
+def test_a_fused_graph_that_rounds_differently_at_level_extended_is_taken_at_level_all(tmp_path: Path,
+                                                                                      monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Where the graph ORT saves at level `extended` does not give the deployed scores (its float layers can
+    round differently from `all`'s, as the architecture sweep's DenseNet-121 does), the one saved at `all` is
+    analysed; where neither does, the analysis is refused with the reason."""
+    from harden.fi import qdq_deployed
+
+    float_model = stem_cnn(seed=3, classes=5)
+    model = quantised(float_model, tmp_path)
+    x, _ = labelled_inputs(float_model, 8)
+    real = qdq_deployed.fused_graph
+
+    def tampered(model: onnx.ModelProto, providers: Sequence[str], level: str = "extended") -> onnx.ModelProto:
+        graph = real(model, providers, level)
+        if level in broken:
+            scale = next(t for t in graph.graph.initializer if t.name == "logits_scale")
+            scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * np.float32(1.001), scale.name))
+        graph.doc_string = level
+        return graph
+
+    monkeypatch.setattr(qdq_deployed, "fused_graph", tampered)
+    broken = {"extended"}
+    fused = qdq_deployed.fused_classifier(model, x, providers=CPU)
+    assert fused is not None and fused.model.doc_string == "all"
+    broken = {"extended", "all"}
+    with pytest.raises(HardenError, match="does not give the deployed scores on 8 of 8 images"):
+        analyse_model(model, x)
