@@ -149,7 +149,7 @@ class IntegerHead:
         self.levels = np.arange(np.iinfo(self.tail_dtype).min, np.iinfo(self.tail_dtype).max + 1)
         self._pool_tables: dict[int, np.ndarray] = {}
         self.mixes = any(n.op_type in ROWWISE for n in self.tail)
-        self._tail = self._session(self.tail, self.pooled, self.tail_dtype, [None, self.classes],
+        self._tail = self._session(self.tail, self.pooled, self.tail_dtype,
                                    self.model.graph.output[0].type.tensor_type.elem_type) if self.tail else None
         # the scores of every stored value v of every class c: table[v − min, c] (elementwise tails only)
         grid = np.repeat(self.levels[:, None], self.classes, axis=1)
@@ -167,18 +167,11 @@ class IntegerHead:
             raise HardenError(f"exact analysis: QLinearConv {node.name!r} is not an unpadded, ungrouped 1×1 "
                               "convolution of stride 1")
 
-    def _session(self, nodes: list[onnx.NodeProto], source: str, dtype: np.dtype, shape: list[int | None],
+    def _session(self, nodes: list[onnx.NodeProto], source: str, dtype: np.dtype,
                  out_type: int) -> ort.InferenceSession:
-        """ONNX Runtime running `nodes` of the graph alone, fed `source`."""
-        nodes = self.with_constant_producers(nodes)
-        constants = {t.name: t for t in self.model.graph.initializer}
-        inits = {t: constants[t] for n in nodes for t in n.input if t in constants}
-        graph = helper.make_graph(
-            nodes, "part", [helper.make_tensor_value_info(source, helper.np_dtype_to_tensor_dtype(dtype), shape)],
-            [helper.make_tensor_value_info(nodes[-1].output[0], out_type, None)], list(inits.values()))
-        part = helper.make_model(graph, opset_imports=list(self.model.opset_import))
-        part.ir_version = self.model.ir_version
-        return make_session(part, opt_level="disable")
+        """ONNX Runtime running `nodes` of the graph alone (with their constant operands), fed `source`."""
+        return part_session(self.model, self.with_constant_producers(nodes),
+                            {source: helper.np_dtype_to_tensor_dtype(dtype)}, (nodes[-1].output[0], out_type))
 
     def with_constant_producers(self, nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
         """`nodes` with the nodes that compute their constant operands (a DequantizeLinear of a stored scale),
@@ -241,11 +234,24 @@ class IntegerHead:
             total = np.arange(pixels * (hi - lo) + 1)
             q, r = np.divmod(total, pixels)
             rows = lo + q[:, None] + (np.arange(pixels)[None, :] < r[:, None])
-            session = self._session([self.pool], self.output, self.out_dtype, [None, 1, pixels, 1],
+            session = self._session([self.pool], self.output, self.out_dtype,
                                     helper.np_dtype_to_tensor_dtype(self.tail_dtype))
             (pooled,) = session.run(None, {self.output: rows.astype(self.out_dtype)[:, None, :, None]})
             self._pool_tables[pixels] = np.asarray(pooled).reshape(-1).astype(np.int64)
         return self._pool_tables[pixels]
+
+
+def part_session(model: onnx.ModelProto, nodes: list[onnx.NodeProto], fed: dict[str, int],
+                 output: tuple[str, int]) -> ort.InferenceSession:
+    """ONNX Runtime running `nodes` of the model alone: the tensors `fed` (name: ONNX type) given per run,
+    every other initializer they read stored, and `output` (name, ONNX type) returned."""
+    stored = {t.name: t for t in model.graph.initializer}
+    inits = {t: stored[t] for n in nodes for t in n.input if t in stored and t not in fed}
+    graph = helper.make_graph(nodes, "part", [helper.make_tensor_value_info(t, kind, None) for t, kind in fed.items()],
+                              [helper.make_tensor_value_info(*output, None)], list(inits.values()))
+    part = helper.make_model(graph, opset_imports=list(model.opset_import))
+    part.ir_version = model.ir_version
+    return make_session(part, opt_level="disable")
 
 
 def integer_classifier(model: onnx.ModelProto) -> IntegerHead | None:

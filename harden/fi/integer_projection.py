@@ -33,9 +33,9 @@ from onnx import helper
 
 from harden.errors import HardenError
 from harden.fi.exact import ExactSiteResult
-from harden.fi.integer_head import IntegerHead, constant_producers, flip_all, wrap32
+from harden.fi.integer_head import IntegerHead, constant_producers, flip_all, part_session, wrap32
 from harden.fi.integer_judges import CHUNK, Golden
-from harden.graph.ort import expose, make_session
+from harden.graph.ort import expose
 from harden.graph.parallel import run_model
 
 # the layers a projection may be, with the positions of (input, weight, bias) where the layer reads them itself
@@ -80,10 +80,10 @@ class Projection:
         kinds = {t.name: t.data_type for t in model.graph.initializer}
         fed = {self.input: types["input"], self.weight_name: kinds[self.weight_name],
                **({self.bias_name: kinds[self.bias_name]} if self.bias_name else {})}
-        self._project = _session(model, nodes, fed, (output, types["output"]))
-        self._middle = _session(model, middle, {output: types["output"]},
+        self._project = part_session(model, nodes, fed, (output, types["output"]))
+        self._middle = part_session(model, middle, {output: types["output"]},
                                 (head.input, helper.np_dtype_to_tensor_dtype(head.in_dtype)))
-        self._rest = _session(model, rest, {output: types["output"]},
+        self._rest = part_session(model, rest, {output: types["output"]},
                               (model.graph.output[0].name, model.graph.output[0].type.tensor_type.elem_type))
         self.nodes, self.rest = nodes, rest
         self.golden: Golden | None = None
@@ -141,17 +141,6 @@ class Projection:
         view = weight if self.rows_are_outputs else weight.T  # E × F
         view[:, j] = flip_all(view[:, j], bit).astype(weight.dtype)
         return weight
-
-
-def _session(model: onnx.ModelProto, nodes: list[onnx.NodeProto], fed: dict[str, int], output: tuple[str, int]):  # type: ignore[no-untyped-def]
-    """ONNX Runtime running `nodes` of the model alone: the tensors `fed` (name: ONNX type) given per run."""
-    stored = {t.name: t for t in model.graph.initializer}
-    inits = {t: stored[t] for n in nodes for t in n.input if t in stored and t not in fed}
-    graph = helper.make_graph(nodes, "part", [helper.make_tensor_value_info(t, kind, None) for t, kind in fed.items()],
-                              [helper.make_tensor_value_info(*output, None)], list(inits.values()))
-    part = helper.make_model(graph, opset_imports=list(model.opset_import))
-    part.ir_version = model.ir_version
-    return make_session(part, opt_level="disable")
 
 
 def _zero_point_type(model: onnx.ModelProto, node: onnx.NodeProto, at: int) -> int:
