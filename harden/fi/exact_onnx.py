@@ -304,7 +304,8 @@ def analyse_model(model: onnx.ModelProto, inputs: np.ndarray, policy: str = "non
     `inputs` should be the campaign's kept images (EvalSet.inputs). `ranges`
     (EvalSet.ranges) are reused where they cover a tensor; the others are profiled
     on `profile_inputs` (default `inputs`) as the engine would. `roles` limits
-    the sites (weight, bias, input, output, proj_weight, proj_bias, proj_output, cosine). `threads` (0: every
+    the float32 sites (weight, bias, input, output, proj_weight, proj_bias, proj_output, cosine); an integer
+    classifier is analysed whole. `threads` (0: every
     CPU) changes speed only. `progress` shows a bar of faults decided on stderr. A QOperator graph's integer
     classifier is analysed in its stored integers (harden.fi.exact_integer), whatever `fmt`; so is a QDQ
     graph's, in the integer kernel ONNX Runtime fuses it into (harden.fi.qdq_deployed). A classifier left
