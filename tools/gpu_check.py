@@ -4,7 +4,8 @@ the checkpoint (load it on a CPU, resume it on the CPU, export it to ONNX).
 The test suite runs on CPUs only, so this script is the one place where the CUDA branches of
 harden.train (device placement, float16 autocast, GradScaler and its checkpointed state) run. It needs a CUDA
 device and only the packages the training path imports (torch, numpy, scikit-learn's digits, onnx, onnxruntime,
-onnxscript), so it runs on a bare GPU machine from the repository root:
+onnxscript, and onnx-graphsurgeon for the export's constant folding), so it runs on a bare GPU machine from the
+repository root (with onnx-graphsurgeon's pure-Python wheel on PYTHONPATH if the machine lacks it):
 
     PYTHONPATH=. python3 tools/gpu_check.py [--out DIR] [--epochs 10]
 
