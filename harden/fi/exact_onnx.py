@@ -17,6 +17,7 @@ from onnx import numpy_helper
 
 from harden.errors import HardenError
 from harden.fi.exact import ExactResult, analyse_sites
+from harden.fi.exact_half import half_sites, is_half
 from harden.fi.exact_linear import LinearHead
 from harden.fi.exact_site import RangePolicy, Site, after_softmax, softmax32
 from harden.fi.exact_text import TextHead
@@ -28,7 +29,6 @@ from harden.fi.integer_head import integer_classifier
 from harden.fi.integer_projection import find_projection
 from harden.fi.qdq_deployed import analyse_qdq_head, fused_classifier, is_qdq
 from harden.fi.quantised import QOPERATOR_LAYERS, QOPERATOR_OPS
-from harden.graph.model_input import input_dtype
 from harden.graph.ort import expose
 from harden.graph.parallel import run_model
 
@@ -44,6 +44,8 @@ class _Graph:
     """Producers and constant values of a model, by tensor name."""
 
     def __init__(self, model: onnx.ModelProto) -> None:
+        # a float16 graph (harden.fi.exact_half): its float16 constants are read as float32, exactly
+        self.half = is_half(model)
         self.model = named_copy(model)
         bypass_constant_views(self.model)  # a weight behind an Identity or a Reshape is still a constant
         self.transposed: set[str] = set()  # weights stored as the transpose of the head's layout
@@ -69,9 +71,20 @@ class _Graph:
                                   "campaign covers it")
             raise HardenError(f"exact analysis: the {what} {tensor!r} is not a constant of the model")
         value = self.constants[tensor]
+        if self.half and value.dtype == np.float16:
+            return value.astype(np.float32)
         if value.dtype != np.float32:
             raise HardenError(f"exact analysis: the {what} {tensor!r} is {value.dtype}, not float32")
         return value
+
+    def uncast(self, tensor: str) -> str:
+        """In a float16 graph, the tensor a Cast reads (the converter keeps Max in float32 between two Casts);
+        `tensor` itself otherwise. harden.fi.exact_half runs the Casts as the graph has them."""
+        node = self.producer.get(tensor)
+        while self.half and node is not None and node.op_type == "Cast":
+            tensor = node.input[0]
+            node = self.producer.get(tensor)
+        return tensor
 
     def unclip(self, tensor: str) -> str:
         """The tensor a range clip of `tensor` reads, recording its bound; `tensor` itself when not one.
@@ -146,10 +159,13 @@ def locate_head(model: onnx.ModelProto) -> Head:
     in one): the head then records it, and the analysis decides that output's top-1.
     Range clips that `harden rewrite --range-clip` put on a linear classifier's
     scores, or on the text head's projection and cosines, are recorded in
-    `head.clips`, and every policy applies them.
+    `head.clips`, and every policy applies them. In a float16 graph, Casts are
+    looked through (onnxconverter-common keeps Max in float32 between two, and
+    keep_io_types casts the scores to float32) and float16 constants are read
+    as float32, exactly.
     """
     g = _Graph(model)
-    node = _past_shape_ops(g, g.model.graph.output[0].name)
+    node = _past_shape_ops(g, g.uncast(g.model.graph.output[0].name))
     softmax = node if node is not None and node.op_type in SOFTMAX else None
     if softmax is not None:
         node = _past_shape_ops(g, softmax.input[0])
@@ -247,9 +263,9 @@ def _text_head(g: _Graph, mul: onnx.NodeProto) -> TextHead:
     unit, wt = g.split(mm)
     div = g.node(unit, ["Div"], "normalised projection")
     z, norm = div.input[0], div.input[1]
-    mx = g.node(norm, ["Max"], "norm")
+    mx = g.node(g.uncast(norm), ["Max"], "norm")
     red, eps_name = g.split(mx)
-    reduce = g.node(red, ["ReduceL2"], "norm")
+    reduce = g.node(g.uncast(red), ["ReduceL2"], "norm")
     if reduce.input[0] != z:
         raise HardenError(f"exact analysis: {reduce.name!r} does not normalise {z!r}")
     z = g.unclip(z)
@@ -258,9 +274,11 @@ def _text_head(g: _Graph, mul: onnx.NodeProto) -> TextHead:
     if b is None or bname is None:
         raise HardenError(f"exact analysis: the projection {proj.name!r} has no bias")
     g.transposed.add(wt)
-    return _with_layout(TextHead(p, b, np.ascontiguousarray(g.const(wt, "class embeddings").T), float(scale.reshape(-1)[0]),
+    head = TextHead(p, b, np.ascontiguousarray(g.const(wt, "class embeddings").T), float(scale.reshape(-1)[0]),
                     float(g.const(eps_name, "eps").reshape(-1)[0]), f, z, cos, mul.output[0], pname, bname, wt,
-                    proj.name, mm.name), g)
+                    proj.name, mm.name)
+    head.unit = div.output[0]
+    return _with_layout(head, g)
 
 
 def _with_layout(head: Head, g: _Graph) -> Head:
@@ -309,7 +327,9 @@ def analyse_model(model: onnx.ModelProto, inputs: np.ndarray, policy: str = "non
     CPU) changes speed only. `progress` shows a bar of faults decided on stderr. A QOperator graph's integer
     classifier is analysed in its stored integers (harden.fi.exact_integer), whatever `fmt`; so is a QDQ
     graph's, in the integer kernel ONNX Runtime fuses it into (harden.fi.qdq_deployed). A classifier left
-    out of quantisation gets the float32 analysis.
+    out of quantisation gets the float32 analysis. A float16 graph's (onnxconverter-common's conversion) is
+    analysed in its stored fp16 values, relative to its nodes run one by one (harden.fi.exact_half), under
+    policy 'none'.
     """
     integer = integer_classifier(model) if any(n.op_type in QOPERATOR_LAYERS for n in model.graph.node) else None
     if integer is not None:
@@ -351,12 +371,10 @@ def model_sites(model: onnx.ModelProto, inputs: np.ndarray, policy: str = "none"
     Faults the closed form cannot settle are judged by numpy's float32 forward pass of the head against
     ONNX Runtime's golden top-1. An image on which the two passes already disagree fault-free has a top-1
     that is itself a rounding tie: every such fault would count as an SDC, so the image is left out, and
-    counted in `ties`.
+    counted in `ties`. A float16 graph's faults are judged by ONNX Runtime's nodes themselves
+    (harden.fi.exact_half), which also give its golden top-1, so no image is left out.
     """
-    if input_dtype(model) == np.float16 or any(i.data_type == onnx.TensorProto.FLOAT16
-                                               for i in model.graph.initializer):
-        raise HardenError("exact analysis: the model computes in float16, and the exact analysis covers float32 "
-                          "classifiers only (the sampled campaign covers this one)")
+    half = is_half(model)
     try:
         head = locate_head(model)
     except HardenError as err:
@@ -378,6 +396,9 @@ def model_sites(model: onnx.ModelProto, inputs: np.ndarray, policy: str = "none"
     scores = values[score_name].reshape(len(inputs), -1)
     if nonfinite_rows(scores).any():
         raise HardenError("exact analysis: the fault-free scores hold NaN or Inf for some images")
+    if half:
+        sites, top1 = half_sites(g.model, head, values[head.input], policy, fmt, threads, providers)
+        return HeadSites(head, _with_roles(sites, roles), top1, 0)
     top1 = np.argmax(scores, axis=1)
     feats = values[head.input].reshape(len(inputs), -1)
     mine = head.logits(feats)
@@ -401,9 +422,14 @@ def model_sites(model: onnx.ModelProto, inputs: np.ndarray, policy: str = "none"
         sites = head.sites(feats, {t: values[t].reshape(n, -1) for t in tensors}, fmt, rp)
     if head.softmax:
         sites = [after_softmax(s, log=head.softmax == "LogSoftmax") for s in sites]
-    if roles is not None:
-        unknown = sorted(set(roles) - {s.role for s in sites})
-        if unknown:
-            raise HardenError(f"exact analysis: no site with role {unknown}; have {sorted({s.role for s in sites})}")
-        sites = [s for s in sites if s.role in roles]
-    return HeadSites(head, sites, top1, int(tied.sum()))
+    return HeadSites(head, _with_roles(sites, roles), top1, int(tied.sum()))
+
+
+def _with_roles(sites: list[Site], roles: Sequence[str] | None) -> list[Site]:
+    """The sites whose role is in `roles` (all of them without)."""
+    if roles is None:
+        return sites
+    unknown = sorted(set(roles) - {s.role for s in sites})
+    if unknown:
+        raise HardenError(f"exact analysis: no site with role {unknown}; have {sorted({s.role for s in sites})}")
+    return [s for s in sites if s.role in roles]

@@ -163,25 +163,27 @@ def softmax32(logits: np.ndarray, log: bool = False) -> np.ndarray:
         return shifted - np.log(total) if log else e / total
 
 
-def after_softmax(site: Site, log: bool = False) -> Site:
+def after_softmax(site: Site, log: bool = False, band: float = SOFTMAX_TIE) -> Site:
     """The site of a model that outputs Softmax(scores), or LogSoftmax with `log`: the faulty top-1 is the
-    scores' own, except within SOFTMAX_TIE of a tie, where the float32 path decides, and that path applies
+    scores' own, except within `band` of a tie, where the float32 path decides, and that path applies
     the (Log)Softmax too. LogSoftmax subtracts one log-sum from every shifted score, which near a tie
     (log-sum ≤ log C) rounds by far less than the band.
 
     The band is in logits; a site whose base is in other units (cosines, or z·W before an L2
     normalisation, which a fault in z rescales) carries it in its own through `units` and `units_slope`.
+    A float16 graph rounds the (Log)Softmax's output to float16, which needs a wider band
+    (harden.fi.exact_half.softmax_band).
     """
     inner_recompute, inner_delta = site.recompute, site.delta
 
     def recompute(rows: np.ndarray, ks: np.ndarray, bit: int) -> np.ndarray:
         return softmax32(inner_recompute(rows, ks, bit), log)
 
-    tie = SOFTMAX_TIE * (np.ones(len(site.tau)) if site.units is None else site.units)
+    tie = band * (np.ones(len(site.tau)) if site.units is None else site.units)
     if site.units_slope is None:
         delta, kappa = inner_delta, site.kappa
     else:
-        slope = SOFTMAX_TIE / 2 * site.units_slope
+        slope = band / 2 * site.units_slope
 
         def delta(rows: slice, ks: np.ndarray, bit: int) -> tuple[np.ndarray, np.ndarray]:
             change, slack = inner_delta(rows, ks, bit)

@@ -56,6 +56,8 @@ class TextHead:
     softmax: str = ""
     # tensors the model range-clips itself, with their bounds (set by exact_onnx; see RangePolicy.clips)
     clips: dict[str, float] = field(default_factory=dict)
+    # the normalised projection ẑ (the Div's output), which a float16 graph stores rounded (set by exact_onnx)
+    unit: str = ""
 
     def normalise(self, z: np.ndarray) -> np.ndarray:
         """ẑ in float32, as ReduceL2 → Max(eps) → Div compute it."""
@@ -77,7 +79,8 @@ class TextHead:
 
     def sites(self, features: np.ndarray, tensors: dict[str, np.ndarray], fmt: str,
               policy: RangePolicy) -> list[Site]:
-        """Every site, given the features and the golden float32 z, cosines and logits by tensor name."""
+        """Every site, given the features and the golden float32 z, cosines and logits by tensor name (and ẑ,
+        under `self.unit`, where the graph's own differs from `normalise`'s: a float16 graph's)."""
         return _TextSites(self, features, tensors, fmt, policy).all()
 
 
@@ -99,7 +102,8 @@ class _TextSites:
         self.kz = (self.d + self.E + 10) * U32
         self.tau_z = self.kz * np.max(zabs @ np.abs(self.W64).T, axis=1)
         self.wmax = np.abs(self.W64).max(axis=0)  # E
-        self.zn = head.normalise(self.z)
+        self.zn = np.ascontiguousarray(tensors[head.unit], np.float32) if head.unit in tensors \
+            else head.normalise(self.z)
         # logits per unit of a cosine; a Softmax tie band is converted with it (exact_site.after_softmax)
         self.mult = 1.0 if head.scale is None else float(head.scale)
         # the model's own range clips (rewrite --range-clip) on z and on the cosines, if any

@@ -93,3 +93,29 @@ def test_a_zoo_style_1x1_conv_classifier_is_rewritten_and_certified(tmp_path: Pa
     assert hardened["exact"]["total_faults"] > 0  # the text head's exact analysis reads the 4-D scores too
     for campaign in ("model.jsonl", "baseline.jsonl"):
         assert sum(1 for _ in (tmp_path / "r" / "campaigns" / campaign).open()) > 100
+
+
+@pytest.mark.parametrize("keep_io_types", [False, True], ids=["fp16-io", "fp32-io"])
+def test_float16_models_get_the_exact_column(models: tuple[Path, Path], tmp_path: Path, keep_io_types: bool,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """onnxconverter-common's float16 conversions of both models: certify runs the exact final-layer analysis
+    on each (16 bits per stored value) where it used to refuse float16 graphs."""
+    import json
+
+    import onnx
+
+    float16 = pytest.importorskip("onnxconverter_common.float16")
+    paths = []
+    for path in models:
+        half = float16.convert_float_to_float16(onnx.load(str(path)), keep_io_types=keep_io_types)
+        paths.append(tmp_path / f"{path.stem}.fp16.onnx")
+        onnx.save(half, str(paths[-1]))
+    args = [a for a in FAST if a != "--no-exact"]
+    assert main(["certify", str(paths[0]), "--baseline", str(paths[1]), *args, "-o", str(tmp_path / "r")]) == 0
+    assert "computes in float16" not in capsys.readouterr().out
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    for record, head in zip(report["models"], ("text", "linear")):
+        exact = record["exact"]
+        assert record["exact_skipped"] is None and exact["head"] == head and exact["fmt"] == "fp16"
+        assert all(len(s["sdc"]) == 16 for s in exact["sites"]) and exact["total_faults"] > 0
+        assert 0 < exact["total_sdc"] < exact["total_faults"]
