@@ -21,6 +21,7 @@ from harden.fi.outcome import fault_outcome, top1_class
 from harden.graph.ort import expose, make_session
 from harden.graph.text_head import TextHeadPass
 from harden.head import HeadParams
+from tests.fi.test_exact_onnx import _pooled_conv_model
 
 float16 = pytest.importorskip("onnxconverter_common.float16")
 
@@ -152,6 +153,7 @@ MODELS = {"gemm": lambda s: _linear(s), "gemm-coarse": lambda s: _linear(s, gain
           "matmul-add": lambda s: _linear(s, head="matmul"),
           "gemm-softmax": lambda s: _linear(s, softmax="Softmax", gain=4.0),
           "matmul-logsoftmax": lambda s: _linear(s, head="matmul", softmax="LogSoftmax", gain=4.0),
+          "pooled-conv": lambda s: _pooled_conv_model(s),
           "text": lambda s: _text(s), "text-softmax": lambda s: _text(s, softmax="Softmax")}
 
 
@@ -165,6 +167,7 @@ def test_every_fault_of_a_float16_head_matches_brute_force(kind: str, keep_io_ty
     result = analyse_model(model, x, fmt="fp16")
     head = locate_head(model)
     assert head.kind == ("text" if kind.startswith("text") else "linear")
+    assert head.softmax == ("" if "softmax" not in kind else "LogSoftmax" if "log" in kind else "Softmax")
     brute = _Brute(model, head.input, x)
     top1 = top1_class(brute.golden[brute.output].reshape(len(x), -1).astype(np.float32))
     assert result.images == len(x) and result.rounding_ties == 0
@@ -212,3 +215,36 @@ def test_float16_graphs_the_analysis_does_not_cover_are_refused_in_one_line() ->
     with pytest.raises(HardenError, match="keeps its classifier's weights in float32") as err:
         analyse_model(mixed, x, fmt="fp16")
     assert len(str(err.value).splitlines()) == 1
+
+
+@pytest.mark.parametrize("op", ["Add", "Mul", "Div"])
+def test_a_float16_elementwise_node_is_correctly_rounded(op: str) -> None:
+    """What a bias fault behind a MatMul rests on (its Add is decided from the float64 sum, exact for two
+    float16 values): ONNX Runtime computes the node in float32 and rounds once to float16, which equals
+    rounding the exact result, over float16's whole range, subnormals and overflow included."""
+    f16 = TensorProto.FLOAT16
+    graph = helper.make_graph([helper.make_node(op, ["a", "b"], ["y"])], "one",
+                              [helper.make_tensor_value_info(t, f16, ["N"]) for t in "ab"],
+                              [helper.make_tensor_value_info("y", f16, ["N"])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    rng = np.random.default_rng(4)
+    a, b = (rng.integers(0, 0x7C00, 200000).astype(np.uint16).view(np.float16) * rng.choice([-1, 1], 200000)
+            .astype(np.float16) for _ in range(2))
+    (y,) = make_session(model, opt_level="disable").run(None, {"a": a, "b": b})
+    with np.errstate(all="ignore"):
+        exact = {"Add": np.add, "Mul": np.multiply, "Div": np.divide}[op](a.astype(np.float64), b.astype(np.float64))
+        want = exact.astype(np.float16)
+    assert np.array_equal(y, want, equal_nan=True)
+
+
+def test_a_whole_graph_session_keeps_float32_between_float16_nodes() -> None:
+    """Why the reference runs the head node by node: one ONNX Runtime session of the whole float16 graph drops
+    the Casts between the nodes it computes in float32, so its scores differ from the nodes' own, rounded
+    to float16 one by one; exposing a tensor rounds it."""
+    model = _half(_text(5), False)
+    x = _images(5, model, n=40)
+    head = locate_head(model)
+    brute = _Brute(model, head.input, x)
+    (whole,) = make_session(model, opt_level="disable").run(None, {model.graph.input[0].name: x})
+    assert not np.array_equal(whole, brute.golden[brute.output])
