@@ -16,8 +16,9 @@ intervals), the non-finite rate, the campaign's time, ONNX Runtime's latency
 for the whole graph (`harden.report.cost.latency_ms`: level 'all', one thread,
 median of 10 runs of one image), the exact final-layer SDC fraction over the
 campaign's kept images (`harden.fi.exact_onnx.analyse_model`: float32 graphs,
-a QOperator graph's integer classifier, and the integer kernel ONNX Runtime
-fuses a QDQ graph's classifier into; float16 graphs have none), and how closely the
+float16 ones in their stored fp16 values (`harden.fi.exact_half`), a QOperator
+graph's integer classifier, and the integer kernel ONNX Runtime fuses a QDQ
+graph's classifier into), and how closely the
 injector's node-by-node run matches ONNX Runtime's whole graph as deployed
 (`node_fidelity`). Under --clamp range the int8 graphs are skipped: the clamp
 applies to float values.
@@ -116,9 +117,12 @@ def exact_sdc(path: Path, data: str, limit: int, campaign: Path) -> str:
     analysis does not cover the graph."""
     proto = load_model(path)
     x, _ = load_inputs(proto, data, limit)
-    kept = np.asarray(JournalContents(campaign).evaluation.ids, dtype=np.int64)
+    journal = JournalContents(campaign)
+    kept = np.asarray(journal.evaluation.ids, dtype=np.int64)
+    # the format the campaign flipped: fp32, or fp16 in a float16 graph (unset in a quantised one)
+    fmt = journal.header["config"]["fault"].get("fmt") or "fp32"
     try:
-        result = analyse_model(proto, x[kept])
+        result = analyse_model(proto, x[kept], fmt=fmt)
     except HardenError:
         return "-"
     return f"{100 * result.total_sdc / result.total_faults:.3f}%"
