@@ -90,6 +90,7 @@ class _Brute:
                 self.nodes.append(node)
                 reached.update(node.output)
         self.output = model.graph.output[0].name
+        self._stored: dict[int, tuple[object, list[str]]] = {}  # sessions of the nodes as stored, by position
         (feats,) = make_session(expose(model, [start]), opt_level="disable").run([start], {model.graph.input[0].name: x})
         self.golden = self.forward({start: feats})
 
@@ -105,10 +106,15 @@ class _Brute:
     def forward(self, values: dict[str, np.ndarray], inits: dict[str, np.ndarray] | None = None,
                 ) -> dict[str, np.ndarray]:
         values = dict(values)
-        for node in self.nodes:
+        for i, node in enumerate(self.nodes):
             if node.output[0] in values:
                 continue
-            session, fed = self._session(node, {**self.inits, **(inits or {})})
+            if inits and any(t in inits for t in node.input):  # a rewritten weight: a session of its own
+                session, fed = self._session(node, {**self.inits, **inits})
+            else:
+                if i not in self._stored:
+                    self._stored[i] = self._session(node, self.inits)
+                session, fed = self._stored[i]
             values[node.output[0]] = session.run(None, {t: values[t] for t in fed})[0]
         return values
 
