@@ -28,6 +28,10 @@ or bias fault moves one output element of its layer; its float16 value is decide
 float32 accumulation's error bound cannot straddle a float16 rounding boundary, else that layer runs on
 the faulty weight; the rest of the chain then runs on the faulty row. Faults that leave a stored value
 unchanged thus cost nothing, and float16's frequent ties are settled by the reference's own argmax.
+
+Policy 'range' (`--clamp range`) clamps the faulty value alone, as the engine does, to its tensor's
+profiled peak or max |W|, both float16 values; 'range-output' and the graph's own range clips, which clamp
+whole tensors between the nodes, are refused.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from harden.fi.exact_site import U32, RangePolicy, Site, after_softmax
 from harden.fi.exact_text import TextHead
 from harden.fi.integer_head import constant_producers, part_session
 from harden.fi.outcome import nonfinite_rows, top1_class
+from harden.fi.profile import clamp_to_range
 
 # float16's unit roundoff, and half the spacing of its subnormals (the rounding error of a value below 2⁻¹⁴).
 U16 = 2.0**-11
@@ -175,14 +180,14 @@ class _HalfSites:
     """The float32 analysis's sites of one head, with float16 bounds and the chain as their recompute path."""
 
     def __init__(self, model: onnx.ModelProto, head: LinearHead | TextHead, chain: HalfChain,
-                 golden: dict[str, np.ndarray], fmt: str) -> None:
+                 golden: dict[str, np.ndarray], fmt: str, policy: RangePolicy) -> None:
         self.model, self.head, self.chain, self.golden, self.fmt = model, head, chain, golden, fmt
+        self.policy = policy
         self.stored = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
         self.n = len(golden[chain.start])
 
     def all(self) -> list[Site]:
-        h, g = self.head, self.golden
-        rp = RangePolicy("none")
+        h, g, rp = self.head, self.golden, self.policy
         feats = _flat(g[h.input]).astype(np.float32)
         if isinstance(h, LinearHead):
             sites = h.sites(feats, _flat(g[h.output]).astype(np.float32), self.fmt, rp)
@@ -287,11 +292,12 @@ class _HalfSites:
 
     def _activation_recompute(self, tensor: str) -> Callable[[np.ndarray, np.ndarray, int], np.ndarray]:
         golden = self.golden[tensor]
+        peak = self.policy.element_peak(tensor)
 
         def recompute(n: np.ndarray, k: np.ndarray, bit: int) -> np.ndarray:
             rows = _flat(golden[n]).copy()
             m = np.arange(len(n))
-            rows[m, k] = flip(rows[m, k], np.full(len(k), bit), self.fmt)
+            rows[m, k] = _clamp(flip(rows[m, k], np.full(len(k), bit), self.fmt), peak)
             return _flat(self.chain.run(self.golden, n, {tensor: rows.reshape((len(n),) + golden.shape[1:])}))
 
         return recompute
@@ -317,6 +323,7 @@ class _HalfSites:
         raw, reach = _node_raw(node.op_type, x, w, self.stored, node)
         exact = node.op_type == "Add"  # two float16 operands: the float64 sum is exact
         length = x.shape[1]
+        peak = self.policy.weight_peak(stored.astype(np.float32))
 
         def to_stored(k: np.ndarray) -> np.ndarray:
             if not matrix or name not in self.head.transposed or node.op_type == "Conv":
@@ -327,7 +334,7 @@ class _HalfSites:
         def recompute(n: np.ndarray, k: np.ndarray, bit: int) -> np.ndarray:
             flat = to_stored(k)
             old = stored.reshape(-1)[flat]
-            new = flip(old, np.full(len(k), bit), self.fmt)
+            new = _clamp(flip(old, np.full(len(k), bit), self.fmt), peak)
             c, j = (np.divmod(k, cols) if matrix else (k, None))
             with np.errstate(all="ignore"):
                 delta = new.astype(np.float64) - old.astype(np.float64)
@@ -348,6 +355,15 @@ class _HalfSites:
             return _flat(self.chain.run(self.golden, n, changed, start=i + 1))
 
         return recompute
+
+
+def _clamp(values: np.ndarray, peak: float | None) -> np.ndarray:
+    """The range policy on faulty float16 values, as the engine applies it (a profiled peak is itself a float16
+    value, so clamping to it in float16 is clamping to it exactly)."""
+    if peak is None:
+        return values
+    with np.errstate(invalid="ignore"):
+        return clamp_to_range(values, peak)
 
 
 def _node_weight(stored: dict[str, np.ndarray], node: onnx.NodeProto, constant: set[str], name: str) -> np.ndarray:
@@ -379,16 +395,17 @@ def _node_raw(op: str, x: np.ndarray, w: np.ndarray, stored: dict[str, np.ndarra
     return raw, reach
 
 
-def half_sites(model: onnx.ModelProto, head: LinearHead | TextHead, features: np.ndarray, policy: str, fmt: str,
+def half_sites(model: onnx.ModelProto, head: LinearHead | TextHead, features: np.ndarray, policy: RangePolicy, fmt: str,
                threads: int = 0, providers: Sequence[str] = ("CPUExecutionProvider",)) -> tuple[list[Site], np.ndarray]:
     """The sites of a float16 graph's head and the reference's golden top-1, from the head's input `features`
-    (as ONNX Runtime's session gives them, float16). `model` is the named copy the head was located in."""
+    (as ONNX Runtime's session gives them, float16), under `policy` (none or range). `model` is the named
+    copy the head was located in."""
     if fmt != "fp16":
         raise HardenError(f"exact analysis: a float16 graph stores fp16 values, not {fmt}")
-    if policy != "none" or head.clips:
-        why = f"policy {policy!r}" if policy != "none" else "a range clip in the graph"
-        raise HardenError(f"exact analysis: {why} on a float16 graph is not covered (the analysis of float16 "
-                          "graphs covers unclamped faults); the sampled campaign covers it")
+    if policy.name == "range-output" or head.clips:
+        why = "policy 'range-output'" if not head.clips else "a range clip in the graph"
+        raise HardenError(f"exact analysis: {why} on a float16 graph is not covered (it clamps whole tensors "
+                          "between the head's float16 nodes); the sampled campaign covers it")
     names = [head.weight_name] + ([head.bias_name] if isinstance(head, LinearHead) and head.bias_name else []) + (
         [head.proj_weight_name, head.proj_bias_name] if isinstance(head, TextHead) else [])
     stored = {t.name: t.data_type for t in model.graph.initializer}
@@ -400,4 +417,4 @@ def half_sites(model: onnx.ModelProto, head: LinearHead | TextHead, features: np
     scores = _flat(golden[chain.output])
     if nonfinite_rows(scores).any():
         raise HardenError("exact analysis: the fault-free scores hold NaN or Inf for some images")
-    return _HalfSites(model, head, chain, golden, fmt).all(), top1_class(scores)
+    return _HalfSites(model, head, chain, golden, fmt, policy).all(), top1_class(scores)

@@ -329,7 +329,7 @@ def analyse_model(model: onnx.ModelProto, inputs: np.ndarray, policy: str = "non
     graph's, in the integer kernel ONNX Runtime fuses it into (harden.fi.qdq_deployed). A classifier left
     out of quantisation gets the float32 analysis. A float16 graph's (onnxconverter-common's conversion) is
     analysed in its stored fp16 values, relative to its nodes run one by one (harden.fi.exact_half), under
-    policy 'none'.
+    policy 'none' or 'range'.
     """
     integer = integer_classifier(model) if any(n.op_type in QOPERATOR_LAYERS for n in model.graph.node) else None
     if integer is not None:
@@ -397,7 +397,9 @@ def model_sites(model: onnx.ModelProto, inputs: np.ndarray, policy: str = "none"
     if nonfinite_rows(scores).any():
         raise HardenError("exact analysis: the fault-free scores hold NaN or Inf for some images")
     if half:
-        sites, top1 = half_sites(g.model, head, values[head.input], policy, fmt, threads, providers)
+        rp = RangePolicy(policy, _peaks(g, tensors, ranges, inputs if profile_inputs is None else profile_inputs,
+                                        batch, providers, threads), head.clips)
+        sites, top1 = half_sites(g.model, head, values[head.input], rp, fmt, threads, providers)
         return HeadSites(head, _with_roles(sites, roles), top1, 0)
     top1 = np.argmax(scores, axis=1)
     feats = values[head.input].reshape(len(inputs), -1)
@@ -409,12 +411,8 @@ def model_sites(model: onnx.ModelProto, inputs: np.ndarray, policy: str = "none"
     if tied.any():
         values = {k: v.reshape(len(inputs), -1)[~tied] for k, v in values.items()}
         top1, feats = top1[~tied], feats[~tied]
-    peaks = dict(ranges or {})
-    missing = [t for t in tensors if t not in peaks]
-    if missing:
-        peaks.update(profile_ranges(g.model, inputs if profile_inputs is None else profile_inputs, missing, batch,
-                                    providers, threads))
-    rp = RangePolicy(policy, peaks, head.clips)
+    rp = RangePolicy(policy, _peaks(g, tensors, ranges, inputs if profile_inputs is None else profile_inputs,
+                                    batch, providers, threads), head.clips)
     n = len(top1)
     if isinstance(head, LinearHead):
         sites = head.sites(feats, values[head.output].reshape(n, -1), fmt, rp)
@@ -423,6 +421,16 @@ def model_sites(model: onnx.ModelProto, inputs: np.ndarray, policy: str = "none"
     if head.softmax:
         sites = [after_softmax(s, log=head.softmax == "LogSoftmax") for s in sites]
     return HeadSites(head, _with_roles(sites, roles), top1, int(tied.sum()))
+
+
+def _peaks(g: _Graph, tensors: list[str], ranges: dict[str, float] | None, inputs: np.ndarray, batch: int,
+           providers: Sequence[str], threads: int) -> dict[str, float]:
+    """The activations' peaks: `ranges` where they cover a tensor, the others profiled on `inputs`."""
+    peaks = dict(ranges or {})
+    missing = [t for t in tensors if t not in peaks]
+    if missing:
+        peaks.update(profile_ranges(g.model, inputs, missing, batch, providers, threads))
+    return peaks
 
 
 def _with_roles(sites: list[Site], roles: Sequence[str] | None) -> list[Site]:

@@ -16,8 +16,9 @@ from onnx import TensorProto, helper, numpy_helper
 from harden.errors import HardenError
 from harden.fi.bitflip import flip
 from harden.fi.exact_half import HalfChain, is_half
-from harden.fi.exact_onnx import analyse_model, locate_head
+from harden.fi.exact_onnx import analyse_model, head_tensors, locate_head
 from harden.fi.outcome import fault_outcome, top1_class
+from harden.fi.profile import clamp_to_range, profile_ranges
 from harden.graph.ort import expose, make_session
 from harden.graph.text_head import TextHeadPass
 from harden.head import HeadParams
@@ -118,16 +119,16 @@ class _Brute:
             values[node.output[0]] = session.run(None, {t: values[t] for t in fed})[0]
         return values
 
-    def weight(self, name: str, k: int, bit: int) -> np.ndarray:
+    def weight(self, name: str, k: int, bit: int, peak: float | None = None) -> np.ndarray:
         w = self.inits[name].copy()
-        w.reshape(-1)[k] = flip(w.reshape(-1)[k:k + 1], np.array([bit]), "fp16")[0]
+        w.reshape(-1)[k] = _clamped(flip(w.reshape(-1)[k:k + 1], np.array([bit]), "fp16"), peak)[0]
         start = {t: v for t, v in self.golden.items() if not any(t in n.output for n in self.nodes)}
         return self.forward(start, {name: w})[self.output]
 
-    def activation(self, tensor: str, k: int, bit: int) -> np.ndarray:
+    def activation(self, tensor: str, k: int, bit: int, peak: float | None = None) -> np.ndarray:
         values = self.golden[tensor].copy()
         flat = values.reshape(len(values), -1)
-        flat[:, k] = flip(flat[:, k], np.full(len(flat), bit), "fp16")
+        flat[:, k] = _clamped(flip(flat[:, k], np.full(len(flat), bit), "fp16"), peak)
         keep = {t: v for t, v in self.golden.items() if t == tensor or not self._after(tensor, t)}
         return self.forward({**keep, tensor: values})[self.output]
 
@@ -140,15 +141,23 @@ class _Brute:
         return name in reached and name != tensor
 
 
-def _brute_counts(brute: _Brute, tensor: str, top1: np.ndarray) -> tuple[list[int], list[int]]:
-    """(SDC per bit, non-finite per bit) over every element × bit × image of one site."""
+def _clamped(values: np.ndarray, peak: float | None) -> np.ndarray:
+    """--clamp range on faulty float16 values, as the engine applies it (harden.fi.runner)."""
+    return values if peak is None else clamp_to_range(values, peak)
+
+
+def _brute_counts(brute: _Brute, tensor: str, top1: np.ndarray,
+                  peaks: dict[str, float] | None = None) -> tuple[list[int], list[int]]:
+    """(SDC per bit, non-finite per bit) over every element × bit × image of one site; with `peaks` (the
+    activations' profiled peaks), under --clamp range (a weight's own peak is max |W|)."""
     weight = tensor in brute.inits
     size = brute.inits[tensor].size if weight else brute.golden[tensor].reshape(len(top1), -1).shape[1]
+    peak = None if peaks is None else float(np.abs(brute.inits[tensor]).max()) if weight else peaks[tensor]
     sdc, nonfinite = [0] * 16, [0] * 16
     with np.errstate(all="ignore"):
         for bit in range(16):
             for k in range(size):
-                scores = brute.weight(tensor, k, bit) if weight else brute.activation(tensor, k, bit)
+                scores = brute.weight(tensor, k, bit, peak) if weight else brute.activation(tensor, k, bit, peak)
                 s, d = fault_outcome(scores.reshape(len(top1), -1).astype(np.float32), top1)
                 sdc[bit] += int(s.sum())
                 nonfinite[bit] += int(d.sum())
@@ -163,23 +172,26 @@ MODELS = {"gemm": lambda s: _linear(s), "gemm-coarse": lambda s: _linear(s, gain
           "text": lambda s: _text(s), "text-softmax": lambda s: _text(s, softmax="Softmax")}
 
 
+@pytest.mark.parametrize("policy", ["none", "range"])
 @pytest.mark.parametrize("keep_io_types", [False, True], ids=["fp16-io", "fp32-io"])
 @pytest.mark.parametrize("kind", sorted(MODELS))
-def test_every_fault_of_a_float16_head_matches_brute_force(kind: str, keep_io_types: bool) -> None:
-    """Every site's SDC and non-finite counts per bit equal ONNX Runtime's, fault by fault."""
+def test_every_fault_of_a_float16_head_matches_brute_force(kind: str, keep_io_types: bool, policy: str) -> None:
+    """Every site's SDC and non-finite counts per bit equal ONNX Runtime's, fault by fault, with and without
+    --clamp range."""
     model = _half(MODELS[kind](1), keep_io_types)
     assert is_half(model)
     x = _images(1, model)
-    result = analyse_model(model, x, fmt="fp16")
+    result = analyse_model(model, x, policy=policy, fmt="fp16")
     head = locate_head(model)
     assert head.kind == ("text" if kind.startswith("text") else "linear")
     assert head.softmax == ("" if "softmax" not in kind else "LogSoftmax" if "log" in kind else "Softmax")
     brute = _Brute(model, head.input, x)
     top1 = top1_class(brute.golden[brute.output].reshape(len(x), -1).astype(np.float32))
     assert result.images == len(x) and result.rounding_ties == 0
+    peaks = profile_ranges(model, x, head_tensors(head)) if policy == "range" else None
     for site in result.sites:
         assert site.fmt == "fp16" and len(site.sdc) == 16
-        sdc, nonfinite = _brute_counts(brute, site.tensor, top1)
+        sdc, nonfinite = _brute_counts(brute, site.tensor, top1, peaks)
         assert (site.sdc, site.due) == (sdc, nonfinite), site.tensor
     assert sum(s.total_sdc for s in result.sites) > 0
 
@@ -206,8 +218,8 @@ def test_the_reference_is_the_same_in_any_even_batch_and_with_a_fed_weight() -> 
 def test_float16_graphs_the_analysis_does_not_cover_are_refused_in_one_line() -> None:
     model = _half(_linear(3), False)
     x = _images(3, model)
-    with pytest.raises(HardenError, match="policy 'range' on a float16 graph is not covered"):
-        analyse_model(model, x, policy="range", fmt="fp16")
+    with pytest.raises(HardenError, match="policy 'range-output' on a float16 graph is not covered"):
+        analyse_model(model, x, policy="range-output", fmt="fp16")
     with pytest.raises(HardenError, match="stores fp16 values, not fp32"):
         analyse_model(model, x, fmt="fp32")
     mixed = _half(_linear(3), False)
