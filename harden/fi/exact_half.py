@@ -229,17 +229,20 @@ class _HalfSites:
 
     def _linear_bounds(self, site: Site) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """logits = fp16(f32(f·Wᵀ + b)), rounded once (Gemm) or twice (MatMul, then Add); each rounding is
-        within U16·|value| + SUB16 and every |value| within Σ|terms| (`reach`)."""
+        within U16·|value| + SUB16, and every value within the float32 site's own bound (`site.tau`) of the
+        real one. A bound on the values, not on Σ|terms|, matters on a long dot product, whose terms cancel."""
         h = cast(LinearHead, self.head)
-        f = np.abs(_flat(self.golden[h.input]).astype(np.float64))
-        w = np.abs(h.weight.astype(np.float64))
-        b = np.zeros(len(w)) if h.bias is None else np.abs(h.bias.astype(np.float64))
-        roundings = 2 if h.bias is not None and self._op(h.weight_name) == "MatMul" else 1
-        reach = (f @ w.T + b).max(axis=1)
-        tau = FACTOR * roundings * (U16 * reach + SUB16)
-        room = max(SAFE16 - float(reach.max()), 0.0)
+        f = _flat(self.golden[h.input]).astype(np.float64)
+        w = h.weight.astype(np.float64)
+        b = np.zeros(len(w)) if h.bias is None else h.bias.astype(np.float64)
+        twice = h.bias is not None and self._op(h.weight_name) == "MatMul"
+        value = np.abs(f @ w.T + b).max(axis=1) + site.tau
+        bmax = float(np.abs(b).max())
+        tau = FACTOR * (U16 * (2 * value + bmax) + 2 * SUB16) if twice else FACTOR * (U16 * value + SUB16)
+        room = max(SAFE16 - float(value.max()) - bmax, 0.0)
+        roundings = 2 if twice else 1
         if site.role == "input":
-            vmax = w.max(axis=0)
+            vmax = np.abs(w).max(axis=0)
             with np.errstate(divide="ignore"):
                 return tau, FACTOR * roundings * U16 * vmax, room / vmax
         return tau, np.full(len(w), FACTOR * roundings * U16), np.full(site.size, room)
