@@ -103,10 +103,14 @@ def clip_comparison(model: onnx.ModelProto, x: np.ndarray, plain: ExactResult) -
     from harden.fi.exact_onnx import analyse_model
     from harden.graph.range_clip import RangeClipPass
 
-    clipped = analyse_model(RangeClipPass(x).run(model), x)
+    from harden.errors import HardenError
+
+    try:
+        clipped = f"{sdc(analyse_model(RangeClipPass(x).run(model), x)):.3%}"
+    except HardenError as err:
+        clipped = f"not analysed ({err})"
     ranged = analyse_model(model, x, policy="range")
-    return (f"SDC {sdc(plain):.3%}, range-clipped graph {sdc(clipped):.3%}, "
-            f"--clamp range {sdc(ranged):.3%}")
+    return f"SDC {sdc(plain):.3%}, range-clipped graph {clipped}, --clamp range {sdc(ranged):.3%}"
 
 
 def sdc(result: ExactResult) -> float:

@@ -19,7 +19,8 @@ from harden.errors import HardenError
 from harden.fi.exact import ExactResult, analyse_sites
 from harden.fi.exact_half import half_sites, is_half
 from harden.fi.exact_linear import LinearHead
-from harden.fi.exact_site import RangePolicy, Site, after_softmax, softmax32
+from harden.fi.exact_pooled import PooledConvHead
+from harden.fi.exact_site import SOFTMAX_TIE, RangePolicy, Site, after_softmax, softmax32
 from harden.fi.exact_text import TextHead
 from harden.fi.graphinfo import bypass_constant_views, named_copy
 from harden.fi.outcome import nonfinite_rows, top1_class
@@ -37,7 +38,7 @@ SHAPE_ONLY = frozenset({"Identity", "Flatten", "Reshape", "Squeeze", "Dropout"})
 # Normalisations of the scores that keep their order, except within rounding of a tie (exact_site.after_softmax).
 SOFTMAX = frozenset({"Softmax", "LogSoftmax"})
 
-Head = LinearHead | TextHead
+Head = LinearHead | TextHead | PooledConvHead
 
 
 class _Graph:
@@ -153,7 +154,7 @@ def _gemm(g: _Graph, node: onnx.NodeProto, what: str) -> tuple[str, np.ndarray, 
 
 
 def locate_head(model: onnx.ModelProto) -> Head:
-    """The final classifier of `model` as a LinearHead or TextHead, or HardenError saying why not.
+    """The final classifier of `model` as a LinearHead, PooledConvHead or TextHead, or HardenError saying why not.
 
     A Softmax or LogSoftmax of the scores may follow (most model-zoo graphs end
     in one): the head then records it, and the analysis decides that output's top-1.
@@ -173,7 +174,7 @@ def locate_head(model: onnx.ModelProto) -> Head:
         node = _past_shape_ops(g, g.unclip(node.output[0]))
     head = _head(g, node)
     if softmax is not None:
-        _check_class_axis(g, softmax, spatial=node is not None and node.op_type == "Conv")
+        _check_class_axis(g, softmax, spatial=node is not None and node.op_type in ("Conv", "GlobalAveragePool"))
         head.softmax = softmax.op_type
     return head
 
@@ -212,6 +213,8 @@ def _head(g: _Graph, node: onnx.NodeProto | None) -> Head:
         return _with_layout(LinearHead(w, b, f, node.output[0], wname, bname, node.name), g)
     if node.op_type == "Conv":
         return _with_layout(_pooled_conv(g, node), g)
+    if node.op_type == "GlobalAveragePool":
+        return _with_layout(_conv_on_map(g, node), g)
     if node.op_type in ("MatMul", "Add"):
         bias = bname = None
         if node.op_type == "Add":
@@ -227,29 +230,67 @@ def _head(g: _Graph, node: onnx.NodeProto | None) -> Head:
         g.transposed.add(wname)
         return _with_layout(LinearHead(np.ascontiguousarray(w), bias, f, node.output[0], wname, bname, mm.name), g)
     raise HardenError(f"exact analysis: the class scores come from {node.op_type} {node.name!r}; "
-                      "expected Gemm, MatMul(+Add), a 1×1 Conv on a global pool, or the text head")
+                      "expected Gemm, MatMul(+Add), a 1×1 Conv before or after a global pool, or the text head")
 
 
 def _pooled_conv(g: _Graph, node: onnx.NodeProto) -> LinearHead:
     """A 1×1 Conv reading a GlobalAveragePool's 1×1 map, as the model zoo's DenseNet-121 classifies: a Gemm in
     all but layout (its stored C×d×1×1 weight is the C×d matrix, element for element).
 
-    A 1×1 Conv on a larger map, followed by ReLU and pooling (SqueezeNet), has no closed form and is refused.
+    A 1×1 Conv that scores a larger map before the pool (SqueezeNet) is `_conv_on_map`'s.
     """
     pool = g.producer.get(node.input[0])
     if pool is None or pool.op_type != "GlobalAveragePool":
         raise HardenError(f"exact analysis: the class scores come from Conv {node.name!r} on a feature map; "
-                          "only a 1×1 Conv on a GlobalAveragePool output has a closed form")
+                          "only a 1×1 Conv on a GlobalAveragePool output, or one pooled after it, is covered")
+    matrix, bias, bias_name = _conv_1x1(g, node)
+    return LinearHead(matrix, bias, node.input[0], node.output[0], node.input[1], bias_name, node.name)
+
+
+def _conv_1x1(g: _Graph, node: onnx.NodeProto) -> tuple[np.ndarray, np.ndarray | None, str | None]:
+    """(C×d weight matrix, bias, bias name) of an unpadded, ungrouped, unstrided 1×1 Conv; refuses others."""
     weight = g.const(node.input[1], "classifier weight")
     pads = next((list(a.ints) for a in node.attribute if a.name == "pads"), [])
+    strides = next((list(a.ints) for a in node.attribute if a.name == "strides"), [])
     auto_pad = next((a.s.decode() for a in node.attribute if a.name == "auto_pad"), "NOTSET")
     if weight.ndim != 4 or weight.shape[2:] != (1, 1) or _attr(node, "group", 1) != 1 \
-            or any(pads) or auto_pad not in ("NOTSET", "VALID"):
-        raise HardenError(f"exact analysis: Conv {node.name!r} is not an unpadded, ungrouped 1×1 convolution")
+            or any(pads) or any(s != 1 for s in strides) or auto_pad not in ("NOTSET", "VALID"):
+        raise HardenError(f"exact analysis: Conv {node.name!r} is not an unpadded, ungrouped, unstrided 1×1 "
+                          "convolution")
     bias_name = node.input[2] if len(node.input) > 2 and node.input[2] else None
     bias = g.const(bias_name, "classifier bias").reshape(-1) if bias_name else None
-    matrix = np.ascontiguousarray(weight.reshape(weight.shape[0], -1))
-    return LinearHead(matrix, bias, node.input[0], node.output[0], node.input[1], bias_name, node.name)
+    return np.ascontiguousarray(weight.reshape(weight.shape[0], -1)), bias, bias_name
+
+
+def _conv_on_map(g: _Graph, pool: onnx.NodeProto) -> PooledConvHead:
+    """1×1 Conv [→ Relu] → GlobalAveragePool: the classifier scores every position of the map, and the pool
+    averages them (SqueezeNet). The Conv's and the Relu's outputs must feed nothing else, or a fault in
+    them would reach the scores another way too."""
+    consumers: dict[str, int] = {}
+    for n in g.model.graph.node:
+        for name in n.input:
+            consumers[name] = consumers.get(name, 0) + 1
+    outputs = {o.name for o in g.model.graph.output}
+    source = g.producer.get(pool.input[0])
+    relu = source is not None and source.op_type == "Relu"
+    conv = g.producer.get(source.input[0]) if relu and source is not None else source
+    clipped = g.unclip(conv.output[0]) if conv is not None else ""
+    if conv is not None and clipped != conv.output[0]:
+        raise HardenError(f"exact analysis: the classifier's output {clipped!r} is range-clipped (harden rewrite "
+                          "--range-clip); a Conv → ReLU → pool classifier is covered without clips in its tail")
+    if conv is None or conv.op_type != "Conv":
+        found = "a graph input" if conv is None else f"{conv.op_type} {conv.name!r}"
+        raise HardenError(f"exact analysis: GlobalAveragePool {pool.name!r} pools {found}; only a 1×1 Conv "
+                          "[→ Relu] → GlobalAveragePool tail is covered")
+    for tensor in [conv.output[0]] + ([source.output[0]] if relu and source is not None else []):
+        if consumers.get(tensor, 0) != 1 or tensor in outputs:
+            raise HardenError(f"exact analysis: {tensor!r} in the classifier's Conv → Relu → pool tail feeds "
+                              "other nodes or the output too")
+    matrix, bias, bias_name = _conv_1x1(g, conv)
+    node = onnx.NodeProto()
+    node.CopyFrom(conv)
+    return PooledConvHead(matrix, bias, conv.input[0], conv.output[0], pool.output[0], conv.input[1], bias_name,
+                          conv.name, relu, node)
 
 
 def _text_head(g: _Graph, mul: onnx.NodeProto) -> TextHead:
@@ -309,6 +350,8 @@ def head_tensors(head: Head) -> list[str]:
     """The activations the analysis reads and may need ranges for."""
     if isinstance(head, LinearHead):
         return [head.input, head.output]
+    if isinstance(head, PooledConvHead):
+        return [head.input, head.output, head.pooled]
     return [head.input, head.proj_output, head.cosine, head.output]
 
 
@@ -371,7 +414,8 @@ def model_sites(model: onnx.ModelProto, inputs: np.ndarray, policy: str = "none"
     Faults the closed form cannot settle are judged by numpy's float32 forward pass of the head against
     ONNX Runtime's golden top-1. An image on which the two passes already disagree fault-free has a top-1
     that is itself a rounding tie: every such fault would count as an SDC, so the image is left out, and
-    counted in `ties`. A float16 graph's faults are judged by ONNX Runtime's nodes themselves
+    counted in `ties`. A Conv → ReLU → pool classifier's faults are judged by ONNX Runtime's own nodes; it
+    leaves out the images whose top-1 is within a Softmax's tie band (`_pooled_ties`). A float16 graph's faults are judged by ONNX Runtime's nodes themselves
     (harden.fi.exact_half), which also give its golden top-1, so no image is left out.
     """
     half = is_half(model)
@@ -396,31 +440,55 @@ def model_sites(model: onnx.ModelProto, inputs: np.ndarray, policy: str = "none"
     scores = values[score_name].reshape(len(inputs), -1)
     if nonfinite_rows(scores).any():
         raise HardenError("exact analysis: the fault-free scores hold NaN or Inf for some images")
+    if half and isinstance(head, PooledConvHead):
+        raise HardenError("exact analysis: a float16 graph's Conv → ReLU → pool classifier is not covered; the "
+                          "sampled campaign covers it")
     if half:
         rp = RangePolicy(policy, _peaks(g, tensors, ranges, inputs if profile_inputs is None else profile_inputs,
                                         batch, providers, threads), head.clips)
         sites, top1 = half_sites(g.model, head, values[head.input], rp, fmt, threads, providers)
         return HeadSites(head, _with_roles(sites, roles), top1, 0)
     top1 = np.argmax(scores, axis=1)
-    feats = values[head.input].reshape(len(inputs), -1)
-    mine = head.logits(feats)
-    tied = top1_class(softmax32(mine, head.softmax == "LogSoftmax") if head.softmax else mine) != top1
+    if isinstance(head, PooledConvHead):
+        pooled = values[head.pooled].reshape(len(inputs), -1)
+        tied = _pooled_ties(pooled, top1, bool(head.softmax))
+    else:
+        feats = values[head.input].reshape(len(inputs), -1)
+        mine = head.logits(feats)
+        tied = top1_class(softmax32(mine, head.softmax == "LogSoftmax") if head.softmax else mine) != top1
     if tied.all():
-        raise HardenError("exact analysis: on every image, numpy's float32 pass of the head and ONNX Runtime's "
-                          "disagree on the top-1 (a rounding tie); nothing can be judged exactly")
+        raise HardenError("exact analysis: on every image the fault-free top-1 is a rounding tie (for a linear or "
+                          "text head, numpy's float32 pass of it and ONNX Runtime's disagree); nothing can be "
+                          "judged exactly")
     if tied.any():
-        values = {k: v.reshape(len(inputs), -1)[~tied] for k, v in values.items()}
-        top1, feats = top1[~tied], feats[~tied]
+        values = {k: v[~tied] for k, v in values.items()}
+        top1 = top1[~tied]
     rp = RangePolicy(policy, _peaks(g, tensors, ranges, inputs if profile_inputs is None else profile_inputs,
                                     batch, providers, threads), head.clips)
     n = len(top1)
-    if isinstance(head, LinearHead):
+    feats = values[head.input].reshape(n, -1)
+    if isinstance(head, PooledConvHead):
+        sites = head.sites(values, top1, fmt, rp, providers)
+    elif isinstance(head, LinearHead):
         sites = head.sites(feats, values[head.output].reshape(n, -1), fmt, rp)
     else:
         sites = head.sites(feats, {t: values[t].reshape(n, -1) for t in tensors}, fmt, rp)
     if head.softmax:
         sites = [after_softmax(s, log=head.softmax == "LogSoftmax") for s in sites]
     return HeadSites(head, _with_roles(sites, roles), top1, int(tied.sum()))
+
+
+def _pooled_ties(pooled: np.ndarray, top1: np.ndarray, softmax: bool) -> np.ndarray:
+    """The images a Conv → ReLU → pool classifier leaves out as rounding ties: the pool's argmax is not the
+    output's, or a Softmax follows and the two best pooled scores are within its tie band. Every fault on
+    such an image would need the whole Conv recomputed (exact.unit_geometry analyses them one by one)."""
+    rows = np.arange(len(top1))
+    others = pooled.astype(np.float64)
+    others[rows, top1] = -np.inf
+    tied = np.argmax(pooled, axis=1) != top1
+    if softmax:
+        tied |= pooled[rows, top1] - others.max(axis=1) <= SOFTMAX_TIE
+    return tied
 
 
 def _peaks(g: _Graph, tensors: list[str], ranges: dict[str, float] | None, inputs: np.ndarray, batch: int,
