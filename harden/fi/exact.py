@@ -111,7 +111,7 @@ class ExactResult:
     sites: list[ExactSiteResult] = field(default_factory=list)
     seconds: float = 0.0
     schema: str = SCHEMA
-    # images left out: numpy's float32 pass of the head and ONNX Runtime's disagree on their fault-free top-1
+    # images left out as rounding ties of their fault-free top-1 (exact_onnx.model_sites says which)
     rounding_ties: int = 0
 
     @property

@@ -174,7 +174,7 @@ def locate_head(model: onnx.ModelProto) -> Head:
         node = _past_shape_ops(g, g.unclip(node.output[0]))
     head = _head(g, node)
     if softmax is not None:
-        _check_class_axis(g, softmax, spatial=node is not None and node.op_type in ("Conv", "GlobalAveragePool"))
+        _check_class_axis(g, softmax, spatial=_still_spatial(g, softmax.input[0]))
         head.softmax = softmax.op_type
     return head
 
@@ -185,6 +185,15 @@ def _past_shape_ops(g: _Graph, tensor: str) -> onnx.NodeProto | None:
     while node is not None and node.op_type in SHAPE_ONLY:
         node = g.producer.get(node.input[0])
     return node
+
+
+def _still_spatial(g: _Graph, tensor: str) -> bool:
+    """Whether `tensor` is still N×C×1×1, as a Conv or a global pool writes it: no Flatten, Reshape or Squeeze
+    between."""
+    node = g.producer.get(tensor)
+    while node is not None and node.op_type in ("Identity", "Dropout"):
+        node = g.producer.get(node.input[0])
+    return node is not None and node.op_type in ("Conv", "GlobalAveragePool")
 
 
 def _check_class_axis(g: _Graph, softmax: onnx.NodeProto, spatial: bool) -> None:

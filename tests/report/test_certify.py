@@ -135,3 +135,33 @@ def test_a_quantised_model_is_certified_on_its_stored_integers(tmp_path: Path, f
     assert baseline.exact is not None
     assert model.cost.parameters == baseline.cost.parameters == 64 * 10 + 10  # the stored integers count
     assert model.cost.flops == baseline.cost.flops > 0
+
+
+def test_a_classifier_that_scores_a_map_gets_the_exact_analysis(tmp_path: Path) -> None:
+    """SqueezeNet's tail (1×1 Conv → ReLU → GlobalAveragePool): the exact fractions of its weight, bias and Conv
+    output sit inside the sampled campaign's intervals of the same sites."""
+    import numpy as np
+    import onnx
+
+    from harden.graph.ort import make_session
+    from tests.fi.tiny_models import pointwise_cnn
+
+    model = pointwise_cnn(seed=3, softmax=True)
+    onnx.save(model, tmp_path / "pointwise.onnx")
+    x = np.random.default_rng(3).normal(size=(120, 3, 5, 5)).astype(np.float32)
+    labels = make_session(model, opt_level="disable").run(None, {"x": x})[0].argmax(axis=1)
+    np.savez(tmp_path / "data.npz", x=x, y=labels)
+    report = certify(CertifyConfig(model=str(tmp_path / "pointwise.onnx"), data=f"npz:{tmp_path / 'data.npz'}",
+                                   output=str(tmp_path / "r"), preprocess="identity", injections=300,
+                                   latency_runs=2, progress=False))
+    record = report.model("model")
+    assert record.exact is not None, record.exact_skipped
+    assert record.exact.head == "pooled-conv + softmax"
+    exact = {s.tensor: s for s in record.exact.sites}
+    assert {s.role for s in exact.values()} == {"weight", "bias", "output"}
+    checked = 0
+    for layer in record.campaign.layers:
+        if layer.site in exact:
+            assert layer.sdc.low - 0.01 <= exact[layer.site].sdc_fraction <= layer.sdc.high + 0.01, layer.site
+            checked += 1
+    assert checked == 3
