@@ -195,7 +195,7 @@ def test_most_weight_faults_are_settled_without_onnx_runtime() -> None:
 def test_the_exact_value_and_its_slack_hold_what_onnx_runtime_computes() -> None:
     """For weight and bias flips of every bit on a 64-channel map: |ORT's faulty score − (base + Δ)| is within
     tau + slack, and the bound is not loose by more than a few hundred times the actual error."""
-    from harden.fi.exact_onnx import _Graph
+    from harden.fi.exact_locate import _Graph
     from harden.fi.exact_pooled import _PooledSites
     from harden.graph.ort import expose
 
