@@ -22,7 +22,7 @@ from harden.fi.profile import clamp_to_range, profile_ranges
 from harden.graph.ort import expose, make_session
 from harden.graph.text_head import TextHeadPass
 from harden.head import HeadParams
-from tests.fi.test_exact_onnx import _pooled_conv_model
+from tests.fi.test_exact_onnx import _pooled_conv_model, scores_model
 
 float16 = pytest.importorskip("onnxconverter_common.float16")
 
@@ -47,15 +47,7 @@ def _linear(seed: int, head: str = "gemm", softmax: str = "", gain: float = 1.0)
         inits.append(numpy_helper.from_array(np.ascontiguousarray(w.T), "fc.weight"))
         nodes += [helper.make_node("MatMul", ["feat", "fc.weight"], ["mm"], name="fc"),
                   helper.make_node("Add", ["mm", "fc.bias"], ["logits"], name="fc_add")]
-    out = "logits"
-    if softmax:
-        nodes.append(helper.make_node(softmax, ["logits"], ["prob"], name="softmax", axis=1))
-        out = "prob"
-    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 3, 3])],
-                              [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["N", C])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
+    return scores_model(nodes, inits, C, softmax)
 
 
 def _text(seed: int, softmax: str = "") -> onnx.ModelProto:

@@ -38,13 +38,18 @@ def _backbone_model(seed: int, softmax: bool | str = False) -> onnx.ModelProto:
              helper.make_node("Gemm", ["flat", "w0", "b0"], ["h"], name="fc0", transB=1),
              helper.make_node("Relu", ["h"], ["feat"], name="relu"),
              helper.make_node("Gemm", ["feat", "fc.weight", "fc.bias"], ["logits"], name="fc", transB=1)]
+    return scores_model(nodes, inits, C, softmax if isinstance(softmax, str) else "Softmax" if softmax else "")
+
+
+def scores_model(nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto], classes: int,
+                 softmax: str = "") -> onnx.ModelProto:
+    """The model of `nodes` that computes "logits" (N×classes) from x (N×1×3×3), then the op `softmax` names."""
     out = "logits"
     if softmax:
-        op = softmax if isinstance(softmax, str) else "Softmax"
-        nodes.append(helper.make_node(op, ["logits"], ["prob"], name="softmax", axis=1))
+        nodes = [*nodes, helper.make_node(softmax, ["logits"], ["prob"], name="softmax", axis=1)]
         out = "prob"
     graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 3, 3])],
-                              [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["N", C])], inits)
+                              [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["N", classes])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model
