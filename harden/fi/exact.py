@@ -303,6 +303,20 @@ def _geometry(site: Site, top1: np.ndarray) -> tuple[_Geometry, np.ndarray]:
     return _Geometry(lo, hi, up, down, m0, site.tau, top1), m0 <= 2 * site.tau
 
 
+def unit_edges(scores: np.ndarray, base: np.ndarray, top1: np.ndarray) -> tuple[np.ndarray, ...]:
+    """lo, hi (N×C), top, rival (N): a fault that moves score c alone from base[n, c] by Δ changes the top-1
+    exactly when Δ < lo or Δ > hi, against the exact fault-free `scores` of the other classes."""
+    rows = np.arange(len(top1))
+    others = scores.copy()
+    others[rows, top1] = -np.inf
+    top, rival = scores[rows, top1], others.max(axis=1)
+    hi = top[:, None] - base
+    lo = np.full_like(hi, -np.inf)
+    lo[rows, top1] = rival - base[rows, top1]
+    hi[rows, top1] = np.inf
+    return lo, hi, top, rival
+
+
 def unit_geometry(site: Site, top1: np.ndarray) -> tuple[_Geometry, np.ndarray]:
     """The envelope of a site whose faults move one score alone, against the exact fault-free float32 rivals.
 
@@ -315,15 +329,7 @@ def unit_geometry(site: Site, top1: np.ndarray) -> tuple[_Geometry, np.ndarray]:
     """
     if site.classes is None or not np.array_equal(site.group, site.classes):
         raise HardenError(f"site {site.tensor!r}: fault-free scores given, but its faults do not move one class")
-    scores = np.asarray(site.scores, np.float64)
-    rows = np.arange(len(top1))
-    others = scores.copy()
-    others[rows, top1] = -np.inf
-    top, rival = scores[rows, top1], others.max(axis=1)
-    hi = top[:, None] - site.base
-    lo = np.full_like(hi, -np.inf)
-    lo[rows, top1] = rival - site.base[rows, top1]
-    hi[rows, top1] = np.inf
+    lo, hi, top, rival = unit_edges(np.asarray(site.scores, np.float64), site.base, top1)
     tie = np.zeros(len(top1)) if site.tie is None else site.tie
     ambiguous = (tie > 0) & (top - rival <= tie)
     none = np.zeros_like(hi)

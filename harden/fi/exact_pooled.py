@@ -32,7 +32,7 @@ from onnx import TensorProto, helper
 
 from harden.errors import HardenError
 from harden.fi.bitflip import tensor_scale
-from harden.fi.exact import FINITE_EDGE, INF_EDGE
+from harden.fi.exact import FINITE_EDGE, INF_EDGE, unit_edges
 from harden.fi.exact_site import SOFTMAX_TIE, U32, RangePolicy, Site, flip_bit, flip_delta
 
 # A score Δ this far out stands for a score of ±Inf (exact.overflow_split, with `reach` zero).
@@ -107,15 +107,8 @@ class _PooledSites:
         self.x_neg = np.maximum(-x64, 0).sum(axis=2) / self.P
         self.x_hi, self.x_lo = x64.max(axis=2), x64.min(axis=2)
         self.x_zero = (self.x == 0).any(axis=2)
-        rows = np.arange(n)
-        others = self.S.astype(np.float64)
-        others[rows, self.top1] = -np.inf
-        top, rival = self.S[rows, self.top1].astype(np.float64), others.max(axis=1)
         # the decision edges of the faulty score, as exact.unit_geometry draws them
-        self.hi = top[:, None] - self.base
-        self.hi[rows, self.top1] = np.inf
-        self.lo = np.full_like(self.hi, -np.inf)
-        self.lo[rows, self.top1] = rival - self.base[rows, self.top1]
+        self.lo, self.hi, _, _ = unit_edges(self.S.astype(np.float64), self.base, self.top1)
         self.eye = np.eye(self.C)
 
     def _relu(self, values: np.ndarray) -> np.ndarray:
