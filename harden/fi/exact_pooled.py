@@ -204,19 +204,22 @@ class _PooledSites:
         if undecided.any():
             r, m = np.nonzero(undecided)
             delta[r, m], slack[r, m] = self._exact(rows.start + r, k[m], None if col is None else col[m], dw[m])
-        nan_score = INF_SCORE if self.h.softmax else -INF_SCORE
+        return self._overflow(w, hi, lo, zero, sure_inf, finite, self.base[rows][:, k], delta, slack)
+
+    def _overflow(self, w: np.ndarray, hi: np.ndarray, lo: np.ndarray, zero: np.ndarray, sure_inf: np.ndarray,
+                  finite: np.ndarray, base: np.ndarray, delta: np.ndarray,
+                  slack: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Δ and slack where the faulty weight is not finite or float32 overflows: ±INF_SCORE for a score that
+        is surely +Inf or NaN, NaN (recomputed) where unsure; unchanged elsewhere."""
         nonfinite_w = ~np.isfinite(w)
-        if self.h.relu:
-            inf_w = np.isinf(w) & ~zero & ~np.isnan(w)
-            all_off = inf_w & (np.where(w > 0, hi, -lo) <= 0)  # every term −Inf (or 0·Inf never: no zero x)
-            delta = np.where(sure_inf | (inf_w & ~all_off), INF_SCORE, delta)
-            delta = np.where(all_off, -self.base[rows][:, k], delta)
-            slack = np.where(all_off | sure_inf | inf_w, 0.0, slack)
-            delta = np.where(nonfinite_w & ~inf_w, nan_score, delta)
-            delta = np.where(~finite & ~sure_inf & ~nonfinite_w, np.nan, delta)
-        else:  # without the ReLU, −Inf and +Inf terms may meet: float32 decides every overflow
-            delta = np.where(~finite | nonfinite_w, np.nan, delta)
-        return delta, slack
+        if not self.h.relu:  # −Inf and +Inf terms may meet: float32 decides every overflow
+            return np.where(~finite | nonfinite_w, np.nan, delta), slack
+        infinite_w = np.isinf(w) & ~zero  # ±Inf times a map with no zero: every term is ±Inf
+        silent = infinite_w & (np.where(w > 0, hi, -lo) <= 0)  # every term −Inf: the ReLU zeroes the channel
+        nan_score = INF_SCORE if self.h.softmax else -INF_SCORE  # NaN never wins; behind a Softmax, a NaN row
+        delta = np.select([nonfinite_w & ~infinite_w, silent, sure_inf | infinite_w, ~finite],
+                          [nan_score, -base, INF_SCORE, np.nan], delta)
+        return delta, np.where(silent | sure_inf | infinite_w, 0.0, slack)
 
     def _bracket(self, rows: slice, k: np.ndarray, dw: np.ndarray, pos: np.ndarray,
                  neg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

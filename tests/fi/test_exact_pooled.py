@@ -239,3 +239,26 @@ def test_a_range_clipped_tail_is_refused_in_one_line() -> None:
     model, x = _map_model(12), _images(12)
     with pytest.raises(HardenError, match="'scores_map' is range-clipped"):
         locate_head(RangeClipPass(x).run(model))
+
+
+def test_a_pooled_sum_within_rounding_of_float32s_max_is_left_to_onnx_runtime() -> None:
+    """A bias whose bit-30 flip makes the pool's sum exceed FLT_MAX by 5e-6 (relative): too close for the bounds
+    to call it +Inf, yet ONNX Runtime's sum overflows, and behind a Softmax a +Inf top score is a NaN row, an SDC.
+    Class 0 is made the top class, the one where that outcome differs from a huge finite score."""
+    flt_max = float(np.finfo(np.float32).max)
+    bias = np.float32(flt_max * (1 + 5e-6) / 9 / 2.0**128)  # the 3×3 map: 9 positions
+
+    def boost(w: np.ndarray) -> np.ndarray:
+        w[0] = np.abs(w[0]) + 2
+        return w
+
+    def set_bias(b: np.ndarray) -> np.ndarray:
+        b[0] = bias
+        return b
+
+    model = _map_model(13, softmax="Softmax")
+    _set(model, "cls.weight", boost)
+    _set(model, "cls.bias", set_bias)
+    x = _images(13)
+    assert (make_session(model, opt_level="disable").run(None, {"x": x})[0].reshape(len(x), -1).argmax(1) == 0).any()
+    _check_against_brute_force(model, x)
