@@ -284,10 +284,16 @@ class _PooledSites:
             golden = self.y[rows][:, k, p]
             with np.errstate(all="ignore"):
                 new = flip_bit(golden, bit, self.fmt, scale, peak).astype(np.float64)
-                change = (self._relu(new) - self._relu(golden.astype(np.float64))) / P
-                total = P * self.base_abs[rows][:, k] + np.abs(self._relu(new))
-                change = np.where(total * (1 + GUARD) < FINITE_EDGE, change, np.nan)
-                return change, self.pool * np.abs(change)
+                old, kept = self._relu(golden.astype(np.float64)), self._relu(new)
+                change = (kept - old) / P
+                finite = (P * self.base_abs[rows][:, k] + np.abs(kept)) * (1 + GUARD) < FINITE_EDGE
+                # rectified values only add up: past FLT_MAX the pool's sum is +Inf
+                overflows = self.h.relu & ((P * self.base[rows][:, k] - old + kept) * (1 - self.pool) > INF_EDGE)
+                nan_score = INF_SCORE if self.h.softmax else -INF_SCORE  # as for a weight fault
+                sentinel = np.isnan(new) | np.isinf(kept) | overflows
+                change = np.select([np.isnan(new), (kept == np.inf) | overflows, kept == -np.inf, ~finite],
+                                   [nan_score, INF_SCORE, -INF_SCORE, np.nan], change)
+                return change, np.where(sentinel, 0.0, self.pool * np.abs(change))
 
         def recompute(n: np.ndarray, ks: np.ndarray, bit: int) -> np.ndarray:
             k, p, m = ks // P, ks % P, np.arange(len(n))
@@ -299,7 +305,8 @@ class _PooledSites:
             return rows
 
         return Site(name, "output", self.h.layer, self.C * P, self.base, tau, self.eye, classes,
-                    np.full(self.C * P, np.inf), delta, recompute, classes=classes, scores=self.S.astype(np.float64))
+                    np.full(self.C * P, np.inf), delta, recompute, classes=classes, scores=self.S.astype(np.float64),
+                    reach=np.zeros((len(self.x), self.C)))
 
     # -- ONNX Runtime's nodes, for the faults closed forms leave open ----------------------------------------
 

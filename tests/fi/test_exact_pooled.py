@@ -262,3 +262,22 @@ def test_a_pooled_sum_within_rounding_of_float32s_max_is_left_to_onnx_runtime() 
     x = _images(13)
     assert (make_session(model, opt_level="disable").run(None, {"x": x})[0].reshape(len(x), -1).argmax(1) == 0).any()
     _check_against_brute_force(model, x)
+
+
+def test_conv_outputs_of_exactly_one_flip_to_infinities() -> None:
+    """Classes whose weights are 0 and bias ±1 output exactly ±1 at every position, which bit 30 makes ±Inf:
+    without the ReLU the pooled score is ±Inf, with it −Inf is zeroed."""
+    def zero_rows(w: np.ndarray) -> np.ndarray:
+        w[1:] = 0.0
+        return w
+
+    def unit_bias(b: np.ndarray) -> np.ndarray:
+        b[1], b[2] = 1.0, -1.0
+        return b
+
+    for relu in (False, True):
+        for softmax in ("", "Softmax"):
+            model = _map_model(14, relu=relu, softmax=softmax)
+            _set(model, "cls.weight", zero_rows)
+            _set(model, "cls.bias", unit_bias)
+            _check_against_brute_force(model, _images(14))
