@@ -17,6 +17,7 @@ images: correct with Top2Diff > 0):
 
     .venv/bin/python tools/bench_exact.py MODEL.onnx [MODEL2.onnx ...] [--data fashion-mnist:test]
         [--images 1000] [--all-images] [--sample 128] [--engine-injections 2000] [--policy none] [--json out.json]
+        [--preprocess identity]
 """
 
 from __future__ import annotations
@@ -31,9 +32,14 @@ from onnx import TensorProto, helper, numpy_helper
 
 
 def _head_model(model: onnx.ModelProto, head, weights: list[str]) -> onnx.ModelProto:  # type: ignore[no-untyped-def]
-    """The head subgraph from its input tensor to the model output, with `weights` as graph inputs."""
+    """The head subgraph from its input tensor to the model output, with `weights` as graph inputs. Its batch
+    is left free (the model zoo's graphs fix it at 1), so that every image runs at once."""
     inferred = onnx.shape_inference.infer_shapes(model)
     cut = onnx.utils.Extractor(inferred).extract_model([head.input], [model.graph.output[0].name])
+    del cut.graph.value_info[:]
+    for value in [*cut.graph.input, *cut.graph.output]:
+        if value.type.tensor_type.shape.dim:
+            value.type.tensor_type.shape.dim[0].dim_param = "N"
     for name in weights:
         init = next(t for t in cut.graph.initializer if t.name == name)
         cut.graph.initializer.remove(init)
@@ -134,20 +140,21 @@ def main() -> None:
     parser.add_argument("--all-images", action="store_true",
                         help="analyse every image, not only the campaign's kept ones (correct, Top2Diff > 0)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--preprocess", help="as certify's --preprocess (e.g. identity for tools/zoo_sweep.py's npz)")
     parser.add_argument("--json")
     args = parser.parse_args()
 
     from harden.data import load_dataset
     from harden.fi import prepare_eval
     from harden.fi.exact_onnx import analyse_model, model_sites
-    from harden.graph.model_input import model_inputs
+    from harden.graph.model_input import model_inputs, parse_preprocess
     from harden.graph.onnx_io import load_model
 
     report = []
     for path in args.models:
         model = load_model(path)
         data = load_dataset(args.data, limit=args.images, seed=args.seed)
-        x = model_inputs(model, data)
+        x = model_inputs(model, data, parse_preprocess(args.preprocess) if args.preprocess else None)
         images = x if args.all_images else prepare_eval(model, x, data.labels).inputs
         start = time.perf_counter()
         result = analyse_model(model, images, policy=args.policy, profile_inputs=x)
