@@ -260,34 +260,43 @@ def _conv_1x1(g: _Graph, node: onnx.NodeProto) -> tuple[np.ndarray, np.ndarray |
 
 
 def _conv_on_map(g: _Graph, pool: onnx.NodeProto) -> PooledConvHead:
-    """1×1 Conv [→ Relu] → GlobalAveragePool: the classifier scores every position of the map, and the pool
-    averages them (SqueezeNet). The Conv's and the Relu's outputs must feed nothing else, or a fault in
-    them would reach the scores another way too."""
-    consumers: dict[str, int] = {}
-    for n in g.model.graph.node:
-        for name in n.input:
-            consumers[name] = consumers.get(name, 0) + 1
-    outputs = {o.name for o in g.model.graph.output}
-    source = g.producer.get(pool.input[0])
-    relu = source is not None and source.op_type == "Relu"
-    conv = g.producer.get(source.input[0]) if relu and source is not None else source
-    clipped = g.unclip(conv.output[0]) if conv is not None else ""
-    if conv is not None and clipped != conv.output[0]:
-        raise HardenError(f"exact analysis: the classifier's output {clipped!r} is range-clipped (harden rewrite "
-                          "--range-clip); a Conv → ReLU → pool classifier is covered without clips in its tail")
+    """1×1 Conv [→ harden's range clip] [→ Relu] → GlobalAveragePool: the classifier scores every position of
+    the map, and the pool averages them (SqueezeNet; `harden rewrite --range-clip` clips the Conv's output).
+    The nodes after the Conv are kept, with the constants they read, so that the analysis reruns them as the
+    graph has them. What they compute must feed nothing else, or a fault would reach the scores another way."""
+    tail = [pool]
+    tensor = pool.input[0]
+    relu = getattr(g.producer.get(tensor), "op_type", "") == "Relu"
+    if relu:
+        tail.append(g.producer[tensor])
+        tensor = tail[-1].input[0]
+    source = g.unclip(tensor)
+    if source != tensor:  # Clip(Where(IsNaN(x), 0, x)): exact_locate._Graph.unclip has checked the pattern
+        clip = g.producer[tensor]
+        where = g.producer[clip.input[0]]
+        tail += [clip, where, g.producer[where.input[0]]]
+    conv = g.producer.get(source)
     if conv is None or conv.op_type != "Conv":
         found = "a graph input" if conv is None else f"{conv.op_type} {conv.name!r}"
         raise HardenError(f"exact analysis: GlobalAveragePool {pool.name!r} pools {found}; only a 1×1 Conv "
-                          "[→ Relu] → GlobalAveragePool tail is covered")
-    for tensor in [conv.output[0]] + ([source.output[0]] if relu and source is not None else []):
-        if consumers.get(tensor, 0) != 1 or tensor in outputs:
-            raise HardenError(f"exact analysis: {tensor!r} in the classifier's Conv → Relu → pool tail feeds "
-                              "other nodes or the output too")
+                          "[→ range clip] [→ Relu] → GlobalAveragePool tail is covered")
+    tail.reverse()
+    inside = {o for n in [conv, *tail[:-1]] for o in n.output}
+    members = {n.output[0] for n in [conv, *tail]}
+    leaks = [n.name or n.op_type for n in g.model.graph.node
+             if n.output[0] not in members and inside & set(n.input)]
+    leaks += [o.name for o in g.model.graph.output if o.name in inside]
+    if leaks:
+        raise HardenError(f"exact analysis: the classifier's Conv → Relu → pool tail also feeds {leaks[0]!r}")
     matrix, bias, bias_name = _conv_1x1(g, conv)
-    node = onnx.NodeProto()
-    node.CopyFrom(conv)
+    copies = []
+    for node in [conv, *tail]:
+        copies.append(onnx.NodeProto())
+        copies[-1].CopyFrom(node)
+    constants = {name: g.constants[name] for node in tail for name in node.input if name in g.constants}
+    opset = next((o.version for o in g.model.opset_import if o.domain in ("", "ai.onnx")), 13)
     return PooledConvHead(matrix, bias, conv.input[0], conv.output[0], pool.output[0], conv.input[1], bias_name,
-                          conv.name, relu, node)
+                          conv.name, relu, copies, constants, opset)
 
 
 def _text_head(g: _Graph, mul: onnx.NodeProto) -> TextHead:

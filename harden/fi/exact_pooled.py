@@ -14,10 +14,13 @@ Overflow is decided in closed form where it is sure: a faulty term past FLT_MAX 
 position +Inf, and the ReLU and the pool keep it, so the score is +Inf; a NaN weight makes the score NaN.
 Such scores are handed to the analysis as Δ beyond INF_EDGE with the site's `reach` at zero
 (exact.overflow_split); a NaN score never wins the argmax, so it counts as −Inf, or as +Inf behind a Softmax,
-whose row it turns into NaN. What float32 may or may not overflow is recomputed. Recomputation runs ONNX
-Runtime's own nodes, never numpy: the pool alone on the faulty channel for a stored-output fault (its sum
-over one channel is the same whatever the other channels), the whole Conv → ReLU → pool with the flipped
-weight fed in for a weight or bias fault.
+whose row it turns into NaN. What float32 may or may not overflow is recomputed. Behind harden's range
+clip on the Conv's output (`rewrite --range-clip`: NaN → 0, then ± its bound) nothing overflows, and a
+weight or bias flip is bracketed from the clip's range and, near an edge, position by position between the
+clipped ends of each faulty value's rounding interval (`_capped_delta`, `_interval`). Recomputation runs ONNX
+Runtime's own nodes as the graph has them, never numpy: the nodes after the Conv on the faulty channel
+alone for a stored-output fault (the pool's sum over one channel is the same whatever the other channels),
+the Conv and every node after it with the flipped weight fed in for a weight or bias fault.
 """
 
 from __future__ import annotations
@@ -28,12 +31,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from harden.errors import HardenError
 from harden.fi.bitflip import tensor_scale
 from harden.fi.exact import FINITE_EDGE, INF_EDGE, unit_edges
-from harden.fi.exact_site import SOFTMAX_TIE, U32, RangePolicy, Site, flip_bit, flip_delta
+from harden.fi.exact_site import SOFTMAX_TIE, U32, RangePolicy, Site, clamp64, flip_bit, flip_delta
 
 # A score Δ this far out stands for a score of ±Inf (exact.overflow_split, with `reach` zero).
 INF_SCORE = 1e300
@@ -58,7 +61,10 @@ class PooledConvHead:
     bias_name: str | None
     layer: str
     relu: bool
-    conv: onnx.NodeProto
+    # the Conv and the nodes after it up to the pool, and the constants those read (a range clip's bounds)
+    nodes: list[onnx.NodeProto]
+    constants: dict[str, np.ndarray]
+    opset: int
 
     kind = "pooled-conv"
     transposed: tuple[str, ...] = ()
@@ -76,9 +82,12 @@ class _PooledSites:
 
     def __init__(self, head: PooledConvHead, values: dict[str, np.ndarray], top1: np.ndarray, fmt: str,
                  policy: RangePolicy, providers: Sequence[str]) -> None:
-        if policy.name == "range-output" or policy.clips:
+        if policy.name == "range-output" or set(policy.clips) - {head.output}:
             raise HardenError("exact analysis: a Conv → ReLU → pool classifier is analysed under --clamp none or "
-                              "range; range-output clamps and range clips in the graph are not covered")
+                              "range; range-output clamps, and range clips in the graph other than on the "
+                              "classifier's output, are not covered")
+        # harden's range clip on the Conv's output: NaN → 0, then ± cap; every score then stays finite
+        self.cap = policy.clips.get(head.output)
         self.h, self.fmt, self.policy, self.providers = head, fmt, policy, tuple(providers)
         self.map_shape = values[head.output].shape[2:]
         n = len(top1)
@@ -92,7 +101,7 @@ class _PooledSites:
             raise HardenError(f"exact analysis: Conv {head.layer!r} maps {self.x.shape[2]} positions to {self.P}")
         self.S = np.asarray(values[head.pooled], np.float32).reshape(n, self.C)
         self.top1 = np.asarray(top1)
-        r = self._relu(self.y.astype(np.float64))
+        r = self._act(self.y.astype(np.float64))
         self.base = r.sum(axis=2) / self.P  # the real mean of the golden rectified values
         self.base_abs = np.abs(r).sum(axis=2) / self.P
         self.y_abs = np.abs(self.y).astype(np.float64).sum(axis=2) / self.P
@@ -111,7 +120,9 @@ class _PooledSites:
         self.lo, self.hi, _, _ = unit_edges(self.S.astype(np.float64), self.base, self.top1)
         self.eye = np.eye(self.C)
 
-    def _relu(self, values: np.ndarray) -> np.ndarray:
+    def _act(self, values: np.ndarray) -> np.ndarray:
+        """What the tail makes of Conv outputs before the pool: the range clip, if any, then the ReLU."""
+        values = clamp64(values, self.cap)
         return np.maximum(values, 0) if self.h.relu else values
 
     def _term_sums(self) -> tuple[np.ndarray, np.ndarray]:
@@ -187,6 +198,8 @@ class _PooledSites:
         """
         pos, neg, hi, lo, zero = self._channel_x(rows, col, len(k))
         w = np.broadcast_to(new, pos.shape)
+        if self.cap is not None:
+            return self._capped_delta(rows, k, col, w, np.broadcast_to(dw, pos.shape), pos, neg)
         a_max = self.a_max[rows][:, k]
         with np.errstate(all="ignore"):
             top = np.where(w > 0, w * hi, w * lo)  # the largest faulty term over the positions
@@ -205,6 +218,49 @@ class _PooledSites:
             r, m = np.nonzero(undecided)
             delta[r, m], slack[r, m] = self._exact(rows.start + r, k[m], None if col is None else col[m], dw[m])
         return self._overflow(w, hi, lo, zero, sure_inf, finite, self.base[rows][:, k], delta, slack)
+
+    def _capped_delta(self, rows: slice, k: np.ndarray, col: np.ndarray | None, w: np.ndarray, dw: np.ndarray,
+                      pos: np.ndarray, neg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """`_channel_delta` behind a range clip, which maps every value into [−cap, cap] and NaN to 0: no score
+        overflows. The clip and the ReLU are monotone and 1-Lipschitz, so the change of a position lies
+        between −relu(−t) and relu(t), and the score within the clip's range. A NaN weight makes every
+        position NaN, so 0: the score is exactly 0. An infinite one is rerun (Inf × 0 is NaN, so 0)."""
+        base, a, g = self.base[rows][:, k], 2 * self.gamma * self.a_mean[rows][:, k], self.gamma
+        with np.errstate(all="ignore"):
+            up = np.where(dw > 0, dw * pos, -dw * neg)  # mean relu(t)
+            down = np.where(dw > 0, dw * neg, -dw * pos)  # mean relu(−t)
+            floor = 0.0 if self.h.relu else -self.cap
+            high = np.minimum(base + a + (1 + g) * up, self.cap)
+            low = np.maximum(base - a - (1 + g) * down, floor)
+            spread = self.pool * np.maximum(np.abs(high), np.abs(low))
+            delta, slack = (high + low) / 2 - base, (high - low) / 2 + spread
+        undecided = np.isfinite(w) & ~self._settled(rows, k, delta, slack)
+        if undecided.any():
+            r, m = np.nonzero(undecided)
+            delta[r, m], slack[r, m] = self._interval(rows.start + r, k[m], None if col is None else col[m],
+                                                      dw[r, m])
+        delta = np.select([np.isnan(w), np.isinf(w)], [-base, np.nan], delta)
+        return delta, np.where(np.isnan(w), 0.0, slack)
+
+    def _interval(self, n: np.ndarray, k: np.ndarray, col: np.ndarray | None,
+                  dw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Δ and its slack for the pairs (image n[i], fault of class k[i], δ dw[i]) behind a range clip: each
+        position's faulty Conv output lies within 2γ Σ|terms| + γ|t| of y + t (or is ±Inf beyond it, which the
+        clip maps as it maps the far end), and the clip and the ReLU are monotone."""
+        out, err = np.empty(len(n)), np.empty(len(n))
+        step = max(1, EXACT_CELLS // self.P)
+        for s in range(0, len(n), step):
+            i = slice(s, s + step)
+            x = 1.0 if col is None else self.x[n[i], col[i]].astype(np.float64)
+            t = dw[i, None] * x * np.ones(self.P)
+            z = self.y[n[i], k[i]].astype(np.float64) + t
+            e = 2 * self.gamma * self.a_max[n[i], k[i], None] + self.gamma * np.abs(t)
+            low, high = self._act(z - e), self._act(z + e)
+            mean_low, mean_high = low.mean(axis=1), high.mean(axis=1)
+            spread = self.pool * np.maximum(np.abs(low), np.abs(high)).mean(axis=1)
+            out[i] = (mean_low + mean_high) / 2 - self.base[n[i], k[i]]
+            err[i] = (mean_high - mean_low) / 2 + spread
+        return out, err
 
     def _overflow(self, w: np.ndarray, hi: np.ndarray, lo: np.ndarray, zero: np.ndarray, sure_inf: np.ndarray,
                   finite: np.ndarray, base: np.ndarray, delta: np.ndarray,
@@ -261,7 +317,7 @@ class _PooledSites:
             t = dw[i, None] * x * np.ones(self.P)
             y = self.y[n[i], k[i]].astype(np.float64)
             z = y + t
-            out[i] = (self._relu(z) - self._relu(y)).sum(axis=1) / self.P
+            out[i] = (self._act(z) - self._act(y)).sum(axis=1) / self.P
             live = np.ones_like(z, bool)
             if self.h.relu:  # a position whose faulty value is surely negative is exactly 0 after the ReLU
                 live = z + 2 * self.gamma * self.a_max[n[i], k[i], None] + self.gamma * np.abs(t) > 0
@@ -284,14 +340,14 @@ class _PooledSites:
             golden = self.y[rows][:, k, p]
             with np.errstate(all="ignore"):
                 new = flip_bit(golden, bit, self.fmt, scale, peak).astype(np.float64)
-                old, kept = self._relu(golden.astype(np.float64)), self._relu(new)
+                old, kept = self._act(golden.astype(np.float64)), self._act(new)  # a clip makes NaN 0
                 change = (kept - old) / P
                 finite = (P * self.base_abs[rows][:, k] + np.abs(kept)) * (1 + GUARD) < FINITE_EDGE
                 # rectified values only add up: past FLT_MAX the pool's sum is +Inf
                 overflows = self.h.relu & ((P * self.base[rows][:, k] - old + kept) * (1 - self.pool) > INF_EDGE)
                 nan_score = INF_SCORE if self.h.softmax else -INF_SCORE  # as for a weight fault
-                sentinel = np.isnan(new) | np.isinf(kept) | overflows
-                change = np.select([np.isnan(new), (kept == np.inf) | overflows, kept == -np.inf, ~finite],
+                sentinel = np.isnan(kept) | np.isinf(kept) | overflows
+                change = np.select([np.isnan(kept), (kept == np.inf) | overflows, kept == -np.inf, ~finite],
                                    [nan_score, INF_SCORE, -INF_SCORE, np.nan], change)
                 return change, np.where(sentinel, 0.0, self.pool * np.abs(change))
 
@@ -300,7 +356,7 @@ class _PooledSites:
             maps = self.y[n, k].copy()
             maps[m, p] = flip_bit(self.y[n, k, p], bit, self.fmt, scale, peak)
             rows = self.S[n].copy()
-            pooled = self._pool_session.run(None, {"y": maps.reshape(len(n), 1, *self.map_shape)})[0]
+            pooled = self._pool_session.run(None, {self.h.output: maps.reshape(len(n), 1, *self.map_shape)})[0]
             rows[m, k] = pooled.reshape(-1)
             return rows
 
@@ -312,39 +368,31 @@ class _PooledSites:
 
     @functools.cached_property
     def _conv_session(self):  # type: ignore[no-untyped-def]
-        """Conv → [ReLU] → pool with the weight and bias fed in (a fed weight computes the same bits as a
-        stored one: tests/fi/test_exact_pooled.py)."""
-        conv = onnx.NodeProto()
-        conv.CopyFrom(self.h.conv)
-        del conv.input[:]
-        conv.input.extend(["x", "w", "b"])
-        del conv.output[:]
-        conv.output.append("y")
-        nodes = [conv]
-        if self.h.relu:
-            nodes.append(helper.make_node("Relu", ["y"], ["r"]))
-        nodes.append(helper.make_node("GlobalAveragePool", [nodes[-1].output[0]], ["s"]))
-        inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, self.d, *self.map_shape]),
-                  helper.make_tensor_value_info("w", TensorProto.FLOAT, [self.C, self.d, 1, 1]),
-                  helper.make_tensor_value_info("b", TensorProto.FLOAT, [self.C])]
-        return self._session(nodes, inputs)
+        """The Conv and the nodes after it, with the weight and bias fed in (a fed weight computes the same bits
+        as a stored one: tests/fi/test_exact_pooled.py)."""
+        h = self.h
+        inputs = [helper.make_tensor_value_info(h.input, TensorProto.FLOAT, [1, self.d, *self.map_shape]),
+                  helper.make_tensor_value_info(h.weight_name, TensorProto.FLOAT, [self.C, self.d, 1, 1])]
+        if h.bias_name:
+            inputs.append(helper.make_tensor_value_info(h.bias_name, TensorProto.FLOAT, [self.C]))
+        return self._session(h.nodes, inputs)
 
     def _conv_feeds(self, x: np.ndarray, w: np.ndarray, b: np.ndarray) -> dict[str, np.ndarray]:
-        return {"x": x.reshape(1, self.d, *self.map_shape), "w": w.reshape(self.C, self.d, 1, 1), "b": b}
+        feeds = {self.h.input: x.reshape(1, self.d, *self.map_shape), self.h.weight_name: w.reshape(self.C, self.d, 1, 1)}
+        return {**feeds, self.h.bias_name: b} if self.h.bias_name else feeds
 
     @functools.cached_property
     def _pool_session(self):  # type: ignore[no-untyped-def]
-        """[ReLU →] pool over single channels, fed one faulty channel per row."""
-        nodes = [helper.make_node("Relu", ["y"], ["r"])] if self.h.relu else []
-        nodes.append(helper.make_node("GlobalAveragePool", [nodes[-1].output[0] if nodes else "y"], ["s"]))
-        return self._session(nodes, [helper.make_tensor_value_info("y", TensorProto.FLOAT,
-                                                                   ["M", 1, *self.map_shape])])
+        """The nodes after the Conv, over single channels: one faulty channel per row."""
+        return self._session(self.h.nodes[1:], [helper.make_tensor_value_info(self.h.output, TensorProto.FLOAT,
+                                                                              ["M", 1, *self.map_shape])])
 
     def _session(self, nodes: list[onnx.NodeProto], inputs: list[onnx.ValueInfoProto]):  # type: ignore[no-untyped-def]
         from harden.graph.ort import make_session
 
+        constants = [numpy_helper.from_array(np.asarray(v), k) for k, v in self.h.constants.items()]
         graph = helper.make_graph(nodes, "pooled-head", inputs,
-                                  [helper.make_tensor_value_info("s", TensorProto.FLOAT, None)])
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+                                  [helper.make_tensor_value_info(self.h.pooled, TensorProto.FLOAT, None)], constants)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.h.opset)])
         model.ir_version = 8
         return make_session(model, providers=self.providers, opt_level="disable", threads=1, spinning=False)
