@@ -25,18 +25,17 @@ the Conv and every node after it with the flipped weight fed in for a weight or 
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
 
 from harden.errors import HardenError
 from harden.fi.bitflip import tensor_scale
 from harden.fi.exact import FINITE_EDGE, INF_EDGE, unit_edges
 from harden.fi.exact_site import SOFTMAX_TIE, U32, RangePolicy, Site, clamp64, flip_bit, flip_delta
+from harden.fi.pooled_tail import TailRunner
 
 # A score Δ this far out stands for a score of ±Inf (exact.overflow_split, with `reach` zero).
 INF_SCORE = 1e300
@@ -88,8 +87,8 @@ class _PooledSites:
                               "classifier's output, are not covered")
         # harden's range clip on the Conv's output: NaN → 0, then ± cap; every score then stays finite
         self.cap = policy.clips.get(head.output)
-        self.h, self.fmt, self.policy, self.providers = head, fmt, policy, tuple(providers)
-        self.map_shape = values[head.output].shape[2:]
+        self.h, self.fmt, self.policy = head, fmt, policy
+        self.tail = TailRunner(head, values[head.output].shape[2:], providers)
         n = len(top1)
         self.W = np.ascontiguousarray(head.weight, np.float32)
         self.C, self.d = self.W.shape
@@ -163,7 +162,7 @@ class _PooledSites:
                 faulty = flat.copy()
                 faulty[e] = flip_bit(flat[e:e + 1], bit, self.fmt, scale, vpeak)[0]
                 w, b = (faulty.reshape(self.W.shape), self.b) if col is not None else (self.W, faulty)
-                out[m] = self._conv_session.run(None, self._conv_feeds(self.x[i], w, b))[0].reshape(-1)
+                out[m] = self.tail.scores(self.x[i], w, b)
             return out
 
         x_abs = self.x_abs if col is not None else np.ones((len(self.x), 1))
@@ -248,12 +247,8 @@ class _PooledSites:
         position's faulty Conv output lies within 2γ Σ|terms| + γ|t| of y + t (or is ±Inf beyond it, which the
         clip maps as it maps the far end), and the clip and the ReLU are monotone."""
         out, err = np.empty(len(n)), np.empty(len(n))
-        step = max(1, EXACT_CELLS // self.P)
-        for s in range(0, len(n), step):
-            i = slice(s, s + step)
-            x = 1.0 if col is None else self.x[n[i], col[i]].astype(np.float64)
-            t = dw[i, None] * x * np.ones(self.P)
-            z = self.y[n[i], k[i]].astype(np.float64) + t
+        for i, y, t in self._positions(n, k, col, dw):
+            z = y + t
             e = 2 * self.gamma * self.a_max[n[i], k[i], None] + self.gamma * np.abs(t)
             low, high = self._act(z - e), self._act(z + e)
             mean_low, mean_high = low.mean(axis=1), high.mean(axis=1)
@@ -306,16 +301,20 @@ class _PooledSites:
         with np.errstate(invalid="ignore"):
             return (np.abs(delta - self.lo[r, k]) > slack + guard) & (np.abs(delta - self.hi[r, k]) > slack + guard)
 
-    def _exact(self, n: np.ndarray, k: np.ndarray, col: np.ndarray | None,
-               dw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Δ and its slack, position by position, for the pairs (image n[i], fault of class k[i], δ dw[i])."""
-        out, err = np.empty(len(n)), np.empty(len(n))
+    def _positions(self, n: np.ndarray, k: np.ndarray, col: np.ndarray | None,
+                   dw: np.ndarray) -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:
+        """(pairs, golden Conv outputs y, changes t = δ·x), P wide, in chunks of a few tens of MB."""
         step = max(1, EXACT_CELLS // self.P)
         for s in range(0, len(n), step):
             i = slice(s, s + step)
             x = 1.0 if col is None else self.x[n[i], col[i]].astype(np.float64)
-            t = dw[i, None] * x * np.ones(self.P)
-            y = self.y[n[i], k[i]].astype(np.float64)
+            yield i, self.y[n[i], k[i]].astype(np.float64), dw[i, None] * x * np.ones(self.P)
+
+    def _exact(self, n: np.ndarray, k: np.ndarray, col: np.ndarray | None,
+               dw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Δ and its slack, position by position, for the pairs (image n[i], fault of class k[i], δ dw[i])."""
+        out, err = np.empty(len(n)), np.empty(len(n))
+        for i, y, t in self._positions(n, k, col, dw):
             z = y + t
             out[i] = (self._act(z) - self._act(y)).sum(axis=1) / self.P
             live = np.ones_like(z, bool)
@@ -356,43 +355,9 @@ class _PooledSites:
             maps = self.y[n, k].copy()
             maps[m, p] = flip_bit(self.y[n, k, p], bit, self.fmt, scale, peak)
             rows = self.S[n].copy()
-            pooled = self._pool_session.run(None, {self.h.output: maps.reshape(len(n), 1, *self.map_shape)})[0]
-            rows[m, k] = pooled.reshape(-1)
+            rows[m, k] = self.tail.pooled(maps)
             return rows
 
         return Site(name, "output", self.h.layer, self.C * P, self.base, tau, self.eye, classes,
                     np.full(self.C * P, np.inf), delta, recompute, classes=classes, scores=self.S.astype(np.float64),
                     reach=np.zeros((len(self.x), self.C)))
-
-    # -- ONNX Runtime's nodes, for the faults closed forms leave open ----------------------------------------
-
-    @functools.cached_property
-    def _conv_session(self):  # type: ignore[no-untyped-def]
-        """The Conv and the nodes after it, with the weight and bias fed in (a fed weight computes the same bits
-        as a stored one: tests/fi/test_exact_pooled.py)."""
-        h = self.h
-        inputs = [helper.make_tensor_value_info(h.input, TensorProto.FLOAT, [1, self.d, *self.map_shape]),
-                  helper.make_tensor_value_info(h.weight_name, TensorProto.FLOAT, [self.C, self.d, 1, 1])]
-        if h.bias_name:
-            inputs.append(helper.make_tensor_value_info(h.bias_name, TensorProto.FLOAT, [self.C]))
-        return self._session(h.nodes, inputs)
-
-    def _conv_feeds(self, x: np.ndarray, w: np.ndarray, b: np.ndarray) -> dict[str, np.ndarray]:
-        feeds = {self.h.input: x.reshape(1, self.d, *self.map_shape), self.h.weight_name: w.reshape(self.C, self.d, 1, 1)}
-        return {**feeds, self.h.bias_name: b} if self.h.bias_name else feeds
-
-    @functools.cached_property
-    def _pool_session(self):  # type: ignore[no-untyped-def]
-        """The nodes after the Conv, over single channels: one faulty channel per row."""
-        return self._session(self.h.nodes[1:], [helper.make_tensor_value_info(self.h.output, TensorProto.FLOAT,
-                                                                              ["M", 1, *self.map_shape])])
-
-    def _session(self, nodes: list[onnx.NodeProto], inputs: list[onnx.ValueInfoProto]):  # type: ignore[no-untyped-def]
-        from harden.graph.ort import make_session
-
-        constants = [numpy_helper.from_array(np.asarray(v), k) for k, v in self.h.constants.items()]
-        graph = helper.make_graph(nodes, "pooled-head", inputs,
-                                  [helper.make_tensor_value_info(self.h.pooled, TensorProto.FLOAT, None)], constants)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.h.opset)])
-        model.ir_version = 8
-        return make_session(model, providers=self.providers, opt_level="disable", threads=1, spinning=False)
