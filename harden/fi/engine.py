@@ -119,8 +119,8 @@ def run_campaign(model: str | os.PathLike[str] | onnx.ModelProto, inputs: np.nda
     if info.fixed_batch not in (None, 1):
         raise HardenError(f"the model input has a fixed batch of {info.fixed_batch}; export it with a dynamic "
                           "(or unit) batch dimension")
-    batch = info.fixed_batch or config.batch
-    block_images = info.fixed_batch or cache_block_images(info, sites, config)
+    batch = info.run_batch or config.batch
+    block_images = info.run_batch or cache_block_images(info, sites, config)
     sessions = NodeSessions(info, config.providers, threads) if config.engine == "cone" else None
     workers = concurrent_runs(threads)
     walk_sessions = NodeSessions(info, config.providers, 1) if sessions is not None and workers > 1 else sessions
@@ -215,7 +215,7 @@ def _execute(info: GraphInfo, sites: Sequence[Site], ev: EvalSet, config: Campai
             shards = [s for s in todo if s.block == block]
             lo, hi = block_bounds(block, len(ev.ids), block_images)
             x = ev.inputs[lo:hi]
-            step = info.fixed_batch or config.batch
+            step = info.run_batch or config.batch
             if prefix is not None and any(runners[s.site].cone is None for s in shards):
                 cache, prefix_scores = _prefix_block(info, prefix, x, step,
                                                      set().union(*(runners[s.site].needs for s in shards)), pool)
@@ -223,7 +223,7 @@ def _execute(info: GraphInfo, sites: Sequence[Site], ev: EvalSet, config: Campai
                 if block == 0 and first_block is not None:
                     golden_block = first_block
                 else:  # one chunk: the block's tensors need no concatenation
-                    golden_block = GoldenBlock(golden_pass(sessions, x, info.fixed_batch or len(x), cone_keep))
+                    golden_block = GoldenBlock(golden_pass(sessions, x, info.run_batch or len(x), cone_keep))
             goldens: dict[str, np.ndarray] = {}
             whole_golden: np.ndarray | None = None
             for group in _walks(shards, runners, config.batch, workers if pool is not None else 1):
@@ -303,7 +303,8 @@ def _prefix_block(info: GraphInfo, prefix: Any, x: np.ndarray, step: int, needs:
         scores.append(values[0])
         for acc, v in zip(parts, values[1:]):
             acc.append(v)
-    cache = {name: np.concatenate(acc) for name, acc in zip(names, parts)}
+    # a tensor without a batch axis is one value for the whole block (a block is one image where it can vary)
+    cache = {name: np.concatenate(acc) if info.image_rows(name) else acc[0] for name, acc in zip(names, parts)}
     cache[info.input_name] = x
     return cache, np.concatenate(scores)
 

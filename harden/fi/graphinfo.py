@@ -20,6 +20,7 @@ from onnx import numpy_helper
 
 from harden.errors import HardenError
 from harden.fi.quantised import find_dequantized
+from harden.graph.batching import row_coupling
 from harden.graph.model_input import image_input, input_dtype, select_scores
 from harden.graph.ort import expose, make_session
 
@@ -161,6 +162,10 @@ class GraphInfo:
         dims = image.type.tensor_type.shape.dim
         first = dims[0] if dims else None
         self.fixed_batch: int | None = first.dim_value if first is not None and first.HasField("dim_value") else None
+        # why this graph's batch rows depend on each other (harden.graph.batching), if they do
+        self.coupling = row_coupling(model)
+        # how many images every run takes: the fixed batch, 1 for a graph whose rows are coupled, or None for any
+        self.run_batch: int | None = self.fixed_batch or (1 if self.coupling else None)
         self.tensors = self._probe(image, example, providers)
         self.added: set[str] = set()  # tensors this analysis added to the graph (never fault sites)
         scores = self.tensors.get(self.scores)
@@ -200,6 +205,11 @@ class GraphInfo:
     def per_image(self, name: str) -> bool:
         """Whether tensor `name` has one slice per image (the input included), so that it can be cut by rows."""
         return name in self.tensors and self.tensors[name].batched
+
+    def image_rows(self, name: str) -> bool:
+        """Whether tensor `name` has rows of its images along its first axis (batched, or folded k rows per
+        image), so that a block's chunks are concatenated; otherwise it is one value for the whole run."""
+        return name in self.tensors and (self.tensors[name].batched or self.tensors[name].fold > 0)
 
     def input_shape(self) -> tuple[int, ...]:
         """(C, H, W) of one image as the model declares it (from the probe)."""
@@ -285,8 +295,10 @@ class GraphInfo:
                 produced = {o for i in nodes for o in self.nodes[i].output}
                 fed = {inp for i in nodes for inp in self.nodes[i].input
                        if inp and inp not in produced and inp not in initializers and inp != tensor}
+                # never the site's own producer: a fault in one of its outputs leaves the others as they were
                 pull = [t for t in fed if t in self.producer and not self.tensors[t].batched
-                        and self.nodes[self.producer[t]].op_type != "Constant"]
+                        and self.nodes[self.producer[t]].op_type != "Constant"
+                        and tensor not in self.nodes[self.producer[t]].output]
                 if not pull:
                     break
                 nodes.update(self.producer[t] for t in pull)
@@ -299,7 +311,10 @@ class GraphInfo:
         Skip connections appear here as the other operands of the merge nodes.
         A crossing tensor without a batch axis (shape arithmetic) cannot be
         re-batched, so its producer joins the suffix, until every fed tensor is
-        per-image.
+        per-image. The one exception is another output of the site's own
+        producer (a DynamicQuantizeLinear's scale beside its quantised values):
+        it is fed whole, which is exact since a graph with such tensors runs
+        one image at a time (harden.graph.batching).
         """
         nodes = self.suffix_nodes(tensor)
         produced = {o for i in nodes for o in self.nodes[i].output}

@@ -87,6 +87,7 @@ def node_pass(sessions: NodeSessions, x: np.ndarray, batch: int, keep: Iterable[
     (all of them, or only those in `keep`, plus the scores)."""
     info = sessions.info
     wanted = None if keep is None else set(keep) | {info.scores}
+    batch = info.run_batch or batch  # a fixed batch, or one image at a time where rows are coupled
     for start in range(0, len(x), batch):
         values: dict[str, np.ndarray] = {info.input_name: x[start:start + batch]}
         readers = {t: len(c) for t, c in info.consumers.items()}
@@ -117,5 +118,5 @@ def golden_pass(sessions: NodeSessions, x: np.ndarray, batch: int, keep: Iterabl
             parts.setdefault(name, []).append(value)
     out: dict[str, np.ndarray] = {}
     for name, chunks in parts.items():
-        out[name] = np.concatenate(chunks) if info.per_image(name) and len(chunks) > 1 else chunks[0]
+        out[name] = np.concatenate(chunks) if info.image_rows(name) and len(chunks) > 1 else chunks[0]
     return out

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 import onnx
 
+from harden.graph.batching import images_per_run
 from harden.graph.ort import expose, make_session, run_batched
 from harden.graph.parallel import concurrent_runs, ordered_map
 
@@ -37,6 +38,7 @@ def profile_with_outputs(model: onnx.ModelProto, inputs: np.ndarray, tensors: Se
     them; at level 'disable' exposing tensors changes no kernel, so the scores
     are those of the plain model bit for bit.
     """
+    batch = images_per_run(model, batch)
     names = list(dict.fromkeys(tensors))
     wanted = list(dict.fromkeys([*outputs, *names]))
     # one ORT thread per run, `threads` chunks at once: the same bits whatever the thread count

@@ -14,6 +14,14 @@ In QOperator format (the ONNX model zoo's int8 models) the layers are integer
 ops themselves: QLinearConv reads a uint8 map and an int8 weight and writes a
 uint8 map. Their stored inputs and outputs are the sites as they are
 (`QOPERATOR_LAYERS`), and every node runs in ONNX Runtime's own integer kernels.
+
+quantize_dynamic stores int8 (or uint8) weights only. Each ConvInteger or
+MatMulInteger reads its float input through a DynamicQuantizeLinear, which
+quantises it at run time, and its int32 output is rescaled to float by a Cast
+and a Mul (and a bias Add). The stored weights are sites as they are
+(`DYNAMIC_LAYERS`), and the layer's output site is that rescaled float tensor
+(`rescaled_output`). Such a graph runs one image at a time
+(harden.graph.batching).
 """
 
 from __future__ import annotations
@@ -36,8 +44,10 @@ QOPERATOR_LAYERS = {"QLinearConv": (3, 8), "QLinearMatMul": (0, 3), "QGemm": (0,
 # A QLinearAdd of a stored constant is how quantize_static writes a MatMul's separate bias: the constant
 # (input 0 or 3) is a parameter site of its own, rerun through the QLinearAdd.
 QOPERATOR_BIAS_ADD = ("QLinearAdd", (0, 3))
-# What quantize_dynamic writes: float activations quantised at run time. No fault site is found in those ops.
-DYNAMIC_OPS = ("ConvInteger", "MatMulInteger", "DynamicQuantizeLinear")
+# What quantize_dynamic writes: float activations quantised at run time, one scale per run
+# (harden.graph.batching), read by integer layers whose stored int8 weights are fault sites (input 1; a
+# MatMulInteger's constant left operand too). Their int32 output is rescaled to float by a Cast and a Mul.
+DYNAMIC_LAYERS = {"ConvInteger": (1,), "MatMulInteger": (0, 1)}
 
 
 @dataclass(frozen=True)
@@ -88,6 +98,25 @@ def find_dequantized(nodes: Sequence[onnx.NodeProto], constants: Mapping[str, np
             continue
         found[node.output[0]] = Dequantized(node.input[0], scale.reshape(-1), zero.reshape(-1), axis)
     return found
+
+
+def rescaled_output(nodes: Sequence[onnx.NodeProto], consumers: Mapping[str, list[int]],
+                    constants: Mapping[str, np.ndarray], tensor: str, outputs: set[str]) -> str | None:
+    """The float tensor that a dynamically quantised layer's int32 output `tensor` becomes: through the Cast and
+    the Mul by the scale product that quantize_dynamic writes after it, and the Add of its bias if it has one.
+    That float tensor is what the next layer reads, and what ONNX Runtime stores when it fuses the chain
+    (MatMulIntegerToFloat); None when the chain is not there."""
+    out, chain = tensor, []
+    for op in ("Cast", "Mul", "Add"):
+        readers = consumers.get(out, [])
+        if len(readers) != 1 or out in outputs or nodes[readers[0]].op_type != op:
+            break
+        node = nodes[readers[0]]
+        if op == "Add" and not any(t in constants for t in node.input if t != out):
+            break  # a skip connection, not the bias
+        out = node.output[0]
+        chain.append(op)
+    return out if chain[:2] == ["Cast", "Mul"] else None
 
 
 def requantised_output(nodes: Sequence[onnx.NodeProto], consumers: Mapping[str, list[int]],

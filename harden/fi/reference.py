@@ -9,12 +9,14 @@ share no code with the suffix engine or the weight-delta algebra.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from harden.errors import HardenError
+from harden.graph.batching import images_per_run
 from harden.graph.ort import make_session
 
 
@@ -37,7 +39,7 @@ def activation_full(model: onnx.ModelProto, x: np.ndarray, tensor: str, elements
     copy.graph.node.insert(producer + 1, where)
     input_name = model.graph.input[0].name
     probe = make_session(_exposed(model, tensor), providers, opt_level="disable")
-    golden = probe.run([tensor], {input_name: x})[0]
+    golden = _rows(probe, [tensor], {input_name: x}, images_per_run(model, len(x)))
     copy.graph.input.extend([helper.make_tensor_value_info("__fi_mask", TensorProto.BOOL, None),
                              helper.make_tensor_value_info("__fi_value", helper.np_dtype_to_tensor_dtype(golden.dtype),
                                                            None)])
@@ -47,7 +49,8 @@ def activation_full(model: onnx.ModelProto, x: np.ndarray, tensor: str, elements
         mask.reshape(len(x), -1)[i, int(e)] = True
         value.reshape(len(x), -1)[i, int(e)] = v
     session = make_session(copy, providers, opt_level="disable")
-    return session.run([model.graph.output[0].name], {input_name: x, "__fi_mask": mask, "__fi_value": value})[0]
+    feeds = {input_name: x, "__fi_mask": mask, "__fi_value": value}
+    return _rows(session, [model.graph.output[0].name], feeds, images_per_run(model, len(x)))
 
 
 def weight_full(model: onnx.ModelProto, x: np.ndarray, weight: str, element: int, value: float,
@@ -68,7 +71,19 @@ def weight_full(model: onnx.ModelProto, x: np.ndarray, weight: str, element: int
     array.flat[int(element)] = value
     target.CopyFrom(numpy_helper.from_array(array, target.name))
     session = make_session(copy, providers, opt_level="disable")
-    return session.run([model.graph.output[0].name], {model.graph.input[0].name: x})[0]
+    return _rows(session, [model.graph.output[0].name], {model.graph.input[0].name: x}, images_per_run(model, len(x)))
+
+
+def _rows(session: Any, outputs: list[str], feeds: dict[str, np.ndarray], step: int) -> np.ndarray:
+    """The first output over the fed rows, `step` rows a run: one at a time for a graph whose rows are coupled
+    (harden.graph.batching), as it classifies when deployed."""
+    n = len(next(iter(feeds.values())))  # images: the first feed is the model input
+    if step >= n:
+        return session.run(outputs, feeds)[0]
+    # a folded tensor's splice has k rows per image
+    parts = [session.run(outputs, {k: v[start * (len(v) // n):(start + step) * (len(v) // n)]
+                                   for k, v in feeds.items()})[0] for start in range(0, n, step)]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def _exposed(model: onnx.ModelProto, tensor: str) -> onnx.ModelProto:

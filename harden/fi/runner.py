@@ -47,7 +47,7 @@ class SiteRunner:
                  whole: WholeModel | None = None) -> None:
         self.site, self.config = site, config
         self.fault = site_fault(config.fault, site)
-        self.fixed_batch = info.fixed_batch
+        self.run_batch = info.run_batch
         node = info.nodes[info.node_index[site.node]]
         self.node = node
         self.via = info.nodes[info.node_index[site.via]] if site.via else None
@@ -99,7 +99,7 @@ class SiteRunner:
     def null_scores(self, cache: dict[str, np.ndarray], n: int) -> np.ndarray:
         """Scores of the suffix with no fault, for levels whose kernels may differ between prefix and suffix."""
         parts = []
-        step = 1 if self.fixed_batch else self.config.batch
+        step = 1 if self.run_batch else self.config.batch
         for start in range(0, n, step):
             rows = np.arange(start, min(n, start + step))
             elems = np.zeros(len(rows), dtype=np.int64)
@@ -162,8 +162,8 @@ class SiteRunner:
     def group_rows(self, batch: int, workers: int = 1) -> int:
         """How many faults one cone walk may carry: its share of a memory budget shared by the `workers` walks
         running at once, over the largest tensor a walk may hold whole per row; between one batch and 16."""
-        if self.fixed_batch:  # a fixed-batch model's nodes take its own batch only: no shards join
-            return self.fixed_batch
+        if self.run_batch:  # a fixed-batch model's nodes take its own batch only, a coupled one's one image
+            return self.run_batch
         if self.cone is None:
             return batch
         if self._widest is None:
@@ -208,7 +208,8 @@ class SiteRunner:
             return self.whole.weight_scores(self.site.tensor, x, elems, faulty)
         # contiguous rows (the usual case) are fed as views; only the corrupted tensor is copied
         pick: slice | np.ndarray = slice(int(r[0]), int(r[-1]) + 1) if len(r) and r[-1] - r[0] == len(r) - 1 else r
-        feeds = {k: cache[k][pick] for k in self.suffix.inputs}
+        # a cut tensor without a batch axis (a sibling of the site, see GraphInfo.cut) is fed whole
+        feeds = {k: cache[k][pick] if self.suffix.image_rows[k] else cache[k] for k in self.suffix.inputs}
         if self.site.kind == "activation":
             t = np.array(feeds[self.site.tensor], copy=True)
             t.reshape(len(r), -1)[np.arange(len(r)), elems] = faulty
@@ -249,7 +250,8 @@ class SiteRunner:
         if not done:
             if self.rerun is None:
                 self.rerun = NodeRerun(*self.rerun_args)
-            acts = {a: cache[a][rows] for a in self.acts}
+            # a tensor without image rows is one value per run, this image's (whole_model.needs_whole_model)
+            acts = {a: cache[a][rows] if self.rerun.image_rows[a] else cache[a] for a in self.acts}
             if self.site.decoded:  # the layer reads the decoded float tensor: rerun it with that
                 self.rerun.apply(self.site.decoded, self.weight, elems, read_faulty, acts, y)
             else:

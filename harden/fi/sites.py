@@ -16,15 +16,18 @@ import onnx
 
 from harden.errors import HardenError
 from harden.fi.graphinfo import GraphInfo
-from harden.fi.quantised import DYNAMIC_OPS, INTEGER_DTYPES, QOPERATOR_BIAS_ADD, QOPERATOR_LAYERS, requantised_output
+from harden.graph.batching import row_coupling
+from harden.fi.quantised import (DYNAMIC_LAYERS, INTEGER_DTYPES, QOPERATOR_BIAS_ADD, QOPERATOR_LAYERS,
+                                 requantised_output, rescaled_output)
 
-COMPUTE_OPS = ("Conv", "Gemm", "MatMul", "ConvTranspose", *QOPERATOR_LAYERS)
+COMPUTE_OPS = ("Conv", "Gemm", "MatMul", "ConvTranspose", *QOPERATOR_LAYERS, *DYNAMIC_LAYERS)
 # The storage types a site may have: float32, and float16 in a graph converted to half precision; in a
 # quantised graph also the integers it stores (harden.fi.quantised).
 SITE_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 ACTIVATION_DTYPES = (*SITE_DTYPES, np.dtype(np.int8), np.dtype(np.uint8))
 # Which inputs of each compute op may be constant parameters.
-_PARAM_INPUTS = {"Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (0, 1, 2), "MatMul": (0, 1), **QOPERATOR_LAYERS}
+_PARAM_INPUTS = {"Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (0, 1, 2), "MatMul": (0, 1), **QOPERATOR_LAYERS,
+                 **DYNAMIC_LAYERS}
 
 
 @dataclass(frozen=True)
@@ -86,7 +89,8 @@ def list_sites(model: onnx.ModelProto | GraphInfo, include_all_tensors: bool = F
             continue
         if node.op_type in COMPUTE_OPS:  # in a QDQ graph, the layer's output as stored: requantised
             out = node.output[0]
-            tensors = [requantised_output(info.nodes, info.consumers, info.constants, out, outputs) or out]
+            found = rescaled_output if node.op_type in DYNAMIC_LAYERS else requantised_output  # or rescaled
+            tensors = [found(info.nodes, info.consumers, info.constants, out, outputs) or out]
         else:
             tensors = list(node.output) if include_all_tensors else []
         for out in tensors:
@@ -111,9 +115,6 @@ def list_sites(model: onnx.ModelProto | GraphInfo, include_all_tensors: bool = F
             if site is not None and site.tensor not in seen:
                 seen.add(site.tensor)
                 sites.append(site)
-    note = quantised_note(info.model)
-    if not sites and note:
-        raise HardenError(f"{note}; this one has no site left")
     return sites
 
 
@@ -125,7 +126,7 @@ def _weight_site(info: GraphInfo, node: onnx.NodeProto, name: str, index: int, v
     stored = dq.stored if dq is not None else name
     value = info.constants[stored]
     via_op = info.nodes[info.node_index[via]].op_type if via else ""
-    integer = node.op_type in QOPERATOR_LAYERS or via_op == QOPERATOR_BIAS_ADD[0]  # read as stored
+    integer = node.op_type in (*QOPERATOR_LAYERS, *DYNAMIC_LAYERS) or via_op == QOPERATOR_BIAS_ADD[0]  # as stored
     # a decoded one is an integer (find_dequantized)
     if dq is None and value.dtype not in (*SITE_DTYPES, *(INTEGER_DTYPES if integer else ())):
         return None
@@ -134,19 +135,15 @@ def _weight_site(info: GraphInfo, node: onnx.NodeProto, name: str, index: int, v
                 int(value.size), index, readers > 1, via, value.dtype.name, name if dq is not None else "")
 
 
-def quantised_note(model: onnx.ModelProto) -> str | None:
-    """What a user of a dynamically quantised graph must know: its integer layers quantise their float input
-    at run time, and only the float tensors around them are sites. None for other graphs (QDQ and QOperator
-    graphs included: their stored integers are sites)."""
-    ops: dict[str, int] = {}
-    for node in model.graph.node:
-        if node.op_type in DYNAMIC_OPS:
-            ops[node.op_type] = ops.get(node.op_type, 0) + 1
-    if not ops:
+def batching_note(model: onnx.ModelProto) -> str | None:
+    """What a user of a graph whose batch rows are coupled (harden.graph.batching) must know: its campaign runs
+    one image at a time, so it is slower than a batched one. None for other graphs."""
+    coupling = row_coupling(model)
+    if coupling is None:
         return None
-    found = ", ".join(f"{count} {op}" for op, count in ops.items())
-    return (f"the graph is quantised dynamically ({found}): its integer layers are not fault sites, only its "
-            "float tensors (quantise it statically, with quantize_static, to inject its stored integers)")
+    return (f"each image runs alone: this graph's batch rows depend on each other ({coupling}; a dynamic "
+            "quantiser takes one scale over the whole batch), and deployed one image at a time it takes each "
+            "image's scale from that image")
 
 
 def layer_node(info: GraphInfo, site: Site) -> onnx.NodeProto:
@@ -156,10 +153,11 @@ def layer_node(info: GraphInfo, site: Site) -> onnx.NodeProto:
 
 def _separate_bias(info: GraphInfo, node: onnx.NodeProto) -> tuple[onnx.NodeProto, str] | None:
     """(Add node, bias name) when the layer's output goes only into an Add with a per-image float constant
-    (in a QDQ graph, through the QuantizeLinear and DequantizeLinear that requantise it)."""
+    (in a QDQ graph, through the QuantizeLinear and DequantizeLinear that requantise it; in a dynamically
+    quantised one, through the Cast and Mul that rescale it)."""
     outputs = {o.name for o in info.model.graph.output}
     out = node.output[0]
-    for op in ("QuantizeLinear", "DequantizeLinear"):
+    for op in ("Cast", "Mul") if node.op_type in DYNAMIC_LAYERS else ("QuantizeLinear", "DequantizeLinear"):
         readers = info.consumers.get(out, [])
         if len(readers) == 1 and info.nodes[readers[0]].op_type == op and out not in outputs:
             out = info.nodes[readers[0]].output[0]

@@ -26,6 +26,7 @@ class Suffix:
                  threads: int = 0) -> None:
         self.tensor = tensor
         self.inputs = info.cut(tensor)
+        self.image_rows = {name: info.image_rows(name) for name in self.inputs}
         self.session: ort.InferenceSession | None = None
         if tensor != info.scores:
             model = extract(info, self.inputs, [info.scores])

@@ -120,6 +120,8 @@ class NodeRerun:
                  threads: int = 0) -> None:
         self.node, self.index = node, index
         names = [n for n in node.input if n]
+        # which inputs have a row per image; any other is one value per run, fed whole
+        self.image_rows = {name: info.image_rows(name) for name in names if name not in info.constants}
         inputs = []
         for name in names:
             if name in info.constants:
@@ -127,7 +129,8 @@ class NodeRerun:
                 inputs.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(v.dtype), list(v.shape)))
             else:
                 t = info.tensors[name]
-                inputs.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(t.dtype), ["N", *t.shape[1:]]))
+                dims = ["N", *t.shape[1:]] if self.image_rows[name] else list(t.shape)
+                inputs.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(t.dtype), dims))
         kind = helper.np_dtype_to_tensor_dtype(info.tensors[node.output[0]].dtype)
         out = helper.make_tensor_value_info(node.output[0], kind, None)
         graph = helper.make_graph([node], "node", inputs, [out])
@@ -142,5 +145,6 @@ class NodeRerun:
         for r in range(len(elems)):
             w = weight.copy()
             w.flat[elems[r]] = faulty[r]
-            feeds = {**self.constants, weight_name: w, **{k: v[r:r + 1] for k, v in acts.items()}}
+            feeds = {**self.constants, weight_name: w,
+                     **{k: v[r:r + 1] if self.image_rows[k] else v for k, v in acts.items()}}
             y[r] = self.session.run(None, feeds)[0][0]

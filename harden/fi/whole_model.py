@@ -38,12 +38,16 @@ _MASK, _VALUE = "__harden_mask_", "__harden_value_"
 
 def needs_whole_model(info: GraphInfo, site: Site) -> bool:
     """Whether faults at `site` need the whole model: a folded activation, or a weight that is shared or whose
-    layer reads or writes tensors without one slice per image."""
+    layer reads or writes tensors without one slice per image. A layer input that is one value per run (a
+    dynamically quantised layer's zero point) does not count where every run is one image: it is then that
+    image's value, and the layer is rerun with it."""
     if site.kind == "activation":
         return info.tensors[site.tensor].fold > 0
     node = layer_node(info, site)
     layer = [t for t in (*node.input, node.output[0]) if t and t not in info.constants]
-    return site.shared or not all(info.per_image(t) for t in layer)
+    whole_ok = info.run_batch == 1
+    return site.shared or not all(info.per_image(t) or (whole_ok and t != node.output[0] and not info.image_rows(t))
+                                  for t in layer)
 
 
 class WholeModel:

@@ -61,7 +61,9 @@ def run_model(model: onnx.ModelProto, x: np.ndarray, outputs: list[str], opt_lev
               ) -> list[np.ndarray]:
     """The model's `outputs` over `x`, each chunk of `batch` on one ORT thread and `threads` chunks at once
     (0: every CPU): the same bits on any machine, whatever the thread count."""
+    from harden.graph.batching import images_per_run
     from harden.graph.ort import make_session, run_batched
 
     session = make_session(model, providers=providers, opt_level=opt_level, threads=1, spinning=False)
-    return run_batched(session, x, outputs=outputs, batch=batch, workers=concurrent_runs(threads))
+    return run_batched(session, x, outputs=outputs, batch=images_per_run(model, batch),
+                       workers=concurrent_runs(threads))

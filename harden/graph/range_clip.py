@@ -25,6 +25,7 @@ import onnx_graphsurgeon as gs
 from harden.errors import HardenError
 from harden.fi.profile import profile_ranges
 from harden.fi.quantised import QOPERATOR_LAYERS
+from harden.graph.batching import images_per_run
 from harden.graph.locate import import_graph
 from harden.graph.opset import clip, const, default_opset, ensure_min_opset
 from harden.graph.ort import make_session, run_batched
@@ -150,8 +151,9 @@ def insert_clip(graph: gs.Graph, opset: int, tensor: gs.Variable, peak: float, p
 
 def check_parity(original: onnx.ModelProto, clipped: onnx.ModelProto, images: np.ndarray) -> float:
     """On calibration images no value exceeds its peak, so every output must be unchanged."""
-    want = run_batched(make_session(original, opt_level="disable"), images)
-    got = run_batched(make_session(clipped, opt_level="disable"), images)
+    batch = images_per_run(original, 256)
+    want = run_batched(make_session(original, opt_level="disable"), images, batch=batch)
+    got = run_batched(make_session(clipped, opt_level="disable"), images, batch=batch)
     worst = max(float(np.max(np.abs(g - w))) if g.size else 0.0 for g, w in zip(got, want))
     if not worst <= PARITY_ATOL:
         raise RuntimeError(f"range-clip pass: outputs on calibration data changed by {worst:.3g}")

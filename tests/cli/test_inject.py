@@ -210,8 +210,9 @@ def test_a_model_with_several_outputs_names_its_scores(files, tmp_path: Path, ca
 def test_a_quantised_model_is_injected_in_its_stored_integers(files, tmp_path: Path, capsys, fmt: str) -> None:
     """A statically quantised graph's sites are its stored int8 and int32 tensors, whether its layers are
     float ops between QuantizeLinear and DequantizeLinear (QDQ) or integer ops (QOperator, the model zoo's
-    int8 format). A dynamically quantised one quantises its float inputs at run time: a note says that only
-    its float tensors are sites."""
+    int8 format). A dynamically quantised one stores its weights alone in integers (uint8 here): those are
+    sites, beside each layer's rescaled float output and float bias, and a note says that its images run one
+    at a time."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
     model, data = files
@@ -237,8 +238,11 @@ def test_a_quantised_model_is_injected_in_its_stored_integers(files, tmp_path: P
     header = JournalContents(tmp_path / "c.jsonl").header
     sites = {s["name"]: s for s in header["sites"]}
     if fmt == "dynamic":
-        assert "quantised dynamically (" in err and "ConvInteger" in err and len(err.strip().splitlines()) == 1
-        assert set(sites) == {"logits", "wf", "bf"} and header["config"]["fault"]["fmt"] == "fp32"
+        assert "each image runs alone" in err and "DynamicQuantizeLinear" in err and len(err.strip().splitlines()) == 1
+        assert header["config"]["fault"]["fmt"] is None
+        assert {(s["op_type"], s.get("dtype", "float32")) for s in sites.values() if s["kind"] == "weight"} == {
+            ("ConvInteger", "uint8"), ("ConvInteger", "float32"), ("Gemm", "float32")}
+        assert len(sites) == 9  # each layer's output, weight and bias
         return
     assert "flip in each site’s own format" in out and "note:" not in err
     assert {s["dtype"] for s in sites.values()} == {"int8", "int32"} and header["config"]["fault"]["fmt"] is None

@@ -1,0 +1,41 @@
+"""Which graphs couple their batch rows, and so run one image at a time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper
+from onnxruntime.quantization import quantize_dynamic
+
+from harden.graph.batching import images_per_run, row_coupling
+from harden.graph.parallel import run_model
+from tests.fi.tiny_models import residual_cnn, scaled_mlp
+
+
+def test_a_float_graph_batches_and_a_dynamically_quantised_one_does_not(tmp_path: Path) -> None:
+    onnx.save(scaled_mlp(), tmp_path / "mlp.onnx")
+    quantize_dynamic(str(tmp_path / "mlp.onnx"), str(tmp_path / "dynamic.onnx"))
+    dynamic = onnx.load(tmp_path / "dynamic.onnx")
+    assert row_coupling(residual_cnn()) is None and images_per_run(residual_cnn(), 64) == 64
+    assert row_coupling(dynamic) == "2 DynamicQuantizeLinear" and images_per_run(dynamic, 64) == 1
+    # the reason it matters: batched, an image's scores depend on its batch mates
+    x = np.random.default_rng(0).standard_normal((6, 1, 4, 4)).astype(np.float32)
+    x[0] *= 50  # one image with a wide range coarsens the others' shared scale
+    session = ort.InferenceSession(dynamic.SerializeToString(), providers=["CPUExecutionProvider"])
+    batched = session.run(None, {"x": x})[0]
+    alone = np.concatenate([session.run(None, {"x": x[i:i + 1]})[0] for i in range(len(x))])
+    assert not np.array_equal(batched[1:], alone[1:])
+    assert np.array_equal(run_model(dynamic, x, ["logits"], "disable", batch=4)[0], alone)
+
+
+def test_batch_normalisation_in_training_mode_couples_rows() -> None:
+    node = helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["y"], training_mode=1)
+    graph = helper.make_graph([node], "bn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])])
+    model = helper.make_model(graph)
+    assert row_coupling(model) == "1 BatchNormalization in training mode"
+    model.graph.node[0].attribute[0].i = 0
+    assert row_coupling(model) is None
