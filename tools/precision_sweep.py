@@ -5,8 +5,9 @@ graph (onnxconverter-common's `convert_float_to_float16`), or an int8 one
 (onnxruntime.quantization's `quantize_static`, its default int8 activations
 and int8 weights, calibrated on training images), in QDQ format (its default:
 float layers between QuantizeLinear and DequantizeLinear) or in QOperator
-format (integer layers: QLinearConv, QGemm). `harden inject` flips the bits
-each graph stores: fp32, fp16, or the stored integers (int8/uint8 activations,
+format (integer layers: QLinearConv, QGemm), or quantised dynamically
+(`quantize_dynamic`: int8 weights, activations quantised at run time, one image
+per run; column `int8-dyn`). `harden inject` flips the bits each graph stores: fp32, fp16, or the stored integers (int8/uint8 activations,
 int8 weights, int32 biases). This tool makes the conversions of
 each model (default: the demo's baseline and text-guided models, after
 `make demo`), runs one campaign per model and precision with the same seed, and
@@ -36,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnxconverter_common import float16
-from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
 from harden.demo.table import head_nodes, pooled
 from harden.fi.campaign import inject_dataset
@@ -48,6 +49,7 @@ from harden.fi.journal import JournalContents
 from harden.fi.nodes import NodeSessions, golden_pass
 from harden.fi.stats import Rate
 from harden.fi.summary import CampaignSummary
+from harden.graph.batching import images_per_run
 from harden.graph.model_input import load_inputs
 from harden.graph.onnx_io import load_model
 from harden.graph.ort import make_session, run_batched
@@ -84,11 +86,19 @@ def to_int8(model: Path, work: Path, calibration: str, images: int, qoperator: b
     return out
 
 
+def to_dynamic(model: Path, work: Path) -> Path:
+    """The model quantised dynamically (int8 weights; each layer's input quantised at run time), written once."""
+    out = work / f"{model.stem}.dynamic.onnx"
+    if not out.exists():
+        quantize_dynamic(str(model), str(out), weight_type=QuantType.QInt8)
+    return out
+
+
 def top1(model: Path, data: str, limit: int) -> np.ndarray:
     """The model's top-1 class on the first `limit` images of `data` (as a campaign draws them)."""
     proto = load_model(model)
     x, _ = load_inputs(proto, data, limit)
-    (scores,) = run_batched(make_session(proto, opt_level="disable"), x)
+    (scores,) = run_batched(make_session(proto, opt_level="disable"), x, batch=images_per_run(proto, 256))
     return np.argmax(scores.astype(np.float32).reshape(len(x), -1), axis=1)
 
 
@@ -98,7 +108,7 @@ def node_fidelity(model: Path, data: str, limit: int) -> tuple[float, float]:
     some float16 intermediates in float32, where the injector computes each node as the graph declares it."""
     proto = load_model(model)
     x, _ = load_inputs(proto, data, limit)
-    (deployed,) = run_batched(make_session(proto, opt_level="all"), x)
+    (deployed,) = run_batched(make_session(proto, opt_level="all"), x, batch=images_per_run(proto, 256))
     info = GraphInfo(proto, example=x[:1])
     nodes = golden_pass(NodeSessions(info, ["CPUExecutionProvider"], 1), x, 100, keep=[])[info.scores]
     deployed, nodes = deployed.reshape(len(x), -1), nodes.reshape(len(x), -1)
@@ -155,11 +165,13 @@ def main() -> None:
     for model in args.models:
         reference = top1(model, args.data, args.limit)
         head = head_nodes(named_copy(load_model(model)))  # the conversions keep the node names, QOperator's
-        head |= {f"{name}_quant" for name in head}  # with a suffix
+        # with a suffix: QOperator's, and quantize_dynamic's for a Gemm it splits into MatMulInteger and Add
+        head |= {f"{name}{suffix}" for name in head for suffix in ("_quant", "_MatMul_quant")}
         graphs = [("float32", model), ("float16", to_float16(model, args.work))]
         if args.clamp == "none":
             graphs.append(("int8", to_int8(model, args.work, args.calibration, args.calibration_images)))
             graphs.append(("int8-qop", to_int8(model, args.work, args.calibration, args.calibration_images, True)))
+            graphs.append(("int8-dyn", to_dynamic(model, args.work)))
         for precision, path in graphs:
             started = time.perf_counter()
             campaign = args.work / f"{model.stem}.{precision}.jsonl"
