@@ -26,7 +26,7 @@ and a Mul (and a bias Add). The stored weights are sites as they are
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -101,7 +101,7 @@ def find_dequantized(nodes: Sequence[onnx.NodeProto], constants: Mapping[str, np
 
 
 def rescaled_output(nodes: Sequence[onnx.NodeProto], consumers: Mapping[str, list[int]],
-                    constants: Mapping[str, np.ndarray], tensor: str, outputs: set[str]) -> str | None:
+                    constants: Collection[str], tensor: str, outputs: set[str]) -> str | None:
     """The float tensor that a dynamically quantised layer's int32 output `tensor` becomes: through the Cast and
     the Mul by the scale product that quantize_dynamic writes after it, and the Add of its bias if it has one.
     That float tensor is what the next layer reads, and what ONNX Runtime stores when it fuses the chain

@@ -24,7 +24,8 @@ import onnx_graphsurgeon as gs
 
 from harden.errors import HardenError
 from harden.fi.profile import profile_ranges
-from harden.fi.quantised import QOPERATOR_LAYERS
+from harden.fi.graphinfo import bypass_constant_views
+from harden.fi.quantised import DYNAMIC_LAYERS, QOPERATOR_LAYERS, rescaled_output
 from harden.graph.batching import images_per_run
 from harden.graph.locate import import_graph
 from harden.graph.opset import clip, const, default_opset, ensure_min_opset
@@ -37,8 +38,27 @@ PARITY_ATOL = 1e-5
 
 
 def default_layers(model: onnx.ModelProto) -> list[str]:
-    """The activation fault sites of DESIGN's fault model: outputs of Conv, ConvTranspose, Gemm and MatMul."""
-    return [node.output[0] for node in model.graph.node if node.op_type in COMPUTE_OPS and node.output]
+    """The activation fault sites of DESIGN's fault model: outputs of Conv, ConvTranspose, Gemm and MatMul, and
+    in a dynamically quantised graph each integer layer's rescaled float output, as the injector finds it
+    (harden.fi.quantised.rescaled_output, after the same folding of constant views as harden.fi.graphinfo)."""
+    view = copy_model(model)
+    bypass_constant_views(view)
+    nodes = list(view.graph.node)
+    consumers: dict[str, list[int]] = {}
+    for i, node in enumerate(nodes):
+        for name in node.input:
+            consumers.setdefault(name, []).append(i)
+    constants = {t.name for t in view.graph.initializer} | {n.output[0] for n in nodes if n.op_type == "Constant"}
+    outputs = {o.name for o in view.graph.output}
+    layers = []
+    for node in nodes:
+        if node.op_type in COMPUTE_OPS and node.output:
+            layers.append(node.output[0])
+        elif node.op_type in DYNAMIC_LAYERS and node.output:
+            rescaled = rescaled_output(nodes, consumers, constants, node.output[0], outputs)
+            if rescaled is not None:
+                layers.append(rescaled)
+    return layers
 
 
 def resolve_layers(model: onnx.ModelProto, layers: Sequence[str] | None) -> list[str]:
@@ -46,7 +66,8 @@ def resolve_layers(model: onnx.ModelProto, layers: Sequence[str] | None) -> list
     if not layers:
         chosen = default_layers(model)
         if not chosen:
-            raise HardenError("the model has no Conv, ConvTranspose, Gemm or MatMul node to range-clip; "
+            raise HardenError("the model has no Conv, ConvTranspose, Gemm, MatMul or dynamically quantised layer to "
+                              "range-clip; "
                               "name tensors with --layers")
         return chosen
     by_node = {node.name: node.output[0] for node in model.graph.node if node.name and node.output}

@@ -137,3 +137,29 @@ def test_ort_folds_a_clip_of_a_stored_weight_away(tmp_path, level: str) -> None:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     assert "Clip" not in {n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node}
+
+
+def test_a_dynamically_quantised_graph_is_clipped_at_the_injectors_sites(calibration: np.ndarray, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Its layers write int32, rescaled to float by Cast, Mul and the bias Add: the clip goes on that float tensor,
+    which is the injector's activation site, and the layers used to be refused as 'no Conv...'."""
+    from onnxruntime.quantization import quantize_dynamic
+
+    from harden.fi.graphinfo import GraphInfo
+    from harden.fi.sites import list_sites
+
+    onnx.save(tiny_classifier("gemm-transB1", True), tmp_path / "f.onnx")
+    quantize_dynamic(str(tmp_path / "f.onnx"), str(tmp_path / "q.onnx"), op_types_to_quantize=["Conv", "MatMul"])
+    model = onnx.load(tmp_path / "q.onnx")
+    assert any(n.op_type == "ConvInteger" for n in model.graph.node)
+    sites = [s.tensor for s in list_sites(GraphInfo(model, example=calibration[:1])) if s.kind == "activation"]
+    assert default_layers(model) == sites and "c1" in sites
+    clip_pass = RangeClipPass(calibration)
+    out = clip_pass.run(model)
+    assert clip_pass.parity_max_abs == 0.0 and set(clip_pass.ranges) == set(sites)
+    # one image at a time, as the graph is deployed (a batch would share one dynamic scale)
+    assert clip_pass.ranges["c1"] == max(float(np.max(np.abs(run_exposed(model, ["c1"], {"x": calibration[i:i + 1]})[0])))
+                                         for i in range(len(calibration)))
+    loud = (calibration[:1] * 50.0).astype(np.float32)
+    raw_c1, = run_exposed(model, ["c1"], {"x": loud})
+    clipped_relu, = run_exposed(out, ["r1"], {"x": loud})
+    np.testing.assert_array_equal(clipped_relu, np.maximum(clamp_to_range(raw_c1, clip_pass.ranges["c1"]), 0))
