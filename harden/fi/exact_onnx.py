@@ -17,6 +17,7 @@ import onnx
 
 from harden.errors import HardenError
 from harden.fi.exact import ExactResult, analyse_sites
+from harden.fi.exact_dynamic import analyse_dynamic_head, dynamic_classifier
 from harden.fi.exact_half import half_sites, is_half
 from harden.fi.exact_linear import LinearHead
 from harden.fi.exact_locate import Head, _Graph, locate_head
@@ -74,7 +75,8 @@ def analyse_model(model: onnx.ModelProto, inputs: np.ndarray, policy: str = "non
     classifier is analysed whole. `threads` (0: every
     CPU) changes speed only. `progress` shows a bar of faults decided on stderr. A QOperator graph's integer
     classifier is analysed in its stored integers (harden.fi.exact_integer), whatever `fmt`; so is a QDQ
-    graph's, in the integer kernel ONNX Runtime fuses it into (harden.fi.qdq_deployed). A classifier left
+    graph's, in the integer kernel ONNX Runtime fuses it into (harden.fi.qdq_deployed), and a dynamically
+    quantised one (quantize_dynamic's MatMulInteger) in its int8 weight (harden.fi.exact_dynamic). A classifier left
     out of quantisation gets the float32 analysis. A float16 graph's (onnxconverter-common's conversion) is
     analysed in its stored fp16 values, relative to its nodes run one by one (harden.fi.exact_half), under
     policy 'none' or 'range'.
@@ -91,6 +93,12 @@ def analyse_model(model: onnx.ModelProto, inputs: np.ndarray, policy: str = "non
             raise HardenError(f"exact analysis: policy {policy!r} clamps float values, and ONNX Runtime runs this "
                               "QDQ graph's classifier on integers")
         return analyse_qdq_head(model, fused, inputs, batch, providers, threads)
+    dynamic = dynamic_classifier(model) if any(n.op_type == "MatMulInteger" for n in model.graph.node) else None
+    if dynamic is not None:
+        if policy != "none":
+            raise HardenError(f"exact analysis: policy {policy!r} clamps float values, and this model's classifier "
+                              "is quantised dynamically (its weights are integers)")
+        return analyse_dynamic_head(dynamic, inputs, providers)
     head, sites, top1, ties = model_sites(model, inputs, policy, fmt, ranges, profile_inputs, roles, batch,
                                           providers, threads)
     result = analyse_sites(sites, top1, fmt, head.kind + (f" + {head.softmax.lower()}" if head.softmax else ""),

@@ -1,0 +1,366 @@
+"""The exact final-layer analysis of a dynamically quantised classifier (quantize_dynamic's MatMulInteger).
+
+The classifier reads float features f[n] (C of them), which a DynamicQuantizeLinear
+quantises at run time from that image's own range: xq = saturate(round(f / sx) + zx).
+Its MatMulInteger accumulates exactly in int32,
+acc[n, k] = Σ_c (xq[n, c] − zx[n])·(W[c, k] − zw[k]), and a Cast, a Mul by
+m[n, k] = fl(sx[n]·sw[k]) and the bias Add make the scores,
+s[n, k] = fl(fl(float32(acc[n, k])·m[n, k]) + b[k]). Each step after the accumulator is
+one float32 operation, monotone in the accumulator, which numpy performs bit for bit
+as ONNX Runtime does; that is checked on every analysed image before anything is
+counted, and the analysis is refused where a single score differs.
+
+- A weight W[c, k] (int8, as stored) moves acc[n, k] by δ·(xq[n, c] − zx[n]), an exact
+  integer. Class k's score is monotone in its accumulator, so each image and class has
+  an accumulator bound past which the top-1 changes (found by bisection over int32):
+  every weight fault is then one integer comparison.
+- A bias b[k] or an output s[n, k] (float32) sets one class's score to a value numpy
+  computes exactly.
+- An input f[n, c] (float32): while the flipped value leaves the row's range
+  [min(0, min f), max(0, max f)] as it was, sx and zx stay and only xq[n, c] changes,
+  to what ONNX Runtime's QuantizeLinear makes of it with the row's own scale; every
+  class's accumulator then moves by Δq·(W[c, :] − zw). Otherwise the whole row
+  requantises, and ONNX Runtime runs the classifier on that row alone (a batch would
+  share one scale, harden.graph.batching).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from harden.errors import HardenError
+from harden.fi.bitflip import flip
+from harden.fi.exact import ExactResult, ExactSiteResult
+from harden.fi.graphinfo import bypass_constant_views, named_copy
+from harden.fi.graphinfo import GraphInfo
+from harden.fi.integer_head import constant_producers, flip_all
+from harden.fi.outcome import nonfinite_rows, top1_class
+from harden.fi.suffix import extract
+from harden.graph.ort import expose, make_session
+
+# The most multiply-adds the input site's whole-row reruns may cost before the analysis is refused.
+RERUN_BUDGET = 2e10
+# Rows of scores evaluated at once.
+CHUNK = 1 << 21
+
+
+@dataclass
+class DynamicHead:
+    """A MatMulInteger classifier and what it stores, read from the graph (see the module docstring)."""
+
+    model: onnx.ModelProto
+    node: str
+    features: str  # f, the DynamicQuantizeLinear's input
+    quantised: str  # xq
+    scale: str  # sx
+    zero: str  # zx
+    multiplier: str  # m = sx·sw
+    accumulator: str  # acc
+    scores: str
+    weight_name: str
+    weight: np.ndarray  # C × K, as stored
+    weight_zero: np.ndarray  # () or (K,)
+    bias_name: str
+    bias: np.ndarray | None  # (K,) float32
+
+    @property
+    def classes(self) -> int:
+        return int(self.weight.shape[1])
+
+    def centred(self) -> np.ndarray:
+        """W − zw in int64: what each unit of (xq − zx) adds to the accumulators."""
+        return self.weight.astype(np.int64) - self.weight_zero.astype(np.int64).reshape(1, -1)
+
+    def logits(self, acc: np.ndarray, m: np.ndarray) -> np.ndarray:
+        """The scores of accumulators `acc` (…×K) under multipliers `m` (broadcast), in float32 as the graph."""
+        with np.errstate(all="ignore"):
+            y = acc.astype(np.float32) * m.astype(np.float32)
+            return y if self.bias is None else y + self.bias
+
+
+def dynamic_classifier(model: onnx.ModelProto) -> DynamicHead | None:
+    """The dynamically quantised classifier that makes the model's scores, or None if there is none."""
+    g = named_copy(model)
+    bypass_constant_views(g)
+    constant, _ = constant_producers(g)
+    values = {t.name: numpy_helper.to_array(t) for t in g.graph.initializer}
+    producer = {o: n for n in g.graph.node for o in n.output if o}
+    readers: dict[str, int] = {}
+    for n in g.graph.node:
+        for t in n.input:
+            readers[t] = readers.get(t, 0) + 1
+    scores = g.graph.output[0].name
+    node = producer.get(scores)
+    bias_name, bias = "", None
+    if node is not None and node.op_type == "Add":
+        other = [t for t in node.input if t in values]
+        moved = [t for t in node.input if t not in values]
+        if len(other) != 1 or len(moved) != 1 or values[other[0]].dtype != np.float32:
+            return None
+        bias_name, bias = other[0], values[other[0]].reshape(-1)
+        node = producer.get(moved[0])
+    if node is None or node.op_type != "Mul":
+        return None
+    cast = next((producer.get(t) for t in node.input if producer.get(t) is not None
+                 and producer[t].op_type == "Cast"), None)
+    to_float = any(a.name == "to" and a.i == TensorProto.FLOAT for a in cast.attribute) if cast else False
+    if cast is None or not to_float or readers.get(cast.output[0]) != 1:
+        return None
+    multiplier = next(t for t in node.input if t != cast.output[0])
+    mm = producer.get(cast.input[0])
+    if mm is None or mm.op_type != "MatMulInteger" or len(mm.input) < 3 or readers.get(mm.output[0]) != 1:
+        return None
+    dql = producer.get(mm.input[0])
+    if (dql is None or dql.op_type != "DynamicQuantizeLinear" or mm.input[2] != dql.output[2]
+            or mm.input[1] not in values or values[mm.input[1]].ndim != 2):
+        return None
+    weight = values[mm.input[1]]
+    zw = values.get(mm.input[3]) if len(mm.input) > 3 and mm.input[3] else np.zeros((), weight.dtype)
+    scaled = producer.get(multiplier)
+    if zw is None or scaled is None or scaled.op_type != "Mul" or dql.output[1] not in scaled.input or \
+            not all(t in constant for t in scaled.input if t != dql.output[1]):
+        return None
+    if bias is not None and bias.size != weight.shape[1]:
+        return None
+    return DynamicHead(g, mm.name, dql.input[0], dql.output[0], dql.output[1], dql.output[2], multiplier,
+                       mm.output[0], scores, mm.input[1], weight, zw.reshape(-1) if zw.size > 1 else zw.reshape(()),
+                       bias_name, bias)
+
+
+@dataclass
+class _Golden:
+    """Each analysed image's tensors, from ONNX Runtime run on that image alone."""
+
+    f: np.ndarray  # N × C float32
+    xq: np.ndarray  # N × C int64
+    zx: np.ndarray  # N int64
+    sx: np.ndarray  # N float32
+    m: np.ndarray  # N × K float32
+    acc: np.ndarray  # N × K int64
+    scores: np.ndarray  # N × K float32
+    top1: np.ndarray
+
+
+def analyse_dynamic_head(head: DynamicHead, inputs: np.ndarray,
+                         providers: Sequence[str] = ("CPUExecutionProvider",)) -> ExactResult:
+    """Exact SDC counts of every single-bit fault in the classifier's stored weight, its bias, input and output,
+    over the model-ready `inputs`."""
+    started = time.perf_counter()
+    g = _golden(head, inputs, providers)
+    sites = [_weight(head, g), *([_bias(head, g)] if head.bias is not None else []),
+             _input(head, g, inputs, providers), _output(head, g)]
+    return ExactResult(head="dynamic integer linear (DynamicQuantizeLinear + MatMulInteger)", policy="none",
+                       fmt="stored (int8 weight, float32 values)", images=len(inputs), sites=sites,
+                       seconds=time.perf_counter() - started)
+
+
+def _golden(head: DynamicHead, inputs: np.ndarray, providers: Sequence[str]) -> _Golden:
+    names = [head.scores, head.features, head.quantised, head.scale, head.zero, head.multiplier, head.accumulator]
+    session = make_session(expose(head.model, names[1:]), providers=providers, opt_level="disable", threads=1,
+                           spinning=False)
+    feed = head.model.graph.input[0].name
+    runs = [session.run(names, {feed: inputs[i:i + 1]}) for i in range(len(inputs))]  # one image per run
+    s, f, xq, sx, zx, m, acc = ([np.asarray(r[j]) for r in runs] for j in range(len(names)))
+    n, k = len(inputs), head.classes
+    if any(v.size != head.weight.shape[0] for v in f) or any(v.size != k for v in s):
+        raise HardenError("exact analysis: the dynamically quantised classifier's features or scores do not "
+                          "have one row per image")
+    g = _Golden(np.stack(f).reshape(n, -1).astype(np.float32), np.stack(xq).reshape(n, -1).astype(np.int64),
+                np.array([int(z) for z in zx]), np.array([float(v) for v in sx], np.float32),
+                np.stack([np.broadcast_to(v.reshape(-1), (k,)) for v in m]).astype(np.float32),
+                np.stack(acc).reshape(n, k).astype(np.int64), np.stack(s).reshape(n, k).astype(np.float32),
+                np.zeros(0, np.int64))
+    if nonfinite_rows(g.scores).any():
+        raise HardenError("exact analysis: the fault-free scores hold NaN or Inf for some images")
+    if head.weight.shape[0] * 255 * 255 * 2 >= 2**31:
+        raise HardenError("exact analysis: the classifier's int32 accumulator could wrap under a fault")
+    mine = (g.xq - g.zx[:, None]) @ head.centred()
+    if not np.array_equal(mine, g.acc) or not np.array_equal(
+            head.logits(g.acc, g.m).view(np.uint32), g.scores.view(np.uint32)):
+        raise HardenError("exact analysis: numpy does not reproduce ONNX Runtime's dynamically quantised "
+                          "classifier bit for bit on these images")
+    g.top1 = top1_class(g.scores)
+    return g
+
+
+def _rivals(g: _Golden) -> tuple[np.ndarray, np.ndarray]:
+    """The best score after the top-1's, and the first class that has it."""
+    others = np.where(np.arange(g.scores.shape[1])[None, :] == g.top1[:, None], -np.inf, g.scores)
+    return others.max(axis=1), np.argmax(others, axis=1)
+
+
+def _one_class_sdc(g: _Golden, rows: np.ndarray, ks: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """SDC of each fault that sets class ks[i]'s score of image rows[i] to values[i] (NaN never wins)."""
+    rival, rival_at = _rivals(g)
+    e = np.where(np.isnan(values), -np.inf, values)
+    t = g.top1[rows]
+    top = g.scores[rows, t]
+    wins = (e > top) | ((e == top) & (ks < t))
+    keeps = (e > rival[rows]) | ((e == rival[rows]) & (t < rival_at[rows]))
+    return np.where(ks == t, ~keeps, wins)
+
+
+def _bounds(head: DynamicHead, g: _Golden) -> np.ndarray:
+    """For each image and class, the accumulator bound that keeps the top-1: for the top-1 class the smallest
+    value that keeps first place, for the others the largest that does not take it (N × K)."""
+    n, k = g.acc.shape
+    rows = np.broadcast_to(np.arange(n)[:, None], (n, k))
+    ks = np.broadcast_to(np.arange(k)[None, :], (n, k))
+    top = ks == g.top1[:, None]
+    # invariant: `good` keeps the top-1, `bad` does not (or lies past int32's range)
+    good, bad = g.acc.copy(), np.where(top, -2**31 - 1, 2**31)
+    while True:
+        gap = np.abs(bad - good) > 1
+        if not gap.any():
+            return good
+        mid = (good + bad) // 2
+        sdc = _one_class_sdc(g, rows.reshape(-1), ks.reshape(-1), head.logits(mid, g.m).reshape(-1)).reshape(n, k)
+        bad = np.where(gap & sdc, mid, bad)
+        good = np.where(gap & ~sdc, mid, good)
+
+
+def _weight(head: DynamicHead, g: _Golden) -> ExactSiteResult:
+    """W[c, k] flipped: class k's accumulator moves by δ·(xq[n, c] − zx[n]); one comparison with its bound."""
+    n = len(g.acc)
+    site = ExactSiteResult.for_stored(head.weight_name, "weight", head.node, head.weight, n)
+    bound = _bounds(head, g)
+    x = g.xq - g.zx[:, None]  # N × C
+    top = np.arange(head.classes)[None, :] == g.top1[:, None]  # N × K
+    for bit in range(len(site.faults)):
+        delta = flip_all(head.weight, bit) - head.weight.astype(np.int64)  # C × K
+        for c in range(head.weight.shape[0]):
+            moved = g.acc + x[:, c:c + 1] * delta[c][None, :]
+            sdc = np.where(top, moved < bound, moved > bound)
+            site.faults[bit] += int(sdc.size)
+            site.sdc[bit] += int(sdc.sum())
+            site.hit_faults[bit] += int(top.sum())  # type: ignore[index]
+            site.hit_sdc[bit] += int((sdc & top).sum())  # type: ignore[index]
+    return site
+
+
+def _float_flips(values: np.ndarray, bit: int) -> np.ndarray:
+    flat = values.astype(np.float32).reshape(-1)
+    return flip(flat, np.full(flat.size, bit), "fp32").reshape(values.shape)
+
+
+def _one_class_site(g: _Golden, site: ExactSiteResult, faulty: list[np.ndarray]) -> ExactSiteResult:
+    """Count faults that each set one class's score: faulty[bit] is N × K, the new score of that class."""
+    n, k = g.scores.shape
+    rows = np.broadcast_to(np.arange(n)[:, None], (n, k)).reshape(-1)
+    ks = np.broadcast_to(np.arange(k)[None, :], (n, k)).reshape(-1)
+    hit = ks == g.top1[rows]
+    for bit, values in enumerate(faulty):
+        sdc = _one_class_sdc(g, rows, ks, values.reshape(-1))
+        site.faults[bit] += int(sdc.size)
+        site.sdc[bit] += int(sdc.sum())
+        site.due[bit] += int((~np.isfinite(values)).sum())
+        site.hit_faults[bit] += int(hit.sum())  # type: ignore[index]
+        site.hit_sdc[bit] += int((sdc & hit).sum())  # type: ignore[index]
+    return site
+
+
+def _bias(head: DynamicHead, g: _Golden) -> ExactSiteResult:
+    """b[k] flipped: class k's score is fl(y[n, k] + b'[k]) with y the rescaled accumulator."""
+    assert head.bias is not None
+    site = ExactSiteResult.for_stored(head.bias_name, "bias", head.node, head.bias, len(g.acc))
+    with np.errstate(all="ignore"):
+        y = (g.acc.astype(np.float32) * g.m).astype(np.float32)
+        faulty = [(y + _float_flips(head.bias, bit)[None, :]).astype(np.float32) for bit in range(32)]
+    return _one_class_site(g, site, faulty)
+
+
+def _output(head: DynamicHead, g: _Golden) -> ExactSiteResult:
+    """s[n, k] flipped: that score alone."""
+    site = ExactSiteResult.for_stored(head.scores, "output", head.node, g.scores[0], len(g.acc))
+    return _one_class_site(g, site, [_float_flips(g.scores, bit) for bit in range(32)])
+
+
+def _input(head: DynamicHead, g: _Golden, inputs: np.ndarray, providers: Sequence[str]) -> ExactSiteResult:
+    """f[n, c] flipped: the row's quantisation kept (one quantised value moves every class's accumulator), or
+    the row requantised whole and rerun through ONNX Runtime."""
+    n, c = g.f.shape
+    site = ExactSiteResult.for_stored(head.features, "input", head.node, g.f[0], n, hits=False)
+    faulty = np.stack([_float_flips(g.f, bit) for bit in range(32)])  # 32 × N × C
+    kept = _range_kept(g.f, faulty)
+    reruns = int((~kept).sum())
+    if reruns * c * head.classes > RERUN_BUDGET:
+        most = max(1, int(n * RERUN_BUDGET / (reruns * c * head.classes)))
+        raise HardenError(f"exact analysis: {reruns:,} input faults of the dynamically quantised classifier change "
+                          f"their row's quantisation and must each rerun it; this allows at most {most} images "
+                          "(certify with a smaller --limit)")
+    faults, sdc, due = np.zeros(32, np.int64), np.zeros(32, np.int64), np.zeros(32, np.int64)
+    quantise = _quantiser(providers)
+    centred = head.centred()
+    step = max(1, CHUNK // head.classes)
+    for i in range(n):
+        if not np.array_equal(quantise(g.f[i], g.sx[i], g.zx[i]), g.xq[i]):
+            raise HardenError("exact analysis: ONNX Runtime's QuantizeLinear does not reproduce the classifier's "
+                              "dynamic quantisation of its features")
+        bits, cols = np.nonzero(kept[:, i, :])
+        np.add.at(faults, bits, 1)
+        dq = quantise(faulty[bits, i, cols], g.sx[i], g.zx[i]) - g.xq[i, cols]
+        moved = np.flatnonzero(dq != 0)  # an unchanged quantised value leaves every score as it was
+        for start in range(0, len(moved), step):
+            sel = moved[start:start + step]
+            acc = g.acc[i][None, :] + dq[sel, None] * centred[cols[sel]]
+            np.add.at(sdc, bits[sel], top1_class(head.logits(acc, g.m[i][None, :])) != g.top1[i])
+    if reruns:
+        tail = _tail_session(head, inputs, providers)
+        for b, r, col in zip(*(a.tolist() for a in np.nonzero(~kept))):
+            x = g.f[r:r + 1].copy()
+            x[0, col] = faulty[b, r, col]
+            scores = tail.run(None, {head.features: x})[0].reshape(1, -1)
+            faults[b] += 1
+            sdc[b] += int(top1_class(scores)[0] != g.top1[r])
+            due[b] += int(nonfinite_rows(scores)[0])
+    site.faults, site.sdc, site.due = faults.tolist(), sdc.tolist(), due.tolist()
+    site.recomputed = reruns
+    return site
+
+
+def _range_kept(f: np.ndarray, faulty: np.ndarray) -> np.ndarray:
+    """Whether each flipped value (bits × N × C) leaves its row's range [min(0, min f), max(0, max f)], and so
+    the DynamicQuantizeLinear's scale and zero point, as they were. NaN never does."""
+    lo, hi = np.minimum(f.min(axis=1), 0), np.maximum(f.max(axis=1), 0)
+    order = np.sort(f, axis=1)
+    top, bottom = f == order[:, -1:], f == order[:, :1]
+    # each element's row range without it: the second best where it alone holds the best
+    hi_without = np.where(top & (top.sum(axis=1, keepdims=True) == 1), order[:, -2:-1], order[:, -1:])
+    lo_without = np.where(bottom & (bottom.sum(axis=1, keepdims=True) == 1), order[:, 1:2], order[:, :1])
+    with np.errstate(invalid="ignore"):
+        new_hi = np.maximum(np.maximum(hi_without, np.float32(0))[None], faulty)
+        new_lo = np.minimum(np.minimum(lo_without, np.float32(0))[None], faulty)
+        return (new_hi == hi[None, :, None]) & (new_lo == lo[None, :, None])
+
+
+def _quantiser(providers: Sequence[str]):  # type: ignore[no-untyped-def]
+    """ONNX Runtime's QuantizeLinear (to uint8, as DynamicQuantizeLinear writes) with a given scale and zero
+    point: what the DynamicQuantizeLinear makes of a value once its row's scale is known."""
+    node = helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"])
+    graph = helper.make_graph([node], "q", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["R"]),
+                                            helper.make_tensor_value_info("s", TensorProto.FLOAT, []),
+                                            helper.make_tensor_value_info("z", TensorProto.UINT8, [])],
+                              [helper.make_tensor_value_info("q", TensorProto.UINT8, ["R"])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    session = make_session(model, providers=providers, opt_level="disable", threads=1, spinning=False)
+
+    def quantise(x: np.ndarray, scale: np.floating, zero: int) -> np.ndarray:
+        feeds = {"x": np.asarray(x, np.float32).reshape(-1), "s": np.asarray(scale, np.float32),
+                 "z": np.asarray(zero, np.uint8)}
+        return session.run(None, feeds)[0].astype(np.int64)
+
+    return quantise
+
+
+def _tail_session(head: DynamicHead, inputs: np.ndarray, providers: Sequence[str]):  # type: ignore[no-untyped-def]
+    """The classifier from its float features to the scores, run one row at a time."""
+    info = GraphInfo(head.model, example=inputs[:1], providers=providers)
+    return make_session(extract(info, [head.features], [head.scores]), providers=providers, opt_level="disable",
+                        threads=1, spinning=False)
