@@ -39,7 +39,7 @@ from harden.fi.bitflip import flip
 from harden.fi.exact import ExactResult, ExactSiteResult
 from harden.fi.graphinfo import bypass_constant_views, named_copy
 from harden.fi.graphinfo import GraphInfo
-from harden.fi.integer_head import constant_producers, flip_all
+from harden.fi.integer_head import SHAPE_ONLY, constant_producers, flip_all
 from harden.fi.outcome import nonfinite_rows, top1_class
 from harden.fi.suffix import extract
 from harden.graph.ort import expose, make_session
@@ -97,6 +97,9 @@ def dynamic_classifier(model: onnx.ModelProto) -> DynamicHead | None:
             readers[t] = readers.get(t, 0) + 1
     scores = g.graph.output[0].name
     node = producer.get(scores)
+    while node is not None and node.op_type in SHAPE_ONLY and readers.get(node.input[0]) == 1:
+        scores = node.input[0]  # the classifier's own output: the one the injector's site names
+        node = producer.get(scores)
     bias_name, bias = "", None
     if node is not None and node.op_type == "Add":
         other = [t for t in node.input if t in values]
@@ -162,7 +165,7 @@ def analyse_dynamic_head(head: DynamicHead, inputs: np.ndarray,
 
 def _golden(head: DynamicHead, inputs: np.ndarray, providers: Sequence[str]) -> _Golden:
     names = [head.scores, head.features, head.quantised, head.scale, head.zero, head.multiplier, head.accumulator]
-    session = make_session(expose(head.model, names[1:]), providers=providers, opt_level="disable", threads=1,
+    session = make_session(expose(head.model, names), providers=providers, opt_level="disable", threads=1,
                            spinning=False)
     feed = head.model.graph.input[0].name
     runs = [session.run(names, {feed: inputs[i:i + 1]}) for i in range(len(inputs))]  # one image per run

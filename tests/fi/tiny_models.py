@@ -340,3 +340,28 @@ def text_head_mlp(seed: int = 0, classes: int = 5, embed: int = 6) -> onnx.Model
              numpy_helper.from_array(np.array(1e-6, dtype=np.float32), "eps"), _init("w_t", rng, embed, classes),
              numpy_helper.from_array(np.array(2.5, dtype=np.float32), "scale")]
     return classifier(nodes, inits, "text_head_mlp", (1, 4, 4), classes)
+
+
+def linear_mlp(seed: int, bias: bool = True, softmax: bool = False, tied: bool = False) -> onnx.ModelProto:
+    """x (N×1×2×3) → Flatten → MatMul + Add → Relu → MatMul [+ Add] → scores (N×4) → Identity [Softmax], as
+    quantize_dynamic quantises it: both MatMuls become MatMulInteger. `tied`: class 1 a copy of class 0, so that
+    their scores are equal and argmax's first-index rule decides every fault near them."""
+    C, K = 5, 4
+    rng = np.random.default_rng(seed)
+    w2, b2 = rng.normal(size=(C, K)).astype(np.float32), rng.normal(size=K).astype(np.float32) * 0.1
+    if tied:
+        w2[:, 1], b2[1] = w2[:, 0], b2[0]
+        w2[:, 2:] -= 3  # classes 0 and 1 always lead
+    inits = [numpy_helper.from_array(rng.normal(size=(6, C)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.normal(size=C).astype(np.float32), "b1"),
+             numpy_helper.from_array(w2, "w2"), numpy_helper.from_array(b2, "b2")]
+    nodes = [helper.make_node("Flatten", ["x"], ["flat"], name="flatten"),
+             helper.make_node("MatMul", ["flat", "w1"], ["h"], name="fc1"),
+             helper.make_node("Add", ["h", "b1"], ["hb"], name="fc1_bias"),
+             helper.make_node("Relu", ["hb"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w2"], ["o" if bias else "scores"], name="fc2")]
+    if bias:
+        nodes.append(helper.make_node("Add", ["o", "b2"], ["scores"], name="fc2_bias"))
+    nodes.append(helper.make_node("Softmax", ["scores"], ["logits"], name="softmax", axis=1) if softmax else
+                 helper.make_node("Identity", ["scores"], ["logits"], name="out"))
+    return classifier(nodes, inits, "linear_mlp", (1, 2, 3), K)

@@ -165,3 +165,34 @@ def test_a_classifier_that_scores_a_map_gets_the_exact_analysis(tmp_path: Path) 
             assert layer.sdc.low - 0.01 <= exact[layer.site].sdc_fraction <= layer.sdc.high + 0.01, layer.site
             checked += 1
     assert checked == 3
+
+
+def test_a_dynamically_quantised_classifier_gets_the_exact_analysis(tmp_path: Path) -> None:
+    """quantize_dynamic's MatMulInteger head: the exact fractions of its stored weight, bias and output sit inside
+    the sampled campaign's intervals of the same sites, which run one image at a time."""
+    import numpy as np
+    import onnx
+    from onnxruntime.quantization import quantize_dynamic
+
+    from harden.graph.ort import make_session
+    from tests.fi.tiny_models import linear_mlp
+
+    onnx.save(linear_mlp(seed=2), tmp_path / "float.onnx")
+    quantize_dynamic(str(tmp_path / "float.onnx"), str(tmp_path / "dynamic.onnx"))
+    session = make_session(onnx.load(tmp_path / "dynamic.onnx"), opt_level="disable")
+    x = np.random.default_rng(3).normal(size=(100, 1, 2, 3)).astype(np.float32)
+    labels = np.array([session.run(None, {"x": x[i:i + 1]})[0].argmax() for i in range(len(x))])
+    np.savez(tmp_path / "data.npz", x=x, y=labels)
+    report = certify(CertifyConfig(model=str(tmp_path / "dynamic.onnx"), data=f"npz:{tmp_path / 'data.npz'}",
+                                   output=str(tmp_path / "r"), preprocess="identity", injections=300,
+                                   latency_runs=2, progress=False))
+    record = report.model("model")
+    assert record.exact is not None, record.exact_skipped
+    assert record.exact.head.startswith("dynamic integer linear")
+    exact = {s.tensor: s for s in record.exact.sites}
+    checked = 0
+    for layer in record.campaign.layers:
+        if layer.site in exact:
+            assert layer.sdc.low - 0.01 <= exact[layer.site].sdc_fraction <= layer.sdc.high + 0.01, layer.site
+            checked += 1
+    assert checked >= 2
