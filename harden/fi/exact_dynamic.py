@@ -15,7 +15,9 @@ counted, and the analysis is refused where a single score differs.
   an accumulator bound past which the top-1 changes (found by bisection over int32):
   every weight fault is then one integer comparison.
 - A bias b[k] or an output s[n, k] (float32) sets one class's score to a value numpy
-  computes exactly.
+  computes exactly. Elementwise ops with constants may follow the layer (the text head's
+  Mul by exp(s)): each is one float32 operation too, and a Mul's constant must be
+  positive, so that the scores stay monotone in the accumulators.
 - An input f[n, c] (float32): while the flipped value leaves the row's range
   [min(0, min f), max(0, max f)] as it was, sx and zx stay and only xq[n, c] changes,
   to what ONNX Runtime's QuantizeLinear makes of it with the row's own scale; every
@@ -62,12 +64,16 @@ class DynamicHead:
     zero: str  # zx
     multiplier: str  # m = sx·sw
     accumulator: str  # acc
+    output: str  # the rescaled accumulator plus the bias: the layer's output, as the injector names it
     scores: str
     weight_name: str
     weight: np.ndarray  # C × K, as stored
     weight_zero: np.ndarray  # () or (K,)
     bias_name: str
     bias: np.ndarray | None  # (K,) float32
+    # elementwise ops after the layer, each with a constant: Add, or Mul by positive values (the text head's
+    # exp(s)); both keep every score monotone in its accumulator
+    tail: tuple[tuple[str, np.ndarray], ...] = ()
 
     @property
     def classes(self) -> int:
@@ -77,11 +83,24 @@ class DynamicHead:
         """W − zw in int64: what each unit of (xq − zx) adds to the accumulators."""
         return self.weight.astype(np.int64) - self.weight_zero.astype(np.int64).reshape(1, -1)
 
-    def logits(self, acc: np.ndarray, m: np.ndarray) -> np.ndarray:
-        """The scores of accumulators `acc` (…×K) under multipliers `m` (broadcast), in float32 as the graph."""
+    def layer_output(self, acc: np.ndarray, m: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+        """The layer's output for accumulators `acc` (…×K) under multipliers `m` (broadcast): float32 as the graph
+        computes it, with `bias` in place of the stored one if given."""
+        bias = self.bias if bias is None else bias
         with np.errstate(all="ignore"):
             y = acc.astype(np.float32) * m.astype(np.float32)
-            return y if self.bias is None else y + self.bias
+            return y if bias is None else y + bias
+
+    def after(self, y: np.ndarray) -> np.ndarray:
+        """The scores of layer outputs `y`, through the tail's ops in float32."""
+        with np.errstate(all="ignore"):
+            for op, constant in self.tail:
+                y = y * constant if op == "Mul" else y + constant
+        return y
+
+    def logits(self, acc: np.ndarray, m: np.ndarray) -> np.ndarray:
+        """The scores of accumulators `acc` (…×K) under multipliers `m` (broadcast), in float32 as the graph."""
+        return self.after(self.layer_output(acc, m))
 
 
 def dynamic_classifier(model: onnx.ModelProto) -> DynamicHead | None:
@@ -100,14 +119,19 @@ def dynamic_classifier(model: onnx.ModelProto) -> DynamicHead | None:
     while node is not None and node.op_type in SHAPE_ONLY and readers.get(node.input[0]) == 1:
         scores = node.input[0]  # the classifier's own output: the one the injector's site names
         node = producer.get(scores)
-    bias_name, bias = "", None
-    if node is not None and node.op_type == "Add":
+    tail: list[tuple[str, str, np.ndarray, str]] = []  # (op, constant, its value, output), walking back
+    while node is not None and node.op_type in ("Add", "Mul") and not any(
+            t in producer and producer[t].op_type == "Cast" for t in node.input):
         other = [t for t in node.input if t in values]
         moved = [t for t in node.input if t not in values]
-        if len(other) != 1 or len(moved) != 1 or values[other[0]].dtype != np.float32:
+        if len(other) != 1 or len(moved) != 1 or readers.get(moved[0]) != 1:
             return None
-        bias_name, bias = other[0], values[other[0]].reshape(-1)
+        c = values[other[0]]
+        if c.dtype != np.float32 or (node.op_type == "Mul" and not (np.all(c > 0) and np.all(np.isfinite(c)))):
+            return None
+        tail.append((node.op_type, other[0], c.reshape(-1), node.output[0]))
         node = producer.get(moved[0])
+    tail.reverse()
     if node is None or node.op_type != "Mul":
         return None
     cast = next((producer.get(t) for t in node.input if producer.get(t) is not None
@@ -129,11 +153,16 @@ def dynamic_classifier(model: onnx.ModelProto) -> DynamicHead | None:
     if zw is None or scaled is None or scaled.op_type != "Mul" or dql.output[1] not in scaled.input or \
             not all(t in constant for t in scaled.input if t != dql.output[1]):
         return None
-    if bias is not None and bias.size != weight.shape[1]:
+    classes = weight.shape[1]
+    if any(c.size not in (1, classes) for _, _, c, _ in tail):
         return None
+    output, bias_name, bias = node.output[0], "", None
+    if tail and tail[0][0] == "Add" and tail[0][2].size == classes:  # the layer's own bias (harden.fi.sites)
+        _, bias_name, bias, output = tail.pop(0)
     return DynamicHead(g, mm.name, dql.input[0], dql.output[0], dql.output[1], dql.output[2], multiplier,
-                       mm.output[0], scores, mm.input[1], weight, zw.reshape(-1) if zw.size > 1 else zw.reshape(()),
-                       bias_name, bias)
+                       mm.output[0], output, scores, mm.input[1], weight,
+                       zw.reshape(-1) if zw.size > 1 else zw.reshape(()), bias_name, bias,
+                       tuple((op, c) for op, _, c, _ in tail))
 
 
 @dataclass
@@ -146,6 +175,7 @@ class _Golden:
     sx: np.ndarray  # N float32
     m: np.ndarray  # N × K float32
     acc: np.ndarray  # N × K int64
+    output: np.ndarray  # N × K float32, the layer's output
     scores: np.ndarray  # N × K float32
     top1: np.ndarray
 
@@ -164,12 +194,13 @@ def analyse_dynamic_head(head: DynamicHead, inputs: np.ndarray,
 
 
 def _golden(head: DynamicHead, inputs: np.ndarray, providers: Sequence[str]) -> _Golden:
-    names = [head.scores, head.features, head.quantised, head.scale, head.zero, head.multiplier, head.accumulator]
+    names = [head.scores, head.features, head.quantised, head.scale, head.zero, head.multiplier, head.accumulator,
+             head.output]
     session = make_session(expose(head.model, names), providers=providers, opt_level="disable", threads=1,
                            spinning=False)
     feed = head.model.graph.input[0].name
     runs = [session.run(names, {feed: inputs[i:i + 1]}) for i in range(len(inputs))]  # one image per run
-    s, f, xq, sx, zx, m, acc = ([np.asarray(r[j]) for r in runs] for j in range(len(names)))
+    s, f, xq, sx, zx, m, acc, y = ([np.asarray(r[j]) for r in runs] for j in range(len(names)))
     n, k = len(inputs), head.classes
     if any(v.size != head.weight.shape[0] for v in f) or any(v.size != k for v in s):
         raise HardenError("exact analysis: the dynamically quantised classifier's features or scores do not "
@@ -177,15 +208,16 @@ def _golden(head: DynamicHead, inputs: np.ndarray, providers: Sequence[str]) -> 
     g = _Golden(np.stack(f).reshape(n, -1).astype(np.float32), np.stack(xq).reshape(n, -1).astype(np.int64),
                 np.array([int(z) for z in zx]), np.array([float(v) for v in sx], np.float32),
                 np.stack([np.broadcast_to(v.reshape(-1), (k,)) for v in m]).astype(np.float32),
-                np.stack(acc).reshape(n, k).astype(np.int64), np.stack(s).reshape(n, k).astype(np.float32),
-                np.zeros(0, np.int64))
+                np.stack(acc).reshape(n, k).astype(np.int64), np.stack(y).reshape(n, k).astype(np.float32),
+                np.stack(s).reshape(n, k).astype(np.float32), np.zeros(0, np.int64))
     if nonfinite_rows(g.scores).any():
         raise HardenError("exact analysis: the fault-free scores hold NaN or Inf for some images")
     if head.weight.shape[0] * 255 * 255 * 2 >= 2**31:
         raise HardenError("exact analysis: the classifier's int32 accumulator could wrap under a fault")
     mine = (g.xq - g.zx[:, None]) @ head.centred()
     if not np.array_equal(mine, g.acc) or not np.array_equal(
-            head.logits(g.acc, g.m).view(np.uint32), g.scores.view(np.uint32)):
+            head.layer_output(g.acc, g.m).view(np.uint32), g.output.view(np.uint32)) or not np.array_equal(
+            head.after(g.output).view(np.uint32), g.scores.view(np.uint32)):
         raise HardenError("exact analysis: numpy does not reproduce ONNX Runtime's dynamically quantised "
                           "classifier bit for bit on these images")
     g.top1 = top1_class(g.scores)
@@ -269,19 +301,18 @@ def _one_class_site(g: _Golden, site: ExactSiteResult, faulty: list[np.ndarray])
 
 
 def _bias(head: DynamicHead, g: _Golden) -> ExactSiteResult:
-    """b[k] flipped: class k's score is fl(y[n, k] + b'[k]) with y the rescaled accumulator."""
+    """b[k] flipped: class k's layer output is fl(y[n, k] + b'[k]) with y the rescaled accumulator, then the
+    tail's ops."""
     assert head.bias is not None
     site = ExactSiteResult.for_stored(head.bias_name, "bias", head.node, head.bias, len(g.acc))
-    with np.errstate(all="ignore"):
-        y = (g.acc.astype(np.float32) * g.m).astype(np.float32)
-        faulty = [(y + _float_flips(head.bias, bit)[None, :]).astype(np.float32) for bit in range(32)]
+    faulty = [head.after(head.layer_output(g.acc, g.m, _float_flips(head.bias, bit))) for bit in range(32)]
     return _one_class_site(g, site, faulty)
 
 
 def _output(head: DynamicHead, g: _Golden) -> ExactSiteResult:
-    """s[n, k] flipped: that score alone."""
-    site = ExactSiteResult.for_stored(head.scores, "output", head.node, g.scores[0], len(g.acc))
-    return _one_class_site(g, site, [_float_flips(g.scores, bit) for bit in range(32)])
+    """The layer's output y[n, k] flipped: that score alone, through the tail's ops."""
+    site = ExactSiteResult.for_stored(head.output, "output", head.node, g.output[0], len(g.acc))
+    return _one_class_site(g, site, [head.after(_float_flips(g.output, bit)) for bit in range(32)])
 
 
 def _input(head: DynamicHead, g: _Golden, inputs: np.ndarray, providers: Sequence[str]) -> ExactSiteResult:

@@ -45,9 +45,9 @@ def _brute(model: onnx.ModelProto, x: np.ndarray) -> dict[str, tuple[np.ndarray,
     """{role: (SDC per bit, non-finite per bit)}, each image run alone with each fault."""
     head = dynamic_classifier(model)
     assert head is not None
-    alone = make_session(expose(model, [head.features]), opt_level="disable")
-    golden = [alone.run(["logits", head.features], {"x": x[i:i + 1]}) for i in range(len(x))]
-    top1 = [np.argmax(s) for s, _ in golden]
+    alone = make_session(expose(model, [head.features, head.output]), opt_level="disable")
+    golden = [alone.run(["logits", head.features, head.output], {"x": x[i:i + 1]}) for i in range(len(x))]
+    top1 = [np.argmax(run[0]) for run in golden]
     out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     def count(role: str, width: int, size: int, scores) -> None:  # type: ignore[no-untyped-def]
@@ -75,14 +75,16 @@ def _brute(model: onnx.ModelProto, x: np.ndarray) -> dict[str, tuple[np.ndarray,
     inferred = onnx.shape_inference.infer_shapes(model)
     tail = make_session(onnx.utils.Extractor(inferred).extract_model([head.features], ["logits"]), opt_level="disable")
     count("input", 32, C, lambda i, k, bit: tail.run(None, {head.features: flipped(golden[i][1], k, bit)})[0])
-    count("output", 32, K, lambda i, k, bit: flipped(golden[i][0], k, bit))
+    after = make_session(onnx.utils.Extractor(inferred).extract_model([head.output], ["logits"]), opt_level="disable")
+    count("output", 32, K, lambda i, k, bit: after.run(None, {head.output: flipped(golden[i][2], k, bit)})[0])
     return out
 
 
-@pytest.mark.parametrize("kind", ["int8", "uint8", "per-channel", "no-bias", "tied"])
+@pytest.mark.parametrize("kind", ["int8", "uint8", "per-channel", "no-bias", "tied", "scaled"])
 def test_every_fault_matches_onnx_runtime_run_alone(tmp_path: Path, kind: str) -> None:
     kw = {"weight_type": QuantType.QUInt8} if kind == "uint8" else {"per_channel": True} if kind == "per-channel" else {}
-    model = _dynamic(linear_mlp(3, bias=kind != "no-bias", tied=kind == "tied"), tmp_path, **kw)
+    model = _dynamic(linear_mlp(3, bias=kind != "no-bias", tied=kind == "tied", scale=kind == "scaled"), tmp_path,
+                     **kw)
     x = np.random.default_rng(0).normal(size=(5, 1, 2, 3)).astype(np.float32)
     result = analyse_model(model, x)
     want = _brute(model, x)
@@ -95,7 +97,7 @@ def test_every_fault_matches_onnx_runtime_run_alone(tmp_path: Path, kind: str) -
     inputs = next(s for s in result.sites if s.role == "input")
     # both input paths ran: kept scales (a sign flip of a positive feature always requantises the row)
     assert 0 < inputs.recomputed < inputs.total_faults and inputs.total_sdc > 0
-    assert result.site("scores").total_due > 0  # an exponent flip to Inf or NaN
+    assert result.site(dynamic_classifier(model).output).total_due > 0  # an exponent flip to Inf or NaN
 
 
 def test_a_softmax_after_it_or_a_clamp_is_refused(tmp_path: Path) -> None:
@@ -127,7 +129,7 @@ def test_one_class_faults_follow_argmax_first_index_and_nan_rules() -> None:
 
     scores = np.array([[1.0, 3.0, 3.0, 0.5], [3.0, 5.0, 1.0, 2.0]], np.float32)
     none = np.zeros((2, 4))
-    g = _Golden(none, none, none[:, 0], none[:, 0], none, none, scores, np.array([1, 1]))
+    g = _Golden(none, none, none[:, 0], none[:, 0], none, none, scores, scores, np.array([1, 1]))
     rows = np.array([0, 0, 0, 0, 0, 0, 1, 1])
     ks = np.array([0, 2, 2, 1, 1, 1, 1, 1])
     values = np.array([3.0, 3.0, 3.5, 3.0, 2.9, np.nan, 3.0, 3.25])

@@ -342,10 +342,12 @@ def text_head_mlp(seed: int = 0, classes: int = 5, embed: int = 6) -> onnx.Model
     return classifier(nodes, inits, "text_head_mlp", (1, 4, 4), classes)
 
 
-def linear_mlp(seed: int, bias: bool = True, softmax: bool = False, tied: bool = False) -> onnx.ModelProto:
-    """x (N×1×2×3) → Flatten → MatMul + Add → Relu → MatMul [+ Add] → scores (N×4) → Identity [Softmax], as
-    quantize_dynamic quantises it: both MatMuls become MatMulInteger. `tied`: class 1 a copy of class 0, so that
-    their scores are equal and argmax's first-index rule decides every fault near them."""
+def linear_mlp(seed: int, bias: bool = True, softmax: bool = False, tied: bool = False,
+               scale: bool = False) -> onnx.ModelProto:
+    """x (N×1×2×3) → Flatten → MatMul + Add → Relu → MatMul [+ Add] [× 2.5] → scores (N×4) → Identity [Softmax],
+    as quantize_dynamic quantises it: both MatMuls become MatMulInteger. `tied`: class 1 a copy of class 0, so
+    that their scores are equal and argmax's first-index rule decides every fault near them. `scale`: a Mul by a
+    constant after the layer, as the text head's exp(s)."""
     C, K = 5, 4
     rng = np.random.default_rng(seed)
     w2, b2 = rng.normal(size=(C, K)).astype(np.float32), rng.normal(size=K).astype(np.float32) * 0.1
@@ -359,9 +361,13 @@ def linear_mlp(seed: int, bias: bool = True, softmax: bool = False, tied: bool =
              helper.make_node("MatMul", ["flat", "w1"], ["h"], name="fc1"),
              helper.make_node("Add", ["h", "b1"], ["hb"], name="fc1_bias"),
              helper.make_node("Relu", ["hb"], ["r"], name="relu"),
-             helper.make_node("MatMul", ["r", "w2"], ["o" if bias else "scores"], name="fc2")]
+             helper.make_node("MatMul", ["r", "w2"], ["o" if bias else "layer"], name="fc2")]
     if bias:
-        nodes.append(helper.make_node("Add", ["o", "b2"], ["scores"], name="fc2_bias"))
+        nodes.append(helper.make_node("Add", ["o", "b2"], ["layer"], name="fc2_bias"))
+    nodes.append(helper.make_node("Mul", ["layer", "s"], ["scores"], name="scale") if scale else
+                 helper.make_node("Identity", ["layer"], ["scores"], name="layer_out"))
+    if scale:
+        inits.append(numpy_helper.from_array(np.array(2.5, np.float32), "s"))
     nodes.append(helper.make_node("Softmax", ["scores"], ["logits"], name="softmax", axis=1) if softmax else
                  helper.make_node("Identity", ["scores"], ["logits"], name="out"))
     return classifier(nodes, inits, "linear_mlp", (1, 2, 3), K)
