@@ -19,12 +19,14 @@ tests/fi/test_cone.py's _same_bits). With --int8, each model is quantised
 int8 weights, calibrated on its 40 images) and the campaign flips the stored
 integers. --qoperator does the same in QOperator format (QLinearConv, QGemm,
 QLinearAdd: the model zoo's int8 format), where every layer runs in ONNX
-Runtime's integer kernels. --exact also runs the exact final-layer analysis
+Runtime's integer kernels. --dynamic quantises each model with quantize_dynamic
+(int8 weights; each layer's input quantised at run time, so every run takes one
+image: harden.graph.batching). --exact also runs the exact final-layer analysis
 (`harden.fi.exact_onnx.analyse_model`) on the 40 images, or prints why it
 refuses the model: which classifiers it reaches, in each precision.
 
     .venv/bin/python tools/architecture_sweep.py [--models mobilenet_v3_small,swin_t] [--injections 16]
-        [--work /tmp/harden-architecture-sweep] [--skip-campaign] [--exact] [--float16 | --int8 | --qoperator]
+        [--work /tmp/harden-architecture-sweep] [--skip-campaign] [--exact] [--float16 | --int8 | --qoperator | --dynamic]
 """
 
 from __future__ import annotations
@@ -101,6 +103,8 @@ def main() -> None:
     precision.add_argument("--int8", action="store_true", help="sweep int8 (QDQ) quantisations of the models")
     precision.add_argument("--qoperator", action="store_true",
                            help="sweep int8 quantisations in QOperator format (integer layers)")
+    precision.add_argument("--dynamic", action="store_true",
+                           help="sweep dynamic int8 quantisations (quantize_dynamic: integer weights)")
     args = parser.parse_args()
 
     import onnx
@@ -122,9 +126,9 @@ def main() -> None:
             path = path.with_suffix(".fp16.onnx")
             onnx.save(half, str(path))
             x = x.astype(np.float16)
-        if args.int8 or args.qoperator:
+        if args.int8 or args.qoperator or args.dynamic:
             try:
-                path = quantise(path, np.load(data)["x"], qoperator=args.qoperator)
+                path = quantise(path, np.load(data)["x"], qoperator=args.qoperator, dynamic=args.dynamic)
             except Exception as err:  # the quantiser's failure, not the injector's
                 print(f"{name:20s} quantisation FAILED: {type(err).__name__}: {err}", flush=True)
                 failures.append(name)
@@ -186,11 +190,16 @@ def exact_analysis(model: object, x: np.ndarray) -> str:
             f"{100 * result.total_sdc / max(1, result.total_faults):.3f}%, in {result.seconds:.1f} s")
 
 
-def quantise(path: Path, images: np.ndarray, qoperator: bool = False) -> Path:
+def quantise(path: Path, images: np.ndarray, qoperator: bool = False, dynamic: bool = False) -> Path:
     """The model quantised to int8 (quantize_static's defaults: QDQ format, or QOperator), calibrated on
-    `images`."""
+    `images`; or quantised dynamically (quantize_dynamic's defaults, which need no calibration)."""
     import onnx
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_dynamic, quantize_static
+
+    if dynamic:
+        out = path.with_suffix(".dynamic.onnx")
+        quantize_dynamic(str(path), str(out))
+        return out
 
     name = onnx.load(str(path), load_external_data=False).graph.input[0].name
     fixed = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim[0].dim_value

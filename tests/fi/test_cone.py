@@ -39,7 +39,7 @@ def _walk_setup(model: onnx.ModelProto, x: np.ndarray) -> tuple[GraphInfo, NodeS
     """The graph analysis, node sessions and golden tensors a cone walk over `x` needs."""
     info = GraphInfo(model, example=x[:1])
     sessions = NodeSessions(info, ["CPUExecutionProvider"], threads=1)
-    return info, sessions, GoldenBlock(golden_pass(sessions, x, batch=info.fixed_batch or len(x)))
+    return info, sessions, GoldenBlock(golden_pass(sessions, x, batch=info.run_batch or len(x)))
 
 
 def _faults(rng: np.random.Generator, golden: np.ndarray) -> np.ndarray:
@@ -67,7 +67,7 @@ def _check_against_whole_graph(model: onnx.ModelProto, x: np.ndarray, faults: in
                                max_sites: int | None = None, any_nan: bool = False) -> None:
     """Random positions (borders included) and faults at evenly spread activation sites: identical score bits.
 
-    A model with a fixed batch of 1 gets one row per walk, as the engine gives it.
+    A model with a fixed batch of 1, or whose rows are coupled, gets one row per walk, as the engine gives it.
     """
     info, sessions, golden = _walk_setup(model, x)
     rng = np.random.default_rng(0)
@@ -75,7 +75,7 @@ def _check_against_whole_graph(model: onnx.ModelProto, x: np.ndarray, faults: in
     sites = [s for s in list_sites(info) if s.kind == "activation" and not info.tensors[s.tensor].fold]
     if max_sites is not None:
         sites = [sites[i] for i in sorted(set(np.linspace(0, len(sites) - 1, max_sites).astype(int).tolist()))]
-    step = info.fixed_batch or faults
+    step = info.run_batch or faults
     for site in sites:
         cone = Cone(info, sessions, site.tensor)
         rows = rng.integers(0, len(x), faults)
