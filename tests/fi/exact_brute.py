@@ -8,12 +8,16 @@ element — so the fault-free rows are computed exactly as in the golden run.
 from __future__ import annotations
 
 import numpy as np
+import onnx
+from onnx import helper
 
-from harden.fi.bitflip import WIDTH, tensor_scale
+from harden.fi.bitflip import WIDTH, flip, tensor_scale
+from harden.fi.exact_dynamic import dynamic_classifier
 from harden.fi.exact_linear import LinearHead
 from harden.fi.exact_site import RangePolicy, clamp32, flip_bit, softmax32
 from harden.fi.exact_text import TextHead
 from harden.fi.outcome import fault_outcome
+from harden.graph.ort import expose, make_session
 
 
 def _wflip(values: np.ndarray, k: int, bit: int, fmt: str, policy: RangePolicy) -> np.ndarray:
@@ -114,3 +118,55 @@ def text_forwards(h: TextHead, f: np.ndarray, fmt: str, policy: RangePolicy) -> 
     lb = clamp32(golden, tp(h.output))
     count("output", golden.shape[1], lambda k, bit: _aflip(golden, lb, k, bit, fmt, policy, h.output))
     return out
+
+
+def brute_dynamic(model: onnx.ModelProto, x: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{role: (SDC per bit, non-finite per bit)} of a dynamically quantised classifier: each image run alone (a
+    batch would share one dynamic scale) through the graph cut at the classifier's features, with each fault:
+    the stored weight or the bias fed in as an input, or a flipped feature or layer output fed in."""
+    head = dynamic_classifier(model)
+    assert head is not None
+    inp, out = model.graph.input[0].name, model.graph.output[0].name
+    alone = make_session(expose(model, [head.features, head.output]), opt_level="disable")
+    golden = [alone.run([out, head.features, head.output], {inp: x[i:i + 1]}) for i in range(len(x))]
+    top1 = [np.array([np.argmax(run[0])]) for run in golden]
+    inferred = onnx.shape_inference.infer_shapes(model)
+
+    def cut(start: str, fed: str = ""):  # type: ignore[no-untyped-def]
+        sub = onnx.utils.Extractor(inferred).extract_model([start], [out])
+        if fed:
+            init = next(t for t in sub.graph.initializer if t.name == fed)
+            sub.graph.initializer.remove(init)
+            sub.graph.input.append(helper.make_tensor_value_info(fed, init.data_type, list(init.dims)))
+        return make_session(sub, opt_level="disable")
+
+    def flipped(values: np.ndarray, k: int, bit: int) -> np.ndarray:
+        v = values.copy()
+        v.reshape(-1)[k] = flip(values.reshape(-1)[k:k + 1], np.array([bit]),
+                                values.dtype.name if values.dtype.kind in "iu" else "fp32")[0]
+        return v
+
+    result: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def count(role: str, width: int, size: int, scores) -> None:  # type: ignore[no-untyped-def]
+        sdc, due = np.zeros(width, np.int64), np.zeros(width, np.int64)
+        for bit in range(width):
+            for k in range(size):
+                for i in range(len(x)):
+                    s, d = fault_outcome(scores(i, k, bit).reshape(1, -1), top1[i])
+                    sdc[bit] += int(s[0])
+                    due[bit] += int(d[0])
+        result[role] = (sdc, due)
+
+    for role, name, stored in [("weight", head.weight_name, head.weight), ("bias", head.bias_name, head.bias)]:
+        if stored is not None:
+            session = cut(head.features, name)
+            count(role, 8 * stored.dtype.itemsize, stored.size,
+                  lambda i, k, bit, s=session, n=name, v=stored: s.run(None, {head.features: golden[i][1],
+                                                                            n: flipped(v, k, bit)})[0])
+    tail = cut(head.features)
+    count("input", 32, head.weight.shape[0],
+          lambda i, k, bit: tail.run(None, {head.features: flipped(golden[i][1], k, bit)})[0])
+    after = cut(head.output)
+    count("output", 32, head.classes, lambda i, k, bit: after.run(None, {head.output: flipped(golden[i][2], k, bit)})[0])
+    return result

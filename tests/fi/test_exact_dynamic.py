@@ -1,7 +1,7 @@
 """The exact analysis of a dynamically quantised classifier, against every fault run through ONNX Runtime.
 
-The brute force runs each image alone (a batch would share one dynamic scale) with each fault applied:
-the stored int8 weight and the float bias fed as graph inputs, the features fed to the classifier's tail.
+The brute force (tests/fi/exact_brute.brute_dynamic) runs each image alone (a batch would share one dynamic
+scale) through the classifier with each fault applied.
 """
 
 from __future__ import annotations
@@ -11,15 +11,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import helper
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from harden.errors import HardenError
-from harden.fi.bitflip import flip
 from harden.fi.exact_dynamic import dynamic_classifier
 from harden.fi.exact_onnx import analyse_model
-from harden.fi.outcome import fault_outcome
-from harden.graph.ort import expose, make_session
+from tests.fi.exact_brute import brute_dynamic
 from tests.fi.tiny_models import linear_mlp
 
 C, K = 5, 4  # linear_mlp's classifier: features × classes
@@ -31,55 +28,6 @@ def _dynamic(model: onnx.ModelProto, tmp_path: Path, **kw) -> onnx.ModelProto:  
     return onnx.load(tmp_path / "d.onnx")
 
 
-def _fed(model: onnx.ModelProto, name: str) -> onnx.ModelProto:
-    """The model with initializer `name` turned into a graph input."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    init = next(t for t in m.graph.initializer if t.name == name)
-    m.graph.initializer.remove(init)
-    m.graph.input.append(helper.make_tensor_value_info(name, init.data_type, list(init.dims)))
-    return m
-
-
-def _brute(model: onnx.ModelProto, x: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """{role: (SDC per bit, non-finite per bit)}, each image run alone with each fault."""
-    head = dynamic_classifier(model)
-    assert head is not None
-    alone = make_session(expose(model, [head.features, head.output]), opt_level="disable")
-    golden = [alone.run(["logits", head.features, head.output], {"x": x[i:i + 1]}) for i in range(len(x))]
-    top1 = [np.argmax(run[0]) for run in golden]
-    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-
-    def count(role: str, width: int, size: int, scores) -> None:  # type: ignore[no-untyped-def]
-        sdc, due = np.zeros(width, np.int64), np.zeros(width, np.int64)
-        for bit in range(width):
-            for k in range(size):
-                for i in range(len(x)):
-                    s, d = fault_outcome(scores(i, k, bit).reshape(1, -1), np.array([top1[i]]))
-                    sdc[bit] += int(s[0])
-                    due[bit] += int(d[0])
-        out[role] = (sdc, due)
-
-    def flipped(values: np.ndarray, k: int, bit: int) -> np.ndarray:
-        v = values.copy()
-        v.reshape(-1)[k] = flip(values.reshape(-1)[k:k + 1], np.array([bit]), values.dtype.name
-                                if values.dtype.kind in "iu" else "fp32")[0]
-        return v
-
-    for role, name, stored in [("weight", head.weight_name, head.weight), ("bias", head.bias_name, head.bias)]:
-        if stored is None:
-            continue
-        session = make_session(_fed(model, name), opt_level="disable")
-        count(role, 8 * stored.dtype.itemsize, stored.size,
-              lambda i, k, bit, s=session, n=name, v=stored: s.run(["logits"], {"x": x[i:i + 1], n: flipped(v, k, bit)})[0])
-    inferred = onnx.shape_inference.infer_shapes(model)
-    tail = make_session(onnx.utils.Extractor(inferred).extract_model([head.features], ["logits"]), opt_level="disable")
-    count("input", 32, C, lambda i, k, bit: tail.run(None, {head.features: flipped(golden[i][1], k, bit)})[0])
-    after = make_session(onnx.utils.Extractor(inferred).extract_model([head.output], ["logits"]), opt_level="disable")
-    count("output", 32, K, lambda i, k, bit: after.run(None, {head.output: flipped(golden[i][2], k, bit)})[0])
-    return out
-
-
 @pytest.mark.parametrize("kind", ["int8", "uint8", "per-channel", "no-bias", "tied", "scaled"])
 def test_every_fault_matches_onnx_runtime_run_alone(tmp_path: Path, kind: str) -> None:
     kw = {"weight_type": QuantType.QUInt8} if kind == "uint8" else {"per_channel": True} if kind == "per-channel" else {}
@@ -87,7 +35,7 @@ def test_every_fault_matches_onnx_runtime_run_alone(tmp_path: Path, kind: str) -
                      **kw)
     x = np.random.default_rng(0).normal(size=(5, 1, 2, 3)).astype(np.float32)
     result = analyse_model(model, x)
-    want = _brute(model, x)
+    want = brute_dynamic(model, x)
     assert {s.role for s in result.sites} == set(want)
     for site in result.sites:
         sdc, due = want[site.role]
