@@ -126,9 +126,10 @@ def locate_in_graph(graph: gs.Graph, output: str | None = None) -> Located:
         if node.op not in PASS_THROUGH:
             break
         scores = node.inputs[0]
-    if node.op in QUANT_CLASSIFIERS:
-        raise HardenError(f"the classifier is quantised ({node.op} {node.name!r}); quantised classifiers are not "
-                          "supported: rewrite the float model, then quantise")
+    quantised = node if node.op in QUANT_CLASSIFIERS else _rescaled_integer_layer(node)
+    if quantised is not None:
+        raise HardenError(f"the classifier is quantised ({quantised.op} {quantised.name!r}); quantised classifiers "
+                          "are not supported: rewrite the float model, then quantise")
     if node.name.startswith("harden/text_head/"):
         raise HardenError("the model already has a text-guided head (from harden rewrite or convert)")
     handlers = {"Gemm": _gemm, "MatMul": _matmul, "Add": _matmul_add, "Conv": _conv_on_1x1,
@@ -213,6 +214,23 @@ def _matmul(graph: gs.Graph, node: gs.Node) -> Located:
     features, weight = _matmul_parts(graph, node)
     return Located(_info("matmul", features, weight, _bias(None, weight.shape[0], "bias")), features,
                    node.outputs[0], [node], pool=False)
+
+
+def _rescaled_integer_layer(node: gs.Node) -> gs.Node | None:
+    """The MatMulInteger or ConvInteger behind the Cast, the Mul by its scale and the bias Add with which
+    quantize_dynamic ends a layer, if `node` is one of those."""
+    for _ in range(3):
+        if node.op not in ("Add", "Mul", "Cast"):
+            return None
+        moved = [t.inputs[0] for t in node.inputs if isinstance(t, gs.Variable) and t.inputs]
+        cast = next((p for p in moved if p.op == "Cast"), None)
+        node = cast or (moved[0] if len(moved) == 1 else None)
+        if node is None:
+            return None
+        if node.op == "Cast":
+            producer = node.inputs[0].inputs[0] if node.inputs[0].inputs else None
+            return producer if producer is not None and producer.op in ("MatMulInteger", "ConvInteger") else None
+    return None
 
 
 def _matmul_add(graph: gs.Graph, node: gs.Node) -> Located:

@@ -136,3 +136,17 @@ def test_refuses_weights_times_features_and_transposed_features() -> None:
         node.attribute.append(helper.make_attribute("transA", 1))
     with pytest.raises(HardenError, match="transA"):
         locate_classifier(model)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_dynamically_quantised_classifier_is_refused_as_quantised(tmp_path, bias: bool) -> None:  # type: ignore[no-untyped-def]
+    """quantize_dynamic ends the classifier in Cast → Mul (its scale) → Add (its bias): the refusal names the
+    MatMulInteger, where it used to say the Add 'does not add a bias to one MatMul'."""
+    from onnxruntime.quantization import quantize_dynamic
+
+    from tests.fi.tiny_models import linear_mlp
+
+    onnx.save(linear_mlp(0, bias=bias), tmp_path / "f.onnx")
+    quantize_dynamic(str(tmp_path / "f.onnx"), str(tmp_path / "d.onnx"))
+    with pytest.raises(HardenError, match="the classifier is quantised \\(MatMulInteger 'fc2_quant'\\)"):
+        locate_classifier(onnx.load(tmp_path / "d.onnx"))
