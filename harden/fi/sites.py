@@ -16,9 +16,9 @@ import onnx
 
 from harden.errors import HardenError
 from harden.fi.graphinfo import GraphInfo
-from harden.graph.batching import row_coupling
 from harden.fi.quantised import (DYNAMIC_LAYERS, INTEGER_DTYPES, QOPERATOR_BIAS_ADD, QOPERATOR_LAYERS,
                                  requantised_output, rescaled_output)
+from harden.graph.batching import row_coupling
 
 COMPUTE_OPS = ("Conv", "Gemm", "MatMul", "ConvTranspose", *QOPERATOR_LAYERS, *DYNAMIC_LAYERS)
 # The storage types a site may have: float32, and float16 in a graph converted to half precision; in a
@@ -87,9 +87,9 @@ def list_sites(model: onnx.ModelProto | GraphInfo, include_all_tensors: bool = F
     for node in info.nodes:
         if node.op_type == "Constant":
             continue
-        if node.op_type in COMPUTE_OPS:  # in a QDQ graph, the layer's output as stored: requantised
+        if node.op_type in COMPUTE_OPS:  # the layer's output as stored: requantised (QDQ), rescaled (dynamic)
             out = node.output[0]
-            found = rescaled_output if node.op_type in DYNAMIC_LAYERS else requantised_output  # or rescaled
+            found = rescaled_output if node.op_type in DYNAMIC_LAYERS else requantised_output
             tensors = [found(info.nodes, info.consumers, info.constants, out, outputs) or out]
         else:
             tensors = list(node.output) if include_all_tensors else []
