@@ -280,6 +280,7 @@ def _weight(head: DynamicHead, g: _Golden) -> ExactSiteResult:
 
 
 def _float_flips(values: np.ndarray, bit: int) -> np.ndarray:
+    """Every element of float32 `values` with `bit` flipped (bit 31: the sign), in one array."""
     flat = values.astype(np.float32).reshape(-1)
     return flip(flat, np.full(flat.size, bit), "fp32").reshape(values.shape)
 
