@@ -17,9 +17,12 @@ faulty weight to ± max|w|: the graph's clips bound activations only.
 With --qoperator, each graph is first quantised to int8 in QOperator format (as the model zoo ships its
 int8 models; tools/architecture_sweep.py's `quantise`, calibrated on the same images), and certify flips the
 integers it stores. Its scores are compared with the float graph's labels, and the exact analysis is the
-integer one (harden.fi.exact_integer), with no range-clip comparison.
+integer one (harden.fi.exact_integer), with no range-clip comparison. With --dynamic, each graph is
+quantised by quantize_dynamic (int8 weights, activations quantised at run time; harden.fi.exact_dynamic for
+the exact analysis), likewise without the range-clip comparison.
 
-    .venv/bin/python tools/zoo_sweep.py [--injections 4] [--images 6] [--out /tmp/harden-zoo-sweep] [--qoperator]
+    .venv/bin/python tools/zoo_sweep.py [--injections 4] [--images 6] [--out /tmp/harden-zoo-sweep]
+        [--qoperator | --dynamic]
 """
 
 from __future__ import annotations
@@ -123,7 +126,9 @@ def main() -> None:
     parser.add_argument("--injections", type=int, default=4, help="injections per site")
     parser.add_argument("--images", type=int, default=6)
     parser.add_argument("--out", default="/tmp/harden-zoo-sweep")
-    parser.add_argument("--qoperator", action="store_true", help="certify int8 quantisations in QOperator format")
+    precision = parser.add_mutually_exclusive_group()
+    precision.add_argument("--qoperator", action="store_true", help="certify int8 quantisations in QOperator format")
+    precision.add_argument("--dynamic", action="store_true", help="certify dynamic int8 quantisations")
     args = parser.parse_args()
 
     from architecture_sweep import quantise
@@ -148,7 +153,8 @@ def main() -> None:
         scores = np.concatenate([session.run(None, {session.get_inputs()[0].name: x[i:i + 1]})[0]
                                  for i in range(len(x))]).reshape(len(x), -1)
         np.savez(out / f"{name}.npz", x=x, y=scores.argmax(axis=1))
-        certified_path = quantise(out / f"{name}.onnx", x, qoperator=True) if args.qoperator else out / f"{name}.onnx"
+        certified_path = (quantise(out / f"{name}.onnx", x, qoperator=args.qoperator, dynamic=args.dynamic)
+                          if args.qoperator or args.dynamic else out / f"{name}.onnx")
         started = time.perf_counter()
         try:
             report = certify(CertifyConfig(model=str(certified_path), data=f"npz:{out / name}.npz",
@@ -165,7 +171,7 @@ def main() -> None:
             result = analyse_model(onnx.load(str(certified_path)), x)
             exact = (f"exact: {result.head} head, {'/'.join(s.role for s in result.sites)}, "
                      f"{result.total_faults:,} faults ({result.recomputed:,} in float32) in {result.seconds:.0f} s")
-            if not args.qoperator:
+            if not (args.qoperator or args.dynamic):
                 exact += "; " + clip_comparison(model, x, result)
         except HardenError as err:
             exact = f"exact skipped: {err}"

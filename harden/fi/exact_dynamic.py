@@ -1,4 +1,5 @@
-"""The exact final-layer analysis of a dynamically quantised classifier (quantize_dynamic's MatMulInteger).
+"""The exact final-layer analysis of a dynamically quantised classifier (quantize_dynamic's MatMulInteger, or a
+1×1 ConvInteger on a pooled 1×1 map).
 
 The classifier reads float features f[n] (C of them), which a DynamicQuantizeLinear
 quantises at run time from that image's own range: xq = saturate(round(f / sx) + zx).
@@ -58,6 +59,7 @@ class DynamicHead:
 
     model: onnx.ModelProto
     node: str
+    op: str  # MatMulInteger, or a 1×1 ConvInteger on a 1×1 map
     features: str  # f, the DynamicQuantizeLinear's input
     quantised: str  # xq
     scale: str  # sx
@@ -141,13 +143,16 @@ def dynamic_classifier(model: onnx.ModelProto) -> DynamicHead | None:
         return None
     multiplier = next(t for t in node.input if t != cast.output[0])
     mm = producer.get(cast.input[0])
-    if mm is None or mm.op_type != "MatMulInteger" or len(mm.input) < 3 or readers.get(mm.output[0]) != 1:
+    if mm is None or mm.op_type not in ("MatMulInteger", "ConvInteger") or len(mm.input) < 3 or \
+            readers.get(mm.output[0]) != 1:
         return None
     dql = producer.get(mm.input[0])
     if (dql is None or dql.op_type != "DynamicQuantizeLinear" or mm.input[2] != dql.output[2]
-            or mm.input[1] not in values or values[mm.input[1]].ndim != 2):
+            or mm.input[1] not in values):
         return None
-    weight = values[mm.input[1]]
+    weight = _as_matrix(mm, values[mm.input[1]])
+    if weight is None:
+        return None
     zw = values.get(mm.input[3]) if len(mm.input) > 3 and mm.input[3] else np.zeros((), weight.dtype)
     scaled = producer.get(multiplier)
     if zw is None or scaled is None or scaled.op_type != "Mul" or dql.output[1] not in scaled.input or \
@@ -159,10 +164,23 @@ def dynamic_classifier(model: onnx.ModelProto) -> DynamicHead | None:
     output, bias_name, bias = node.output[0], "", None
     if tail and tail[0][0] == "Add" and tail[0][2].size == classes:  # the layer's own bias (harden.fi.sites)
         _, bias_name, bias, output = tail.pop(0)
-    return DynamicHead(g, mm.name, dql.input[0], dql.output[0], dql.output[1], dql.output[2], multiplier,
+    return DynamicHead(g, mm.name, mm.op_type, dql.input[0], dql.output[0], dql.output[1], dql.output[2], multiplier,
                        mm.output[0], output, scores, mm.input[1], weight,
                        zw.reshape(-1) if zw.size > 1 else zw.reshape(()), bias_name, bias,
                        tuple((op, c) for op, _, c, _ in tail))
+
+
+def _as_matrix(layer: onnx.NodeProto, stored: np.ndarray) -> np.ndarray | None:
+    """The stored weight as the C × K matrix the layer applies: a MatMulInteger's B, or a 1×1 ConvInteger's
+    K × C × 1 × 1 kernel transposed (a classifier on a pooled 1×1 map, as DenseNet's); None for any other."""
+    if layer.op_type == "MatMulInteger":
+        return stored if stored.ndim == 2 else None
+    attrs = {a.name: helper.get_attribute_value(a) for a in layer.attribute}
+    plain = (attrs.get("group", 1) == 1 and not any(attrs.get("pads", [])) and
+             all(v == 1 for key in ("strides", "dilations") for v in attrs.get(key, [])))
+    if stored.ndim != 4 or stored.shape[2:] != (1, 1) or not plain:
+        return None
+    return stored.reshape(stored.shape[:2]).T
 
 
 @dataclass
@@ -178,6 +196,7 @@ class _Golden:
     output: np.ndarray  # N × K float32, the layer's output
     scores: np.ndarray  # N × K float32
     top1: np.ndarray
+    feature_shape: tuple[int, ...] = ()  # one image's features as the graph holds them (1 × C, or 1 × C × 1 × 1)
 
 
 def analyse_dynamic_head(head: DynamicHead, inputs: np.ndarray,
@@ -188,7 +207,7 @@ def analyse_dynamic_head(head: DynamicHead, inputs: np.ndarray,
     g = _golden(head, inputs, providers)
     sites = [_weight(head, g), *([_bias(head, g)] if head.bias is not None else []),
              _input(head, g, inputs, providers), _output(head, g)]
-    return ExactResult(head="dynamic integer linear (DynamicQuantizeLinear + MatMulInteger)", policy="none",
+    return ExactResult(head=f"dynamic integer linear (DynamicQuantizeLinear + {head.op})", policy="none",
                        fmt="stored (int8 weight, float32 values)", images=len(inputs), sites=sites,
                        seconds=time.perf_counter() - started)
 
@@ -202,7 +221,7 @@ def _golden(head: DynamicHead, inputs: np.ndarray, providers: Sequence[str]) -> 
     runs = [session.run(names, {feed: inputs[i:i + 1]}) for i in range(len(inputs))]  # one image per run
     s, f, xq, sx, zx, m, acc, y = ([np.asarray(r[j]) for r in runs] for j in range(len(names)))
     n, k = len(inputs), head.classes
-    if any(v.size != head.weight.shape[0] for v in f) or any(v.size != k for v in s):
+    if any(v.size != head.weight.shape[0] for v in f) or any(v.size != k for v in [*s, *acc]):
         raise HardenError("exact analysis: the dynamically quantised classifier's features or scores do not "
                           "have one row per image")
     g = _Golden(np.stack(f).reshape(n, -1).astype(np.float32), np.stack(xq).reshape(n, -1).astype(np.int64),
@@ -210,6 +229,7 @@ def _golden(head: DynamicHead, inputs: np.ndarray, providers: Sequence[str]) -> 
                 np.stack([np.broadcast_to(v.reshape(-1), (k,)) for v in m]).astype(np.float32),
                 np.stack(acc).reshape(n, k).astype(np.int64), np.stack(y).reshape(n, k).astype(np.float32),
                 np.stack(s).reshape(n, k).astype(np.float32), np.zeros(0, np.int64))
+    g.feature_shape = tuple(f[0].shape)
     if nonfinite_rows(g.scores).any():
         raise HardenError("exact analysis: the fault-free scores hold NaN or Inf for some images")
     if head.weight.shape[0] * 255 * 255 * 2 >= 2**31:
@@ -350,7 +370,7 @@ def _input(head: DynamicHead, g: _Golden, inputs: np.ndarray, providers: Sequenc
         for b, r, col in zip(*(a.tolist() for a in np.nonzero(~kept))):
             x = g.f[r:r + 1].copy()
             x[0, col] = faulty[b, r, col]
-            scores = tail.run(None, {head.features: x})[0].reshape(1, -1)
+            scores = tail.run(None, {head.features: x.reshape(g.feature_shape)})[0].reshape(1, -1)
             faults[b] += 1
             sdc[b] += int(top1_class(scores)[0] != g.top1[r])
             due[b] += int(nonfinite_rows(scores)[0])

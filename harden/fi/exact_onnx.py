@@ -93,7 +93,8 @@ def analyse_model(model: onnx.ModelProto, inputs: np.ndarray, policy: str = "non
             raise HardenError(f"exact analysis: policy {policy!r} clamps float values, and ONNX Runtime runs this "
                               "QDQ graph's classifier on integers")
         return analyse_qdq_head(model, fused, inputs, batch, providers, threads)
-    dynamic = dynamic_classifier(model) if any(n.op_type == "MatMulInteger" for n in model.graph.node) else None
+    dynamic_ops = {"MatMulInteger", "ConvInteger"}
+    dynamic = dynamic_classifier(model) if any(n.op_type in dynamic_ops for n in model.graph.node) else None
     if dynamic is not None:
         if policy != "none":
             raise HardenError(f"exact analysis: policy {policy!r} clamps float values, and this model's classifier "

@@ -158,7 +158,9 @@ def brute_dynamic(model: onnx.ModelProto, x: np.ndarray) -> dict[str, tuple[np.n
                     due[bit] += int(d[0])
         result[role] = (sdc, due)
 
-    for role, name, stored in [("weight", head.weight_name, head.weight), ("bias", head.bias_name, head.bias)]:
+    initial = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    for role, name, stored in [("weight", head.weight_name, initial[head.weight_name]),
+                               ("bias", head.bias_name, initial.get(head.bias_name))]:
         if stored is not None:
             session = cut(head.features, name)
             count(role, 8 * stored.dtype.itemsize, stored.size,

@@ -11,13 +11,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from onnx import helper, numpy_helper
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from harden.errors import HardenError
 from harden.fi.exact_dynamic import dynamic_classifier
 from harden.fi.exact_onnx import analyse_model
 from tests.fi.exact_brute import brute_dynamic
-from tests.fi.tiny_models import linear_mlp
+from tests.fi.tiny_models import classifier, linear_mlp
 
 C, K = 5, 4  # linear_mlp's classifier: features × classes
 
@@ -46,6 +47,31 @@ def test_every_fault_matches_onnx_runtime_run_alone(tmp_path: Path, kind: str) -
     # both input paths ran: kept scales (a sign flip of a positive feature always requantises the row)
     assert 0 < inputs.recomputed < inputs.total_faults and inputs.total_sdc > 0
     assert result.site(dynamic_classifier(model).output).total_due > 0  # an exponent flip to Inf or NaN
+
+
+def _pooled_conv(seed: int) -> onnx.ModelProto:
+    """x (N×2×4×4) → Conv 3×3 → Relu → GlobalAveragePool → 1×1 Conv classifier with bias → scores N×4×1×1, as
+    the model zoo's DenseNet-121 ends."""
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(rng.normal(size=(C, 2, 3, 3)).astype(np.float32), "w0"),
+             numpy_helper.from_array(rng.normal(size=(K, C, 1, 1)).astype(np.float32), "wc"),
+             numpy_helper.from_array(rng.normal(size=K).astype(np.float32) * 0.1, "bc")]
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["h"], name="conv0", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("GlobalAveragePool", ["r"], ["feat"], name="pool"),
+             helper.make_node("Conv", ["feat", "wc", "bc"], ["logits"], name="fc")]
+    return classifier(nodes, inits, "pooled_conv", (2, 4, 4), K, spatial=(1, 1))
+
+
+def test_a_1x1_conv_integer_classifier_on_a_pooled_map_matches_onnx_runtime(tmp_path: Path) -> None:
+    model = _dynamic(_pooled_conv(4), tmp_path, op_types_to_quantize=["Conv"], per_channel=True)
+    x = np.random.default_rng(1).normal(size=(5, 2, 4, 4)).astype(np.float32)
+    result = analyse_model(model, x)
+    assert result.head == "dynamic integer linear (DynamicQuantizeLinear + ConvInteger)"
+    want = brute_dynamic(model, x)
+    assert {s.role for s in result.sites} == set(want) == {"weight", "bias", "input", "output"}
+    for site in result.sites:
+        assert (site.sdc, site.due) == (want[site.role][0].tolist(), want[site.role][1].tolist()), site.role
 
 
 def test_a_softmax_after_it_or_a_clamp_is_refused(tmp_path: Path) -> None:
