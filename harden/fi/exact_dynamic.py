@@ -30,7 +30,7 @@ counted, and the analysis is refused where a single score differs.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,10 +40,11 @@ from onnx import TensorProto, helper, numpy_helper
 from harden.errors import HardenError
 from harden.fi.bitflip import flip
 from harden.fi.exact import ExactResult, ExactSiteResult
+from harden.fi.exact_site import SOFTMAX_TIE
 from harden.fi.graphinfo import bypass_constant_views, named_copy
 from harden.fi.graphinfo import GraphInfo
 from harden.fi.integer_head import SHAPE_ONLY, constant_producers, flip_all
-from harden.fi.outcome import nonfinite_rows, top1_class
+from harden.fi.outcome import fault_outcome, nonfinite_rows, top1_class
 from harden.fi.suffix import extract
 from harden.graph.ort import expose, make_session
 
@@ -51,6 +52,10 @@ from harden.graph.ort import expose, make_session
 RERUN_BUDGET = 2e10
 # Rows of scores evaluated at once.
 CHUNK = 1 << 21
+# What may follow the scores, over the classes.
+ROWWISE = ("Softmax", "LogSoftmax")
+# Scores this large could overflow a (Log)Softmax's max subtraction: such rows go to ONNX Runtime.
+LARGE = 1e37
 
 
 @dataclass
@@ -76,6 +81,8 @@ class DynamicHead:
     # elementwise ops after the layer, each with a constant: Add, or Mul by positive values (the text head's
     # exp(s)); both keep every score monotone in its accumulator
     tail: tuple[tuple[str, np.ndarray], ...] = ()
+    # the nodes from `scores` to the model's output: a (Log)Softmax over the classes and shape-only ops, or none
+    post: tuple[onnx.NodeProto, ...] = ()
 
     @property
     def classes(self) -> int:
@@ -118,9 +125,16 @@ def dynamic_classifier(model: onnx.ModelProto) -> DynamicHead | None:
             readers[t] = readers.get(t, 0) + 1
     scores = g.graph.output[0].name
     node = producer.get(scores)
-    while node is not None and node.op_type in SHAPE_ONLY and readers.get(node.input[0]) == 1:
+    post: list[onnx.NodeProto] = []
+    while node is not None and readers.get(node.input[0]) == 1 and (
+            node.op_type in SHAPE_ONLY or (node.op_type in ROWWISE and not any(n.op_type in ROWWISE for n in post))):
+        post.insert(0, node)
         scores = node.input[0]  # the classifier's own output: the one the injector's site names
         node = producer.get(scores)
+    if any(n.op_type in ROWWISE and _axis(n) not in (1, -1) for n in post):
+        return None
+    if not any(n.op_type in ROWWISE for n in post):
+        post = []  # shape-only ops alone change no score
     tail: list[tuple[str, str, np.ndarray, str]] = []  # (op, constant, its value, output), walking back
     while node is not None and node.op_type in ("Add", "Mul") and not any(
             t in producer and producer[t].op_type == "Cast" for t in node.input):
@@ -167,7 +181,13 @@ def dynamic_classifier(model: onnx.ModelProto) -> DynamicHead | None:
     return DynamicHead(g, mm.name, mm.op_type, dql.input[0], dql.output[0], dql.output[1], dql.output[2], multiplier,
                        mm.output[0], output, scores, mm.input[1], weight,
                        zw.reshape(-1) if zw.size > 1 else zw.reshape(()), bias_name, bias,
-                       tuple((op, c) for op, _, c, _ in tail))
+                       tuple((op, c) for op, _, c, _ in tail), tuple(post))
+
+
+def _axis(node: onnx.NodeProto) -> int:
+    """A (Log)Softmax's axis (1 by default before opset 13, and over a 2-D or N × K × 1 × 1 input either
+    default is the class axis)."""
+    return int(next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 1))
 
 
 def _as_matrix(layer: onnx.NodeProto, stored: np.ndarray) -> np.ndarray | None:
@@ -197,6 +217,46 @@ class _Golden:
     scores: np.ndarray  # N × K float32
     top1: np.ndarray
     feature_shape: tuple[int, ...] = ()  # one image's features as the graph holds them (1 × C, or 1 × C × 1 × 1)
+    score_shape: tuple[int, ...] = ()  # and its scores
+    ties: int = 0  # images left out: their top two scores are within a Softmax's tie band
+
+    def keep(self, rows: np.ndarray) -> None:
+        """Only these images from now on."""
+        for name in ("f", "xq", "zx", "sx", "m", "acc", "output", "scores", "top1"):
+            setattr(self, name, getattr(self, name)[rows])
+
+
+class _Post:
+    """Decides faulty score rows as the model does after them: argmax, or with a (Log)Softmax after the
+    scores (`head.post`), argmax where the top two scores are more than SOFTMAX_TIE apart, and ONNX Runtime's
+    own nodes on the other rows (and on rows that are not finite, or large enough to overflow)."""
+
+    def __init__(self, head: DynamicHead, g: _Golden, providers: Sequence[str]) -> None:
+        self.session = None
+        if head.post:
+            score = helper.make_tensor_value_info(head.scores, TensorProto.FLOAT, ["N", *g.score_shape[1:]])
+            out = helper.make_tensor_value_info(head.post[-1].output[0], TensorProto.FLOAT, None)
+            graph = helper.make_graph(list(head.post), "post", [score], [out],
+                                      [t for t in head.model.graph.initializer
+                                       if any(t.name in n.input for n in head.post)])
+            model = helper.make_model(graph, opset_imports=list(head.model.opset_import))
+            model.ir_version = head.model.ir_version
+            self.session = make_session(model, providers=providers, opt_level="disable", threads=1, spinning=False)
+        self.score_shape = g.score_shape
+
+    def outcome(self, scores: np.ndarray, top1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(SDC, non-finite) of full faulty score rows (R × K) against each row's golden top-1."""
+        if self.session is None:
+            return fault_outcome(scores, top1)
+        top2 = np.sort(np.where(np.isnan(scores), -np.inf, scores), axis=1)[:, -2:]
+        with np.errstate(invalid="ignore"):
+            clear = (np.abs(scores) < LARGE).all(axis=1) & (top2[:, 1] - top2[:, 0] > SOFTMAX_TIE)
+        sdc, due = top1_class(scores) != top1, np.zeros(len(scores), bool)
+        if not clear.all():
+            out = self.session.run(None, {self.session.get_inputs()[0].name: scores[~clear].reshape(
+                -1, *self.score_shape[1:])})[0].reshape(int((~clear).sum()), -1)
+            sdc[~clear], due[~clear] = fault_outcome(out, top1[~clear])
+        return sdc, due
 
 
 def analyse_dynamic_head(head: DynamicHead, inputs: np.ndarray,
@@ -205,21 +265,23 @@ def analyse_dynamic_head(head: DynamicHead, inputs: np.ndarray,
     over the model-ready `inputs`."""
     started = time.perf_counter()
     g = _golden(head, inputs, providers)
-    sites = [_weight(head, g), *([_bias(head, g)] if head.bias is not None else []),
-             _input(head, g, inputs, providers), _output(head, g)]
-    return ExactResult(head=f"dynamic integer linear (DynamicQuantizeLinear + {head.op})", policy="none",
-                       fmt="stored (int8 weight, float32 values)", images=len(inputs), sites=sites,
-                       seconds=time.perf_counter() - started)
+    post = _Post(head, g, providers)
+    sites = [_weight(head, g, post), *([_bias(head, g, post)] if head.bias is not None else []),
+             _input(head, g, post, inputs, providers), _output(head, g, post)]
+    kind = " + ".join(["DynamicQuantizeLinear", head.op, *(n.op_type for n in head.post if n.op_type in ROWWISE)])
+    return ExactResult(head=f"dynamic integer linear ({kind})", policy="none",
+                       fmt="stored (int8 weight, float32 values)", images=len(g.acc), sites=sites,
+                       seconds=time.perf_counter() - started, rounding_ties=g.ties)
 
 
 def _golden(head: DynamicHead, inputs: np.ndarray, providers: Sequence[str]) -> _Golden:
     names = [head.scores, head.features, head.quantised, head.scale, head.zero, head.multiplier, head.accumulator,
-             head.output]
+             head.output, head.post[-1].output[0] if head.post else head.scores]
     session = make_session(expose(head.model, names), providers=providers, opt_level="disable", threads=1,
                            spinning=False)
     feed = head.model.graph.input[0].name
     runs = [session.run(names, {feed: inputs[i:i + 1]}) for i in range(len(inputs))]  # one image per run
-    s, f, xq, sx, zx, m, acc, y = ([np.asarray(r[j]) for r in runs] for j in range(len(names)))
+    s, f, xq, sx, zx, m, acc, y, final = ([np.asarray(r[j]) for r in runs] for j in range(len(names)))
     n, k = len(inputs), head.classes
     if any(v.size != head.weight.shape[0] for v in f) or any(v.size != k for v in [*s, *acc]):
         raise HardenError("exact analysis: the dynamically quantised classifier's features or scores do not "
@@ -229,7 +291,7 @@ def _golden(head: DynamicHead, inputs: np.ndarray, providers: Sequence[str]) -> 
                 np.stack([np.broadcast_to(v.reshape(-1), (k,)) for v in m]).astype(np.float32),
                 np.stack(acc).reshape(n, k).astype(np.int64), np.stack(y).reshape(n, k).astype(np.float32),
                 np.stack(s).reshape(n, k).astype(np.float32), np.zeros(0, np.int64))
-    g.feature_shape = tuple(f[0].shape)
+    g.feature_shape, g.score_shape = tuple(f[0].shape), tuple(s[0].shape)
     if nonfinite_rows(g.scores).any():
         raise HardenError("exact analysis: the fault-free scores hold NaN or Inf for some images")
     if head.weight.shape[0] * 255 * 255 * 2 >= 2**31:
@@ -240,7 +302,16 @@ def _golden(head: DynamicHead, inputs: np.ndarray, providers: Sequence[str]) -> 
             head.after(g.output).view(np.uint32), g.scores.view(np.uint32)):
         raise HardenError("exact analysis: numpy does not reproduce ONNX Runtime's dynamically quantised "
                           "classifier bit for bit on these images")
-    g.top1 = top1_class(g.scores)
+    g.top1 = top1_class(np.stack(final).reshape(n, -1))
+    if head.post:  # an image whose top two scores are within the Softmax's tie band is left out
+        top2 = np.sort(g.scores, axis=1)[:, -2:]
+        tied = (top2[:, 1] - top2[:, 0] <= SOFTMAX_TIE) | (top1_class(g.scores) != g.top1) | \
+            (np.abs(g.scores) >= LARGE).any(axis=1)
+        if tied.all():
+            raise HardenError("exact analysis: on every image the top two scores are within the Softmax's tie "
+                              "band; nothing can be judged exactly")
+        g.ties = int(tied.sum())
+        g.keep(np.flatnonzero(~tied))
     return g
 
 
@@ -261,37 +332,84 @@ def _one_class_sdc(g: _Golden, rows: np.ndarray, ks: np.ndarray, values: np.ndar
     return np.where(ks == t, ~keeps, wins)
 
 
-def _bounds(head: DynamicHead, g: _Golden) -> np.ndarray:
-    """For each image and class, the accumulator bound that keeps the top-1: for the top-1 class the smallest
-    value that keeps first place, for the others the largest that does not take it (N × K)."""
+def _clear(g: _Golden, rows: np.ndarray, ks: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(surely an SDC, surely not) for faults that each set class ks[i]'s score of image rows[i] to values[i],
+    where a (Log)Softmax follows: the score passes the top-1's (for the top-1 class, the best rival's) by more
+    than SOFTMAX_TIE, one way or the other, and stays below LARGE. Every other fault goes to ONNX Runtime."""
+    rival, _ = _rivals(g)
+    t = g.top1[rows]
+    other = np.where(ks == t, rival[rows], g.scores[rows, t])
+    with np.errstate(invalid="ignore"):
+        small = np.abs(values) < LARGE
+        above = small & (values - SOFTMAX_TIE > other)
+        below = small & (values + SOFTMAX_TIE < other)
+    return np.where(ks == t, below, above), np.where(ks == t, above, below)
+
+
+def _one_class_outcome(g: _Golden, post: _Post, rows: np.ndarray, ks: np.ndarray,
+                       values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(SDC, non-finite) of faults that each set class ks[i]'s score of image rows[i] to values[i]."""
+    if post.session is None:
+        return _one_class_sdc(g, rows, ks, values), ~np.isfinite(values)
+    sure_sdc, sure_keep = _clear(g, rows, ks, values)
+    unclear = ~(sure_sdc | sure_keep)
+    sdc, due = sure_sdc.copy(), np.zeros(len(rows), bool)
+    if unclear.any():
+        full = g.scores[rows[unclear]].copy()
+        full[np.arange(len(full)), ks[unclear]] = values[unclear]
+        sdc[unclear], due[unclear] = post.outcome(full, g.top1[rows[unclear]])
+    return sdc, due
+
+
+def _bounds(head: DynamicHead, g: _Golden, changes: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+            ) -> np.ndarray:
+    """For each image and class, how far its accumulator can move before `changes` (rows, classes, scores →
+    bool, monotone in the score) turns true: for the top-1 class the smallest value where it is still false,
+    for the others the largest (N × K)."""
     n, k = g.acc.shape
     rows = np.broadcast_to(np.arange(n)[:, None], (n, k))
     ks = np.broadcast_to(np.arange(k)[None, :], (n, k))
     top = ks == g.top1[:, None]
-    # invariant: `good` keeps the top-1, `bad` does not (or lies past int32's range)
+    # invariant: at `good` it is false, at `bad` true (or `bad` lies past int32's range)
     good, bad = g.acc.copy(), np.where(top, -2**31 - 1, 2**31)
+    if not (np.abs(head.logits(bad, g.m)) < LARGE).all():
+        raise HardenError("exact analysis: the classifier's scale lets a faulty accumulator reach scores that "
+                          "could overflow")
     while True:
         gap = np.abs(bad - good) > 1
         if not gap.any():
             return good
         mid = (good + bad) // 2
-        sdc = _one_class_sdc(g, rows.reshape(-1), ks.reshape(-1), head.logits(mid, g.m).reshape(-1)).reshape(n, k)
-        bad = np.where(gap & sdc, mid, bad)
-        good = np.where(gap & ~sdc, mid, good)
+        hit = changes(rows.reshape(-1), ks.reshape(-1), head.logits(mid, g.m).reshape(-1)).reshape(n, k)
+        bad = np.where(gap & hit, mid, bad)
+        good = np.where(gap & ~hit, mid, good)
 
 
-def _weight(head: DynamicHead, g: _Golden) -> ExactSiteResult:
-    """W[c, k] flipped: class k's accumulator moves by δ·(xq[n, c] − zx[n]); one comparison with its bound."""
+def _weight(head: DynamicHead, g: _Golden, post: _Post) -> ExactSiteResult:
+    """W[c, k] flipped: class k's accumulator moves by δ·(xq[n, c] − zx[n]); a comparison with its bound, or
+    with a Softmax after the scores two bounds, between which ONNX Runtime decides."""
     n = len(g.acc)
     site = ExactSiteResult.for_stored(head.weight_name, "weight", head.node, head.weight, n)
-    bound = _bounds(head, g)
-    x = g.xq - g.zx[:, None]  # N × C
     top = np.arange(head.classes)[None, :] == g.top1[:, None]  # N × K
+    if post.session is None:
+        sdc_edge = keep_edge = _bounds(head, g, lambda r, k, v: _one_class_sdc(g, r, k, v))
+    else:
+        sdc_edge = _bounds(head, g, lambda r, k, v: _clear(g, r, k, v)[0])
+        keep_edge = _bounds(head, g, lambda r, k, v: ~_clear(g, r, k, v)[1])
+    x = g.xq - g.zx[:, None]  # N × C
     for bit in range(len(site.faults)):
         delta = flip_all(head.weight, bit) - head.weight.astype(np.int64)  # C × K
         for c in range(head.weight.shape[0]):
             moved = g.acc + x[:, c:c + 1] * delta[c][None, :]
-            sdc = np.where(top, moved < bound, moved > bound)
+            sdc = np.where(top, moved < sdc_edge, moved > sdc_edge)
+            unclear = ~sdc & np.where(top, moved < keep_edge, moved > keep_edge)
+            if unclear.any():
+                r, k = np.nonzero(unclear)
+                acc = g.acc[r].copy()
+                acc[np.arange(len(r)), k] = moved[r, k]
+                values = head.logits(acc, g.m[r])[np.arange(len(r)), k]
+                sdc[r, k], due = _one_class_outcome(g, post, r, k, values)
+                site.due[bit] += int(due.sum())
             site.faults[bit] += int(sdc.size)
             site.sdc[bit] += int(sdc.sum())
             site.hit_faults[bit] += int(top.sum())  # type: ignore[index]
@@ -305,38 +423,39 @@ def _float_flips(values: np.ndarray, bit: int) -> np.ndarray:
     return flip(flat, np.full(flat.size, bit), "fp32").reshape(values.shape)
 
 
-def _one_class_site(g: _Golden, site: ExactSiteResult, faulty: list[np.ndarray]) -> ExactSiteResult:
+def _one_class_site(g: _Golden, post: _Post, site: ExactSiteResult, faulty: list[np.ndarray]) -> ExactSiteResult:
     """Count faults that each set one class's score: faulty[bit] is N × K, the new score of that class."""
     n, k = g.scores.shape
     rows = np.broadcast_to(np.arange(n)[:, None], (n, k)).reshape(-1)
     ks = np.broadcast_to(np.arange(k)[None, :], (n, k)).reshape(-1)
     hit = ks == g.top1[rows]
     for bit, values in enumerate(faulty):
-        sdc = _one_class_sdc(g, rows, ks, values.reshape(-1))
+        sdc, due = _one_class_outcome(g, post, rows, ks, values.reshape(-1))
         site.faults[bit] += int(sdc.size)
         site.sdc[bit] += int(sdc.sum())
-        site.due[bit] += int((~np.isfinite(values)).sum())
+        site.due[bit] += int(due.sum())
         site.hit_faults[bit] += int(hit.sum())  # type: ignore[index]
         site.hit_sdc[bit] += int((sdc & hit).sum())  # type: ignore[index]
     return site
 
 
-def _bias(head: DynamicHead, g: _Golden) -> ExactSiteResult:
+def _bias(head: DynamicHead, g: _Golden, post: _Post) -> ExactSiteResult:
     """b[k] flipped: class k's layer output is fl(y[n, k] + b'[k]) with y the rescaled accumulator, then the
     tail's ops."""
     assert head.bias is not None
     site = ExactSiteResult.for_stored(head.bias_name, "bias", head.node, head.bias, len(g.acc))
     faulty = [head.after(head.layer_output(g.acc, g.m, _float_flips(head.bias, bit))) for bit in range(32)]
-    return _one_class_site(g, site, faulty)
+    return _one_class_site(g, post, site, faulty)
 
 
-def _output(head: DynamicHead, g: _Golden) -> ExactSiteResult:
+def _output(head: DynamicHead, g: _Golden, post: _Post) -> ExactSiteResult:
     """The layer's output y[n, k] flipped: that score alone, through the tail's ops."""
     site = ExactSiteResult.for_stored(head.output, "output", head.node, g.output[0], len(g.acc))
-    return _one_class_site(g, site, [head.after(_float_flips(g.output, bit)) for bit in range(32)])
+    return _one_class_site(g, post, site, [head.after(_float_flips(g.output, bit)) for bit in range(32)])
 
 
-def _input(head: DynamicHead, g: _Golden, inputs: np.ndarray, providers: Sequence[str]) -> ExactSiteResult:
+def _input(head: DynamicHead, g: _Golden, post: _Post, inputs: np.ndarray,
+           providers: Sequence[str]) -> ExactSiteResult:
     """f[n, c] flipped: the row's quantisation kept (one quantised value moves every class's accumulator), or
     the row requantised whole and rerun through ONNX Runtime."""
     n, c = g.f.shape
@@ -364,16 +483,19 @@ def _input(head: DynamicHead, g: _Golden, inputs: np.ndarray, providers: Sequenc
         for start in range(0, len(moved), step):
             sel = moved[start:start + step]
             acc = g.acc[i][None, :] + dq[sel, None] * centred[cols[sel]]
-            np.add.at(sdc, bits[sel], top1_class(head.logits(acc, g.m[i][None, :])) != g.top1[i])
+            hit, bad = post.outcome(head.logits(acc, g.m[i][None, :]), np.full(len(sel), g.top1[i]))
+            np.add.at(sdc, bits[sel], hit)
+            np.add.at(due, bits[sel], bad)
     if reruns:
         tail = _tail_session(head, inputs, providers)
         for b, r, col in zip(*(a.tolist() for a in np.nonzero(~kept))):
             x = g.f[r:r + 1].copy()
             x[0, col] = faulty[b, r, col]
-            scores = tail.run(None, {head.features: x.reshape(g.feature_shape)})[0].reshape(1, -1)
+            out = tail.run(None, {head.features: x.reshape(g.feature_shape)})[0].reshape(1, -1)
             faults[b] += 1
-            sdc[b] += int(top1_class(scores)[0] != g.top1[r])
-            due[b] += int(nonfinite_rows(scores)[0])
+            hit, bad = fault_outcome(out, g.top1[r:r + 1])
+            sdc[b] += int(hit[0])
+            due[b] += int(bad[0])
     site.faults, site.sdc, site.due = faults.tolist(), sdc.tolist(), due.tolist()
     site.recomputed = reruns
     return site
@@ -417,5 +539,6 @@ def _quantiser(providers: Sequence[str]):  # type: ignore[no-untyped-def]
 def _tail_session(head: DynamicHead, inputs: np.ndarray, providers: Sequence[str]):  # type: ignore[no-untyped-def]
     """The classifier from its float features to the scores, run one row at a time."""
     info = GraphInfo(head.model, example=inputs[:1], providers=providers)
-    return make_session(extract(info, [head.features], [head.scores]), providers=providers, opt_level="disable",
+    final = head.post[-1].output[0] if head.post else head.scores
+    return make_session(extract(info, [head.features], [final]), providers=providers, opt_level="disable",
                         threads=1, spinning=False)

@@ -342,17 +342,18 @@ def text_head_mlp(seed: int = 0, classes: int = 5, embed: int = 6) -> onnx.Model
     return classifier(nodes, inits, "text_head_mlp", (1, 4, 4), classes)
 
 
-def linear_mlp(seed: int, bias: bool = True, softmax: bool = False, tied: bool = False,
-               scale: bool = False) -> onnx.ModelProto:
-    """x (N×1×2×3) → Flatten → MatMul + Add → Relu → MatMul [+ Add] [× 2.5] → scores (N×4) → Identity [Softmax],
+def linear_mlp(seed: int, bias: bool = True, softmax: str = "", tied: bool = False,
+               scale: bool = False, gap: float = 0.0) -> onnx.ModelProto:
+    """x (N×1×2×3) → Flatten → MatMul + Add → Relu → MatMul [+ Add] [× 2.5] → scores (N×4) → Identity or the
+    op `softmax` names (Softmax, LogSoftmax),
     as quantize_dynamic quantises it: both MatMuls become MatMulInteger. `tied`: class 1 a copy of class 0, so
-    that their scores are equal and argmax's first-index rule decides every fault near them. `scale`: a Mul by a
-    constant after the layer, as the text head's exp(s)."""
+    that their scores are equal and argmax's first-index rule decides every fault near them (`gap`: class 1's
+    bias that much higher). `scale`: a Mul by a constant after the layer, as the text head's exp(s)."""
     C, K = 5, 4
     rng = np.random.default_rng(seed)
     w2, b2 = rng.normal(size=(C, K)).astype(np.float32), rng.normal(size=K).astype(np.float32) * 0.1
     if tied:
-        w2[:, 1], b2[1] = w2[:, 0], b2[0]
+        w2[:, 1], b2[1] = w2[:, 0], b2[0] + np.float32(gap)
         w2[:, 2:] -= 3  # classes 0 and 1 always lead
     inits = [numpy_helper.from_array(rng.normal(size=(6, C)).astype(np.float32), "w1"),
              numpy_helper.from_array(rng.normal(size=C).astype(np.float32), "b1"),
@@ -368,6 +369,6 @@ def linear_mlp(seed: int, bias: bool = True, softmax: bool = False, tied: bool =
                  helper.make_node("Identity", ["layer"], ["scores"], name="layer_out"))
     if scale:
         inits.append(numpy_helper.from_array(np.array(2.5, np.float32), "s"))
-    nodes.append(helper.make_node("Softmax", ["scores"], ["logits"], name="softmax", axis=1) if softmax else
+    nodes.append(helper.make_node(softmax, ["scores"], ["logits"], name="softmax", axis=1) if softmax else
                  helper.make_node("Identity", ["scores"], ["logits"], name="out"))
     return classifier(nodes, inits, "linear_mlp", (1, 2, 3), K)
