@@ -6,10 +6,11 @@ weight, the bias, the input features and the layer output, each image run alone
 through ONNX Runtime from the classifier's features) on a model you bring, over
 its first N images of a dataset, and compares the SDC and non-finite counts of
 every bit with `harden.fi.exact_onnx.analyse_model`'s. It prints both times and
-exits 1 on any difference.
+exits 1 on any difference. `--append` adds a Softmax or LogSoftmax after the
+model's scores first (as the model zoo's graphs end), to check that path too.
 
     .venv/bin/python tools/check_exact_dynamic.py MODEL.onnx [--data fashion-mnist:test] [--images 20]
-        [--preprocess identity]
+        [--preprocess identity] [--append Softmax|LogSoftmax]
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import argparse
 import sys
 import time
 from pathlib import Path
+
+import onnx
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,6 +31,7 @@ def main() -> int:
     parser.add_argument("--data", default="fashion-mnist:test")
     parser.add_argument("--images", type=int, default=20)
     parser.add_argument("--preprocess", default=None)
+    parser.add_argument("--append", choices=("Softmax", "LogSoftmax"), help="a row-wise op after the scores")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     from harden.fi.exact_onnx import analyse_model
@@ -36,6 +40,11 @@ def main() -> int:
     from tests.fi.exact_brute import brute_dynamic
 
     model = load_model(args.model)
+    if args.append:
+        scores = model.graph.output[0]
+        node = onnx.helper.make_node(args.append, [scores.name], [f"{scores.name}/{args.append}"], axis=1)
+        model.graph.node.append(node)
+        scores.name = node.output[0]
     prep = parse_preprocess(args.preprocess) if args.preprocess else None
     x, _ = load_inputs(model, args.data, args.images, preprocess=prep)
     started = time.perf_counter()
