@@ -48,8 +48,9 @@ from harden.fi.outcome import fault_outcome, nonfinite_rows, top1_class
 from harden.fi.suffix import extract
 from harden.graph.ort import expose, make_session
 
-# The most multiply-adds the input site's whole-row reruns may cost before the analysis is refused.
-RERUN_BUDGET = 2e10
+# The most multiply-adds the input site's whole-row reruns may cost before the analysis is refused (as the integer
+# projection's rows, harden.fi.integer_projection.ROW_BUDGET: about a minute of ONNX Runtime's int8 kernels here).
+RERUN_BUDGET = 2e11
 # Rows of scores evaluated at once.
 CHUNK = 1 << 21
 # What may follow the scores, over the classes.
