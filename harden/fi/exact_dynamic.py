@@ -30,20 +30,19 @@ counted, and the analysis is refused where a single score differs.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import numpy as np
-import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from harden.errors import HardenError
 from harden.fi.bitflip import flip
+from harden.fi.dynamic_head import ROWWISE, DynamicHead
+from harden.fi.dynamic_judges import LARGE, Golden, Post, bounds, clear, one_class_outcome, one_class_sdc
 from harden.fi.exact import ExactResult, ExactSiteResult
 from harden.fi.exact_site import SOFTMAX_TIE
-from harden.fi.graphinfo import bypass_constant_views, named_copy
 from harden.fi.graphinfo import GraphInfo
-from harden.fi.integer_head import SHAPE_ONLY, constant_producers, flip_all
+from harden.fi.integer_head import flip_all
 from harden.fi.outcome import fault_outcome, nonfinite_rows, top1_class
 from harden.fi.suffix import extract
 from harden.graph.ort import expose, make_session
@@ -53,211 +52,6 @@ from harden.graph.ort import expose, make_session
 RERUN_BUDGET = 2e11
 # Rows of scores evaluated at once.
 CHUNK = 1 << 21
-# What may follow the scores, over the classes.
-ROWWISE = ("Softmax", "LogSoftmax")
-# Scores this large could overflow a (Log)Softmax's max subtraction: such rows go to ONNX Runtime.
-LARGE = 1e37
-
-
-@dataclass
-class DynamicHead:
-    """A MatMulInteger classifier and what it stores, read from the graph (see the module docstring)."""
-
-    model: onnx.ModelProto
-    node: str
-    op: str  # MatMulInteger, or a 1×1 ConvInteger on a 1×1 map
-    features: str  # f, the DynamicQuantizeLinear's input
-    quantised: str  # xq
-    scale: str  # sx
-    zero: str  # zx
-    multiplier: str  # m = sx·sw
-    accumulator: str  # acc
-    output: str  # the rescaled accumulator plus the bias: the layer's output, as the injector names it
-    scores: str
-    weight_name: str
-    weight: np.ndarray  # C × K, as stored
-    weight_zero: np.ndarray  # () or (K,)
-    bias_name: str
-    bias: np.ndarray | None  # (K,) float32
-    # elementwise ops after the layer, each with a constant: Add, or Mul by positive values (the text head's
-    # exp(s)); both keep every score monotone in its accumulator
-    tail: tuple[tuple[str, np.ndarray], ...] = ()
-    # the nodes from `scores` to the model's output: a (Log)Softmax over the classes and shape-only ops, or none
-    post: tuple[onnx.NodeProto, ...] = ()
-
-    @property
-    def classes(self) -> int:
-        return int(self.weight.shape[1])
-
-    def centred(self) -> np.ndarray:
-        """W − zw in int64: what each unit of (xq − zx) adds to the accumulators."""
-        return self.weight.astype(np.int64) - self.weight_zero.astype(np.int64).reshape(1, -1)
-
-    def layer_output(self, acc: np.ndarray, m: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
-        """The layer's output for accumulators `acc` (…×K) under multipliers `m` (broadcast): float32 as the graph
-        computes it, with `bias` in place of the stored one if given."""
-        bias = self.bias if bias is None else bias
-        with np.errstate(all="ignore"):
-            y = acc.astype(np.float32) * m.astype(np.float32)
-            return y if bias is None else y + bias
-
-    def after(self, y: np.ndarray) -> np.ndarray:
-        """The scores of layer outputs `y`, through the tail's ops in float32."""
-        with np.errstate(all="ignore"):
-            for op, constant in self.tail:
-                y = y * constant if op == "Mul" else y + constant
-        return y
-
-    def logits(self, acc: np.ndarray, m: np.ndarray) -> np.ndarray:
-        """The scores of accumulators `acc` (…×K) under multipliers `m` (broadcast), in float32 as the graph."""
-        return self.after(self.layer_output(acc, m))
-
-
-def dynamic_classifier(model: onnx.ModelProto) -> DynamicHead | None:
-    """The dynamically quantised classifier that makes the model's scores, or None if there is none."""
-    g = named_copy(model)
-    bypass_constant_views(g)
-    constant, _ = constant_producers(g)
-    values = {t.name: numpy_helper.to_array(t) for t in g.graph.initializer}
-    producer = {o: n for n in g.graph.node for o in n.output if o}
-    readers: dict[str, int] = {}
-    for n in g.graph.node:
-        for t in n.input:
-            readers[t] = readers.get(t, 0) + 1
-    scores = g.graph.output[0].name
-    node = producer.get(scores)
-    post: list[onnx.NodeProto] = []
-    while node is not None and readers.get(node.input[0]) == 1 and (
-            node.op_type in SHAPE_ONLY or (node.op_type in ROWWISE and not any(n.op_type in ROWWISE for n in post))):
-        post.insert(0, node)
-        scores = node.input[0]  # the classifier's own output: the one the injector's site names
-        node = producer.get(scores)
-    if any(n.op_type in ROWWISE and _axis(n) not in (1, -1) for n in post):
-        return None
-    if not any(n.op_type in ROWWISE for n in post):
-        post = []  # shape-only ops alone change no score
-    tail: list[tuple[str, str, np.ndarray, str]] = []  # (op, constant, its value, output), walking back
-    while node is not None and node.op_type in ("Add", "Mul") and not any(
-            t in producer and producer[t].op_type == "Cast" for t in node.input):
-        other = [t for t in node.input if t in values]
-        moved = [t for t in node.input if t not in values]
-        if len(other) != 1 or len(moved) != 1 or readers.get(moved[0]) != 1:
-            return None
-        c = values[other[0]]
-        if c.dtype != np.float32 or (node.op_type == "Mul" and not (np.all(c > 0) and np.all(np.isfinite(c)))):
-            return None
-        tail.append((node.op_type, other[0], c.reshape(-1), node.output[0]))
-        node = producer.get(moved[0])
-    tail.reverse()
-    if node is None or node.op_type != "Mul":
-        return None
-    cast = next((producer.get(t) for t in node.input if producer.get(t) is not None
-                 and producer[t].op_type == "Cast"), None)
-    to_float = any(a.name == "to" and a.i == TensorProto.FLOAT for a in cast.attribute) if cast else False
-    if cast is None or not to_float or readers.get(cast.output[0]) != 1:
-        return None
-    multiplier = next(t for t in node.input if t != cast.output[0])
-    mm = producer.get(cast.input[0])
-    if mm is None or mm.op_type not in ("MatMulInteger", "ConvInteger") or len(mm.input) < 3 or \
-            readers.get(mm.output[0]) != 1:
-        return None
-    dql = producer.get(mm.input[0])
-    if (dql is None or dql.op_type != "DynamicQuantizeLinear" or mm.input[2] != dql.output[2]
-            or mm.input[1] not in values):
-        return None
-    weight = _as_matrix(mm, values[mm.input[1]])
-    if weight is None:
-        return None
-    zw = values.get(mm.input[3]) if len(mm.input) > 3 and mm.input[3] else np.zeros((), weight.dtype)
-    scaled = producer.get(multiplier)
-    if zw is None or scaled is None or scaled.op_type != "Mul" or dql.output[1] not in scaled.input or \
-            not all(t in constant for t in scaled.input if t != dql.output[1]):
-        return None
-    classes = weight.shape[1]
-    if any(c.size not in (1, classes) for _, _, c, _ in tail):
-        return None
-    output, bias_name, bias = node.output[0], "", None
-    if tail and tail[0][0] == "Add" and tail[0][2].size == classes:  # the layer's own bias (harden.fi.sites)
-        _, bias_name, bias, output = tail.pop(0)
-    return DynamicHead(g, mm.name, mm.op_type, dql.input[0], dql.output[0], dql.output[1], dql.output[2], multiplier,
-                       mm.output[0], output, scores, mm.input[1], weight,
-                       zw.reshape(-1) if zw.size > 1 else zw.reshape(()), bias_name, bias,
-                       tuple((op, c) for op, _, c, _ in tail), tuple(post))
-
-
-def _axis(node: onnx.NodeProto) -> int:
-    """A (Log)Softmax's axis (1 by default before opset 13, and over a 2-D or N × K × 1 × 1 input either
-    default is the class axis)."""
-    return int(next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 1))
-
-
-def _as_matrix(layer: onnx.NodeProto, stored: np.ndarray) -> np.ndarray | None:
-    """The stored weight as the C × K matrix the layer applies: a MatMulInteger's B, or a 1×1 ConvInteger's
-    K × C × 1 × 1 kernel transposed (a classifier on a pooled 1×1 map, as DenseNet's); None for any other."""
-    if layer.op_type == "MatMulInteger":
-        return stored if stored.ndim == 2 else None
-    attrs = {a.name: helper.get_attribute_value(a) for a in layer.attribute}
-    plain = (attrs.get("group", 1) == 1 and not any(attrs.get("pads", [])) and
-             all(v == 1 for key in ("strides", "dilations") for v in attrs.get(key, [])))
-    if stored.ndim != 4 or stored.shape[2:] != (1, 1) or not plain:
-        return None
-    return stored.reshape(stored.shape[:2]).T
-
-
-@dataclass
-class _Golden:
-    """Each analysed image's tensors, from ONNX Runtime run on that image alone."""
-
-    f: np.ndarray  # N × C float32
-    xq: np.ndarray  # N × C int64
-    zx: np.ndarray  # N int64
-    sx: np.ndarray  # N float32
-    m: np.ndarray  # N × K float32
-    acc: np.ndarray  # N × K int64
-    output: np.ndarray  # N × K float32, the layer's output
-    scores: np.ndarray  # N × K float32
-    top1: np.ndarray
-    feature_shape: tuple[int, ...] = ()  # one image's features as the graph holds them (1 × C, or 1 × C × 1 × 1)
-    score_shape: tuple[int, ...] = ()  # and its scores
-    ties: int = 0  # images left out: their top two scores are within a Softmax's tie band
-
-    def keep(self, rows: np.ndarray) -> None:
-        """Only these images from now on."""
-        for name in ("f", "xq", "zx", "sx", "m", "acc", "output", "scores", "top1"):
-            setattr(self, name, getattr(self, name)[rows])
-
-
-class _Post:
-    """Decides faulty score rows as the model does after them: argmax, or with a (Log)Softmax after the
-    scores (`head.post`), argmax where the top two scores are more than SOFTMAX_TIE apart, and ONNX Runtime's
-    own nodes on the other rows (and on rows that are not finite, or large enough to overflow)."""
-
-    def __init__(self, head: DynamicHead, g: _Golden, providers: Sequence[str]) -> None:
-        self.session = None
-        if head.post:
-            score = helper.make_tensor_value_info(head.scores, TensorProto.FLOAT, ["N", *g.score_shape[1:]])
-            out = helper.make_tensor_value_info(head.post[-1].output[0], TensorProto.FLOAT, None)
-            graph = helper.make_graph(list(head.post), "post", [score], [out],
-                                      [t for t in head.model.graph.initializer
-                                       if any(t.name in n.input for n in head.post)])
-            model = helper.make_model(graph, opset_imports=list(head.model.opset_import))
-            model.ir_version = head.model.ir_version
-            self.session = make_session(model, providers=providers, opt_level="disable", threads=1, spinning=False)
-        self.score_shape = g.score_shape
-
-    def outcome(self, scores: np.ndarray, top1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(SDC, non-finite) of full faulty score rows (R × K) against each row's golden top-1."""
-        if self.session is None:
-            return fault_outcome(scores, top1)
-        top2 = np.sort(np.where(np.isnan(scores), -np.inf, scores), axis=1)[:, -2:]
-        with np.errstate(invalid="ignore"):
-            clear = (np.abs(scores) < LARGE).all(axis=1) & (top2[:, 1] - top2[:, 0] > SOFTMAX_TIE)
-        sdc, due = top1_class(scores) != top1, np.zeros(len(scores), bool)
-        if not clear.all():
-            out = self.session.run(None, {self.session.get_inputs()[0].name: scores[~clear].reshape(
-                -1, *self.score_shape[1:])})[0].reshape(int((~clear).sum()), -1)
-            sdc[~clear], due[~clear] = fault_outcome(out, top1[~clear])
-        return sdc, due
 
 
 def analyse_dynamic_head(head: DynamicHead, inputs: np.ndarray,
@@ -266,7 +60,7 @@ def analyse_dynamic_head(head: DynamicHead, inputs: np.ndarray,
     over the model-ready `inputs`."""
     started = time.perf_counter()
     g = _golden(head, inputs, providers)
-    post = _Post(head, g, providers)
+    post = Post(head, g, providers)
     sites = [_weight(head, g, post), *([_bias(head, g, post)] if head.bias is not None else []),
              _input(head, g, post, inputs, providers), _output(head, g, post)]
     kind = " + ".join(["DynamicQuantizeLinear", head.op, *(n.op_type for n in head.post if n.op_type in ROWWISE)])
@@ -275,7 +69,7 @@ def analyse_dynamic_head(head: DynamicHead, inputs: np.ndarray,
                        seconds=time.perf_counter() - started, rounding_ties=g.ties)
 
 
-def _golden(head: DynamicHead, inputs: np.ndarray, providers: Sequence[str]) -> _Golden:
+def _golden(head: DynamicHead, inputs: np.ndarray, providers: Sequence[str]) -> Golden:
     names = [head.scores, head.features, head.quantised, head.scale, head.zero, head.multiplier, head.accumulator,
              head.output, head.post[-1].output[0] if head.post else head.scores]
     session = make_session(expose(head.model, names), providers=providers, opt_level="disable", threads=1,
@@ -287,7 +81,7 @@ def _golden(head: DynamicHead, inputs: np.ndarray, providers: Sequence[str]) -> 
     if any(v.size != head.weight.shape[0] for v in f) or any(v.size != k for v in [*s, *acc]):
         raise HardenError("exact analysis: the dynamically quantised classifier's features or scores do not "
                           "have one row per image")
-    g = _Golden(np.stack(f).reshape(n, -1).astype(np.float32), np.stack(xq).reshape(n, -1).astype(np.int64),
+    g = Golden(np.stack(f).reshape(n, -1).astype(np.float32), np.stack(xq).reshape(n, -1).astype(np.int64),
                 np.array([int(z) for z in zx]), np.array([float(v) for v in sx], np.float32),
                 np.stack([np.broadcast_to(v.reshape(-1), (k,)) for v in m]).astype(np.float32),
                 np.stack(acc).reshape(n, k).astype(np.int64), np.stack(y).reshape(n, k).astype(np.float32),
@@ -316,87 +110,17 @@ def _golden(head: DynamicHead, inputs: np.ndarray, providers: Sequence[str]) -> 
     return g
 
 
-def _rivals(g: _Golden) -> tuple[np.ndarray, np.ndarray]:
-    """The best score after the top-1's, and the first class that has it."""
-    others = np.where(np.arange(g.scores.shape[1])[None, :] == g.top1[:, None], -np.inf, g.scores)
-    return others.max(axis=1), np.argmax(others, axis=1)
-
-
-def _one_class_sdc(g: _Golden, rows: np.ndarray, ks: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """SDC of each fault that sets class ks[i]'s score of image rows[i] to values[i] (NaN never wins)."""
-    rival, rival_at = _rivals(g)
-    e = np.where(np.isnan(values), -np.inf, values)
-    t = g.top1[rows]
-    top = g.scores[rows, t]
-    wins = (e > top) | ((e == top) & (ks < t))
-    keeps = (e > rival[rows]) | ((e == rival[rows]) & (t < rival_at[rows]))
-    return np.where(ks == t, ~keeps, wins)
-
-
-def _clear(g: _Golden, rows: np.ndarray, ks: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(surely an SDC, surely not) for faults that each set class ks[i]'s score of image rows[i] to values[i],
-    where a (Log)Softmax follows: the score passes the top-1's (for the top-1 class, the best rival's) by more
-    than SOFTMAX_TIE, one way or the other, and stays below LARGE. Every other fault goes to ONNX Runtime."""
-    rival, _ = _rivals(g)
-    t = g.top1[rows]
-    other = np.where(ks == t, rival[rows], g.scores[rows, t])
-    with np.errstate(invalid="ignore"):
-        small = np.abs(values) < LARGE
-        above = small & (values - SOFTMAX_TIE > other)
-        below = small & (values + SOFTMAX_TIE < other)
-    return np.where(ks == t, below, above), np.where(ks == t, above, below)
-
-
-def _one_class_outcome(g: _Golden, post: _Post, rows: np.ndarray, ks: np.ndarray,
-                       values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(SDC, non-finite) of faults that each set class ks[i]'s score of image rows[i] to values[i]."""
-    if post.session is None:
-        return _one_class_sdc(g, rows, ks, values), ~np.isfinite(values)
-    sure_sdc, sure_keep = _clear(g, rows, ks, values)
-    unclear = ~(sure_sdc | sure_keep)
-    sdc, due = sure_sdc.copy(), np.zeros(len(rows), bool)
-    if unclear.any():
-        full = g.scores[rows[unclear]].copy()
-        full[np.arange(len(full)), ks[unclear]] = values[unclear]
-        sdc[unclear], due[unclear] = post.outcome(full, g.top1[rows[unclear]])
-    return sdc, due
-
-
-def _bounds(head: DynamicHead, g: _Golden, changes: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
-            ) -> np.ndarray:
-    """For each image and class, how far its accumulator can move before `changes` (rows, classes, scores →
-    bool, monotone in the score) turns true: for the top-1 class the smallest value where it is still false,
-    for the others the largest (N × K)."""
-    n, k = g.acc.shape
-    rows = np.broadcast_to(np.arange(n)[:, None], (n, k))
-    ks = np.broadcast_to(np.arange(k)[None, :], (n, k))
-    top = ks == g.top1[:, None]
-    # invariant: at `good` it is false, at `bad` true (or `bad` lies past int32's range)
-    good, bad = g.acc.copy(), np.where(top, -2**31 - 1, 2**31)
-    if not (np.abs(head.logits(bad, g.m)) < LARGE).all():
-        raise HardenError("exact analysis: the classifier's scale lets a faulty accumulator reach scores that "
-                          "could overflow")
-    while True:
-        gap = np.abs(bad - good) > 1
-        if not gap.any():
-            return good
-        mid = (good + bad) // 2
-        hit = changes(rows.reshape(-1), ks.reshape(-1), head.logits(mid, g.m).reshape(-1)).reshape(n, k)
-        bad = np.where(gap & hit, mid, bad)
-        good = np.where(gap & ~hit, mid, good)
-
-
-def _weight(head: DynamicHead, g: _Golden, post: _Post) -> ExactSiteResult:
+def _weight(head: DynamicHead, g: Golden, post: Post) -> ExactSiteResult:
     """W[c, k] flipped: class k's accumulator moves by δ·(xq[n, c] − zx[n]); a comparison with its bound, or
     with a Softmax after the scores two bounds, between which ONNX Runtime decides."""
     n = len(g.acc)
     site = ExactSiteResult.for_stored(head.weight_name, "weight", head.node, head.weight, n)
     top = np.arange(head.classes)[None, :] == g.top1[:, None]  # N × K
     if post.session is None:
-        sdc_edge = keep_edge = _bounds(head, g, lambda r, k, v: _one_class_sdc(g, r, k, v))
+        sdc_edge = keep_edge = bounds(head, g, lambda r, k, v: one_class_sdc(g, r, k, v))
     else:
-        sdc_edge = _bounds(head, g, lambda r, k, v: _clear(g, r, k, v)[0])
-        keep_edge = _bounds(head, g, lambda r, k, v: ~_clear(g, r, k, v)[1])
+        sdc_edge = bounds(head, g, lambda r, k, v: clear(g, r, k, v)[0])
+        keep_edge = bounds(head, g, lambda r, k, v: ~clear(g, r, k, v)[1])
     x = g.xq - g.zx[:, None]  # N × C
     for bit in range(len(site.faults)):
         delta = flip_all(head.weight, bit) - head.weight.astype(np.int64)  # C × K
@@ -409,7 +133,7 @@ def _weight(head: DynamicHead, g: _Golden, post: _Post) -> ExactSiteResult:
                 acc = g.acc[r].copy()
                 acc[np.arange(len(r)), k] = moved[r, k]
                 values = head.logits(acc, g.m[r])[np.arange(len(r)), k]
-                sdc[r, k], due = _one_class_outcome(g, post, r, k, values)
+                sdc[r, k], due = one_class_outcome(g, post, r, k, values)
                 site.due[bit] += int(due.sum())
             site.faults[bit] += int(sdc.size)
             site.sdc[bit] += int(sdc.sum())
@@ -424,14 +148,14 @@ def _float_flips(values: np.ndarray, bit: int) -> np.ndarray:
     return flip(flat, np.full(flat.size, bit), "fp32").reshape(values.shape)
 
 
-def _one_class_site(g: _Golden, post: _Post, site: ExactSiteResult, faulty: list[np.ndarray]) -> ExactSiteResult:
+def _one_class_site(g: Golden, post: Post, site: ExactSiteResult, faulty: list[np.ndarray]) -> ExactSiteResult:
     """Count faults that each set one class's score: faulty[bit] is N × K, the new score of that class."""
     n, k = g.scores.shape
     rows = np.broadcast_to(np.arange(n)[:, None], (n, k)).reshape(-1)
     ks = np.broadcast_to(np.arange(k)[None, :], (n, k)).reshape(-1)
     hit = ks == g.top1[rows]
     for bit, values in enumerate(faulty):
-        sdc, due = _one_class_outcome(g, post, rows, ks, values.reshape(-1))
+        sdc, due = one_class_outcome(g, post, rows, ks, values.reshape(-1))
         site.faults[bit] += int(sdc.size)
         site.sdc[bit] += int(sdc.sum())
         site.due[bit] += int(due.sum())
@@ -440,7 +164,7 @@ def _one_class_site(g: _Golden, post: _Post, site: ExactSiteResult, faulty: list
     return site
 
 
-def _bias(head: DynamicHead, g: _Golden, post: _Post) -> ExactSiteResult:
+def _bias(head: DynamicHead, g: Golden, post: Post) -> ExactSiteResult:
     """b[k] flipped: class k's layer output is fl(y[n, k] + b'[k]) with y the rescaled accumulator, then the
     tail's ops."""
     assert head.bias is not None
@@ -449,13 +173,13 @@ def _bias(head: DynamicHead, g: _Golden, post: _Post) -> ExactSiteResult:
     return _one_class_site(g, post, site, faulty)
 
 
-def _output(head: DynamicHead, g: _Golden, post: _Post) -> ExactSiteResult:
+def _output(head: DynamicHead, g: Golden, post: Post) -> ExactSiteResult:
     """The layer's output y[n, k] flipped: that score alone, through the tail's ops."""
     site = ExactSiteResult.for_stored(head.output, "output", head.node, g.output[0], len(g.acc))
     return _one_class_site(g, post, site, [head.after(_float_flips(g.output, bit)) for bit in range(32)])
 
 
-def _input(head: DynamicHead, g: _Golden, post: _Post, inputs: np.ndarray,
+def _input(head: DynamicHead, g: Golden, post: Post, inputs: np.ndarray,
            providers: Sequence[str]) -> ExactSiteResult:
     """f[n, c] flipped: the row's quantisation kept (one quantised value moves every class's accumulator), or
     the row requantised whole and rerun through ONNX Runtime."""

@@ -17,7 +17,8 @@ import onnx
 
 from harden.errors import HardenError
 from harden.fi.exact import ExactResult, analyse_sites
-from harden.fi.exact_dynamic import analyse_dynamic_head, dynamic_classifier
+from harden.fi.dynamic_head import dynamic_classifier
+from harden.fi.exact_dynamic import analyse_dynamic_head
 from harden.fi.exact_half import half_sites, is_half
 from harden.fi.exact_linear import LinearHead
 from harden.fi.exact_locate import Head, _Graph, locate_head

@@ -12,7 +12,7 @@ import onnx
 from onnx import helper
 
 from harden.fi.bitflip import WIDTH, flip, tensor_scale
-from harden.fi.exact_dynamic import dynamic_classifier
+from harden.fi.dynamic_head import dynamic_classifier
 from harden.fi.exact_linear import LinearHead
 from harden.fi.exact_site import RangePolicy, clamp32, flip_bit, softmax32
 from harden.fi.exact_text import TextHead

@@ -15,7 +15,7 @@ from onnx import helper, numpy_helper
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from harden.errors import HardenError
-from harden.fi.exact_dynamic import dynamic_classifier
+from harden.fi.dynamic_head import dynamic_classifier
 from harden.fi.exact_onnx import analyse_model
 from tests.fi.exact_brute import brute_dynamic
 from tests.fi.tiny_models import classifier, linear_mlp
@@ -101,15 +101,15 @@ def test_a_flip_keeps_the_row_scale_only_if_the_row_range_stays() -> None:
 
 def test_one_class_faults_follow_argmax_first_index_and_nan_rules() -> None:
     """argmax takes the first of equal scores, and NaN never wins (harden.fi.outcome)."""
-    from harden.fi.exact_dynamic import _Golden, _one_class_sdc
+    from harden.fi.dynamic_judges import Golden, one_class_sdc
 
     scores = np.array([[1.0, 3.0, 3.0, 0.5], [3.0, 5.0, 1.0, 2.0]], np.float32)
     none = np.zeros((2, 4))
-    g = _Golden(none, none, none[:, 0], none[:, 0], none, none, scores, scores, np.array([1, 1]))
+    g = Golden(none, none, none[:, 0], none[:, 0], none, none, scores, scores, np.array([1, 1]))
     rows = np.array([0, 0, 0, 0, 0, 0, 1, 1])
     ks = np.array([0, 2, 2, 1, 1, 1, 1, 1])
     values = np.array([3.0, 3.0, 3.5, 3.0, 2.9, np.nan, 3.0, 3.25])
-    assert _one_class_sdc(g, rows, ks, values).tolist() == [True, False, True, False, True, True, True, False]
+    assert one_class_sdc(g, rows, ks, values).tolist() == [True, False, True, False, True, True, True, False]
 
 
 def test_a_fault_within_the_softmax_tie_band_is_decided_by_onnx_runtime() -> None:
@@ -117,7 +117,7 @@ def test_a_fault_within_the_softmax_tie_band_is_decided_by_onnx_runtime() -> Non
     logits alone would call this fault an SDC, ONNX Runtime's Softmax does not."""
     from types import SimpleNamespace
 
-    from harden.fi.exact_dynamic import _Golden, _one_class_outcome, _Post
+    from harden.fi.dynamic_judges import Golden, Post, one_class_outcome
 
     node = helper.make_node("Softmax", ["s"], ["p"], axis=1)
     graph = helper.make_graph([node], "post", [], [])
@@ -126,9 +126,9 @@ def test_a_fault_within_the_softmax_tie_band_is_decided_by_onnx_runtime() -> Non
     head.model.ir_version = 8
     scores = np.array([[0.25, 0.2, -1.0]], np.float32)
     none = np.zeros((1, 3))
-    g = _Golden(none, none, none[:, 0], none[:, 0], none, none, scores, scores, np.array([0]), score_shape=(1, 3))
-    post = _Post(head, g, ("CPUExecutionProvider",))  # type: ignore[arg-type]
+    g = Golden(none, none, none[:, 0], none[:, 0], none, none, scores, scores, np.array([0]), score_shape=(1, 3))
+    post = Post(head, g, ("CPUExecutionProvider",))  # type: ignore[arg-type]
     up = np.nextafter(np.float32(0.25), np.float32(1))
     rows, ks = np.array([0, 0, 0]), np.array([1, 1, 0])
-    sdc, due = _one_class_outcome(g, post, rows, ks, np.array([up, 0.3, np.nan], np.float32))
+    sdc, due = one_class_outcome(g, post, rows, ks, np.array([up, 0.3, np.nan], np.float32))
     assert sdc.tolist() == [False, True, True] and due.tolist() == [False, False, True]
