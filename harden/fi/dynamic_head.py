@@ -30,7 +30,8 @@ ROWWISE = ("Softmax", "LogSoftmax")
 
 @dataclass
 class DynamicHead:
-    """A MatMulInteger classifier and what it stores, read from the graph (see the module docstring)."""
+    """A MatMulInteger (or 1×1 ConvInteger) classifier and what it stores, read from the graph (see the module
+    docstring)."""
 
     model: onnx.ModelProto
     node: str
