@@ -58,6 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from harden.cli.notes import note_batching
     from harden.report.certify import CertifyConfig, certify
 
     config = CertifyConfig(
@@ -69,6 +70,9 @@ def run(args: argparse.Namespace) -> int:
         exact=not args.no_exact, latency_runs=args.latency_runs, threads=args.threads, scores=args.scores,
         progress=not args.no_progress)
     report = certify(config)
+    for path in (args.model, args.baseline):  # read once certify has checked the files
+        if path:
+            note_batching(path)
     for model in report.models:
         k = sum(layer.sdc.k for layer in model.campaign.layers)
         n = sum(layer.sdc.n for layer in model.campaign.layers)

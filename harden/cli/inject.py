@@ -7,17 +7,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
-import onnx
-
+from harden.cli.notes import note_batching
 from harden.data import SPEC_HELP
 from harden.errors import HardenError
 from harden.fi.bitflip import WIDTH
 from harden.fi.config import ENGINES, CampaignConfig, parse_shard
 from harden.fi.faults import MODELS, FaultModel, parse_bits
 from harden.fi.nodes import NODE_LEVEL
-from harden.fi.sites import batching_note
 from harden.graph.model_input import PREPROCESS_HELP, parse_preprocess
 from harden.graph.ort import OPT_LEVELS
 
@@ -91,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
             raise HardenError("--list-sites needs a MODEL")
         prep = parse_preprocess(args.preprocess) if args.preprocess else None
         print(format_sites(sites_of_file(args.model, args.all_tensors, args.data, prep, args.output)))
-        _note_batching(args.model)
+        note_batching(args.model)
         return 0
     else:
         if not args.model or not args.data or not args.out:
@@ -109,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
                                  preprocess=parse_preprocess(args.preprocess) if args.preprocess else None,
                                  summary_path=args.summary, progress=not args.no_progress, fresh=args.fresh,
                                  threads=args.threads, output=args.output)
-        _note_batching(args.model)
+        note_batching(args.model)
     if args.json:
         print(json.dumps(summary.to_dict(), indent=2))
         return 0
@@ -127,10 +124,3 @@ def run(args: argparse.Namespace) -> int:
     if summary.injections_per_s:
         print(f"{summary.injections_per_s:.0f} injections/s")
     return 0
-
-
-def _note_batching(path: str) -> None:
-    """Say on stderr when the model's images run one at a time, since its campaign is then slower than usual."""
-    note = batching_note(onnx.load(path, load_external_data=False))
-    if note:
-        print(f"note: {note}", file=sys.stderr)

@@ -119,3 +119,30 @@ def test_float16_models_get_the_exact_column(models: tuple[Path, Path], tmp_path
         assert record["exact_skipped"] is None and exact["head"] == head and exact["fmt"] == "fp16"
         assert all(len(s["sdc"]) == 16 for s in exact["sites"]) and exact["total_faults"] > 0
         assert 0 < exact["total_sdc"] < exact["total_faults"]
+
+
+def test_a_dynamically_quantised_model_is_noted_as_run_one_image_at_a_time(tmp_path: Path,
+                                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """Its campaign is slower than a batched one; certify says why in one line on stderr, for each such model."""
+    import onnx
+    from onnxruntime.quantization import quantize_dynamic
+
+    from tests.fi.tiny_models import linear_mlp
+
+    onnx.save(linear_mlp(0), tmp_path / "f.onnx")
+    quantize_dynamic(str(tmp_path / "f.onnx"), str(tmp_path / "d.onnx"))
+    data = tmp_path / "data.npz"
+    import numpy as np
+
+    from harden.graph.ort import make_session
+
+    session = make_session(onnx.load(tmp_path / "d.onnx"), opt_level="disable")
+    x = np.random.default_rng(0).normal(size=(40, 1, 2, 3)).astype(np.float32)
+    np.savez(data, x=x, y=np.array([session.run(None, {"x": x[i:i + 1]})[0].argmax() for i in range(len(x))]))
+    code = main(["certify", str(tmp_path / "d.onnx"), "--baseline", str(tmp_path / "f.onnx"), "--data",
+                 f"npz:{data}", "--preprocess", "identity", "--injections", "20", "--latency-runs", "2",
+                 "--no-progress", "-o", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code in (0, 3)
+    notes = [line for line in err.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "d.onnx: each image runs alone" in notes[0]
