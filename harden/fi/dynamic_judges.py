@@ -20,6 +20,7 @@ from onnx import TensorProto, helper
 from harden.errors import HardenError
 from harden.fi.dynamic_head import DynamicHead
 from harden.fi.exact_site import SOFTMAX_TIE
+from harden.fi.integer_judges import stays, wins
 from harden.fi.outcome import fault_outcome, top1_class
 from harden.graph.ort import make_session
 
@@ -84,27 +85,27 @@ class Post:
 
 
 def _rivals(g: Golden) -> tuple[np.ndarray, np.ndarray]:
-    """The best score after the top-1's, and the first class that has it."""
-    others = np.where(np.arange(g.scores.shape[1])[None, :] == g.top1[:, None], -np.inf, g.scores)
-    return others.max(axis=1), np.argmax(others, axis=1)
+    """The best score of the classes before the top-1 class, and of those after it (−inf where none)."""
+    order = np.arange(g.scores.shape[1])[None, :]
+    before = np.where(order < g.top1[:, None], g.scores, -np.inf).max(axis=1)
+    return before, np.where(order > g.top1[:, None], g.scores, -np.inf).max(axis=1)
 
 
 def one_class_sdc(g: Golden, rows: np.ndarray, ks: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """SDC of each fault that sets class ks[i]'s score of image rows[i] to values[i] (NaN never wins)."""
-    rival, rival_at = _rivals(g)
+    """SDC of each fault that sets class ks[i]'s score of image rows[i] to values[i]: the integer judges' argmax
+    rules (harden.fi.integer_judges), with NaN never winning."""
+    before, after = _rivals(g)
     e = np.where(np.isnan(values), -np.inf, values)
     t = g.top1[rows]
-    top = g.scores[rows, t]
-    wins = (e > top) | ((e == top) & (ks < t))
-    keeps = (e > rival[rows]) | ((e == rival[rows]) & (t < rival_at[rows]))
-    return np.where(ks == t, ~keeps, wins)
+    kept = np.where(ks == t, stays(before[rows], after[rows], e), ~wins(g.scores[rows, t], e, ks < t))
+    return ~kept
 
 
 def clear(g: Golden, rows: np.ndarray, ks: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(surely an SDC, surely not) for faults that each set class ks[i]'s score of image rows[i] to values[i],
     where a (Log)Softmax follows: the score passes the top-1's (for the top-1 class, the best rival's) by more
     than SOFTMAX_TIE, one way or the other, and stays below LARGE. Every other fault goes to ONNX Runtime."""
-    rival, _ = _rivals(g)
+    rival = np.maximum(*_rivals(g))
     t = g.top1[rows]
     other = np.where(ks == t, rival[rows], g.scores[rows, t])
     with np.errstate(invalid="ignore"):

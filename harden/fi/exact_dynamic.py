@@ -36,11 +36,10 @@ import numpy as np
 from onnx import TensorProto, helper
 
 from harden.errors import HardenError
-from harden.fi.bitflip import flip
 from harden.fi.dynamic_head import ROWWISE, DynamicHead
 from harden.fi.dynamic_judges import LARGE, Golden, Post, bounds, clear, one_class_outcome, one_class_sdc
 from harden.fi.exact import ExactResult, ExactSiteResult
-from harden.fi.exact_site import SOFTMAX_TIE
+from harden.fi.exact_site import SOFTMAX_TIE, flip_bit
 from harden.fi.graphinfo import GraphInfo
 from harden.fi.integer_head import flip_all
 from harden.fi.outcome import fault_outcome, nonfinite_rows, top1_class
@@ -142,12 +141,6 @@ def _weight(head: DynamicHead, g: Golden, post: Post) -> ExactSiteResult:
     return site
 
 
-def _float_flips(values: np.ndarray, bit: int) -> np.ndarray:
-    """Every element of float32 `values` with `bit` flipped (bit 31: the sign), in one array."""
-    flat = values.astype(np.float32).reshape(-1)
-    return flip(flat, np.full(flat.size, bit), "fp32").reshape(values.shape)
-
-
 def _one_class_site(g: Golden, post: Post, site: ExactSiteResult, faulty: list[np.ndarray]) -> ExactSiteResult:
     """Count faults that each set one class's score: faulty[bit] is N × K, the new score of that class."""
     n, k = g.scores.shape
@@ -169,14 +162,14 @@ def _bias(head: DynamicHead, g: Golden, post: Post) -> ExactSiteResult:
     tail's ops."""
     assert head.bias is not None
     site = ExactSiteResult.for_stored(head.bias_name, "bias", head.node, head.bias, len(g.acc))
-    faulty = [head.after(head.layer_output(g.acc, g.m, _float_flips(head.bias, bit))) for bit in range(32)]
+    faulty = [head.after(head.layer_output(g.acc, g.m, flip_bit(head.bias, bit, "fp32"))) for bit in range(32)]
     return _one_class_site(g, post, site, faulty)
 
 
 def _output(head: DynamicHead, g: Golden, post: Post) -> ExactSiteResult:
     """The layer's output y[n, k] flipped: that score alone, through the tail's ops."""
     site = ExactSiteResult.for_stored(head.output, "output", head.node, g.output[0], len(g.acc))
-    return _one_class_site(g, post, site, [head.after(_float_flips(g.output, bit)) for bit in range(32)])
+    return _one_class_site(g, post, site, [head.after(flip_bit(g.output, bit, "fp32")) for bit in range(32)])
 
 
 def _input(head: DynamicHead, g: Golden, post: Post, inputs: np.ndarray,
@@ -185,7 +178,7 @@ def _input(head: DynamicHead, g: Golden, post: Post, inputs: np.ndarray,
     the row requantised whole and rerun through ONNX Runtime."""
     n, c = g.f.shape
     site = ExactSiteResult.for_stored(head.features, "input", head.node, g.f[0], n, hits=False)
-    faulty = np.stack([_float_flips(g.f, bit) for bit in range(32)])  # 32 × N × C
+    faulty = np.stack([flip_bit(g.f, bit, "fp32") for bit in range(32)])  # 32 × N × C
     kept = _range_kept(g.f, faulty)
     reruns = int((~kept).sum())
     if reruns * c * head.classes > RERUN_BUDGET:

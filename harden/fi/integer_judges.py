@@ -27,13 +27,13 @@ CHUNK = 1 << 22
 ROW_BUDGET = 2 * 10**10
 
 
-def _stays(rivals_before: np.ndarray, rivals_after: np.ndarray, value: np.ndarray) -> np.ndarray:
+def stays(rivals_before: np.ndarray, rivals_after: np.ndarray, value: np.ndarray) -> np.ndarray:
     """Whether the top-1 class keeps first place with score `value`: argmax takes the first of equal scores,
     so a rival before it must stay below, one after it may tie."""
     return (rivals_before < value) & (rivals_after <= value)
 
 
-def _wins(top_value: np.ndarray, value: np.ndarray, before_top: np.ndarray) -> np.ndarray:
+def wins(top_value: np.ndarray, value: np.ndarray, before_top: np.ndarray) -> np.ndarray:
     """Whether another class with score `value` takes first place from the top-1 class's `top_value`."""
     return (value > top_value) | ((value == top_value) & before_top)
 
@@ -69,8 +69,8 @@ class TableJudge:
         assert self.head.table is not None
         value = self.head.table[values - self.head.levels[0], classes]
         t = self.top1[rows]
-        kept = np.where(classes == t, _stays(self.before[rows], self.after[rows], value),
-                        ~_wins(self.top[rows], value, classes < t))
+        kept = np.where(classes == t, stays(self.before[rows], self.after[rows], value),
+                        ~wins(self.top[rows], value, classes < t))
         return ~kept
 
     def winners(self, y: np.ndarray) -> np.ndarray:
