@@ -17,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "only rank 0 writes the checkpoint.")
     parser.add_argument("--arch", help="tinyresnet, efficientnet_lite0, or a torchvision model (resnet18, ...)")
     parser.add_argument("--data", help=SPEC_HELP)
-    parser.add_argument("--eval-data", help="held-out spec (default: the :test split when --data ends with :train)")
+    parser.add_argument("--eval-data", help="held-out spec (default: NAME:test when --data is a built-in NAME:train)")
     parser.add_argument("--embeddings", help="embeddings.npz from `harden embed` (needed for --head text)")
     parser.add_argument("--head", choices=("text", "baseline", "random"), default="text")
     parser.add_argument("--epochs", type=int, help="total epochs (default 5; with --resume: the checkpoint's)")

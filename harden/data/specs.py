@@ -50,6 +50,18 @@ def load_dataset(spec: str, limit: int | None = None, seed: int = 0) -> Dataset:
     raise HardenError(f"unknown dataset {spec!r}; {SPEC_HELP}")
 
 
+def held_out_split(spec: str) -> str | None:
+    """The held-out split matching a built-in `NAME:train` spec, else None.
+
+    Only built-in sources have splits; `imagefolder:/data/train` is a path that
+    happens to end in "train", and its "test" sibling is the user's to name.
+    """
+    name, _, rest = spec.partition(":")
+    if rest == "train" and (name == "fashion-mnist" or name in _BUILTIN):
+        return f"{name}:test"
+    return None
+
+
 def split_fixed(data: Dataset, split: str) -> Dataset:
     """A reproducible 80/20 train/test split for sources that ship none."""
     if split == "all":

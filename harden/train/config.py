@@ -86,12 +86,10 @@ class FinetuneConfig:
         return 5e-4 if self.optimizer == "sgd" else 0.05
 
     def resolved_eval_data(self) -> str | None:
-        """`--eval-data`, or the :test split of the training source when it ends with :train."""
-        if self.eval_data:
-            return self.eval_data
-        if self.data.endswith(":train"):
-            return self.data[: -len(":train")] + ":test"
-        return None
+        """`--eval-data`, or the :test split of a built-in training source given as NAME:train."""
+        from harden.data.specs import held_out_split
+
+        return self.eval_data or held_out_split(self.data)
 
     def training_key(self) -> dict[str, Any]:
         """The fields a resumed run must share with its checkpoint (the rest may change)."""

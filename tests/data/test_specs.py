@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from harden.data import fashion_mnist, load_dataset
+from harden.data.specs import held_out_split
 from harden.errors import HardenError
 
 HAVE_FMNIST = all((fashion_mnist.DEBIAN_DIR / n).is_file() for pair in fashion_mnist.FILES.values() for n in pair)
@@ -157,3 +158,16 @@ def test_sample_is_seeded_and_ordered() -> None:
     assert len(set(a.labels.tolist())) > 5  # a random subset, not the first 50 of one class
     with pytest.raises(HardenError):
         load_dataset("digits", limit=0)
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("fashion-mnist:train", "fashion-mnist:test"),
+    ("digits:train", "digits:test"),
+    ("mnist5k:train", "mnist5k:test"),
+    ("digits", None),
+    ("fashion-mnist:test", None),
+    ("imagefolder:/data/train", None),   # a folder named train, not a split
+    ("npz:train", None),
+])
+def test_held_out_split_only_for_builtin_sources(spec: str, expected: str | None) -> None:
+    assert held_out_split(spec) == expected
