@@ -23,6 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from harden.fi.graphinfo import bypass_constant_views, named_copy
 from harden.fi.integer_head import SHAPE_ONLY, constant_producers
+from harden.fi.integer_kernel import Kernel
 
 # What may follow the scores, over the classes.
 ROWWISE = ("Softmax", "LogSoftmax")
@@ -58,6 +59,11 @@ class DynamicHead:
     @property
     def classes(self) -> int:
         return int(self.weight.shape[1])
+
+    @property
+    def kernel(self) -> Kernel:
+        """How ONNX Runtime sums the layer's uint8 × stored products on this CPU (harden.fi.integer_kernel)."""
+        return Kernel.of(self.op, np.dtype(np.uint8), self.weight.dtype)
 
     def centred(self) -> np.ndarray:
         """W − zw in int64: what each unit of (xq − zx) adds to the accumulators."""

@@ -3,8 +3,10 @@
 
 The classifier reads float features f[n] (C of them), which a DynamicQuantizeLinear
 quantises at run time from that image's own range: xq = saturate(round(f / sx) + zx).
-Its MatMulInteger accumulates exactly in int32,
-acc[n, k] = Σ_c (xq[n, c] − zx[n])·(W[c, k] − zw[k]), and a Cast, a Mul by
+Its MatMulInteger accumulates in int32,
+acc[n, k] = Σ_c (xq[n, c] − zx[n])·(W[c, k] − zw[k]) (with each pair of products
+saturated to int16 where ONNX Runtime's kernel on this CPU does so,
+harden.fi.integer_kernel), and a Cast, a Mul by
 m[n, k] = fl(sx[n]·sw[k]) and the bias Add make the scores,
 s[n, k] = fl(fl(float32(acc[n, k])·m[n, k]) + b[k]). Each step after the accumulator is
 one float32 operation, monotone in the accumulator, which numpy performs bit for bit
@@ -64,7 +66,7 @@ def analyse_dynamic_head(head: DynamicHead, inputs: np.ndarray,
              _input(head, g, post, inputs, providers), _output(head, g, post)]
     kind = " + ".join(["DynamicQuantizeLinear", head.op, *(n.op_type for n in head.post if n.op_type in ROWWISE)])
     return ExactResult(head=f"dynamic integer linear ({kind})", policy="none",
-                       fmt="stored (int8 weight, float32 values)", images=len(g.acc), sites=sites,
+                       fmt=f"stored ({head.weight.dtype} weight, float32 values){head.kernel.note}", images=len(g.acc), sites=sites,
                        seconds=time.perf_counter() - started, rounding_ties=g.ties)
 
 
@@ -90,7 +92,7 @@ def _golden(head: DynamicHead, inputs: np.ndarray, providers: Sequence[str]) -> 
         raise HardenError("exact analysis: the fault-free scores hold NaN or Inf for some images")
     if head.weight.shape[0] * 255 * 255 * 2 >= 2**31:
         raise HardenError("exact analysis: the classifier's int32 accumulator could wrap under a fault")
-    mine = (g.xq - g.zx[:, None]) @ head.centred()
+    mine = (g.xq - g.zx[:, None]) @ head.centred() + head.kernel.correction(g.xq[:, :, None], head.weight)[..., 0]
     if not np.array_equal(mine, g.acc) or not np.array_equal(
             head.layer_output(g.acc, g.m).view(np.uint32), g.output.view(np.uint32)) or not np.array_equal(
             head.after(g.output).view(np.uint32), g.scores.view(np.uint32)):
@@ -120,11 +122,14 @@ def _weight(head: DynamicHead, g: Golden, post: Post) -> ExactSiteResult:
     else:
         sdc_edge = bounds(head, g, lambda r, k, v: clear(g, r, k, v)[0])
         keep_edge = bounds(head, g, lambda r, k, v: ~clear(g, r, k, v)[1])
-    x = g.xq - g.zx[:, None]  # N × C
+    x, kernel = g.xq - g.zx[:, None], head.kernel  # N × C
     for bit in range(len(site.faults)):
         delta = flip_all(head.weight, bit) - head.weight.astype(np.int64)  # C × K
         for c in range(head.weight.shape[0]):
             moved = g.acc + x[:, c:c + 1] * delta[c][None, :]
+            if kernel.saturates:  # the pair sum moves by xq·δ, and its saturation with it
+                pairs = kernel.pair_sums(g.xq, head.weight, np.array([c]))[:, 0]  # N × K
+                moved += kernel.move_excess(pairs, g.xq[:, c:c + 1] * delta[c][None, :])
             sdc = np.where(top, moved < sdc_edge, moved > sdc_edge)
             unclear = ~sdc & np.where(top, moved < keep_edge, moved > keep_edge)
             if unclear.any():
@@ -201,6 +206,9 @@ def _input(head: DynamicHead, g: Golden, post: Post, inputs: np.ndarray,
         for start in range(0, len(moved), step):
             sel = moved[start:start + step]
             acc = g.acc[i][None, :] + dq[sel, None] * centred[cols[sel]]
+            if head.kernel.saturates:  # the pair sums each fault moves, and their saturation
+                change = dq[sel, None] * head.weight[cols[sel]].astype(np.int64)
+                acc += head.kernel.move_excess(head.kernel.pair_sums(g.xq[i], head.weight, cols[sel]), change)
             hit, bad = post.outcome(head.logits(acc, g.m[i][None, :]), np.full(len(sel), g.top1[i]))
             np.add.at(sdc, bits[sel], hit)
             np.add.at(due, bits[sel], bad)

@@ -9,7 +9,10 @@ is exact integer arithmetic, acc[n, c] = Σ_f (x[n, f] − zx)·(W[c, f] − zw[
 y = saturate(round_half_even(float32(acc) · M[c]) + zy) with M = sx·sw/sy in
 float32. A single flipped bit changes acc by an exact integer: (x − zx)·Δw in
 one class for a weight, Δb for a bias, Δx·(W[:, f] − zw) across the classes for
-an input, and the output y itself for an output fault. So every fault × image is
+an input, and the output y itself for an output fault. Where ONNX Runtime's
+kernel on this CPU sums uint8 × int8 products in saturating int16 pairs (AVX2
+without VNNI), acc is that sum instead, and each move also carries the change
+of its pair's saturation (harden.fi.integer_kernel). So every fault × image is
 decided by integer arithmetic and one requantisation, with no rounding bound to
 allow for. The requantisation is checked against ONNX Runtime's own output on
 every analysed image before anything is counted; where it differs in a single
@@ -55,7 +58,7 @@ def analyse_head(head: IntegerHead, projection: Projection | None, inputs: np.nd
         sites = [*analyse_projection(projection, inputs, g, batch, providers, threads), *sites]
         ops.insert(0, f"{projection.op} projection")
     kind = f"integer linear ({' + '.join(ops)}{', ' + origin if origin else ''})"
-    return ExactResult(head=kind, policy="none", fmt="stored integers", images=len(inputs), sites=sites,
+    return ExactResult(head=kind, policy="none", fmt=f"stored integers{head.kernel.note}", images=len(inputs), sites=sites,
                        seconds=time.perf_counter() - started)
 
 
@@ -68,10 +71,13 @@ def _weight(head: IntegerHead, x: np.ndarray, acc: np.ndarray, judge: Judge, bis
     """
     n, features, pixels = x.shape
     site = ExactSiteResult.for_stored(head.weight_name, "weight", head.node, head.stored_weight, n)
-    stored = head.weight_fc  # F × C
-    reach = int(np.abs(x.astype(np.int64) - head.zx).max(initial=0)) * 2 ** (8 * stored.dtype.itemsize - 1)
+    stored, kernel = head.weight_fc, head.kernel  # F × C
+    largest = int(np.abs(x.astype(np.int64)).max(initial=0)) + abs(head.zx) if kernel.saturates else \
+        int(np.abs(x.astype(np.int64) - head.zx).max(initial=0))
+    reach = largest * 2 ** (8 * stored.dtype.itemsize - 1)
     dtype = accumulator_type(acc, reach)
     xz = x.astype(dtype) - dtype(head.zx)  # N × F × P
+    pairs = x.transpose(0, 2, 1)  # N × P × F, for a saturating kernel's pairs
     interval = None
     if bisect and pixels == 1 and head.pool is None and dtype == np.int32 and judge.monotone:
         interval = _keep_interval(head, acc[:, :, 0], judge)
@@ -81,11 +87,15 @@ def _weight(head: IntegerHead, x: np.ndarray, acc: np.ndarray, judge: Judge, bis
         dw = (flip_all(stored, bit) - stored.astype(np.int64)).astype(xz.dtype)  # F × C
         for c0 in range(0, head.classes, step):
             cs = np.arange(c0, min(head.classes, c0 + step))
+            move = xz[:, :, None, :] * dw[None, :, cs, None]  # N × F × c × P
+            if kernel.saturates:  # each fault's pair sum moves by x·Δw, and its saturation with it
+                before = kernel.pair_sums(pairs, stored[:, cs], np.arange(features)).transpose(0, 2, 3, 1)
+                move = (move + kernel.move_excess(before, x[:, :, None, :] * dw[None, :, cs, None])).astype(dtype)
             if interval is not None:
-                move = xz[:, :, 0, None] * dw[None, :, cs]  # N × F × c
+                move = move[..., 0]  # N × F × c
                 sdc = (move < interval[0][:, None, cs]) | (move > interval[1][:, None, cs])
             else:
-                faulty = acc[:, None, cs, :].astype(dtype) + xz[:, :, None, :] * dw[None, :, cs, None]  # N×F×c×P
+                faulty = acc[:, None, cs, :].astype(dtype) + move  # N × F × c × P
                 value = head.reduce(faulty if dtype == np.int32 else wrap32(faulty), cs)
                 rows = np.broadcast_to(np.arange(n)[:, None, None], value.shape).reshape(-1)
                 sdc = judge.sdc(rows, np.broadcast_to(cs, value.shape).reshape(-1),
@@ -156,7 +166,10 @@ def _input(head: IntegerHead, x: np.ndarray, acc: np.ndarray, y: np.ndarray, jud
     site = ExactSiteResult.for_stored(head.input, "input", head.node, x[0], n, hits=False)
     sums = y.sum(axis=-1)  # N × C
     moves = [(flip_all(x, bit) - x.astype(np.int64)).reshape(n, -1) for bit in range(len(site.faults))]
-    reach = max(int(np.abs(dx).max(initial=0)) for dx in moves) * int(np.abs(head.wz).max(initial=0))
+    kernel, stored = head.kernel, head.weight_fc
+    weights = np.abs(stored.astype(np.int64)) + np.abs(stored.astype(np.int64) - head.wz) if kernel.saturates \
+        else np.abs(head.wz)  # a saturating move is at most Δx·(|w| + |zw|)
+    reach = max(int(np.abs(dx).max(initial=0)) for dx in moves) * int(weights.max(initial=0))
     dtype = accumulator_type(acc, reach)
     step = max(1, CHUNK // max(1, n * head.classes))
     for k0 in range(0, features * pixels, step):
@@ -165,8 +178,15 @@ def _input(head: IntegerHead, x: np.ndarray, acc: np.ndarray, y: np.ndarray, jud
         before = acc[:, :, p].transpose(0, 2, 1).astype(dtype)  # N × k × C
         others = sums[:, None, :] - y[:, :, p].transpose(0, 2, 1)  # each class's sum over the other pixels
         wz = head.wz[f, :].astype(dtype)[None]
+        if kernel.saturates:  # the pair sums each fault moves: N × k × C
+            mate, present = kernel.partner(f, features)
+            sums_before = x[:, f, p, None].astype(np.int64) * stored[f].astype(np.int64)[None] + \
+                x[:, mate, p, None].astype(np.int64) * (stored[mate].astype(np.int64) * present[:, None])[None]
         for bit, dx in enumerate(moves):
             faulty = before + dx[:, ks, None].astype(dtype) * wz
+            if kernel.saturates:
+                change = dx[:, ks, None] * stored[f].astype(np.int64)[None]
+                faulty = (faulty + kernel.move_excess(sums_before, change)).astype(dtype)
             new = head.requantise((faulty if dtype == np.int32 else wrap32(faulty))[..., None])[..., 0]
             sdc = judge.winners(head.pool_sums(others + new, pixels)) != judge.top1[:, None]
             site.faults[bit] += int(sdc.size)

@@ -26,6 +26,7 @@ from onnx import helper
 from harden.errors import HardenError
 from harden.fi.bitflip import flip
 from harden.fi.graphinfo import bypass_constant_views, named_copy
+from harden.fi.integer_kernel import Kernel
 from harden.graph.ort import make_session
 
 SHAPE_ONLY = frozenset({"Identity", "Flatten", "Reshape", "Squeeze"})
@@ -129,6 +130,7 @@ class IntegerHead:
         sx_name, zx_name, sw_name, zw_name, sy_name, zy_name = quant
         self.zx = int(constants[zx_name].reshape(-1)[0]) if zx_name else 0
         self.in_dtype = constants[zx_name].dtype if zx_name else np.dtype(np.uint8)  # the stored input's type
+        self.kernel = Kernel.of(node.op_type, self.in_dtype, weight.dtype)  # exact, or saturating pairs (AVX2)
         zw = constants[zw_name].astype(np.int64).reshape(-1) if zw_name else np.zeros(1, np.int64)
         self.wz = weight.astype(np.int64) - np.broadcast_to(zw, (self.classes,))[None, :]  # (W − zw), F × C
         self.bias = constants[bias] if bias else np.zeros(self.classes, np.int32)
@@ -203,9 +205,11 @@ class IntegerHead:
         return self.table[u - self.levels[0], np.broadcast_to(columns, u.shape)]
 
     def accumulate(self, x: np.ndarray) -> np.ndarray:
-        """The int32 accumulators (as int64 values, N × C × P) of inputs `x` (N × F × P stored integers)."""
+        """The int32 accumulators (as int64 values, N × C × P) of inputs `x` (N × F × P stored integers), as this
+        CPU's kernel sums them (harden.fi.integer_kernel)."""
         xz = x.astype(np.int64) - self.zx
         acc = np.einsum("nfp,fc->ncp", xz, self.wz) if x.shape[2] > 1 else (xz[:, :, 0] @ self.wz)[:, :, None]
+        acc += self.kernel.correction(x, self.weight_fc)
         return wrap32(acc + self.bias.astype(np.int64)[None, :, None])
 
     def requantise(self, acc: np.ndarray, classes: np.ndarray | slice = slice(None)) -> np.ndarray:

@@ -103,15 +103,18 @@ class Projection:
         With few classes ORT runs every node from z to the scores. With many, the classifier's product
         would cost E·C per row, so ORT computes only ẑ: a single changed z moves a few of its components
         (more as the change grows), the classifier's accumulators move by Σ Δẑ[i]·(W[:, i] − zw) over
-        those alone, and its exact arithmetic (harden.fi.integer_head) and judge give the top-1."""
+        those alone (with the change of their pairs' saturation where this CPU's kernel saturates), and its
+        exact arithmetic (harden.fi.integer_head) and judge give the top-1."""
         assert self.golden is not None
         head, g = self.head, self.golden
         if self.dense:
             return np.concatenate([np.argmax(np.asarray(self._rest.run(None, {self.output: rows[i:i + 4096]})[0])
                                              .reshape(len(rows[i:i + 4096]), -1), axis=1)
                                    for i in range(0, len(rows), 4096)]) if len(rows) else np.zeros(0, np.int64)
-        delta = self.classifier_input(rows).astype(np.int64) - g.x[images, :, 0]
-        acc = g.acc[images, :, 0].copy()
+        moved = self.classifier_input(rows).astype(np.int64)
+        delta = moved - g.x[images, :, 0]
+        # what a saturating kernel's pairs change by (harden.fi.integer_kernel); zeros for an exact one
+        acc = g.acc[images, :, 0] + head.kernel.rows_change(g.x[images, :, 0], moved, head.weight_fc)
         if 8 * np.count_nonzero(delta) > delta.size:  # most components moved (an input fault's rows): one
             # product, in float64 and exact (every partial sum is an integer below 2^53)
             acc += (delta.astype(np.float64) @ head.wz.astype(np.float64)).astype(np.int64)
