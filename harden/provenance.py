@@ -10,6 +10,7 @@ import platform
 import sys
 from datetime import datetime, timezone
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 TRACKED_PACKAGES = (
@@ -36,11 +37,24 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
+def cpu() -> str:
+    """The processor's model name: ONNX Runtime picks its kernels by it, and an int8 model's integer arithmetic
+    differs between them (harden.fi.integer_kernel), so a number measured on one CPU may not hold on another."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment() -> dict[str, Any]:
-    """Package versions plus interpreter and platform, with a UTC timestamp."""
+    """Package versions plus interpreter, platform and CPU, with a UTC timestamp."""
     return {
         "packages": package_versions(),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
+        "cpu": cpu(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

@@ -69,6 +69,11 @@ def pairs_saturate(op: str, provider: str = "CPUExecutionProvider") -> bool:
     return got != (round(exact / PROBE_SCALE) if requantises else exact)
 
 
+def arithmetic(provider: str = "CPUExecutionProvider") -> dict[str, str]:
+    """How ONNX Runtime sums uint8 × int8 products for each probed op on this machine, for a report."""
+    return {op: "saturating int16 pairs" if pairs_saturate(op, provider) else "exact int32" for op in PROBED}
+
+
 class Kernel:
     """The arithmetic of one integer layer's products, exact or pairwise-saturating, with the pair terms that
     a fault's move must add to the exact one. Features pair as (2j, 2j + 1) along the summed axis; the last of

@@ -109,7 +109,9 @@ def convert_model(model_path: str | os.PathLike[str], data_spec: str, embeddings
     num_classes = int(scores.reshape(len(scores), -1).shape[1])
     notes: list[str] = []
     if matrix.shape[0] != num_classes:
-        raise HardenError(f"the model has {num_classes} classes but the embeddings have {matrix.shape[0]}")
+        raise HardenError(f"the model has {num_classes} classes but the embeddings have {matrix.shape[0]}: embed the "
+                          "model's own classes in its label order (an ImageNet model's: harden describe --classes "
+                          "builtin:imagenet-1k)")
     labelled = len(train.classes) == num_classes
     if not labelled and not config.distill:
         raise HardenError(f"{train.spec} has {len(train.classes)} classes but the model has {num_classes}; "

@@ -21,6 +21,7 @@ from harden.fi.campaign import inject_dataset
 from harden.fi.config import CampaignConfig
 from harden.fi.exact_onnx import analyse_model
 from harden.fi.faults import FaultModel
+from harden.fi.integer_kernel import arithmetic
 from harden.fi.journal import JournalContents
 from harden.fi.stats import binomial_rate
 from harden.files import refuse_overwrite, sha256_file
@@ -103,7 +104,9 @@ def certify(config: CertifyConfig) -> Report:
                     "flops_ratio": m.cost.flops / b.cost.flops if b.cost.flops else None,
                     "latency_ratio": m.cost.latency_ms / b.cost.latency_ms if b.cost.latency_ms else None,
                     "accuracy_change": m.accuracy.value - b.accuracy.value}
-    report = Report(config.to_dict(), environment(), records, found, overhead, verdict)
+    # an int8 model's arithmetic depends on the CPU's kernels (harden.fi.integer_kernel): say which ran
+    report = Report(config.to_dict(), {**environment(), "uint8_int8_kernels": arithmetic()}, records, found,
+                    overhead, verdict)
     report.save(out / "report.json")
     plots = write_plots(records, out)
     render_html(report, plots, out, out / "report.html")

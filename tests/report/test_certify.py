@@ -33,6 +33,10 @@ def test_report_json_round_trips_and_records_provenance(report_dir: tuple[Path, 
     model = again.model("model")
     assert len(model.sha256) == 64 and model.sha256 != again.model("baseline").sha256
     assert data["environment"]["packages"]["onnxruntime"]
+    # an int8 model's integers depend on the CPU's kernels, so the report says which CPU and which arithmetic
+    assert data["environment"]["cpu"]
+    assert set(data["environment"]["uint8_int8_kernels"].values()) <= {"exact int32", "saturating int16 pairs"}
+    assert "uint8 × int8 kernels here" in (out / "report.html").read_text()
     assert data["config"]["seed"] == 0 and data["config"]["injections"] == 200
     assert (out / model.campaign_file).is_file()
     assert 0.8 < model.accuracy.value <= 1.0
