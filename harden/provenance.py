@@ -41,12 +41,11 @@ def cpu() -> str:
     """The processor's model name: ONNX Runtime picks its kernels by it, and an int8 model's integer arithmetic
     differs between them (harden.fi.integer_kernel), so a number measured on one CPU may not hold on another."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:  # not Linux: the platform's own name, which is coarser
+        lines = []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else platform.processor() or platform.machine()
 
 
 def environment() -> dict[str, Any]:
