@@ -179,9 +179,8 @@ def _input(head: IntegerHead, x: np.ndarray, acc: np.ndarray, y: np.ndarray, jud
         others = sums[:, None, :] - y[:, :, p].transpose(0, 2, 1)  # each class's sum over the other pixels
         wz = head.wz[f, :].astype(dtype)[None]
         if kernel.saturates:  # the pair sums each fault moves: N × k × C
-            mate, present = kernel.partner(f, features)
-            sums_before = x[:, f, p, None].astype(np.int64) * stored[f].astype(np.int64)[None] + \
-                x[:, mate, p, None].astype(np.int64) * (stored[mate].astype(np.int64) * present[:, None])[None]
+            mate, _ = kernel.partner(f, features)
+            sums_before = kernel.pair_values(x[:, f, p], x[:, mate, p], f, stored)
         for bit, dx in enumerate(moves):
             faulty = before + dx[:, ks, None].astype(dtype) * wz
             if kernel.saturates:

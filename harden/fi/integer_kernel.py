@@ -108,12 +108,18 @@ class Kernel:
         other = np.asarray(features) ^ 1
         return np.minimum(other, count - 1), other < count
 
-    def pair_sums(self, x: np.ndarray, w: np.ndarray, features: np.ndarray) -> np.ndarray:
-        """Raw pair sums x[f]·w[f, c] + x[f']·w[f', c] (f' the partner of f) of stored input rows `x` (… × F)
-        and weights `w` (F × C): … × k × C for the k `features`."""
+    def pair_values(self, own: np.ndarray, mate: np.ndarray, features: np.ndarray, w: np.ndarray) -> np.ndarray:
+        """Raw pair sums own·w[f, c] + mate·w[f', c] (f' the partner of f) for stored inputs `own` at the k
+        `features` and `mate` at their partners (… × k each) and weights `w` (F × C): … × k × C."""
         other, present = self.partner(features, w.shape[0])
-        xs, ws = x.astype(np.int64), w.astype(np.int64)
-        return xs[..., features, None] * ws[features] + xs[..., other, None] * (ws[other] * present[:, None])
+        ws = w.astype(np.int64)
+        return own.astype(np.int64)[..., None] * ws[features] + \
+            mate.astype(np.int64)[..., None] * (ws[other] * present[:, None])
+
+    def pair_sums(self, x: np.ndarray, w: np.ndarray, features: np.ndarray) -> np.ndarray:
+        """The raw pair sums of stored input rows `x` (… × F) at the k `features`: … × k × C."""
+        other, _ = self.partner(features, w.shape[0])
+        return self.pair_values(x[..., features], x[..., other], features, w)
 
     def correction(self, x: np.ndarray, w: np.ndarray, chunk: int = 1 << 22) -> np.ndarray:
         """Σ_j excess(pair j) for stored inputs `x` (N × F × P) and weights `w` (F × C): N × C × P, what the
@@ -150,13 +156,8 @@ class Kernel:
         step = max(1, chunk // max(1, w.shape[1]))
         for i in range(0, len(rows), step):
             r, first = rows[i:i + step], 2 * pairs[i:i + step]
-            second, present = self.partner(first, count)
-            ws = w.astype(np.int64)
-            mate = ws[second] * present[:, None]
-
-            def pair(x: np.ndarray) -> np.ndarray:
-                xs = x.astype(np.int64)
-                return xs[r, first, None] * ws[first] + xs[r, second, None] * mate
-
-            np.add.at(out, r, self.excess(pair(after)) - self.excess(pair(before)))
+            second, _ = self.partner(first, count)
+            old = self.pair_values(before[r, first], before[r, second], first, w)
+            new = self.pair_values(after[r, first], after[r, second], first, w)
+            np.add.at(out, r, self.excess(new) - self.excess(old))
         return out
