@@ -66,8 +66,8 @@ def analyse_dynamic_head(head: DynamicHead, inputs: np.ndarray,
              _input(head, g, post, inputs, providers), _output(head, g, post)]
     kind = " + ".join(["DynamicQuantizeLinear", head.op, *(n.op_type for n in head.post if n.op_type in ROWWISE)])
     return ExactResult(head=f"dynamic integer linear ({kind})", policy="none",
-                       fmt=f"stored ({head.weight.dtype} weight, float32 values){head.kernel.note}", images=len(g.acc), sites=sites,
-                       seconds=time.perf_counter() - started, rounding_ties=g.ties)
+                       fmt=f"stored ({head.weight.dtype} weight, float32 values){head.kernel.note}",
+                       images=len(g.acc), sites=sites, seconds=time.perf_counter() - started, rounding_ties=g.ties)
 
 
 def _golden(head: DynamicHead, inputs: np.ndarray, providers: Sequence[str]) -> Golden:

@@ -58,8 +58,8 @@ def analyse_head(head: IntegerHead, projection: Projection | None, inputs: np.nd
         sites = [*analyse_projection(projection, inputs, g, batch, providers, threads), *sites]
         ops.insert(0, f"{projection.op} projection")
     kind = f"integer linear ({' + '.join(ops)}{', ' + origin if origin else ''})"
-    return ExactResult(head=kind, policy="none", fmt=f"stored integers{head.kernel.note}", images=len(inputs), sites=sites,
-                       seconds=time.perf_counter() - started)
+    return ExactResult(head=kind, policy="none", fmt=f"stored integers{head.kernel.note}", images=len(inputs),
+                       sites=sites, seconds=time.perf_counter() - started)
 
 
 def _weight(head: IntegerHead, x: np.ndarray, acc: np.ndarray, judge: Judge, bisect: bool = True) -> ExactSiteResult:

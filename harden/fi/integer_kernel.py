@@ -60,7 +60,8 @@ def pairs_saturate(op: str, provider: str = "CPUExecutionProvider") -> bool:
     out = TensorProto.UINT8 if requantises else TensorProto.INT32
     graph = helper.make_graph([node], "probe", [helper.make_tensor_value_info("x", TensorProto.UINT8, x_shape)],
                               [helper.make_tensor_value_info("y", out, None)], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("com.microsoft", 1)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13),
+                                                    helper.make_opsetid("com.microsoft", 1)])
     model.ir_version = 8
     session = make_session(model, providers=[provider], opt_level="disable", threads=1, spinning=False)
     (y,) = session.run(None, {"x": np.full(x_shape, 255, np.uint8)})

@@ -83,7 +83,8 @@ td,th{{border:1px solid #ccc;padding:2px 6px}} .PASSED{{color:green}} .FAILED{{c
 </head><body><h1>harden certify: <span class="{status}">{status}</span></h1>
 <p>schema {html.escape(report.schema)}; created {html.escape(str(env.get('created')))}; python
 {html.escape(str(env.get('python')))}; packages {html.escape(str(env.get('packages')))}; CPU
-{html.escape(str(env.get('cpu')))}; ONNX Runtime's uint8 × int8 kernels here {html.escape(str(env.get('uint8_int8_kernels')))}</p>
+{html.escape(str(env.get('cpu')))}; ONNX Runtime's uint8 × int8 kernels here
+{html.escape(str(env.get('uint8_int8_kernels')))}</p>
 <h2>Gates</h2>{gates}
 {'<h2>Improvement over the baseline</h2>' + imp if imp else ''}
 {'<h2>Overhead of the model over the baseline</h2>' + over if over else ''}
