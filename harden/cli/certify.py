@@ -58,7 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from harden.cli.notes import note_batching
+    from harden.cli.notes import note_model
     from harden.report.certify import CertifyConfig, certify
 
     config = CertifyConfig(
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     report = certify(config)
     for path in (args.model, args.baseline):  # read once certify has checked the files
         if path:
-            note_batching(path)
+            note_model(path)
     for model in report.models:
         k = sum(layer.sdc.k for layer in model.campaign.layers)
         n = sum(layer.sdc.n for layer in model.campaign.layers)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from harden.cli.notes import note_batching
+from harden.cli.notes import note_model
 from harden.data import SPEC_HELP
 from harden.errors import HardenError
 from harden.fi.bitflip import WIDTH
@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
             raise HardenError("--list-sites needs a MODEL")
         prep = parse_preprocess(args.preprocess) if args.preprocess else None
         print(format_sites(sites_of_file(args.model, args.all_tensors, args.data, prep, args.output)))
-        note_batching(args.model)
+        note_model(args.model)
         return 0
     else:
         if not args.model or not args.data or not args.out:
@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
                                  preprocess=parse_preprocess(args.preprocess) if args.preprocess else None,
                                  summary_path=args.summary, progress=not args.no_progress, fresh=args.fresh,
                                  threads=args.threads, output=args.output)
-        note_batching(args.model)
+        note_model(args.model)
     if args.json:
         print(json.dumps(summary.to_dict(), indent=2))
         return 0

@@ -6,11 +6,14 @@ import sys
 
 import onnx
 
+from harden.fi.integer_kernel import kernel_note
 from harden.fi.sites import batching_note
 
 
-def note_batching(path: str) -> None:
-    """Say on stderr when the model's images run one at a time, since its campaign is then slower than usual."""
-    note = batching_note(onnx.load(path, load_external_data=False))
-    if note:
-        print(f"note: {path}: {note}", file=sys.stderr)
+def note_model(path: str) -> None:
+    """Say on stderr, one line each, when the model's images run one at a time (its campaign is then slower than
+    usual), and when its integer arithmetic on this CPU differs from other CPUs'."""
+    model = onnx.load(path, load_external_data=False)
+    for note in (batching_note(model), kernel_note(model)):
+        if note:
+            print(f"note: {path}: {note}", file=sys.stderr)

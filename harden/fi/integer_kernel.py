@@ -75,6 +75,24 @@ def arithmetic(provider: str = "CPUExecutionProvider") -> dict[str, str]:
     return {op: "saturating int16 pairs" if pairs_saturate(op, provider) else "exact int32" for op in PROBED}
 
 
+# ops that make a graph quantised: its integer layers as declared (QOperator, dynamic), or the QuantizeLinear and
+# DequantizeLinear pairs ONNX Runtime fuses into them (QDQ)
+QUANTISED = frozenset({*PROBED, "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
+
+
+def kernel_note(model: onnx.ModelProto, provider: str = "CPUExecutionProvider") -> str | None:
+    """What a user of a quantised graph must know on a CPU whose kernels saturate: its results hold for CPUs like
+    this one. None for float graphs, and where every uint8 × int8 product is summed exactly."""
+    if not any(n.op_type in QUANTISED for n in model.graph.node):
+        return None
+    saturating = [op for op in PROBED if pairs_saturate(op, provider)]
+    if not saturating:
+        return None
+    return (f"this CPU's ONNX Runtime sums uint8 × int8 products in saturating int16 pairs ({', '.join(saturating)}; "
+            "no VNNI): what runs this graph's integer kernels here (its deployed scores, the exact final-layer counts, "
+            "a QOperator or dynamic graph's campaign) holds for CPUs like this one, not for CPUs with VNNI")
+
+
 class Kernel:
     """The arithmetic of one integer layer's products, exact or pairwise-saturating, with the pair terms that
     a fault's move must add to the exact one. Features pair as (2j, 2j + 1) along the summed axis; the last of

@@ -238,13 +238,14 @@ def test_a_quantised_model_is_injected_in_its_stored_integers(files, tmp_path: P
     header = JournalContents(tmp_path / "c.jsonl").header
     sites = {s["name"]: s for s in header["sites"]}
     if fmt == "dynamic":
-        assert "each image runs alone" in err and "DynamicQuantizeLinear" in err and len(err.strip().splitlines()) == 1
+        notes = [line for line in err.strip().splitlines() if "saturating int16 pairs" not in line]  # AVX2 only
+        assert "each image runs alone" in err and "DynamicQuantizeLinear" in err and len(notes) == 1
         assert header["config"]["fault"]["fmt"] is None
         assert {(s["op_type"], s.get("dtype", "float32")) for s in sites.values() if s["kind"] == "weight"} == {
             ("ConvInteger", "uint8"), ("ConvInteger", "float32"), ("Gemm", "float32")}
         assert len(sites) == 9  # each layer's output, weight and bias
         return
-    assert "flip in each site’s own format" in out and "note:" not in err
+    assert "flip in each site’s own format" in out and "runs alone" not in err
     assert {s["dtype"] for s in sites.values()} == {"int8", "int32"} and header["config"]["fault"]["fmt"] is None
     assert len(sites) == 9  # each layer's output, weight and bias
     if fmt == "QOperator":

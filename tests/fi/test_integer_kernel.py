@@ -12,7 +12,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from harden.fi.integer_kernel import PROBED, Kernel, pairs_saturate
+from harden.fi.integer_kernel import PROBED, Kernel, kernel_note, pairs_saturate
 from harden.graph.ort import make_session
 
 
@@ -101,3 +101,17 @@ def test_the_probe_answers_for_every_op_and_only_uint8_by_int8_saturates() -> No
     assert not Kernel.of("MatMulInteger", np.dtype(np.int8), np.dtype(np.int8)).saturates
     assert not Kernel.of("QGemm", np.dtype(np.uint8), np.dtype(np.uint8)).saturates
     assert Kernel(True).note and not Kernel(False).note
+
+
+def test_a_quantised_graph_is_noted_where_this_cpu_saturates_and_a_float_one_never() -> None:
+    """The CLI's note: present for a quantised graph exactly where a probed kernel saturates on this CPU."""
+    model, _ = _integer_model("MatMulInteger", 4, np.ones((4, 2), np.int8), 0, 0)
+    note = kernel_note(model)
+    saturating = [op for op in PROBED if pairs_saturate(op)]
+    assert (note is not None) == bool(saturating)
+    if note:
+        assert all(op in note for op in saturating) and "VNNI" in note
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "f",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    assert kernel_note(helper.make_model(graph)) is None
