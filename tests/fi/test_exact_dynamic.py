@@ -18,7 +18,7 @@ from harden.errors import HardenError
 from harden.fi.dynamic_head import dynamic_classifier
 from harden.fi.exact_onnx import analyse_model
 from tests.fi.exact_brute import brute_dynamic
-from tests.fi.tiny_models import classifier, linear_mlp
+from tests.fi.tiny_models import classifier, linear_mlp, saturating_head
 
 C, K = 5, 4  # linear_mlp's classifier: features × classes
 
@@ -132,3 +132,19 @@ def test_a_fault_within_the_softmax_tie_band_is_decided_by_onnx_runtime() -> Non
     rows, ks = np.array([0, 0, 0]), np.array([1, 1, 0])
     sdc, due = one_class_outcome(g, post, rows, ks, np.array([up, 0.3, np.nan], np.float32))
     assert sdc.tolist() == [False, True, True] and due.tolist() == [False, False, True]
+
+
+def test_products_that_saturate_in_int16_pairs_match_onnx_runtime(tmp_path: Path) -> None:
+    """On a CPU whose uint8 × int8 kernel saturates in pairs (AVX2 without VNNI), both the golden accumulators
+    and the faults' moves saturate: every fault still matches ONNX Runtime. Elsewhere the same model checks the
+    exact sum."""
+    model = _dynamic(saturating_head(), tmp_path)
+    x = np.random.default_rng(3).uniform(0.85, 1.0, size=(6, 8)).astype(np.float32)
+    head = dynamic_classifier(model)
+    assert head is not None
+    result = analyse_model(model, x)
+    want = brute_dynamic(model, x)
+    for site in result.sites:
+        assert (site.sdc, site.due) == (want[site.role][0].tolist(), want[site.role][1].tolist()), site.role
+    assert result.site(head.weight_name).total_sdc > 0
+    assert ("saturating" in result.fmt) == head.kernel.saturates

@@ -18,7 +18,7 @@ from harden.fi.exact_onnx import analyse_model
 from harden.graph.ort import expose, make_session
 from tests.fi.test_qoperator import qoperator
 from tests.fi.test_quantised import quantised
-from tests.fi.tiny_models import labelled_inputs, matmul_mlp, pointwise_cnn, scaled_mlp, stem_cnn
+from tests.fi.tiny_models import labelled_inputs, matmul_mlp, pointwise_cnn, saturating_head, scaled_mlp, stem_cnn
 
 
 def _session(model: onnx.ModelProto, nodes: list[onnx.NodeProto], fed: list[str], dtypes: list[np.dtype]):  # type: ignore[no-untyped-def]
@@ -224,3 +224,18 @@ def test_the_bisected_weight_intervals_give_the_requantised_counts(tmp_path: Pat
     inside = (past >= -(2**31)) & (past < 2**31)  # an end at the int32 limit has nothing past it
     assert not sdc(np.clip(end, -(2**31), 2**31 - 1)).any()
     assert sdc(np.where(inside, past, acc))[inside].all() and inside.sum() > 0.9 * inside.size
+
+
+def test_an_integer_classifier_whose_pairs_saturate_matches_onnx_runtime(tmp_path: Path) -> None:
+    """uint8 inputs near 255 against int8 weights near ±127: on a CPU whose kernel saturates in int16 pairs
+    (AVX2 without VNNI), the golden accumulators and every weight and input fault's move saturate as ONNX
+    Runtime's do; elsewhere the same model checks the exact sum."""
+    model = qoperator(saturating_head(), tmp_path, QuantType.QUInt8)
+    x = np.random.default_rng(3).uniform(0.85, 1.0, size=(12, 8)).astype(np.float32)
+    head = IntegerHead(model)
+    result = analyse_model(model, x)
+    want = _brute(model, x)
+    want.pop("weight hitting the top-1 class")
+    assert {s.role: s.sdc for s in result.sites} == want
+    assert result.site(head.weight_name).total_sdc > 0 and result.site(head.input).total_sdc > 0
+    assert ("saturating" in result.fmt) == head.kernel.saturates

@@ -372,3 +372,14 @@ def linear_mlp(seed: int, bias: bool = True, softmax: str = "", tied: bool = Fal
     nodes.append(helper.make_node(softmax, ["scores"], ["logits"], name="softmax", axis=1) if softmax else
                  helper.make_node("Identity", ["scores"], ["logits"], name="out"))
     return classifier(nodes, inits, "linear_mlp", (1, 2, 3), K)
+
+
+def saturating_head(seed: int = 3) -> onnx.ModelProto:
+    """x (N×8) → MatMul → Add → logits N×3, made to reach int16's limits in pairs once quantised with uint8
+    inputs: positive features near their row's maximum quantise near 255, and weights near ±max near ±127, so
+    ONNX Runtime's AVX2 kernels saturate their pair sums (harden.fi.integer_kernel)."""
+    rng = np.random.default_rng(seed)
+    w = rng.choice(np.array([1.0, 0.98, 0.96, -0.2], np.float32), size=(8, 3))
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.zeros(3, np.float32), "b")]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"], name="fc"), helper.make_node("Add", ["m", "b"], ["logits"])]
+    return classifier(nodes, inits, "saturating", (8,), 3)
