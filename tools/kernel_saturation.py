@@ -29,12 +29,12 @@ def dynamic_scores(model, x):  # type: ignore[no-untyped-def]
     """(kernel, scores as ONNX Runtime computes them here, scores with the exact sum, accumulators changed, all),
     or None when the model has no dynamically quantised classifier."""
     from harden.fi.dynamic_head import dynamic_classifier
-    from harden.fi.exact_dynamic import _golden
+    from harden.fi.exact_dynamic import golden_run
 
     head = dynamic_classifier(model)
     if head is None:
         return None
-    g = _golden(head, x, ("CPUExecutionProvider",))
+    g = golden_run(head, x, ("CPUExecutionProvider",))
     excess = head.kernel.correction(g.xq[:, :, None], head.weight)[..., 0]
     here = head.after(head.layer_output(g.acc, g.m))
     exact = head.after(head.layer_output(g.acc - excess, g.m))

@@ -60,7 +60,7 @@ def analyse_dynamic_head(head: DynamicHead, inputs: np.ndarray,
     """Exact SDC counts of every single-bit fault in the classifier's stored weight, its bias, input and output,
     over the model-ready `inputs`."""
     started = time.perf_counter()
-    g = _golden(head, inputs, providers)
+    g = golden_run(head, inputs, providers)
     post = Post(head, g, providers)
     sites = [_weight(head, g, post), *([_bias(head, g, post)] if head.bias is not None else []),
              _input(head, g, post, inputs, providers), _output(head, g, post)]
@@ -70,7 +70,9 @@ def analyse_dynamic_head(head: DynamicHead, inputs: np.ndarray,
                        images=len(g.acc), sites=sites, seconds=time.perf_counter() - started, rounding_ties=g.ties)
 
 
-def _golden(head: DynamicHead, inputs: np.ndarray, providers: Sequence[str]) -> Golden:
+def golden_run(head: DynamicHead, inputs: np.ndarray, providers: Sequence[str]) -> Golden:
+    """ONNX Runtime's fault-free run, one image at a time, and numpy's arithmetic checked against it bit for bit
+    (refused where a single value differs); public so that tools can compare the kernel's sums with others."""
     names = [head.scores, head.features, head.quantised, head.scale, head.zero, head.multiplier, head.accumulator,
              head.output, head.post[-1].output[0] if head.post else head.scores]
     session = make_session(expose(head.model, names), providers=providers, opt_level="disable", threads=1,
