@@ -295,6 +295,24 @@ class Cone:
         data[nan] = crop(out, np.arange(int(nan.sum())), oy[nan], ox[nan], *data.shape[2:])
 
 
+def windows_reach_a_conv(info: GraphInfo, tensor: str) -> bool:
+    """Whether a window from `tensor` can reach a Conv: through pointwise ops and pools only, since any other
+    op (a dynamic quantiser, whose scale reads the whole tensor; a Reshape; a classifier) takes it whole."""
+    seen: set[int] = set()
+    stack = list(info.consumers.get(tensor, []))
+    while stack:
+        i = stack.pop()
+        if i in seen:
+            continue
+        seen.add(i)
+        node = info.nodes[i]
+        if node.op_type in _WEIGHT_INPUT:
+            return True
+        if node.op_type in POINTWISE or node.op_type in SLIDING:
+            stack.extend(j for out in node.output if out for j in info.consumers.get(out, []))
+    return False
+
+
 def _pad_value(node: onnx.NodeProto, dtype: np.dtype, constants: dict[str, np.ndarray]) -> float | None:
     """What the op reads in its padding, so that a crop can make it up: the smallest value for MaxPool, real
     zero for the rest, which in a QLinearConv's quantised input is its zero point (None if not a constant)."""

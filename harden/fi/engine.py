@@ -34,7 +34,7 @@ from harden.fi.nodes import NODE_LEVEL, NodeSessions, golden_pass
 from harden.fi.outcome import nonfinite_rows, top1_class
 from harden.fi.plan import Shard, block_bounds, injections_per_site, plan_shards, shard_rng, shard_rows
 from harden.fi.prepare import EvalSet, check_labels, prepare_eval, prepare_eval_nodes
-from harden.fi.runner import SAME_KERNELS, SiteRunner, golden_needs, prefix_level
+from harden.fi.runner import SAME_KERNELS, SiteRunner, golden_needs, prefix_level, walks_cone
 from harden.fi.sites import Site, layer_node, list_sites, select_sites
 from harden.fi.suffix import Suffix
 from harden.fi.whole_model import WholeModel, needs_whole_model
@@ -125,7 +125,7 @@ def run_campaign(model: str | os.PathLike[str] | onnx.ModelProto, inputs: np.nda
     workers = concurrent_runs(threads)
     walk_sessions = NodeSessions(info, config.providers, 1) if sessions is not None and workers > 1 else sessions
     first_block: dict[str, np.ndarray] | None = None
-    coned = [s for s in sites if not needs_whole_model(info, s)] if sessions is not None else []
+    coned = [s for s in sites if walks_cone(info, s)] if sessions is not None else []
     if coned and profile_inputs is None:
         # one node-by-node pass gives the golden scores, the ranges and the first block's tensors
         keep = set().union(*(golden_needs(info, s) for s in coned))
@@ -182,8 +182,9 @@ def _execute(info: GraphInfo, sites: Sequence[Site], ev: EvalSet, config: Campai
     # on the 224 px bench, 2 walks at once made the injection phase 1.8-2.0x faster, 2 intra-op threads 1.6x).
     # Only the cone engine's golden passes keep intra-op threads: its blocked kernels (level 'all') gave the
     # same bits whatever the threads and batch.
-    runners = {name: SiteRunner(info, by_name[name], config, ev.ranges, suffixes, 1, walk_sessions or sessions,
-                                whole) for name in names}
+    runners = {name: SiteRunner(info, by_name[name], config, ev.ranges, suffixes, 1,
+                                (walk_sessions or sessions) if walks_cone(info, by_name[name]) else None, whole)
+               for name in names}
     prefix = None
     if any(r.cone is None for r in runners.values()):  # only suffix runs read the prefix's cache
         exposed = sorted(set().union(*(r.needs for r in runners.values())) - {info.input_name})

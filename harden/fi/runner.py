@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from harden.fi.bitflip import peak_scale, tensor_scale
-from harden.fi.cone import Cone, GoldenBlock
+from harden.fi.cone import Cone, GoldenBlock, windows_reach_a_conv
 from harden.fi.config import CampaignConfig
 from harden.fi.faults import site_fault
 from harden.fi.graphinfo import GraphInfo
@@ -266,6 +266,25 @@ class SiteRunner:
         return self.dequantized.decode(values, self.stored.shape, elems)
 
 
+def walks_cone(info: GraphInfo, site: Site) -> bool:
+    """Whether the cone engine walks this site's faults node by node, rather than running its suffix.
+
+    Every site that does not rerun the whole model walks, except in a graph
+    whose rows are coupled (a dynamically quantised one). There every run is
+    one image, and a walk saves work only while its windows last: the first
+    dynamic quantiser takes the whole tensor. A site whose windows meet no Conv
+    before that (an activation of a graph quantised throughout; any weight,
+    whose fault changes a whole channel) would only cut its suffix into one ORT
+    call per node, so it runs its suffix in one call: the same records, 1.6x
+    faster on the demo's model quantised dynamically (tools/precision_sweep.py).
+    """
+    if needs_whole_model(info, site):
+        return False
+    if not info.coupling:
+        return True
+    return site.kind == "activation" and windows_reach_a_conv(info, site.tensor)
+
+
 def golden_needs(info: GraphInfo, site: Site) -> set[str]:
     """The golden tensors the cone engine reads for `site`: its walk's, and for a weight its layer's input."""
     if site.kind == "activation":
@@ -312,6 +331,8 @@ def session_levels(level: str, engine: str = "suffix") -> dict[str, str]:
                                  "node-by-node run")
         levels["weights"] = ("cone engine: the faulty layer output (golden plus the fault's change) walks the "
                              "same single-node sessions on whole maps")
+        levels["coupled"] = ("in a graph whose rows are coupled (dynamic quantisation), weights and activations "
+                             "whose windows meet no Conv run their suffix instead (runner.walks_cone)")
     return levels
 
 

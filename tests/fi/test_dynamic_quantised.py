@@ -18,20 +18,21 @@ import pytest
 from onnxruntime.quantization import quantize_dynamic
 
 from harden.fi import CampaignConfig, run_campaign
+from harden.fi.cone import Cone
 from harden.fi.engine import outcome
 from harden.fi.graphinfo import GraphInfo
 from harden.fi.profile import profile_ranges
 from harden.fi.reference import activation_full, weight_full
+from harden.fi.runner import walks_cone
 from harden.fi.sites import list_sites
 from harden.fi.whole_model import needs_whole_model
 from harden.graph.ort import expose
 from tests.fi.tiny_models import residual_cnn, scaled_mlp
 
 
-def _dynamic(model: onnx.ModelProto, tmp_path: Path) -> onnx.ModelProto:
+def _dynamic(model: onnx.ModelProto, tmp_path: Path, ops: tuple[str, ...] = ("Conv", "MatMul")) -> onnx.ModelProto:
     onnx.save(model, tmp_path / "float.onnx")
-    quantize_dynamic(str(tmp_path / "float.onnx"), str(tmp_path / "dynamic.onnx"),
-                     op_types_to_quantize=["Conv", "MatMul"])
+    quantize_dynamic(str(tmp_path / "float.onnx"), str(tmp_path / "dynamic.onnx"), op_types_to_quantize=list(ops))
     return onnx.load(tmp_path / "dynamic.onnx")
 
 
@@ -102,3 +103,44 @@ def test_ranges_are_profiled_on_each_image_alone(dynamic) -> None:
     tensor = [s.tensor for s in list_sites(GraphInfo(model, example=x[:1])) if s.kind == "activation"][0]
     want = max(float(np.max(np.abs(v[tensor]))) for v in _alone(model, x, [tensor]))
     assert profile_ranges(model, x, [tensor], batch=5)[tensor] == want
+
+
+def test_no_site_of_a_graph_quantised_throughout_walks_the_cone(dynamic, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each dynamic quantiser takes its whole input, so no window from a site outlives the next layer: the cone
+    engine runs these sites' suffixes, one call per fault, instead of one call per node (the records are the
+    same, as the test above checks for every fault of both engines)."""
+    model, x, labels = dynamic
+    info = GraphInfo(model, example=x[:1])
+    assert not any(walks_cone(info, s) for s in list_sites(info))
+
+    def no_walk(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a cone walk")
+
+    monkeypatch.setattr(Cone, "walk", no_walk)
+    summary = run_campaign(model, x, labels, CampaignConfig(injections=6, seed=1), tmp_path / "c.jsonl",
+                           progress=False)
+    assert summary.complete and summary.config.engine == "cone"
+
+
+def test_a_float_conv_before_a_dynamic_classifier_keeps_its_walk(tmp_path: Path) -> None:
+    """Quantised dynamically only in its classifier, a CNN keeps float Convs that a window can reach: the fault
+    at conv1's output walks to conv2 on windows. Every other site runs its suffix, as the suffix engine does."""
+    model = _dynamic(residual_cnn(matmul=True), tmp_path, ("MatMul",))
+    x = np.random.default_rng(1).standard_normal((10, 3, 8, 8)).astype(np.float32) * 2
+    labels = np.array([np.argmax(s["logits"]) for s in _alone(model, x, ["logits"])])
+    info = GraphInfo(model, example=x[:1])
+    sites = list_sites(info)
+    assert info.coupling and {s.name for s in sites if walks_cone(info, s)} == {"c1"}
+    records = {}
+    for engine in ("cone", "suffix"):
+        path = tmp_path / f"{engine}.jsonl"
+        run_campaign(model, x, labels, CampaignConfig(injections=12, engine=engine, seed=3), path, progress=False)
+        records[engine] = [json.loads(line) for line in path.read_text().splitlines() if '"type":"fault"' in line]
+    # the same faults; bit for bit the same records wherever both run the suffix (c1's walk runs its float
+    # Convs with the cone's own kernels, which may round an ulp apart from the suffix's)
+    assert len(records["cone"]) == len(records["suffix"]) == 12 * len(sites)
+    for a, b in zip(records["cone"], records["suffix"]):
+        assert (a["site"], a["image"], a["element"], a["bits"]) == (b["site"], b["image"], b["element"], b["bits"])
+        if a["site"] != "c1":
+            assert a == b

@@ -25,8 +25,9 @@ def classifier(nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto], name:
 
 
 def residual_cnn(seed: int = 0, classes: int = 4, group: int = 1, stride: int = 1, dilation: int = 1,
-                 trans_b: int = 1, pad: int = 1) -> onnx.ModelProto:
-    """conv → relu → conv (+ skip) → relu → global pool → flatten → gemm; input 1×3×8×8 (dynamic batch)."""
+                 trans_b: int = 1, pad: int = 1, matmul: bool = False) -> onnx.ModelProto:
+    """conv → relu → conv (+ skip) → relu → global pool → flatten → gemm (or, with `matmul`, MatMul + Add, which
+    quantize_dynamic quantises); input 1×3×8×8 (dynamic batch)."""
     rng = np.random.default_rng(seed)
     c = 4
     nodes = [
@@ -41,6 +42,10 @@ def residual_cnn(seed: int = 0, classes: int = 4, group: int = 1, stride: int = 
         helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"),
         helper.make_node("Gemm", ["flat", "wf", "bf"], ["logits"], name="fc", transB=trans_b, alpha=1.5, beta=0.5),
     ]
+    if matmul:
+        trans_b = 0
+        nodes[-1:] = [helper.make_node("MatMul", ["flat", "wf"], ["fc"], name="fc"),
+                      helper.make_node("Add", ["fc", "bf"], ["logits"], name="bias")]
     inits = [
         _init("w1", rng, c, 3, 3, 3), _init("b1", rng, c, scale=0.1),
         _init("w2", rng, c, c // group, 3, 3), _init("b2", rng, c, scale=0.1),
