@@ -308,8 +308,10 @@ def windows_reach_a_conv(info: GraphInfo, tensor: str) -> bool:
         node = info.nodes[i]
         if node.op_type in _WEIGHT_INPUT:
             return True
-        if node.op_type in POINTWISE or node.op_type in SLIDING:
-            stack.extend(j for out in node.output if out for j in info.consumers.get(out, []))
+        outputs = [out for out in node.output if out]
+        # as in Cone._run: a node of several outputs (a BatchNormalization in training mode) runs whole
+        if (node.op_type in POINTWISE or node.op_type in SLIDING) and len(outputs) == 1:
+            stack.extend(info.consumers.get(outputs[0], []))
     return False
 
 
