@@ -46,6 +46,7 @@ from harden.fi.graphinfo import GraphInfo
 from harden.fi.integer_head import flip_all
 from harden.fi.outcome import fault_outcome, nonfinite_rows, top1_class
 from harden.fi.suffix import extract
+from harden.graph.batching import RowRunner
 from harden.graph.ort import expose, make_session
 
 # The most multiply-adds the input site's whole-row reruns may cost before the analysis is refused (as the integer
@@ -53,6 +54,8 @@ from harden.graph.ort import expose, make_session
 RERUN_BUDGET = 2e11
 # Rows of scores evaluated at once.
 CHUNK = 1 << 21
+# Input faults rerun through ONNX Runtime at once (each row still as if alone), to bound their memory.
+RERUN_ROWS = 1 << 14
 
 
 def analyse_dynamic_head(head: DynamicHead, inputs: np.ndarray,
@@ -215,15 +218,17 @@ def _input(head: DynamicHead, g: Golden, post: Post, inputs: np.ndarray,
             np.add.at(sdc, bits[sel], hit)
             np.add.at(due, bits[sel], bad)
     if reruns:
-        tail = _tail_session(head, inputs, providers)
-        for b, r, col in zip(*(a.tolist() for a in np.nonzero(~kept))):
-            x = g.f[r:r + 1].copy()
-            x[0, col] = faulty[b, r, col]
-            out = tail.run(None, {head.features: x.reshape(g.feature_shape)})[0].reshape(1, -1)
-            faults[b] += 1
-            hit, bad = fault_outcome(out, g.top1[r:r + 1])
-            sdc[b] += int(hit[0])
-            due[b] += int(bad[0])
+        tail = _tail_runner(head, inputs, providers)
+        bits, rows, cols = np.nonzero(~kept)
+        for start in range(0, reruns, RERUN_ROWS):
+            b, r, col = bits[start:start + RERUN_ROWS], rows[start:start + RERUN_ROWS], cols[start:start + RERUN_ROWS]
+            x = g.f[r]  # fancy indexing copies
+            x[np.arange(len(x)), col] = faulty[b, r, col]
+            (out,) = tail.run({head.features: x.reshape(len(x), *g.feature_shape[1:])})
+            hit, bad = fault_outcome(out.reshape(len(x), -1), g.top1[r])
+            np.add.at(faults, b, 1)
+            np.add.at(sdc, b, hit)
+            np.add.at(due, b, bad)
     site.faults, site.sdc, site.due = faults.tolist(), sdc.tolist(), due.tolist()
     site.recomputed = reruns
     return site
@@ -264,9 +269,9 @@ def _quantiser(providers: Sequence[str]):  # type: ignore[no-untyped-def]
     return quantise
 
 
-def _tail_session(head: DynamicHead, inputs: np.ndarray, providers: Sequence[str]):  # type: ignore[no-untyped-def]
-    """The classifier from its float features to the scores, run one row at a time."""
+def _tail_runner(head: DynamicHead, inputs: np.ndarray, providers: Sequence[str]) -> RowRunner:
+    """The classifier from its float features to the scores, each row run as if alone, many per call (its rows
+    are coupled, harden.graph.batching)."""
     info = GraphInfo(head.model, example=inputs[:1], providers=providers)
     final = head.post[-1].output[0] if head.post else head.scores
-    return make_session(extract(info, [head.features], [final]), providers=providers, opt_level="disable",
-                        threads=1, spinning=False)
+    return RowRunner(extract(info, [head.features], [final]), providers=providers)

@@ -14,6 +14,9 @@ from that image alone; harden runs it that way.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
 import onnx
 from onnx import helper
 
@@ -40,3 +43,75 @@ def images_per_run(model: onnx.ModelProto, batch: int) -> int:
     """How many images one run of the model may carry: `batch`, or 1 for a graph whose rows depend on each other
     (whose outputs would otherwise depend on which images share a batch)."""
     return 1 if row_coupling(model) else batch
+
+
+def replicate(model: onnx.ModelProto, copies: int) -> onnx.ModelProto:
+    """`copies` copies of the graph side by side in one model, sharing its initializers: input or output T of
+    copy j is named 'T@j'.
+
+    Each copy runs the very nodes, at the very shapes, of one image run alone,
+    so ONNX Runtime gives each the bits that a run of that image alone gives
+    (tests/graph/test_batching.py checks it), while one call carries `copies`
+    images. That is what a small graph whose rows are coupled needs: run one
+    image per call, the call's own cost, not the arithmetic, is the most of it.
+    """
+    graph = model.graph
+    shared = {t.name for t in graph.initializer}
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
+        raise ValueError("replicate: a graph with subgraphs (If, Loop, Scan) is not supported")
+    nodes: list[onnx.NodeProto] = []
+    inputs: list[onnx.ValueInfoProto] = []
+    outputs: list[onnx.ValueInfoProto] = []
+    for j in range(copies):
+        def rename(name: str) -> str:
+            return name if not name or name in shared else f"{name}@{j}"
+
+        for node in graph.node:
+            copy = onnx.NodeProto()
+            copy.CopyFrom(node)
+            copy.name = f"{node.name}@{j}" if node.name else ""
+            copy.input[:] = [rename(t) for t in node.input]
+            copy.output[:] = [rename(t) for t in node.output]
+            nodes.append(copy)
+        for values, into in ((graph.input, inputs), (graph.output, outputs)):
+            for value in values:
+                if value.name in shared:
+                    continue
+                renamed = onnx.ValueInfoProto()
+                renamed.CopyFrom(value)
+                renamed.name = rename(value.name)
+                into.append(renamed)
+    out = helper.make_model(helper.make_graph(nodes, f"{graph.name}_x{copies}", inputs, outputs,
+                                              list(graph.initializer)),
+                            opset_imports=list(model.opset_import))
+    out.ir_version = model.ir_version
+    return out
+
+
+class RowRunner:
+    """Runs a graph on many images, each as if alone, `copies` images per ONNX Runtime call (`replicate`)."""
+
+    def __init__(self, model: onnx.ModelProto, copies: int = 64,
+                 providers: Sequence[str] = ("CPUExecutionProvider",), opt_level: str = "disable") -> None:
+        from harden.graph.ort import make_session
+
+        self.copies = copies
+        self.inputs = [v.name for v in model.graph.input if v.name not in {t.name for t in model.graph.initializer}]
+        self.outputs = [v.name for v in model.graph.output]
+        self.session = make_session(replicate(model, copies), providers, opt_level=opt_level, threads=1,
+                                    spinning=False)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """The graph's outputs for each row of the fed arrays (every input with one row per image), stacked."""
+        rows = len(next(iter(feeds.values())))
+        names = [f"{o}@{j}" for j in range(self.copies) for o in self.outputs]
+        parts: list[list[np.ndarray]] = [[] for _ in self.outputs]
+        for start in range(0, rows, self.copies):
+            # a last, short call repeats its last image in the copies it does not fill
+            picks = [min(start + j, rows - 1) for j in range(self.copies)]
+            values = self.session.run(names, {f"{name}@{j}": feeds[name][p:p + 1]
+                                              for j, p in enumerate(picks) for name in self.inputs})
+            used = min(self.copies, rows - start)
+            for k in range(len(self.outputs)):
+                parts[k].extend(values[j * len(self.outputs) + k] for j in range(used))
+        return [np.concatenate(p) for p in parts]

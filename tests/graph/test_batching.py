@@ -10,7 +10,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 from onnxruntime.quantization import quantize_dynamic
 
-from harden.graph.batching import images_per_run, row_coupling
+from harden.graph.batching import RowRunner, images_per_run, replicate, row_coupling
 from harden.graph.parallel import run_model
 from tests.fi.tiny_models import residual_cnn, scaled_mlp
 
@@ -39,3 +39,24 @@ def test_batch_normalisation_in_training_mode_couples_rows() -> None:
     assert row_coupling(model) == "1 BatchNormalization in training mode"
     model.graph.node[0].attribute[0].i = 0
     assert row_coupling(model) is None
+
+
+def test_replicated_copies_give_each_image_the_bits_of_its_run_alone(tmp_path: Path) -> None:
+    """RowRunner carries many images of a graph whose rows are coupled per ORT call, each in a copy of the graph
+    of its own: the same scores as one call per image, bit for bit, also for a last call it cannot fill."""
+    onnx.save(residual_cnn(), tmp_path / "cnn.onnx")
+    quantize_dynamic(str(tmp_path / "cnn.onnx"), str(tmp_path / "dynamic.onnx"), op_types_to_quantize=["Conv"])
+    dynamic = onnx.load(tmp_path / "dynamic.onnx")
+    x = np.random.default_rng(2).standard_normal((11, 3, 8, 8)).astype(np.float32)
+    x[3] *= 40  # batched, this image would coarsen the others' scale
+    session = ort.InferenceSession(dynamic.SerializeToString(), providers=["CPUExecutionProvider"])
+    alone = np.concatenate([session.run(None, {"x": x[i:i + 1]})[0] for i in range(len(x))])
+    assert not np.array_equal(session.run(None, {"x": x})[0], alone)
+    for copies in (1, 4, 16):
+        (got,) = RowRunner(dynamic, copies=copies).run({"x": x})
+        assert got.view(np.uint32).tolist() == alone.view(np.uint32).tolist(), copies
+    doubled = replicate(dynamic, 2)
+    onnx.checker.check_model(doubled)
+    assert [v.name for v in doubled.graph.input] == ["x@0", "x@1"]
+    assert len(doubled.graph.node) == 2 * len(dynamic.graph.node)
+    assert len(doubled.graph.initializer) == len(dynamic.graph.initializer)  # the weights are shared
