@@ -275,8 +275,9 @@ def walks_cone(info: GraphInfo, site: Site) -> bool:
     dynamic quantiser takes the whole tensor. A site whose windows meet no Conv
     before that (an activation of a graph quantised throughout; any weight,
     whose fault changes a whole channel) would only cut its suffix into one ORT
-    call per node, so it runs its suffix in one call: the same records, 1.6x
-    faster on the demo's model quantised dynamically (tools/precision_sweep.py).
+    call per node, so it runs its suffix in one call: the same records, and
+    `harden inject` 2.3-2.6x faster on the demo's models quantised dynamically
+    (docs/benchmarks.md).
     """
     if needs_whole_model(info, site):
         return False
