@@ -131,9 +131,9 @@ class Kernel:
         """Raw pair sums own·w[f, c] + mate·w[f', c] (f' the partner of f) for stored inputs `own` at the k
         `features` and `mate` at their partners (… × k each) and weights `w` (F × C): … × k × C."""
         other, present = self.partner(features, w.shape[0])
-        ws = w.astype(np.int64)
-        return own.astype(np.int64)[..., None] * ws[features] + \
-            mate.astype(np.int64)[..., None] * (ws[other] * present[:, None])
+        # only the k rows taken are widened: a whole 4096 × 1000 head per call made AlexNet's analysis 5x slower
+        mine, theirs = w[features].astype(np.int64), w[other].astype(np.int64) * present[:, None]
+        return own.astype(np.int64)[..., None] * mine + mate.astype(np.int64)[..., None] * theirs
 
     def pair_sums(self, x: np.ndarray, w: np.ndarray, features: np.ndarray) -> np.ndarray:
         """The raw pair sums of stored input rows `x` (… × F) at the k `features`: … × k × C."""
