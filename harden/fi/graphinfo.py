@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import onnx
@@ -278,6 +279,26 @@ class GraphInfo:
             for out in self.nodes[i].output:
                 stack.extend(self.consumers.get(out, []))
         return found
+
+    @cached_property
+    def macs_per_node(self) -> float:
+        """Multiply-adds of one image's forward pass per node, on average (of the layers with a constant weight:
+        Conv, Gemm, MatMul and their integer forms): how much arithmetic each ORT call of a node-by-node run
+        carries against its fixed cost."""
+        weighted = {"Conv": 1, "ConvInteger": 1, "QLinearConv": 3, "Gemm": 1, "MatMul": 1, "MatMulInteger": 1,
+                    "QLinearMatMul": 3, "QGemm": 3}
+        total = 0
+        for node in self.nodes:
+            at = weighted.get(node.op_type)
+            if at is None or len(node.input) <= at or node.input[at] not in self.constants:
+                continue
+            out = self.tensors.get(node.output[0])
+            if out is None or len(out.shape) < 2:
+                continue
+            weight = self.constants[node.input[at]]
+            features = out.shape[1] if "Conv" in node.op_type else out.shape[-1]
+            total += weight.size * int(np.prod(out.shape[1:])) // max(1, features)
+        return total / max(1, len(self.nodes))
 
     def suffix_nodes(self, tensor: str) -> set[int]:
         """The nodes a suffix from `tensor` runs: those downstream of it, plus the producers of the shape

@@ -33,6 +33,12 @@ SAME_KERNELS = ("disable", "basic", "extended")
 
 # What the cone walks running at once may hold, together, per tensor that they run whole (group_rows).
 WALK_BYTES = 256 * 2**20
+# Below this many multiply-adds per node (GraphInfo.macs_per_node), a graph whose rows are coupled runs the sites
+# whose windows end at once as suffixes (walks_cone). Quantised dynamically, the demo's 28 px models carry
+# 0.15 M per node and ran 2.3-2.6x faster so; of the model zoo's graphs, DenseNet-121 (2.0 M) and Inception v2
+# (2.6 M) ran faster so too, Inception v1 (3.5 M) as fast, AlexNet (10 M), ResNet-50 (10 M) and VGG-19 (139 M)
+# about twice as slowly (tools/zoo_sweep.py --dynamic).
+SMALL_NODE_MACS = 3_000_000
 
 
 def _as_rows(rows: slice | np.ndarray) -> np.ndarray:
@@ -269,19 +275,22 @@ class SiteRunner:
 def walks_cone(info: GraphInfo, site: Site) -> bool:
     """Whether the cone engine walks this site's faults node by node, rather than running its suffix.
 
-    Every site that does not rerun the whole model walks, except in a graph
-    whose rows are coupled (a dynamically quantised one). There every run is
-    one image, and a walk saves work only while its windows last: the first
-    dynamic quantiser takes the whole tensor. A site whose windows meet no Conv
-    before that (an activation of a graph quantised throughout; any weight,
-    whose fault changes a whole channel) would only cut its suffix into one ORT
-    call per node, so it runs its suffix in one call: the same records, and
-    `harden inject` 2.3-2.6x faster on the demo's models quantised dynamically
+    Every site that does not rerun the whole model walks, except in a small
+    graph whose rows are coupled (a dynamically quantised one). There every
+    run is one image, and a walk's windows end at the first dynamic quantiser,
+    which takes the whole tensor. What a walk still saves is the rest of a
+    fault that ends early (requantised back to the golden integers, or eaten
+    by a Relu), against one ORT call per node. On a graph whose nodes carry
+    little arithmetic each (`SMALL_NODE_MACS`), a site whose windows meet no
+    Conv (an activation of a graph quantised throughout; any weight, whose
+    fault changes a whole channel) runs its suffix in one call instead: the
+    same records, and `harden inject` 2.3-2.6x faster on the demo's models.
+    On the model zoo's graphs at 224 px the walks' early ends win
     (docs/benchmarks.md).
     """
     if needs_whole_model(info, site):
         return False
-    if not info.coupling:
+    if not info.coupling or info.macs_per_node >= SMALL_NODE_MACS:
         return True
     return site.kind == "activation" and windows_reach_a_conv(info, site.tensor)
 

@@ -23,6 +23,7 @@ from harden.fi.engine import outcome
 from harden.fi.graphinfo import GraphInfo
 from harden.fi.profile import profile_ranges
 from harden.fi.reference import activation_full, weight_full
+from harden.fi import runner
 from harden.fi.runner import walks_cone
 from harden.fi.sites import list_sites
 from harden.fi.whole_model import needs_whole_model
@@ -121,6 +122,9 @@ def test_no_site_of_a_graph_quantised_throughout_walks_the_cone(dynamic, tmp_pat
     summary = run_campaign(model, x, labels, CampaignConfig(injections=6, seed=1), tmp_path / "c.jsonl",
                            progress=False)
     assert summary.complete and summary.config.engine == "cone"
+    # a graph whose nodes each carry much arithmetic keeps its walks, whose early ends then pay for their calls
+    monkeypatch.setattr(runner, "SMALL_NODE_MACS", info.macs_per_node)
+    assert all(walks_cone(info, s) for s in list_sites(info))
 
 
 def test_a_float_conv_before_a_dynamic_classifier_keeps_its_walk(tmp_path: Path) -> None:
