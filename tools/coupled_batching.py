@@ -54,11 +54,15 @@ def main() -> None:
     (copied,) = runner.run({name: x})
     one = per_image(lambda: [session.run(None, {name: x[i:i + 1]}) for i in range(args.images)])
     many = per_image(lambda: runner.run({name: x}))
-    batched = per_image(lambda: session.run(None, {name: x}))
+    fixed = session.get_inputs()[0].shape[0]
     print(f"{args.model}: rows coupled by {row_coupling(model) or 'nothing'}; {args.images} images, 1 thread")
     print(f"one image per call:               {one:.3f} ms per image")
     print(f"{args.copies} copies per call (RowRunner):    {many:.3f} ms per image ({one / many:.2f}x), "
           f"same bits as alone: {copied.tobytes() == alone.tobytes()}")
+    if isinstance(fixed, int):
+        print(f"one batched call: not possible, the graph's batch is fixed at {fixed}")
+        return
+    batched = per_image(lambda: session.run(None, {name: x}))
     print(f"one batched call (shared scales): {batched:.3f} ms per image ({one / batched:.2f}x)")
 
 
