@@ -298,21 +298,14 @@ class Cone:
 def windows_reach_a_conv(info: GraphInfo, tensor: str) -> bool:
     """Whether a window from `tensor` can reach a Conv: through pointwise ops and pools only, since any other
     op (a dynamic quantiser, whose scale reads the whole tensor; a Reshape; a classifier) takes it whole."""
-    seen: set[int] = set()
-    stack = list(info.consumers.get(tensor, []))
-    while stack:
-        i = stack.pop()
-        if i in seen:
-            continue
-        seen.add(i)
-        node = info.nodes[i]
-        if node.op_type in _WEIGHT_INPUT:
-            return True
-        outputs = [out for out in node.output if out]
-        # as in Cone._run: a node of several outputs (a BatchNormalization in training mode) runs whole
-        if (node.op_type in POINTWISE or node.op_type in SLIDING) and len(outputs) == 1:
-            stack.extend(info.consumers.get(outputs[0], []))
-    return False
+    reached = info.downstream_nodes(tensor, through=_keeps_windows)
+    return any(info.nodes[i].op_type in _WEIGHT_INPUT for i in reached)
+
+
+def _keeps_windows(node: onnx.NodeProto) -> bool:
+    """Whether a node's output is windowed where its input is, as Cone._run runs it (a node of several outputs,
+    such as a BatchNormalization in training mode, runs whole)."""
+    return (node.op_type in POINTWISE or node.op_type in SLIDING) and len([o for o in node.output if o]) == 1
 
 
 def _pad_value(node: onnx.NodeProto, dtype: np.dtype, constants: dict[str, np.ndarray]) -> float | None:

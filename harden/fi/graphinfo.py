@@ -10,7 +10,7 @@ exposed, which is cheap and never wrong.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -267,8 +267,9 @@ class GraphInfo:
                         stack.append(inp)
         return seen
 
-    def downstream_nodes(self, tensor: str) -> set[int]:
-        """Indices of the nodes whose value depends on `tensor`."""
+    def downstream_nodes(self, tensor: str, through: Callable[[onnx.NodeProto], bool] | None = None) -> set[int]:
+        """Indices of the nodes whose value depends on `tensor`; with `through`, only along the nodes it accepts
+        (a node it refuses is found, but not gone past)."""
         found: set[int] = set()
         stack = list(self.consumers.get(tensor, []))
         while stack:
@@ -276,8 +277,9 @@ class GraphInfo:
             if i in found:
                 continue
             found.add(i)
-            for out in self.nodes[i].output:
-                stack.extend(self.consumers.get(out, []))
+            if through is None or through(self.nodes[i]):
+                for out in self.nodes[i].output:
+                    stack.extend(self.consumers.get(out, []))
         return found
 
     @cached_property
