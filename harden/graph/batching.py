@@ -20,6 +20,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from harden.errors import HardenError
+
 # Ops whose result for one batch row depends on the other rows: a dynamic quantiser's per-tensor scale (the
 # ONNX op, and ONNX Runtime's contrib ops that fuse one into a MatMul or an LSTM).
 ROW_COUPLING_OPS = ("DynamicQuantizeLinear", "DynamicQuantizeMatMul", "DynamicQuantizeLSTM")
@@ -58,7 +60,7 @@ def replicate(model: onnx.ModelProto, copies: int) -> onnx.ModelProto:
     graph = model.graph
     shared = {t.name for t in graph.initializer}
     if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
-        raise ValueError("replicate: a graph with subgraphs (If, Loop, Scan) is not supported")
+        raise HardenError("cannot run copies of a graph with subgraphs (If, Loop, Scan) side by side")
     nodes: list[onnx.NodeProto] = []
     inputs: list[onnx.ValueInfoProto] = []
     outputs: list[onnx.ValueInfoProto] = []

@@ -7,9 +7,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 from onnx import TensorProto, helper
 from onnxruntime.quantization import quantize_dynamic
 
+from harden.errors import HardenError
 from harden.graph.batching import RowRunner, images_per_run, replicate, row_coupling
 from harden.graph.parallel import run_model
 from tests.fi.tiny_models import residual_cnn, scaled_mlp
@@ -60,3 +62,14 @@ def test_replicated_copies_give_each_image_the_bits_of_its_run_alone(tmp_path: P
     assert [v.name for v in doubled.graph.input] == ["x@0", "x@1"]
     assert len(doubled.graph.node) == 2 * len(dynamic.graph.node)
     assert len(doubled.graph.initializer) == len(dynamic.graph.initializer)  # the weights are shared
+
+
+def test_a_graph_with_subgraphs_is_refused_with_its_reason() -> None:
+    branch = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "branch", [],
+                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])])
+    node = helper.make_node("If", ["c"], ["out"], then_branch=branch, else_branch=branch)
+    graph = helper.make_graph([node], "if", [helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+                                             helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 2])])
+    with pytest.raises(HardenError, match="subgraphs"):
+        replicate(helper.make_model(graph), 2)
