@@ -54,8 +54,8 @@ def replicate(model: onnx.ModelProto, copies: int) -> onnx.ModelProto:
     Each copy runs the very nodes, at the very shapes, of one image run alone,
     so ONNX Runtime gives each the bits that a run of that image alone gives
     (tests/graph/test_batching.py checks it), while one call carries `copies`
-    images. That is what a small graph whose rows are coupled needs: run one
-    image per call, the call's own cost, not the arithmetic, is the most of it.
+    images. A small graph whose rows are coupled needs that: run one image per
+    call, it spends more on each call than on its arithmetic.
     """
     graph = model.graph
     shared = {t.name for t in graph.initializer}
