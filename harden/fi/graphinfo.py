@@ -26,6 +26,12 @@ from harden.graph.model_input import image_input, input_dtype, select_scores
 from harden.graph.ort import expose, make_session
 
 
+# Each compute op's (activation, weight) inputs; a QOperator layer's weight comes after the input's scale and
+# zero point.
+_OPERANDS = {"Conv": (0, 1), "ConvTranspose": (0, 1), "Gemm": (0, 1), "MatMul": (0, 1),
+             "QLinearConv": (0, 3), "QLinearMatMul": (0, 3), "QGemm": (0, 3),
+             "ConvInteger": (0, 1), "MatMulInteger": (0, 1)}
+
 @dataclass(frozen=True)
 class TensorInfo:
     """dtype and shape (at batch 1) of one tensor, and whether its first axis is the image batch.
@@ -283,24 +289,43 @@ class GraphInfo:
         return found
 
     @cached_property
-    def macs_per_node(self) -> float:
-        """Multiply-adds of one image's forward pass per node, on average (of the layers with a constant weight:
-        Conv, Gemm, MatMul and their integer forms): how much arithmetic each ORT call of a node-by-node run
-        carries against its fixed cost."""
-        weighted = {"Conv": 1, "ConvInteger": 1, "QLinearConv": 3, "Gemm": 1, "MatMul": 1, "MatMulInteger": 1,
-                    "QLinearMatMul": 3, "QGemm": 3}
+    def multiply_adds(self) -> int:
+        """Multiply-adds per image of the compute nodes (Conv, ConvTranspose, Gemm, MatMul, and their integer
+        forms, which count the same) at their probed batch-1 shapes; element-wise nodes are not counted."""
         total = 0
         for node in self.nodes:
-            at = weighted.get(node.op_type)
-            if at is None or len(node.input) <= at or node.input[at] not in self.constants:
+            if node.op_type not in _OPERANDS or not node.output:
                 continue
             out = self.tensors.get(node.output[0])
-            if out is None or len(out.shape) < 2:
+            if out is None:
                 continue
-            weight = self.constants[node.input[at]]
-            features = out.shape[1] if "Conv" in node.op_type else out.shape[-1]
-            total += weight.size * int(np.prod(out.shape[1:])) // max(1, features)
-        return total / max(1, len(self.nodes))
+            out_elems = int(np.prod(out.shape[1:] if out.batched else out.shape, dtype=np.int64))
+            x, weight = (node.input[j] if j < len(node.input) else "" for j in _OPERANDS[node.op_type])
+            if "Conv" in node.op_type:
+                w = self.constants.get(weight)
+                if w is None:
+                    continue
+                per_output = int(np.prod(w.shape[1:], dtype=np.int64))
+                if node.op_type == "ConvTranspose":
+                    per_output = int(w.shape[0] * np.prod(w.shape[2:], dtype=np.int64)) // max(1, int(w.shape[1]))
+            else:
+                a = self.tensors.get(x)
+                b = self.constants.get(weight)
+                if b is not None:
+                    trans_b = any(at.name == "transB" and at.i for at in node.attribute)
+                    per_output = int(b.shape[1] if trans_b and node.op_type in ("Gemm", "QGemm") else b.shape[0])
+                elif a is not None and a.shape:
+                    per_output = int(a.shape[-1])
+                else:
+                    continue
+            total += out_elems * per_output
+        return total
+
+    @property
+    def macs_per_node(self) -> float:
+        """Multiply-adds per node of one image's forward pass, on average: how much arithmetic each ORT call of a
+        node-by-node run carries against its fixed cost."""
+        return self.multiply_adds / max(1, len(self.nodes))
 
     def suffix_nodes(self, tensor: str) -> set[int]:
         """The nodes a suffix from `tensor` runs: those downstream of it, plus the producers of the shape

@@ -1,7 +1,8 @@
 """What hardening costs at deployment: parameters, FLOPs per image and ONNX Runtime latency.
 
 FLOPs count 2 per multiply-add of the compute nodes (Conv, ConvTranspose,
-Gemm, MatMul) at their probed batch-1 shapes; element-wise nodes are not
+Gemm, MatMul and their integer forms, GraphInfo.multiply_adds) at their
+probed batch-1 shapes; element-wise nodes are not
 counted, so the text head's normalisation appears only through its Gemm and
 MatMul. Latency is the median of timed batch runs at the deployment
 optimisation level ("all"), on whatever CPU the certification ran on.
@@ -16,15 +17,16 @@ import numpy as np
 import onnx
 
 from harden.fi.graphinfo import GraphInfo
-from harden.fi.quantised import QOPERATOR_BIAS_ADD, QOPERATOR_LAYERS
+from harden.fi.quantised import DYNAMIC_LAYERS, QOPERATOR_BIAS_ADD, QOPERATOR_LAYERS
 from harden.graph.ort import make_session
 from harden.report.schema import Cost
 
 
 def parameter_count(model: onnx.ModelProto) -> int:
     """Elements of the stored parameters: the float constants, and in a quantised graph the stored integer
-    weights and biases (what a QDQ graph's DequantizeLinear decodes, what a QOperator layer reads); their
-    scales and zero points are not counted (a handful per tensor)."""
+    weights and biases (what a QDQ graph's DequantizeLinear decodes, what a QOperator layer or a dynamically
+    quantised one reads); their scales and zero points are not counted (a handful per tensor), except a
+    dynamic layer's weight scale, which a plain Mul reads and so counts as a float."""
     floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE)
     stored: set[str] = set()
     qparams: set[str] = set()
@@ -35,6 +37,9 @@ def parameter_count(model: onnx.ModelProto) -> int:
         binary = n.op_type in (QOPERATOR_BIAS_ADD[0], "QLinearMul")
         params = QOPERATOR_LAYERS.get(n.op_type, QOPERATOR_BIAS_ADD[1] if binary else ())
         stored.update(n.input[j] for j in params if j < len(n.input))
+        if n.op_type in DYNAMIC_LAYERS:  # quantize_dynamic's stored int8 weights; their zero points are qparams
+            stored.update(n.input[j] for j in DYNAMIC_LAYERS[n.op_type] if j < len(n.input))
+            qparams.update(n.input[2:4])
         if n.op_type in ("QuantizeLinear", "DequantizeLinear", "QGemm") or n.op_type.startswith("QLinear"):
             qparams.update(t for j, t in enumerate(n.input) if j and j not in params)  # 0: the data (or a weight)
     named = [(t.name, t) for t in model.graph.initializer]
@@ -44,42 +49,9 @@ def parameter_count(model: onnx.ModelProto) -> int:
                if name in stored or (t.data_type in floats and name not in qparams))
 
 
-# Each compute op's (activation, weight) inputs; a QOperator layer's weight comes after the input's scale and
-# zero point.
-_OPERANDS = {"Conv": (0, 1), "ConvTranspose": (0, 1), "Gemm": (0, 1), "MatMul": (0, 1),
-             "QLinearConv": (0, 3), "QLinearMatMul": (0, 3), "QGemm": (0, 3)}
-
-
 def flop_count(info: GraphInfo) -> int:
     """2 × multiply-adds per image of the compute nodes (an integer layer's multiply-adds count the same)."""
-    total = 0
-    for node in info.nodes:
-        if node.op_type not in _OPERANDS or not node.output:
-            continue
-        out = info.tensors.get(node.output[0])
-        if out is None:
-            continue
-        out_elems = int(np.prod(out.shape[1:] if out.batched else out.shape, dtype=np.int64))
-        x, weight = (node.input[j] if j < len(node.input) else "" for j in _OPERANDS[node.op_type])
-        if node.op_type in ("Conv", "ConvTranspose", "QLinearConv"):
-            w = info.constants.get(weight)
-            if w is None:
-                continue
-            per_output = int(np.prod(w.shape[1:], dtype=np.int64))
-            if node.op_type == "ConvTranspose":
-                per_output = int(w.shape[0] * np.prod(w.shape[2:], dtype=np.int64)) // max(1, int(w.shape[1]))
-        else:
-            a = info.tensors.get(x)
-            b = info.constants.get(weight)
-            if b is not None:
-                trans_b = any(at.name == "transB" and at.i for at in node.attribute)
-                per_output = int(b.shape[1] if trans_b and node.op_type in ("Gemm", "QGemm") else b.shape[0])
-            elif a is not None and a.shape:
-                per_output = int(a.shape[-1])
-            else:
-                continue
-        total += 2 * out_elems * per_output
-    return total
+    return 2 * info.multiply_adds
 
 
 def latency_ms(model: onnx.ModelProto, example: np.ndarray, runs: int = 30, batch: int = 1,

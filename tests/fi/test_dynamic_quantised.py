@@ -28,6 +28,7 @@ from harden.fi.runner import walks_cone
 from harden.fi.sites import list_sites
 from harden.fi.whole_model import needs_whole_model
 from harden.graph.ort import expose
+from harden.report.cost import flop_count, parameter_count
 from tests.fi.tiny_models import residual_cnn, scaled_mlp
 
 
@@ -148,3 +149,15 @@ def test_a_float_conv_before_a_dynamic_classifier_keeps_its_walk(tmp_path: Path)
         assert (a["site"], a["image"], a["element"], a["bits"]) == (b["site"], b["image"], b["element"], b["bits"])
         if a["site"] != "c1":
             assert a == b
+
+
+def test_parameters_and_flops_count_the_stored_integers_as_in_the_float_graph(tmp_path: Path) -> None:
+    """certify's cost of a dynamically quantised graph: its int8 weights are parameters and its ConvInteger and
+    MatMulInteger multiply-adds count (they once counted 0 FLOPs); a per-tensor weight scale, which a plain Mul
+    reads, counts as one float each."""
+    float_model = residual_cnn(matmul=True)
+    model = _dynamic(float_model, tmp_path)
+    layers = [n for n in model.graph.node if n.op_type in ("ConvInteger", "MatMulInteger")]
+    assert len(layers) == 3
+    assert flop_count(GraphInfo(model)) == flop_count(GraphInfo(float_model)) > 0
+    assert parameter_count(float_model) <= parameter_count(model) <= parameter_count(float_model) + len(layers)
