@@ -143,10 +143,12 @@ def run_campaign(model: str | os.PathLike[str] | onnx.ModelProto, inputs: np.nda
     journal = Journal(out_jsonl, header, fresh=fresh)
     todo = [s for s in plan if s.index not in journal.done
             and (config.shard is None or s.index % config.shard[1] == config.shard[0])]
+    held = {} if first_block is None else {0: GoldenBlock(first_block)}
+    del first_block  # _execute lets block 0 go once it is done: the cache budget is one block
     started = time.perf_counter()
     try:
-        _execute(info, sites, ev, config, todo, journal, block_images, progress, sessions,
-                 None if first_block is None else GoldenBlock(first_block), walk_sessions, workers)
+        _execute(info, sites, ev, config, todo, journal, block_images, progress, sessions, held, walk_sessions,
+                 workers)
     finally:
         journal.close()
     seconds = time.perf_counter() - started
@@ -159,14 +161,15 @@ def run_campaign(model: str | os.PathLike[str] | onnx.ModelProto, inputs: np.nda
 
 def _execute(info: GraphInfo, sites: Sequence[Site], ev: EvalSet, config: CampaignConfig, todo: Sequence[Shard],
              journal: Journal, block_images: int, progress: bool, sessions: NodeSessions | None = None,
-             first_block: GoldenBlock | None = None, walk_sessions: NodeSessions | None = None,
+             held: dict[int, GoldenBlock] | None = None, walk_sessions: NodeSessions | None = None,
              workers: int = 1) -> None:
     """Run the pending shards block by block, appending each to the journal as it completes.
 
     `sessions` are the cone engine's node sessions for golden passes (None:
     suffix engine), `walk_sessions` those its walks use (default: the same),
-    `workers` how many fault runs go at once, and `first_block` the golden
-    tensors of block 0 when the evaluation pass kept them. Their results are
+    `workers` how many fault runs go at once, and `held` the golden
+    tensors of block 0 when the evaluation pass kept them ({0: tensors},
+    emptied as soon as block 0 starts). Their results are
     journaled in file order, so the file is the same whatever `workers`.
     """
     if not todo:
@@ -211,49 +214,57 @@ def _execute(info: GraphInfo, sites: Sequence[Site], ev: EvalSet, config: Campai
             group, rows_of, golden_of, lo, future = pending.popleft()
             record(group, rows_of, golden_of, lo, future.result())
 
+    held = {} if held is None else held
+
+    def run_block(block: int) -> None:
+        """Run one block's shards. Its tensors are this function's locals, so they are gone before the next
+        block's are made: the cache_mb budget holds one block, not two."""
+        shards = [s for s in todo if s.block == block]
+        lo, hi = block_bounds(block, len(ev.ids), block_images)
+        x = ev.inputs[lo:hi]
+        step = info.run_batch or config.batch
+        if prefix is not None and any(runners[s.site].cone is None for s in shards):
+            cache, prefix_scores = _prefix_block(info, prefix, x, step,
+                                                 set().union(*(runners[s.site].needs for s in shards)), pool)
+        if sessions is not None and any(runners[s.site].cone is not None for s in shards):
+            ready = held.pop(block, None)
+            held.clear()  # block 0's tensors, where a resumed campaign has done it already
+            # one chunk: the block's tensors need no concatenation
+            golden_block = ready if ready is not None else GoldenBlock(
+                golden_pass(sessions, x, info.run_batch or len(x), cone_keep))
+        goldens: dict[str, np.ndarray] = {}
+        whole_golden: np.ndarray | None = None
+        for group in _walks(shards, runners, config.batch, workers if pool is not None else 1):
+            runner = runners[group[0].site]
+            rows_of = [shard_rows(s, hi - lo) for s in group]
+            rngs = [shard_rng(config.seed, s.site, s) for s in group]
+            job: Callable[[], list[dict[str, np.ndarray]]]
+            if runner.cone is not None:  # the group's shards share one walk
+                golden_of = [golden_block[info.scores][r] for r in rows_of]
+                job = partial(runner.inject_many, golden_block, rows_of, rngs, golden_of)
+            elif runner.whole is not None:
+                # that session is not the prefix's: its golden is its own fault-free run, once per block
+                if whole_golden is None:
+                    whole_golden = np.concatenate([runner.whole.golden(x[i:i + step])
+                                                   for i in range(0, len(x), step)])
+                golden_of = [whole_golden[rows_of[0]]]
+                job = partial(_one, runner.inject, cache, rows_of[0], rngs[0], golden_of[0])
+            else:
+                site = group[0].site
+                if config.opt_level not in SAME_KERNELS and site not in goldens:
+                    goldens[site] = runner.null_scores(cache, hi - lo)
+                golden_of = [goldens.get(site, prefix_scores)[rows_of[0]]]
+                job = partial(_one, runner.inject, cache, rows_of[0], rngs[0], golden_of[0])
+            if pool is None:
+                record(group, rows_of, golden_of, lo, job())
+            else:
+                pending.append((group, rows_of, golden_of, lo, pool.submit(job)))
+                settle(2 * workers)  # enough queued that no worker waits for the journal
+        settle(0)
+
     try:
         for block in sorted({s.block for s in todo}):
-            shards = [s for s in todo if s.block == block]
-            lo, hi = block_bounds(block, len(ev.ids), block_images)
-            x = ev.inputs[lo:hi]
-            step = info.run_batch or config.batch
-            if prefix is not None and any(runners[s.site].cone is None for s in shards):
-                cache, prefix_scores = _prefix_block(info, prefix, x, step,
-                                                     set().union(*(runners[s.site].needs for s in shards)), pool)
-            if sessions is not None and any(runners[s.site].cone is not None for s in shards):
-                if block == 0 and first_block is not None:
-                    golden_block = first_block
-                else:  # one chunk: the block's tensors need no concatenation
-                    golden_block = GoldenBlock(golden_pass(sessions, x, info.run_batch or len(x), cone_keep))
-            goldens: dict[str, np.ndarray] = {}
-            whole_golden: np.ndarray | None = None
-            for group in _walks(shards, runners, config.batch, workers if pool is not None else 1):
-                runner = runners[group[0].site]
-                rows_of = [shard_rows(s, hi - lo) for s in group]
-                rngs = [shard_rng(config.seed, s.site, s) for s in group]
-                job: Callable[[], list[dict[str, np.ndarray]]]
-                if runner.cone is not None:  # the group's shards share one walk
-                    golden_of = [golden_block[info.scores][r] for r in rows_of]
-                    job = partial(runner.inject_many, golden_block, rows_of, rngs, golden_of)
-                elif runner.whole is not None:
-                    # that session is not the prefix's: its golden is its own fault-free run, once per block
-                    if whole_golden is None:
-                        whole_golden = np.concatenate([runner.whole.golden(x[i:i + step])
-                                                       for i in range(0, len(x), step)])
-                    golden_of = [whole_golden[rows_of[0]]]
-                    job = partial(_one, runner.inject, cache, rows_of[0], rngs[0], golden_of[0])
-                else:
-                    site = group[0].site
-                    if config.opt_level not in SAME_KERNELS and site not in goldens:
-                        goldens[site] = runner.null_scores(cache, hi - lo)
-                    golden_of = [goldens.get(site, prefix_scores)[rows_of[0]]]
-                    job = partial(_one, runner.inject, cache, rows_of[0], rngs[0], golden_of[0])
-                if pool is None:
-                    record(group, rows_of, golden_of, lo, job())
-                else:
-                    pending.append((group, rows_of, golden_of, lo, pool.submit(job)))
-                    settle(2 * workers)  # enough queued that no worker waits for the journal
-            settle(0)
+            run_block(block)
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)

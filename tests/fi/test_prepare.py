@@ -34,9 +34,11 @@ def _node_eval(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, block: int)
     return info, sessions, tensors, keep, prepare_eval_nodes(sessions, x, y, tensors, 5, keep, block)
 
 
-def test_node_pass_keeps_the_images_and_ranges_of_the_whole_graph_pass(setup) -> None:
+@pytest.mark.parametrize("block", [3, 8])
+def test_node_pass_keeps_the_images_and_ranges_of_the_whole_graph_pass(setup, block: int) -> None:
+    """Whether the first block is built in the first chunk's arrays (3) or apart (8)."""
     model, x, y = setup
-    _, _, tensors, _, (ev, _) = _node_eval(model, x, y, 8)
+    _, _, tensors, _, (ev, _) = _node_eval(model, x, y, block)
     whole = prepare_eval(model, x, y, tensors, opt_level=NODE_LEVEL)
     assert np.array_equal(ev.ids, whole.ids) and not {1, 4, 5, 11} & set(ev.ids.tolist())
     assert np.array_equal(ev.golden_class, whole.golden_class)
@@ -56,6 +58,35 @@ def test_first_block_is_the_golden_pass_of_the_first_kept_images(setup, block: i
         assert value.dtype == first[name].dtype
         assert np.array_equal(value.view(np.uint8), first[name].view(np.uint8)), name
     assert len(first[info.scores]) == min(block, len(ev.ids))
+
+
+def test_first_block_built_in_the_first_chunk_leaves_the_images_alone(setup) -> None:
+    """A block no larger than a chunk is built in the chunk's own arrays, but a kept tensor that is the images
+    themselves is copied, never written to."""
+    model, x, y = setup
+    before = x.copy()
+    info = GraphInfo(model, example=x[:1])
+    sessions = NodeSessions(info, ["CPUExecutionProvider"])
+    keep = set(Cone(info, None, "c1").needs()) | {info.input_name}
+    ev, first = prepare_eval_nodes(sessions, x, y, [], 5, keep, 4)
+    assert first is not None
+    assert np.array_equal(x.view(np.uint8), before.view(np.uint8))
+    assert np.array_equal(first[info.input_name], ev.inputs[:4])
+    expected = golden_pass(sessions, ev.inputs[:4], 4, keep)
+    assert all(np.array_equal(value.view(np.uint8), first[name].view(np.uint8)) for name, value in expected.items())
+
+
+def test_building_the_block_in_place_leaves_the_scores_of_the_first_chunk_alone(setup) -> None:
+    """The first chunk is a left-out image, then two of different classes: moving the held rows up must not
+    move their scores, or the second image would be judged on the third's."""
+    model, x, y = setup
+    a = next(i for i in range(len(y)) if i not in (1, 4, 5, 11))
+    b = next(i for i in range(len(y)) if i not in (1, 4, 5, 11) and y[i] != y[a])
+    order = [1, a, b] + [i for i in range(len(y)) if i not in (1, a, b)]
+    _, _, tensors, _, (ev, first) = _node_eval(model, x[order], y[order], 3)
+    whole = prepare_eval(model, x[order], y[order], tensors, opt_level=NODE_LEVEL)
+    assert np.array_equal(ev.ids, whole.ids) and ev.ids[:2].tolist() == [1, 2]
+    assert first is not None
 
 
 def test_first_block_is_left_to_the_campaign_when_one_pass_cannot_tell_it(setup, monkeypatch) -> None:
@@ -83,6 +114,39 @@ def test_cone_campaign_records_do_not_depend_on_where_block_zero_came_from(setup
     run_campaign(model, x, y, config, tmp_path / "b.jsonl", progress=False, profile_inputs=x)
     a, b = (list(JournalContents(tmp_path / f"{n}.jsonl").records()) for n in "ab")
     assert a == b and len(a) == 30 * len(JournalContents(tmp_path / "a.jsonl").header["sites"])
+
+
+def test_a_cone_campaign_holds_one_block_of_golden_tensors_at_a_time(setup, tmp_path: Path, monkeypatch) -> None:
+    """Block 0 from the evaluation pass, then four more: each block's tensors are gone before the next one's
+    golden pass, so the cache budget bounds what the campaign holds."""
+    import gc
+    import weakref
+
+    import harden.fi.engine as engine
+
+    model, x, y = setup
+    alive: list[weakref.ref] = []
+    passes: list[int] = []
+    real_prepare, real_pass = engine.prepare_eval_nodes, engine.golden_pass
+
+    def prepare(*args, **kwargs):  # type: ignore[no-untyped-def]
+        ev, first = real_prepare(*args, **kwargs)
+        alive.extend(weakref.ref(v) for v in first.values())
+        return ev, first
+
+    def golden(*args, **kwargs):  # type: ignore[no-untyped-def]
+        passes.append(len(alive))
+        gc.collect()
+        assert not [r for r in alive if r() is not None], "an earlier block's tensors are still held"
+        values = real_pass(*args, **kwargs)
+        alive.extend(weakref.ref(v) for v in values.values())
+        return values
+
+    monkeypatch.setattr(engine, "prepare_eval_nodes", prepare)
+    monkeypatch.setattr(engine, "golden_pass", golden)
+    summary = run_campaign(model, x, y, CampaignConfig(injections=20, batch=4, cache_images=4), tmp_path / "c.jsonl",
+                           progress=False)
+    assert summary.complete and len(passes) >= 3 and passes[0] > 0  # block 0 came from the evaluation pass
 
 
 def test_tied_scores_are_named_as_ties_not_as_misclassification() -> None:
