@@ -14,7 +14,7 @@ kernels.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import onnx
@@ -82,19 +82,30 @@ class NodeSessions:
 
 
 def node_pass(sessions: NodeSessions, x: np.ndarray, batch: int, keep: Iterable[str] | None = None,
+              seen: Callable[[str, np.ndarray], None] | None = None,
               ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
     """A fault-free node-by-node run of `x`, `batch` images at a time: each chunk's start and its tensors
-    (all of them, or only those in `keep`, plus the scores)."""
+    (all of them, or only those in `keep`, plus the scores).
+
+    `seen(name, value)` is called on every tensor as it is made, so that a caller can summarise tensors
+    (their ranges) without keeping them: the rest go as soon as their last reader has run.
+    """
     info = sessions.info
     wanted = None if keep is None else set(keep) | {info.scores}
     batch = info.run_batch or batch  # a fixed batch, or one image at a time where rows are coupled
     for start in range(0, len(x), batch):
         values: dict[str, np.ndarray] = {info.input_name: x[start:start + batch]}
+        if seen is not None:
+            seen(info.input_name, values[info.input_name])
         readers = {t: len(c) for t, c in info.consumers.items()}
         for i, node in enumerate(info.nodes):
             if node.op_type == "Constant":
                 continue
-            values.update(sessions.run(i, values))
+            made = sessions.run(i, values)
+            values.update(made)
+            if seen is not None:
+                for name, value in made.items():
+                    seen(name, value)
             for t in node.input:
                 if t in readers:
                     readers[t] -= 1

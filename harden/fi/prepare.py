@@ -143,21 +143,29 @@ def prepare_eval_nodes(sessions: NodeSessions, inputs: np.ndarray, labels: np.nd
     scores: list[np.ndarray] = []
     block: dict[str, np.ndarray] = {}
     held: list[int] = []  # input positions of the rows in `block`, in order
+
+    def seen(name: str, value: np.ndarray) -> None:
+        if name in peaks:
+            peaks[name] = max(peaks[name], finite_peak(value))
+
+    # Chunks no larger than the block, so that the first one's arrays can become it (_hold). Once the block
+    # is full, a chunk keeps nothing but its scores: each tensor goes after its last reader.
+    step = min(batch, block_images)
     with tqdm(total=len(inputs), unit="img", desc="golden", disable=not progress, file=sys.stderr,
               dynamic_ncols=True) as bar:
-        # chunks no larger than the block, so that the first one's arrays can become it (_hold)
-        for start, values in node_pass(sessions, inputs, min(batch, block_images), keep | set(tensors)):
-            chunk = values[info.scores]
-            bar.update(len(chunk))
-            scores.append(chunk)
-            for name in tensors:
-                peaks[name] = max(peaks[name], finite_peak(values[name]))
-            room = block_images - len(held)
-            if room > 0 and chunk.ndim == 2 and chunk.shape[1] >= 2:
-                rows = _candidates(chunk, labels[start:start + len(chunk)])[:room]
-                _hold(info, block, len(held), block_images, {n: values[n] for n in keep | {info.scores}}, rows,
-                      inputs)
-                held.extend((start + rows).tolist())
+        for first in range(0, len(inputs), step):
+            wanted = keep if len(held) < block_images else set()
+            for offset, values in node_pass(sessions, inputs[first:first + step], step, wanted, seen):
+                start = first + offset
+                chunk = values[info.scores]
+                bar.update(len(chunk))
+                scores.append(chunk)
+                room = block_images - len(held)
+                if room > 0 and chunk.ndim == 2 and chunk.shape[1] >= 2:
+                    rows = _candidates(chunk, labels[start:start + len(chunk)])[:room]
+                    _hold(info, block, len(held), block_images, {n: values[n] for n in keep | {info.scores}},
+                          rows, inputs)
+                    held.extend((start + rows).tolist())
     ev = select_eval(inputs, labels, np.concatenate(scores), peaks)
     return ev, _first_block(info, block, held, [int(p) for p in ev.ids[:block_images]])
 
