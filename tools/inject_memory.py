@@ -8,7 +8,7 @@ ResNet-50 the block is 7 images; before the evaluation pass was cut into chunks 
 a whole `--batch` of 64 images' tensors at once.
 
     .venv/bin/python tools/inject_memory.py [--arch resnet50] [--limit 400] [--injections 8] [--threads 2]
-        [--work /tmp/harden-inject-memory]
+        [--engine cone|suffix] [--batch 64] [--work /tmp/harden-inject-memory]
 
 Run it with PYTHONPATH pointing at another checkout to measure that version of harden on the same model.
 """
@@ -30,6 +30,8 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=400, help="Fashion-MNIST test images before the filter")
     parser.add_argument("--injections", type=int, default=8, help="injections per activation site")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--engine", default="cone", choices=("cone", "suffix"))
+    parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--work", default="/tmp/harden-inject-memory")
     args = parser.parse_args()
 
@@ -43,7 +45,8 @@ def main() -> None:
     out = work / "campaign.jsonl"
     command = [sys.executable, "-m", "harden", "inject", str(model), "--data", "fashion-mnist:test", "--limit",
                str(args.limit), "--kinds", "activation", "--injections", str(args.injections), "--threads",
-               str(args.threads), "--no-progress", "--fresh", "--out", str(out)]
+               str(args.threads), "--engine", args.engine, "--batch", str(args.batch), "--no-progress", "--fresh",
+               "--out", str(out)]
     started = time.perf_counter()
     # run outside any checkout, so that PYTHONPATH (not the working directory) says which harden runs
     done = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ), cwd=work)
@@ -54,7 +57,8 @@ def main() -> None:
     import harden
 
     print(f"{args.arch} at 224 px, {args.limit} images, {args.injections} injections per activation site, "
-          f"{args.threads} threads (harden from {Path(harden.__file__).parent.parent}): "
+          f"{args.threads} threads, {args.engine} engine, batch {args.batch} "
+          f"(harden from {Path(harden.__file__).parent.parent}): "
           f"{seconds:.1f} s, peak memory {peak:.2f} GiB")
 
 
