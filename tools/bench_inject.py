@@ -443,6 +443,11 @@ def report(args, net, onnx_path: Path, images: np.ndarray, levels: list[str], ru
               f"best {total / best:8.1f} inj/s ({pfi_best / best:.1f}x PyTorchFI's best); "
               f"injection phase median {phase:8.1f} inj/s; {(pfi_med + gold_med) / med:.1f}x PyTorchFI's median "
               "with its golden pass")
+    # The machine's speed drifts over a long bench; a round's two engines ran back to back (ABBA order), so the
+    # ratio within each round shows how far the headline median can move from run to run.
+    paired = [p / r[0] for p, r in zip(pfi_times, runs[level])]
+    print(f"round by round, PyTorchFI's injection runs over harden's campaign ({level}): "
+          + ", ".join(f"{x:.1f}x" for x in paired) + f" (spread {min(paired):.1f}x to {max(paired):.1f}x)")
     same_levels = all([l.sdc.k for l in s.layers] == [l.sdc.k for l in summary.layers] for s in summaries.values())
     print(f"SDC counts identical across harden variants: {same_levels}")
     rows = []
@@ -468,7 +473,7 @@ def report(args, net, onnx_path: Path, images: np.ndarray, levels: list[str], ru
               f"PyTorchFI SDC {theirs}")
     (work / f"bench-{args.model}.json").write_text(json.dumps(
         {"model": args.model, "threads": args.threads, "injections": total, "pytorchfi_s": pfi_times,
-         "pytorchfi_golden_s": golden_times, "same_images": same_images,
+         "pytorchfi_golden_s": golden_times, "same_images": same_images, "round_ratios": paired,
          "harden": {k: [{"seconds": r[0], "phase_inj_per_s": r[1]} for r in v] for k, v in runs.items()},
          "layers": rows}, indent=2))
 
