@@ -23,7 +23,7 @@ from harden.fi.whole_model import WholeModel, needs_whole_model
 from harden.fi.sites import Site, layer_node
 from harden.fi.suffix import Suffix
 from harden.fi.weights import NodeRerun, conv_delta, gemm_delta, matmul_delta
-from harden.graph.ort import expose, make_session
+from harden.graph.ort import SharedWeights, expose, make_session
 
 
 # At these ORT levels the prefix and every suffix run the same kernels, so the prefix's scores are
@@ -50,7 +50,7 @@ class SiteRunner:
 
     def __init__(self, info: GraphInfo, site: Site, config: CampaignConfig, ranges: dict[str, float],
                  suffixes: dict[str, Suffix], threads: int = 0, sessions: NodeSessions | None = None,
-                 whole: WholeModel | None = None) -> None:
+                 whole: WholeModel | None = None, shared: SharedWeights | None = None) -> None:
         self.site, self.config = site, config
         self.fault = site_fault(config.fault, site)
         self.run_batch = info.run_batch
@@ -72,7 +72,7 @@ class SiteRunner:
             self.needs = set()
         else:
             if self.out not in suffixes:
-                suffixes[self.out] = Suffix(info, self.out, config.providers, config.opt_level, threads)
+                suffixes[self.out] = Suffix(info, self.out, config.providers, config.opt_level, threads, shared)
             self.suffix = suffixes[self.out]
             self.needs = set(self.suffix.inputs)
         self.relu_only, self.add_other = _relu_masking(info, site)

@@ -16,14 +16,14 @@ from onnx import helper
 from onnx.utils import Extractor
 
 from harden.fi.graphinfo import GraphInfo
-from harden.graph.ort import make_session
+from harden.graph.ort import SharedWeights, make_session
 
 
 class Suffix:
     """Runs the graph from a site tensor to the class scores on a batch of (possibly corrupted) cut tensors."""
 
     def __init__(self, info: GraphInfo, tensor: str, providers: Sequence[str], opt_level: str,
-                 threads: int = 0) -> None:
+                 threads: int = 0, shared: SharedWeights | None = None) -> None:
         self.tensor = tensor
         self.inputs = info.cut(tensor)
         self.image_rows = {name: info.image_rows(name) for name in self.inputs}
@@ -32,8 +32,11 @@ class Suffix:
             model = extract(info, self.inputs, [info.scores])
             # one arena for every site's session (make_session): with one each, every site kept its own
             # peak working memory, and a 224 px ResNet-50 campaign held 9.8 GiB (tools/inject_memory.py)
+            # and one copy of the weights, where no graph rewrite could make a session's kernels differ
+            self.shared = shared if opt_level == "disable" else None
             self.session = make_session(model, providers=providers, opt_level=opt_level, threads=threads,
-                                        spinning=False, shared_arena=True)
+                                        spinning=False, shared_arena=True,
+                                        shared=self.shared.values if self.shared else None)
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         """Class scores for the fed cut tensors (the site tensor already corrupted)."""

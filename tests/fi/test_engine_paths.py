@@ -283,3 +283,36 @@ def test_whole_model_sites_of_a_model_listing_initializers_as_inputs() -> None:
     for i in range(4):
         np.testing.assert_allclose(fast[i], weight_full(model, x[i:i + 1], "w", int(elems[i]), float(faulty[i]))[0],
                                    rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("make", [residual_cnn, matmul_mlp])
+def test_suffix_sessions_share_the_weights_and_write_the_same_file(make, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """At level 'disable' every site's suffix session reads one copy of the weights, and the campaign file is
+    the one each session would write on its own copy; at other levels nothing is shared."""
+    from harden.fi.engine import run_campaign
+    from harden.graph.ort import SharedWeights
+
+    model = make()
+    x, y = labelled_inputs(model, 24)
+    given: list[set[str]] = []
+    real = make_session
+
+    def spy(*args, shared=None, **kwargs):  # type: ignore[no-untyped-def]
+        given.append(set(shared or ()))
+        return real(*args, shared=shared, **kwargs)
+
+    monkeypatch.setattr("harden.fi.suffix.make_session", spy)
+    files = {}
+    for label, least, level in (("own", 10**12, "disable"), ("shared", 1, "disable"), ("basic", 1, "basic")):
+        monkeypatch.setattr(SharedWeights, "MIN_ELEMENTS", least)
+        given.clear()
+        config = CampaignConfig(injections=40, batch=8, engine="suffix", opt_level=level)
+        run_campaign(model, x, y, config, tmp_path / f"{label}.jsonl", progress=False)
+        files[label] = (tmp_path / f"{label}.jsonl").read_bytes()
+        assert given, "no suffix session was built"
+        inits = {t.name for t in model.graph.initializer}
+        if label == "shared":
+            assert all(names and names <= inits for names in given)
+        else:
+            assert not any(given)
+    assert files["shared"] == files["own"]
