@@ -191,3 +191,40 @@ def test_tied_scores_are_named_as_ties_not_as_misclassification() -> None:
         select_eval(x, np.zeros(4, dtype=np.int64), np.zeros((4, 3), dtype=np.float32), {})
     with pytest.raises(HardenError, match="no evaluation image is classified correctly"):
         select_eval(x, np.ones(4, dtype=np.int64), np.tile(np.float32([2, 1, 0]), (4, 1)), {})
+
+
+@pytest.mark.parametrize("level", ["disable", NODE_LEVEL])
+def test_the_profiling_pass_gives_the_same_set_however_the_images_are_cut(setup, level: str) -> None:
+    """What lets profile_batch cut the pass to fit the budget: golden scores and ranges alike, bit for bit."""
+    model, x, y = setup
+    tensors = [n.output[0] for n in model.graph.node if n.op_type in ("Conv", "Gemm")]
+    sets = [prepare_eval(model, x, y, tensors, batch=batch, opt_level=level, threads=1) for batch in (1, 7, 24)]
+    for ev in sets[1:]:
+        assert ev.header() == sets[0].header()
+        assert np.array_equal(ev.top2diff.view(np.uint64), sets[0].top2diff.view(np.uint64))
+
+
+def test_the_profiling_pass_of_a_suffix_campaign_keeps_to_the_cache_budget(setup, tmp_path: Path,
+                                                                            monkeypatch) -> None:
+    """Every tensor the pass profiles is alive at the end of its run, so the images of the runs going at once
+    must fit `cache_mb`: the peak of a 224 px ResNet-50 campaign was 7.75 GB against 1 GB."""
+    from harden.fi import engine
+
+    model, x, y = setup
+    info = GraphInfo(model, example=x[:1])
+    act = [n.output[0] for n in model.graph.node if n.op_type in ("Conv", "Gemm")]
+    per_image = sum(int(np.prod(info.tensors[t].shape[1:])) * 4 for t in act)
+    batches: list[int] = []
+    real = engine.prepare_eval
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        batches.append(args[5])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "prepare_eval", spy)
+    budget = 3.5 * per_image * 2 / 2**20  # two runs at once, three and a half images' tensors each
+    config = CampaignConfig(kinds=("activation",), injections=8, batch=16, engine="suffix", cache_mb=budget)
+    run_campaign(model, x, y, config, tmp_path / "small.jsonl", progress=False, threads=2)
+    assert batches == [3]
+    assert engine.profile_batch(info, act, CampaignConfig(batch=16), 2) == 16  # the default budget: --batch
+    assert engine.profile_batch(info, act, CampaignConfig(batch=16, cache_mb=1e-6), 2) == 1
