@@ -97,7 +97,11 @@ class SharedWeights:
     The suffix engine builds one session per fault site, each running the part
     of the model after its site, and each loaded its own copy of every weight
     it runs: a 224 px ResNet-50 campaign's 53 sessions took 7 GB
-    (tools/inject_memory.py). Handed these values, they read one copy. Only
+    (tools/inject_memory.py). Handed these values, their kernels read one
+    copy, which took 1 GB off that campaign's peak. It is not more because ONNX
+    Runtime still keeps, per session, the weights' bytes from the model it was
+    given; feeding a Conv's weight as an input instead keeps nothing, but a
+    MatMul or Gemm fed so rounds differently from its packed constant. Only
     tensors of at least MIN_ELEMENTS are shared (the rest weigh nothing), and
     a caller shares them only where ONNX Runtime rewrites no graph (level
     'disable'), so that every session runs the kernels it would run on its own
