@@ -28,12 +28,15 @@ class Suffix:
         self.inputs = info.cut(tensor)
         self.image_rows = {name: info.image_rows(name) for name in self.inputs}
         self.session: ort.InferenceSession | None = None
+        self.weights: dict[str, np.ndarray] = {}  # fed with every run, from the one shared copy
         if tensor != info.scores:
             model = extract(info, self.inputs, [info.scores])
             # one arena for every site's session (make_session): with one each, every site kept its own
-            # peak working memory, and a 224 px ResNet-50 campaign held 9.8 GiB (tools/inject_memory.py)
+            # peak working memory, and a 224 px ResNet-50 campaign held 9.8 GiB (tools/inject_memory.py);
             # and one copy of the weights, where no graph rewrite could make a session's kernels differ
             self.shared = shared if opt_level == "disable" else None
+            if self.shared is not None:
+                self.weights = feed_conv_weights(model, self.shared)
             self.session = make_session(model, providers=providers, opt_level=opt_level, threads=threads,
                                         spinning=False, shared_arena=True,
                                         shared=self.shared.values if self.shared else None)
@@ -42,7 +45,31 @@ class Suffix:
         """Class scores for the fed cut tensors (the site tensor already corrupted)."""
         if self.session is None:
             return feeds[self.tensor]
-        return self.session.run(None, {k: feeds[k] for k in self.inputs})[0]
+        return self.session.run(None, {k: feeds[k] for k in self.inputs} | self.weights)[0]
+
+
+def feed_conv_weights(model: onnx.ModelProto, shared: SharedWeights) -> dict[str, np.ndarray]:
+    """Turn the shared initializers that only Convs read into graph inputs; return them by name, to be fed.
+
+    A session keeps no copy of an input, and a Conv computes the same bits from
+    a weight fed as from its constant (SharedWeights says why MatMul and Gemm
+    weights stay constants).
+    """
+    graph = model.graph
+    readers: dict[str, list[tuple[str, int]]] = {}
+    for node in graph.node:
+        for position, name in enumerate(node.input):
+            readers.setdefault(name, []).append((node.op_type if node.domain in ("", "ai.onnx") else "", position))
+    fed = {init.name for init in graph.initializer if init.name in shared.arrays
+           and all(op == "Conv" and position in (1, 2) for op, position in readers.get(init.name, [("", 0)]))}
+    kept = [init for init in graph.initializer if init.name not in fed]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    for name in sorted(fed):  # extract() lists only the cut tensors as inputs, whatever the IR version
+        array = shared.arrays[name]
+        graph.input.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(array.dtype),
+                                                         list(array.shape)))
+    return {name: shared.arrays[name] for name in sorted(fed)}
 
 
 def _value_info(info: GraphInfo, name: str) -> onnx.ValueInfoProto:

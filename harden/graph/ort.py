@@ -92,16 +92,17 @@ def _register_shared_arena() -> None:
 
 
 class SharedWeights:
-    """A model's weights as ONNX Runtime values that every session running a part of the model reads.
+    """A model's weights, one copy for every session that runs a part of the model.
 
     The suffix engine builds one session per fault site, each running the part
     of the model after its site, and each loaded its own copy of every weight
     it runs: a 224 px ResNet-50 campaign's 53 sessions took 7 GB
-    (tools/inject_memory.py). Handed these values, their kernels read one
-    copy, which took 1 GB off that campaign's peak. It is not more because ONNX
-    Runtime still keeps, per session, the weights' bytes from the model it was
-    given; feeding a Conv's weight as an input instead keeps nothing, but a
-    MatMul or Gemm fed so rounds differently from its packed constant. Only
+    (tools/inject_memory.py). Handed `values` (SessionOptions.add_initializer),
+    a session's kernels read the one copy, but ONNX Runtime still keeps the
+    weights' bytes of the model it was given, which saved 1 GB of the 7. A
+    Conv's weight fed as an input from `arrays` keeps nothing and gives the
+    same bits (harden.fi.suffix does that); a MatMul or Gemm fed so rounds
+    differently from its packed constant, so those stay initializers. Only
     tensors of at least MIN_ELEMENTS are shared (the rest weigh nothing), and
     a caller shares them only where ONNX Runtime rewrites no graph (level
     'disable'), so that every session runs the kernels it would run on its own
@@ -111,10 +112,10 @@ class SharedWeights:
     MIN_ELEMENTS = 1024
 
     def __init__(self, constants: Mapping[str, np.ndarray]) -> None:
-        # the OrtValues read the arrays' memory, so the arrays are kept here as long as the values
-        self._arrays = {name: np.ascontiguousarray(value) for name, value in constants.items()
-                        if value.size >= self.MIN_ELEMENTS and value.dtype != np.object_}
-        self.values = {name: ort.OrtValue.ortvalue_from_numpy(value) for name, value in self._arrays.items()}
+        # the OrtValues read the arrays' memory, so the arrays live as long as the values
+        self.arrays = {name: np.ascontiguousarray(value) for name, value in constants.items()
+                       if value.size >= self.MIN_ELEMENTS and value.dtype != np.object_}
+        self.values = {name: ort.OrtValue.ortvalue_from_numpy(value) for name, value in self.arrays.items()}
 
 
 def expose(model: onnx.ModelProto, tensors: Sequence[str]) -> onnx.ModelProto:

@@ -285,27 +285,42 @@ def test_whole_model_sites_of_a_model_listing_initializers_as_inputs() -> None:
                                    rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("make", [residual_cnn, matmul_mlp])
+def _weights_listed_as_inputs() -> onnx.ModelProto:
+    """A graph as IR version 3 wrote them (the model zoo's): every initializer also a graph input."""
+    model = residual_cnn(seed=4)
+    model.ir_version = 3
+    model.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                             for t in model.graph.initializer)
+    return model
+
+
+@pytest.mark.parametrize("make", [residual_cnn, lambda: residual_cnn(seed=2, group=2, stride=2, dilation=2),
+                                  _weights_listed_as_inputs, matmul_mlp])
 def test_suffix_sessions_share_the_weights_and_write_the_same_file(make, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """At level 'disable' every site's suffix session reads one copy of the weights, and the campaign file is
-    the one each session would write on its own copy; at other levels nothing is shared."""
+    """At level 'disable' every site's suffix session reads one copy of the weights (a Conv's fed as an
+    input, the rest shared constants), and the campaign file is the one each session would write on its own
+    copies; at other levels nothing is shared."""
     from harden.fi.engine import run_campaign
     from harden.graph.ort import SharedWeights
 
-    model = make()
+    model = make_model = make()
     x, y = labelled_inputs(model, 24)
     given: list[set[str]] = []
+    fed: set[str] = set()
     real = make_session
 
-    def spy(*args, shared=None, **kwargs):  # type: ignore[no-untyped-def]
-        given.append(set(shared or ()))
-        return real(*args, shared=shared, **kwargs)
+    def spy(model, *args, shared=None, **kwargs):  # type: ignore[no-untyped-def]
+        weights = {t.name for t in make_model.graph.initializer}
+        fed.update({v.name for v in model.graph.input} & weights)
+        given.append(set(shared or ()) | ({v.name for v in model.graph.input} & weights))
+        return real(model, *args, shared=shared, **kwargs)
 
     monkeypatch.setattr("harden.fi.suffix.make_session", spy)
     files = {}
     for label, least, level in (("own", 10**12, "disable"), ("shared", 1, "disable"), ("basic", 1, "basic")):
         monkeypatch.setattr(SharedWeights, "MIN_ELEMENTS", least)
         given.clear()
+        fed.clear()
         config = CampaignConfig(injections=40, batch=8, engine="suffix", opt_level=level)
         run_campaign(model, x, y, config, tmp_path / f"{label}.jsonl", progress=False)
         files[label] = (tmp_path / f"{label}.jsonl").read_bytes()
@@ -313,6 +328,8 @@ def test_suffix_sessions_share_the_weights_and_write_the_same_file(make, tmp_pat
         inits = {t.name for t in model.graph.initializer}
         if label == "shared":
             assert all(names and names <= inits for names in given)
+            convs = {t for n in model.graph.node if n.op_type == "Conv" for t in n.input[1:]}
+            assert fed <= convs and bool(fed) == (make is not matmul_mlp)  # Conv weights downstream are fed
         else:
             assert not any(given)
     assert files["shared"] == files["own"]

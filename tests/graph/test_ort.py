@@ -33,10 +33,10 @@ def test_a_session_reads_shared_weights_in_place_with_the_same_bits() -> None:
     session = make_session(model, opt_level="disable", shared=shared.values)
     out = session.run(None, {"x": x})[0]
     assert np.array_equal(out.view(np.uint32), own.view(np.uint32))
-    saved = shared._arrays["W"].copy()
-    shared._arrays["W"][:] = 0  # writing the shared array changes what the session computes: it holds no copy
+    saved = shared.arrays["W"].copy()
+    shared.arrays["W"][:] = 0  # writing the shared array changes what the session computes: it holds no copy
     assert not np.array_equal(session.run(None, {"x": x})[0], out)
-    shared._arrays["W"][:] = saved
+    shared.arrays["W"][:] = saved
     assert np.array_equal(session.run(None, {"x": x})[0], out)
 
 
