@@ -103,10 +103,12 @@ class SharedWeights:
     Conv's weight fed as an input from `arrays` keeps nothing and gives the
     same bits (harden.fi.suffix does that); a MatMul or Gemm fed so rounds
     differently from its packed constant, so those stay initializers. Only
-    tensors of at least MIN_ELEMENTS are shared (the rest weigh nothing), and
-    a caller shares them only where ONNX Runtime rewrites no graph (level
-    'disable'), so that every session runs the kernels it would run on its own
-    copy, on the same bytes.
+    float tensors of at least MIN_ELEMENTS are shared: the rest weigh nothing,
+    and a quantised graph's integer weights feed kernels whose arithmetic on
+    an AVX2 CPU depends on how they pack them (harden.fi.integer_kernel), so
+    they stay each session's own. A caller shares them only where ONNX Runtime
+    rewrites no graph (level 'disable'), so that every session runs the
+    kernels it would run on its own copy, on the same bytes.
     """
 
     MIN_ELEMENTS = 1024
@@ -114,7 +116,7 @@ class SharedWeights:
     def __init__(self, constants: Mapping[str, np.ndarray]) -> None:
         # the OrtValues read the arrays' memory, so the arrays live as long as the values
         self.arrays = {name: np.ascontiguousarray(value) for name, value in constants.items()
-                       if value.size >= self.MIN_ELEMENTS and value.dtype != np.object_}
+                       if value.size >= self.MIN_ELEMENTS and value.dtype.kind == "f"}
         self.values = {name: ort.OrtValue.ortvalue_from_numpy(value) for name, value in self.arrays.items()}
 
 

@@ -294,8 +294,14 @@ def _weights_listed_as_inputs() -> onnx.ModelProto:
     return model
 
 
+def _half_cnn() -> onnx.ModelProto:
+    from onnxconverter_common import float16
+
+    return float16.convert_float_to_float16(residual_cnn(seed=5))
+
+
 @pytest.mark.parametrize("make", [residual_cnn, lambda: residual_cnn(seed=2, group=2, stride=2, dilation=2),
-                                  _weights_listed_as_inputs, matmul_mlp])
+                                  _weights_listed_as_inputs, _half_cnn, matmul_mlp])
 def test_suffix_sessions_share_the_weights_and_write_the_same_file(make, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """At level 'disable' every site's suffix session reads one copy of the weights (a Conv's fed as an
     input, the rest shared constants), and the campaign file is the one each session would write on its own

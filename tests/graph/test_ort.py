@@ -40,6 +40,8 @@ def test_a_session_reads_shared_weights_in_place_with_the_same_bits() -> None:
     assert np.array_equal(session.run(None, {"x": x})[0], out)
 
 
-def test_small_tensors_are_not_shared() -> None:
-    shared = SharedWeights({"big": np.zeros(SharedWeights.MIN_ELEMENTS, np.float32), "small": np.zeros(3, np.int64)})
-    assert set(shared.values) == {"big"}
+def test_only_large_float_tensors_are_shared() -> None:
+    n = SharedWeights.MIN_ELEMENTS
+    shared = SharedWeights({"big": np.zeros(n, np.float32), "half": np.zeros(n, np.float16),
+                            "small": np.zeros(3, np.float32), "int8": np.zeros(n, np.int8)})
+    assert set(shared.values) == {"big", "half"}
