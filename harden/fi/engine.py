@@ -133,8 +133,8 @@ def run_campaign(model: str | os.PathLike[str] | onnx.ModelProto, inputs: np.nda
     else:
         # the cone engine's goldens come from level-'all' kernels, so its evaluation pass runs at 'all' too
         eval_level = NODE_LEVEL if coned else config.opt_level
-        ev = prepare_eval(info.model, inputs, labels, act, profile_inputs, profile_batch(info, act, config, workers),
-                          config.providers, eval_level, threads)
+        ev = prepare_eval(info.model, inputs, labels, act, profile_inputs, config.batch, config.providers,
+                          eval_level, threads, int(config.cache_mb * 2**20))
     counts = injections_per_site(sites, config, len(ev.ids))
     plan = plan_shards(sites, counts, len(ev.ids), batch, block_images)
     header: dict[str, Any] = {"type": "header", "version": 1, "model_sha256": digest, "config": config.to_dict(),
@@ -157,21 +157,6 @@ def run_campaign(model: str | os.PathLike[str] | onnx.ModelProto, inputs: np.nda
     summary.seconds = seconds
     summary.injections_per_s = done / seconds if done and seconds > 0 else None
     return summary
-
-
-def profile_batch(info: GraphInfo, tensors: Sequence[str], config: CampaignConfig, workers: int) -> int:
-    """Images per run of the pass that profiles `tensors`: `--batch`, fewer where the `workers` runs going at
-    once would hold more of them than `cache_mb`.
-
-    Every exposed tensor of a run is alive at its end. On a 224 px ResNet-50
-    with a batch of 64, two such runs held 7.75 GB against a budget of 1 GB,
-    the peak of a suffix-engine campaign (tools/inject_memory.py). Neither
-    the golden scores nor the ranges depend on how the images are cut up.
-    """
-    per_image = sum(int(np.prod(info.tensors[t].shape[1:], dtype=np.int64)) * info.tensors[t].dtype.itemsize
-                    for t in dict.fromkeys(tensors) if info.tensors[t].batched)
-    fit = int(config.cache_mb * 2**20 // max(per_image * workers, 1))
-    return max(1, min(config.batch, fit))
 
 
 def _execute(info: GraphInfo, sites: Sequence[Site], ev: EvalSet, config: CampaignConfig, todo: Sequence[Shard],

@@ -18,7 +18,7 @@ from harden.errors import HardenError
 from harden.fi.graphinfo import GraphInfo
 from harden.fi.journal import EvalHeader
 from harden.fi.nodes import NodeSessions, node_pass
-from harden.fi.profile import finite_peak, profile_ranges, profile_with_outputs
+from harden.fi.profile import PROFILE_BYTES, finite_peak, profile_ranges, profile_with_outputs
 from harden.graph.parallel import run_model
 
 
@@ -67,7 +67,7 @@ def softmax_top2diff(scores: np.ndarray, probabilities: bool = False) -> np.ndar
 def prepare_eval(model: onnx.ModelProto, inputs: np.ndarray, labels: np.ndarray, tensors: Sequence[str] = (),
                  profile_inputs: np.ndarray | None = None, batch: int = 64,
                  providers: Sequence[str] = ("CPUExecutionProvider",), opt_level: str = "disable",
-                 threads: int = 0) -> EvalSet:
+                 threads: int = 0, budget: int = PROFILE_BYTES) -> EvalSet:
     """Golden run on `inputs`, keep correct images with Top2Diff > 0, profile `tensors` on `profile_inputs`.
 
     The profiling set defaults to the evaluation inputs themselves; then, at
@@ -75,18 +75,19 @@ def prepare_eval(model: onnx.ModelProto, inputs: np.ndarray, labels: np.ndarray,
     ranges (exposing a tensor never changes a kernel at 'disable'; at 'all' it
     can only block a fusion, which changes no class in practice, and the
     engines that run at 'all' take each site's golden scores from their own
-    fault-free runs anyway).
+    fault-free runs anyway). `budget` bounds the profiled tensors the runs
+    going at once hold (profile_with_outputs).
     """
     output = model.graph.output[0].name
     ranges: dict[str, float] | None = None
     if tensors and profile_inputs is None and opt_level in ("disable", "all"):
         ranges, (scores,) = profile_with_outputs(model, inputs, list(tensors), [output], batch, providers, threads,
-                                                 opt_level)
+                                                 opt_level, budget)
     else:
         (scores,) = run_model(model, inputs, [output], opt_level, batch, threads, providers)
     if ranges is None:
         ranges = profile_ranges(model, inputs if profile_inputs is None else profile_inputs, list(tensors),
-                                batch=batch, providers=providers, threads=threads) if tensors else {}
+                                batch=batch, providers=providers, threads=threads, budget=budget) if tensors else {}
     return select_eval(inputs, labels, scores, ranges)
 
 

@@ -8,6 +8,7 @@ function, so a model deployed with Clip nodes behaves as the campaign assumed.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import numpy as np
@@ -18,18 +19,23 @@ from harden.graph.ort import expose, make_session, run_batched
 from harden.graph.parallel import concurrent_runs, ordered_map
 
 
+# What the runs of a profiling pass going at once may hold of the tensors they expose, by default.
+PROFILE_BYTES = 1 << 30
+
+
 def profile_ranges(model: onnx.ModelProto, inputs: np.ndarray, tensors: Sequence[str],
                    batch: int = 128, providers: Sequence[str] = ("CPUExecutionProvider",),
-                   threads: int = 0) -> dict[str, float]:
+                   threads: int = 0, budget: int = PROFILE_BYTES) -> dict[str, float]:
     """max |value| of each named tensor over `inputs` (model-ready float32 NCHW); `threads` (0: every CPU)
     changes speed only."""
-    return profile_with_outputs(model, inputs, tensors, (), batch, providers, threads)[0]
+    return profile_with_outputs(model, inputs, tensors, (), batch, providers, threads, budget=budget)[0]
 
 
 def profile_with_outputs(model: onnx.ModelProto, inputs: np.ndarray, tensors: Sequence[str],
                          outputs: Sequence[str], batch: int = 128,
                          providers: Sequence[str] = ("CPUExecutionProvider",),
-                         threads: int = 0, opt_level: str = "disable") -> tuple[dict[str, float], list[np.ndarray]]:
+                         threads: int = 0, opt_level: str = "disable",
+                         budget: int = PROFILE_BYTES) -> tuple[dict[str, float], list[np.ndarray]]:
     """The ranges of `tensors`, and the values of `outputs`, from one pass over `inputs` (at level 'disable'
     unless told otherwise).
 
@@ -37,6 +43,14 @@ def profile_with_outputs(model: onnx.ModelProto, inputs: np.ndarray, tensors: Se
     use the evaluation images, which saves one run of the whole model over
     them; at level 'disable' exposing tensors changes no kernel, so the scores
     are those of the plain model bit for bit.
+
+    Every exposed tensor of a run is alive at its end, so a run carries at most
+    `batch` images, and fewer where the runs going at once would hold more than
+    `budget` bytes of them: on a 224 px ResNet-50, two runs of 64 images held
+    7.75 GB (tools/inject_memory.py), and `rewrite --range-clip`'s runs of 128
+    on every CPU would have held that much per core. The first image runs alone
+    to measure it. Neither the ranges nor the outputs depend on how the images
+    are cut up (tests/fi/test_prepare.py).
     """
     batch = images_per_run(model, batch)
     names = list(dict.fromkeys(tensors))
@@ -44,16 +58,24 @@ def profile_with_outputs(model: onnx.ModelProto, inputs: np.ndarray, tensors: Se
     # one ORT thread per run, `threads` chunks at once: the same bits whatever the thread count
     session = make_session(expose(model, names), providers=providers, opt_level=opt_level, threads=1,
                            spinning=False)
+    workers = concurrent_runs(threads)
 
-    def chunk(x: np.ndarray) -> tuple[list[float], list[np.ndarray]]:
-        """One chunk's peaks and outputs: its exposed tensors are dropped in the worker, not held in a queue."""
+    def chunk(x: np.ndarray) -> tuple[list[float], list[np.ndarray], int]:
+        """One chunk's peaks, outputs and exposed bytes: its tensors are dropped in the worker, not queued."""
         values = dict(zip(wanted, run_batched(session, x, outputs=wanted, batch=batch)))
-        return [finite_peak(values[name]) for name in names], [values[name] for name in outputs]
+        held = sum(values[name].nbytes for name in names)
+        return [finite_peak(values[name]) for name in names], [values[name] for name in outputs], held
 
+    results = []
+    start = 0
+    if len(inputs) > 1 and batch > 1 and not isinstance(session.get_inputs()[0].shape[0], int):
+        results.append(chunk(inputs[:1]))
+        batch = max(1, min(batch, budget // max(results[0][2] * workers, 1)))
+        start = 1
+    chunks = (inputs[i:i + batch] for i in range(start, len(inputs), batch))
     peaks = dict.fromkeys(names, 0.0)
     kept: list[list[np.ndarray]] = [[] for _ in outputs]
-    chunks = (inputs[start:start + batch] for start in range(0, len(inputs), batch))
-    for chunk_peaks, chunk_outputs in ordered_map(chunk, chunks, concurrent_runs(threads)):
+    for chunk_peaks, chunk_outputs, _ in itertools.chain(results, ordered_map(chunk, chunks, workers)):
         for acc, value in zip(kept, chunk_outputs):
             acc.append(value)
         for name, peak in zip(names, chunk_peaks):

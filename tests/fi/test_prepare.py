@@ -15,6 +15,7 @@ from harden.fi.graphinfo import GraphInfo
 from harden.fi.journal import JournalContents
 from harden.fi.nodes import NODE_LEVEL, NodeSessions, golden_pass
 from harden.fi.prepare import prepare_eval, prepare_eval_nodes, select_eval
+from harden.fi.profile import profile_ranges
 from tests.fi.tiny_models import labelled_inputs, residual_cnn
 
 
@@ -195,7 +196,7 @@ def test_tied_scores_are_named_as_ties_not_as_misclassification() -> None:
 
 @pytest.mark.parametrize("level", ["disable", NODE_LEVEL])
 def test_the_profiling_pass_gives_the_same_set_however_the_images_are_cut(setup, level: str) -> None:
-    """What lets profile_batch cut the pass to fit the budget: golden scores and ranges alike, bit for bit."""
+    """What lets the profiling pass cut its runs to fit its budget: golden scores and ranges alike, bit for bit."""
     model, x, y = setup
     tensors = [n.output[0] for n in model.graph.node if n.op_type in ("Conv", "Gemm")]
     sets = [prepare_eval(model, x, y, tensors, batch=batch, opt_level=level, threads=1) for batch in (1, 7, 24)]
@@ -204,27 +205,48 @@ def test_the_profiling_pass_gives_the_same_set_however_the_images_are_cut(setup,
         assert np.array_equal(ev.top2diff.view(np.uint64), sets[0].top2diff.view(np.uint64))
 
 
-def test_the_profiling_pass_of_a_suffix_campaign_keeps_to_the_cache_budget(setup, tmp_path: Path,
-                                                                            monkeypatch) -> None:
-    """Every tensor the pass profiles is alive at the end of its run, so the images of the runs going at once
-    must fit `cache_mb`: the peak of a 224 px ResNet-50 campaign was 7.75 GB against 1 GB."""
-    from harden.fi import engine
+def _run_sizes(monkeypatch) -> list[int]:  # type: ignore[no-untyped-def]
+    """A list that collects how many images each run of the profiling pass carries."""
+    from harden.fi import profile
 
-    model, x, y = setup
+    sizes: list[int] = []
+    real = profile.run_batched
+
+    def spy(session, x, *args, **kwargs):  # type: ignore[no-untyped-def]
+        sizes.append(len(x))
+        return real(session, x, *args, **kwargs)
+
+    monkeypatch.setattr(profile, "run_batched", spy)
+    return sizes
+
+
+def _profiled_bytes(model: onnx.ModelProto, x: np.ndarray) -> tuple[list[str], int]:
+    """The tensors a campaign profiles, and their bytes per image."""
     info = GraphInfo(model, example=x[:1])
     act = [n.output[0] for n in model.graph.node if n.op_type in ("Conv", "Gemm")]
-    per_image = sum(int(np.prod(info.tensors[t].shape[1:])) * 4 for t in act)
-    batches: list[int] = []
-    real = engine.prepare_eval
+    return act, sum(int(np.prod(info.tensors[t].shape[1:])) * 4 for t in act)
 
-    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
-        batches.append(args[5])
-        return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "prepare_eval", spy)
-    budget = 3.5 * per_image * 2 / 2**20  # two runs at once, three and a half images' tensors each
+def test_the_profiling_pass_keeps_to_its_budget(setup, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Every tensor a run profiles is alive at its end, so the runs going at once must fit the budget: two runs
+    of 64 images of a 224 px ResNet-50 held 7.75 GB. The first image runs alone, to measure them."""
+    model, x, _ = setup
+    tensors, per_image = _profiled_bytes(model, x)
+    sizes = _run_sizes(monkeypatch)
+    wide = profile_ranges(model, x, tensors, batch=16, threads=2)
+    assert sorted(sizes) == [1, 7, 16]  # 24 images fit the default budget: the probe, then runs of --batch
+    sizes.clear()
+    narrow = profile_ranges(model, x, tensors, batch=16, threads=2, budget=int(3.5 * per_image * 2))
+    assert sorted(sizes) == [1, 2] + [3] * 7  # two runs at once, three and a half images' tensors each
+    assert narrow == wide
+
+
+def test_a_campaign_profiles_within_its_cache_budget(setup, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The suffix engine's evaluation pass profiles every site: `cache_mb` bounds it as it bounds the cache."""
+    model, x, y = setup
+    _, per_image = _profiled_bytes(model, x)
+    sizes = _run_sizes(monkeypatch)
+    budget = 3.5 * per_image * 2 / 2**20
     config = CampaignConfig(kinds=("activation",), injections=8, batch=16, engine="suffix", cache_mb=budget)
     run_campaign(model, x, y, config, tmp_path / "small.jsonl", progress=False, threads=2)
-    assert batches == [3]
-    assert engine.profile_batch(info, act, CampaignConfig(batch=16), 2) == 16  # the default budget: --batch
-    assert engine.profile_batch(info, act, CampaignConfig(batch=16, cache_mb=1e-6), 2) == 1
+    assert sizes and max(sizes) == 3
