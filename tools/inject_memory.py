@@ -7,8 +7,11 @@ in a child process, activations only, then prints the child's wall time and peak
 ResNet-50 the block is 7 images; before the evaluation pass was cut into chunks of the block's size, it held
 a whole `--batch` of 64 images' tensors at once.
 
+With `--range-clip`, it runs `harden rewrite --range-clip` on the same model instead (calibrated on the
+`--limit` images, every Conv and Gemm output clipped), whose profiling pass exposes every one of those tensors.
+
     .venv/bin/python tools/inject_memory.py [--arch resnet50] [--limit 400] [--injections 8] [--threads 2]
-        [--engine cone|suffix] [--batch 64] [--work /tmp/harden-inject-memory]
+        [--engine cone|suffix] [--batch 64] [--range-clip] [--work /tmp/harden-inject-memory]
 
 Run it with PYTHONPATH pointing at another checkout to measure that version of harden on the same model.
 """
@@ -32,6 +35,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--engine", default="cone", choices=("cone", "suffix"))
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--range-clip", action="store_true", help="measure `harden rewrite --range-clip` instead")
     parser.add_argument("--work", default="/tmp/harden-inject-memory")
     args = parser.parse_args()
 
@@ -47,17 +51,24 @@ def main() -> None:
                str(args.limit), "--kinds", "activation", "--injections", str(args.injections), "--threads",
                str(args.threads), "--engine", args.engine, "--batch", str(args.batch), "--no-progress", "--fresh",
                "--out", str(out)]
+    if args.range_clip:
+        out = work / "range-clipped.onnx"
+        command = [sys.executable, "-m", "harden", "rewrite", str(model), "--range-clip", "--data",
+                   "fashion-mnist:test", "--limit", str(args.limit), "--preprocess",
+                   "channels=1,size=224,mean=0,std=1", "-o", str(out)]
     started = time.perf_counter()
     # run outside any checkout, so that PYTHONPATH (not the working directory) says which harden runs
     done = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ), cwd=work)
     seconds = time.perf_counter() - started
     if done.returncode != 0:
-        sys.exit(f"harden inject failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else ''}")
+        sys.exit(f"harden {command[3]} failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else ''}")
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # KiB on Linux
     import harden
 
-    print(f"{args.arch} at 224 px, {args.limit} images, {args.injections} injections per activation site, "
-          f"{args.threads} threads, {args.engine} engine, batch {args.batch} "
+    what = (f"rewrite --range-clip, {args.limit} calibration images" if args.range_clip else
+            f"{args.limit} images, {args.injections} injections per activation site, {args.threads} threads, "
+            f"{args.engine} engine, batch {args.batch}")
+    print(f"{args.arch} at 224 px, {what} "
           f"(harden from {Path(harden.__file__).parent.parent}): "
           f"{seconds:.1f} s, peak memory {peak:.2f} GiB")
 
