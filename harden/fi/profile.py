@@ -66,7 +66,7 @@ def profile_with_outputs(model: onnx.ModelProto, inputs: np.ndarray, tensors: Se
         held = sum(values[name].nbytes for name in names)
         return [finite_peak(values[name]) for name in names], [values[name] for name in outputs], held
 
-    results = []
+    results: list[tuple[list[float], list[np.ndarray], int]] = []  # the first image, run alone
     start = 0
     if len(inputs) > 1 and batch > 1 and not isinstance(session.get_inputs()[0].shape[0], int):
         results.append(chunk(inputs[:1]))
