@@ -185,12 +185,12 @@ def _execute(info: GraphInfo, sites: Sequence[Site], ev: EvalSet, config: Campai
     # on the 224 px bench, 2 walks at once made the injection phase 1.8-2.0x faster, 2 intra-op threads 1.6x).
     # Only the cone engine's golden passes keep intra-op threads: its blocked kernels (level 'all') gave the
     # same bits whatever the threads and batch.
+    walked = {name for name in names if walks_cone(info, by_name[name])} if sessions is not None else set()
     # the suffix sessions read one copy of the weights (built only if some site runs its suffix)
     shared = SharedWeights({n: info.constants[n] for n in info.constants_initializers()}) \
-        if any(sessions is None or not walks_cone(info, by_name[n]) for n in names) else None
+        if set(names) - walked else None
     runners = {name: SiteRunner(info, by_name[name], config, ev.ranges, suffixes, 1,
-                                (walk_sessions or sessions) if walks_cone(info, by_name[name]) else None, whole,
-                                shared)
+                                (walk_sessions or sessions) if name in walked else None, whole, shared)
                for name in names}
     prefix = None
     if any(r.cone is None for r in runners.values()):  # only suffix runs read the prefix's cache

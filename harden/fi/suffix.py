@@ -60,8 +60,8 @@ def feed_conv_weights(model: onnx.ModelProto, shared: SharedWeights) -> dict[str
     for node in graph.node:
         for position, name in enumerate(node.input):
             readers.setdefault(name, []).append((node.op_type if node.domain in ("", "ai.onnx") else "", position))
-    fed = {init.name for init in graph.initializer if init.name in shared.arrays
-           and all(op == "Conv" and position in (1, 2) for op, position in readers.get(init.name, [("", 0)]))}
+    fed = {init.name for init in graph.initializer if init.name in shared.arrays and readers.get(init.name)
+           and all(op == "Conv" and position in (1, 2) for op, position in readers[init.name])}
     kept = [init for init in graph.initializer if init.name not in fed]
     del graph.initializer[:]
     graph.initializer.extend(kept)
