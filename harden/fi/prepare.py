@@ -115,8 +115,10 @@ def select_eval(inputs: np.ndarray, labels: np.ndarray, scores: np.ndarray, rang
     correct = int((golden == labels).sum())
     if len(keep) == 0:
         if correct:  # correct but tied: a constant output, e.g. an untrained (zero) classifier
-            raise HardenError(f"all {correct} correctly classified images have tied top-two scores (Top2Diff 0) "
-                              "or non-finite ones, so no fault can change a class; is the classifier trained?")
+            which = "the one correctly classified image has" if correct == 1 else \
+                f"all {correct} correctly classified images have"
+            raise HardenError(f"{which} tied top-two scores (Top2Diff 0) or non-finite ones, so no fault can "
+                              "change a class; is the classifier trained?")
         raise HardenError(f"no evaluation image is classified correctly (accuracy {correct / len(labels):.1%}); "
                           "check the data and preprocessing")
     return EvalSet(np.ascontiguousarray(inputs[keep]), labels[keep].astype(np.int64), keep, golden[keep],

@@ -190,6 +190,9 @@ def test_tied_scores_are_named_as_ties_not_as_misclassification() -> None:
     x = np.zeros((4, 1, 2, 2), dtype=np.float32)
     with pytest.raises(HardenError, match="all 4 correctly classified images have tied top-two scores"):
         select_eval(x, np.zeros(4, dtype=np.int64), np.zeros((4, 3), dtype=np.float32), {})
+    labels = np.array([0, 1, 1, 1])  # one image right, and it is a tie: the message speaks of one image
+    with pytest.raises(HardenError, match="the one correctly classified image has tied top-two scores"):
+        select_eval(x, labels, np.zeros((4, 3), dtype=np.float32), {})
     with pytest.raises(HardenError, match="no evaluation image is classified correctly"):
         select_eval(x, np.ones(4, dtype=np.int64), np.tile(np.float32([2, 1, 0]), (4, 1)), {})
 
