@@ -10,7 +10,7 @@ from the images, folded on export): is the cap a property of one bench model, or
 (On ResNet-18 the untrained net's share comes out close to the trained one's.)
 
     .venv/bin/python tools/cone_profile.py [--model resnet18-224 | --untrained resnet50] [--faults 64]
-        [--images 16] [--work /tmp/harden-bench-inject]
+        [--images 16] [--work /tmp/harden-bench-inject] [--by-op]
 """
 
 from __future__ import annotations
@@ -76,6 +76,71 @@ def untrained_model(arch: str, work: str, images: int):  # type: ignore[no-untyp
     return GraphInfo(onnx.load(str(path)), example=x[:1]), x[:images]
 
 
+def profile_walks(info, x: np.ndarray, faults: int = 64, threads: int = 1,  # type: ignore[no-untyped-def]
+                  ) -> tuple[dict[str, tuple[float, int]], dict[tuple[str, str], float], dict[str, float],
+                             float, dict[tuple[str, str, str], list[float]]]:
+    """Walk `faults` single-bit fp32 flips at every activation site of `info`, on the images `x`, twice (the
+    first builds the sessions; the second is timed).
+
+    Returns, for the timed pass: per site (seconds, faults that ended early); seconds in node runs per (site,
+    stage); Conv and Gemm multiply-adds per site; a forward pass's multiply-adds; and per (stage, op, 'whole'
+    or 'window') the seconds, multiply-adds and calls of its node runs. `tools/core_sharing.py` runs this in
+    several processes at once.
+    """
+    from harden.fi.cone import Cone, GoldenBlock
+    from harden.fi.faults import FaultModel
+    from harden.fi.nodes import NodeSessions, golden_pass
+    from harden.fi.sites import list_sites
+
+    sessions = NodeSessions(info, ["CPUExecutionProvider"], threads)
+    spent: dict[tuple[str, str], float] = defaultdict(float)
+    macs: dict[str, float] = defaultdict(float)  # multiply-adds of Conv and Gemm, by site ('' = golden pass)
+    ops: dict[tuple[str, str, str], list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0])
+    current = [""]
+    run = sessions.run
+
+    def timed(i: int, values: dict, override: tuple = ()) -> dict:  # type: ignore[type-arg]
+        started = time.perf_counter()
+        out = run(i, values, override)
+        seconds = time.perf_counter() - started
+        node = info.nodes[i]
+        spent[(current[0], stage(node.name))] += seconds
+        work = multiply_adds(info, i, out)
+        macs[current[0]] += work
+        first = next(iter(out.values()))
+        full = info.tensors[node.output[0]].shape
+        whole = first.ndim != 4 or tuple(first.shape[2:]) == tuple(full[2:])
+        entry = ops[(stage(node.name), node.op_type, "whole" if whole else "window")]
+        entry[0] += seconds
+        entry[1] += work
+        entry[2] += 1
+        return out
+
+    sessions.run = timed  # type: ignore[method-assign]
+    golden = GoldenBlock(golden_pass(sessions, x, len(x)))
+    forward_macs = macs.pop("") / len(x)
+    sites = [s for s in list_sites(info) if s.kind == "activation"]
+    fault = FaultModel(fmt="fp32")
+    results: dict[str, tuple[float, int]] = {}
+    for _ in range(2):  # the first pass builds the sessions; the second is timed
+        spent.clear()
+        macs.clear()
+        ops.clear()
+        rng = np.random.default_rng(0)
+        for site in sites:
+            current[0] = site.tensor
+            cone = Cone(info, sessions, site.tensor)
+            rows = rng.integers(0, len(x), faults)
+            elems = rng.integers(0, site.elements, faults)
+            values = golden[site.tensor].reshape(len(x), -1)[rows, elems]
+            bits, uniforms = fault.draw(rng, faults)
+            faulty = fault.apply(values, bits, uniforms, 1.0, 1.0)
+            started = time.perf_counter()
+            _, early = cone.scores(golden, rows, elems, faulty, golden[info.scores][rows])
+            results[site.tensor] = (time.perf_counter() - started, early)
+    return results, dict(spent), dict(macs), forward_macs, dict(ops)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="resnet18-224")
@@ -85,69 +150,51 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=16, help="Fashion-MNIST test images the faults use")
     parser.add_argument("--work", default="/tmp/harden-bench-inject")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--by-op", action="store_true",
+                        help="also the time and multiply-add rate of each op, per stage, on windows and whole maps")
     args = parser.parse_args()
 
     from bench_inject import trained_model
-    from harden.fi.cone import Cone, GoldenBlock
-    from harden.fi.faults import FaultModel
-    from harden.fi.nodes import NodeSessions, golden_pass
-    from harden.fi.sites import list_sites
 
     info, x = (untrained_model(args.untrained, args.work, args.images) if args.untrained
                else trained_model(args.work, args.model, args.images))
     name = f"untrained {args.untrained}-224" if args.untrained else args.model
-    sessions = NodeSessions(info, ["CPUExecutionProvider"], args.threads)
-    spent: dict[tuple[str, str], float] = defaultdict(float)
-    macs: dict[str, float] = defaultdict(float)  # multiply-adds of Conv and Gemm, by site ('' = golden pass)
-    current = [""]
-    run = sessions.run
-
-    def timed(i: int, values: dict, override: tuple = ()) -> dict:  # type: ignore[type-arg]
-        started = time.perf_counter()
-        out = run(i, values, override)
-        spent[(current[0], stage(info.nodes[i].name))] += time.perf_counter() - started
-        macs[current[0]] += multiply_adds(info, i, out)
-        return out
-
-    sessions.run = timed  # type: ignore[method-assign]
-    golden = GoldenBlock(golden_pass(sessions, x, len(x)))
-    forward_macs = macs.pop("") / len(x)
-    sites = [s for s in list_sites(info) if s.kind == "activation"]
-    fault = FaultModel(fmt="fp32")
-    results = {}
-    for rep in range(2):  # the first pass builds the sessions; the second is timed
-        spent.clear()
-        macs.clear()
-        rng = np.random.default_rng(0)
-        for site in sites:
-            current[0] = site.tensor
-            cone = Cone(info, sessions, site.tensor)
-            rows = rng.integers(0, len(x), args.faults)
-            elems = rng.integers(0, site.elements, args.faults)
-            values = golden[site.tensor].reshape(len(x), -1)[rows, elems]
-            bits, uniforms = fault.draw(rng, args.faults)
-            faulty = fault.apply(values, bits, uniforms, 1.0, 1.0)
-            started = time.perf_counter()
-            _, early = cone.scores(golden, rows, elems, faulty, golden[info.scores][rows])
-            results[site.tensor] = (time.perf_counter() - started, early)
+    results, spent, macs, forward_macs, ops = profile_walks(info, x, args.faults, args.threads)
+    n_faults = len(results) * args.faults
     total = sum(t for t, _ in results.values())
-    print(f"{name}: {len(sites)} activation sites × {args.faults} faults, {args.threads} thread(s); "
-          f"{1e3 * total / (len(sites) * args.faults):.2f} ms per fault on average")
+    print(f"{name}: {len(results)} activation sites × {args.faults} faults, {args.threads} thread(s); "
+          f"{1e3 * total / n_faults:.2f} ms per fault on average")
     by_stage: dict[str, float] = defaultdict(float)
     for (_, name), t in spent.items():
         by_stage[name] += t
     print("time in each stage, all sites: " + ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in by_stage.items()
                                                           if v / total >= 0.01))
-    share = sum(macs.values()) / (len(sites) * args.faults) / forward_macs
+    share = sum(macs.values()) / n_faults / forward_macs
     print(f"Conv and Gemm multiply-adds recomputed per fault: {100 * share:.1f}% of a forward pass "
           f"({forward_macs / 1e9:.2f} G): at the forward pass's speed, at most {1 / share:.1f}x faster than a "
           "full run per fault")
     print(f"{'site':44s} {'ms/fault':>8s} {'ended early':>12s}  top stages")
-    for site in sites:
-        seconds, early = results[site.tensor]
-        parts = sorted(((v, k[1]) for k, v in spent.items() if k[0] == site.tensor), reverse=True)[:2]
+    for tensor, (seconds, early) in results.items():
+        parts = sorted(((v, k[1]) for k, v in spent.items() if k[0] == tensor), reverse=True)[:2]
         tops = ", ".join(f"{name} {1e3 * v / args.faults:.2f}" for v, name in parts if v > 0)
-        print(f"{site.tensor[-44:]:44s} {1e3 * seconds / args.faults:8.2f} {early:5d}/{args.faults:<5d}  {tops}")
+        print(f"{tensor[-44:]:44s} {1e3 * seconds / args.faults:8.2f} {early:5d}/{args.faults:<5d}  {tops}")
+    if args.by_op:
+        print_ops(ops, total, n_faults)
+
+
+def print_ops(ops: dict[tuple[str, str, str], list[float]], total: float, n_faults: int) -> None:
+    """Node runs by stage, op and extent, largest first (those over 0.5% of the walks' time): how far the
+    kernels are from this CPU's peak. The rate counts every kernel tap, padding included, as the forward
+    pass's share above does."""
+    outside = total - sum(v[0] for v in ops.values())
+    print(f"\n{'stage':8s} {'op':22s} {'extent':7s} {'ms/fault':>8s} {'share':>6s} {'calls':>6s} {'G mul-add/s':>12s}")
+    for (name, op, extent), (seconds, work, calls) in sorted(ops.items(), key=lambda kv: -kv[1][0]):
+        if seconds / total >= 0.005:
+            rate = f"{work / seconds / 1e9:12.1f}" if work else f"{'':12s}"
+            print(f"{name:8s} {op:22s} {extent:7s} {1e3 * seconds / n_faults:8.3f} {100 * seconds / total:5.1f}% "
+                  f"{int(calls):6d} {rate}")
+    print(f"{'outside node runs (crops, pastes, masking checks)':39s} {1e3 * outside / n_faults:8.3f} "
+          f"{100 * outside / total:5.1f}%")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,132 @@
+"""How much one fault walk slows another down when two run at once, and why: clock or memory.
+
+`harden inject --threads 2` runs two cone walks at once, one per core. On the
+bench's 224 px ResNet-18 the injection phase then runs about 1.8x as fast as
+with one, not 2x. This tool asks whether the engine's threading or the machine
+costs the difference. It runs `tools/cone_profile.py`'s timed walks (the same
+faults, sites and images) in a child process three ways:
+
+- alone;
+- beside a process that keeps the other core busy with a small matrix product
+  held in its L1 cache: if the walk slows down, the cores share their clock
+  (turbo or power limits);
+- beside a second copy of the same walks: if it slows down more, the cores
+  share their memory system (L3 cache, memory bandwidth).
+
+Separate processes share no Python lock and no ONNX Runtime thread pool, so
+what slows them is the hardware alone. On a shared cloud VM one process's
+speed moves by 10% between runs, so the three ways run in turn, `--repeats`
+times, and the tool prints each way's median. Make the model with
+`tools/bench_inject.py --model resnet18-224` first.
+
+    .venv/bin/python tools/core_sharing.py [--model resnet18-224] [--faults 64] [--images 16]
+        [--repeats 3] [--work /tmp/harden-bench-inject]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+# the walks run one ORT thread; so must the neighbours, or they would take both cores
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def walk_once(model: str, faults: int, images: int, work: str) -> dict[str, float]:
+    """(In the child.) The timed walks' cost per fault, in all and in whole-map layer4 convolutions."""
+    sys.path.insert(0, str(HERE))
+    sys.path.insert(0, str(HERE.parent))
+    from bench_inject import trained_model
+    from cone_profile import profile_walks
+
+    info, x = trained_model(work, model, images)
+    results, _, _, _, ops = profile_walks(info, x, faults)
+    n = len(results) * faults
+    seconds, work_done, _ = ops.get(("layer4", "Conv", "whole"), [0.0, 0.0, 0.0])
+    return {"ms_per_fault": 1e3 * sum(t for t, _ in results.values()) / n,
+            "layer4_ms_per_fault": 1e3 * seconds / n,
+            "layer4_rate": work_done / seconds / 1e9 if seconds else float("nan")}
+
+
+def spin() -> None:
+    """(In the child.) Multiply two 64×64 float32 matrices until killed: fused multiply-adds from L1 only."""
+    import numpy as np
+
+    a = np.random.default_rng(0).random((64, 64), dtype=np.float32)
+    while True:
+        for _ in range(1000):
+            a @ a
+
+
+def _child(*args: str) -> subprocess.Popen[str]:
+    env = {**os.environ, **ONE_THREAD}
+    return subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True, env=env)
+
+
+def _walks(args: argparse.Namespace, copies: int, spinner: bool) -> list[dict[str, float]]:
+    """Run `copies` walk processes at once (beside a spinner if asked) and return what each measured."""
+    flags = ["--model", args.model, "--faults", str(args.faults), "--images", str(args.images), "--work", args.work]
+    neighbour = _child("--spin") if spinner else None
+    try:
+        if neighbour is not None:
+            time.sleep(1.0)  # let it reach full speed before the walks start
+        walkers = [_child("--walk", *flags) for _ in range(copies)]
+        outputs = [w.communicate()[0] for w in walkers]
+        if any(w.returncode for w in walkers):
+            raise SystemExit("a walk process failed (is the model made? run tools/bench_inject.py first)")
+    finally:
+        if neighbour is not None:
+            neighbour.kill()
+            neighbour.wait()
+    return [json.loads(out.strip().splitlines()[-1]) for out in outputs]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="resnet18-224")
+    parser.add_argument("--faults", type=int, default=64, help="single-bit fp32 flips per site")
+    parser.add_argument("--images", type=int, default=16, help="Fashion-MNIST test images the faults use")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each way, in turn")
+    parser.add_argument("--work", default="/tmp/harden-bench-inject")
+    parser.add_argument("--walk", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--spin", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.spin:
+        spin()
+        return
+    if args.walk:
+        print(json.dumps(walk_once(args.model, args.faults, args.images, args.work)))
+        return
+    if (os.cpu_count() or 1) < 2:
+        raise SystemExit("this tool compares two cores; this machine has one")
+
+    ways = {"alone": (1, False), "beside an L1-bound spinner": (1, True), "beside a second walk": (2, False)}
+    measured: dict[str, list[dict[str, float]]] = {way: [] for way in ways}
+    for _ in range(args.repeats):  # in turn, so that a slow spell of the machine hits every way alike
+        for way, (copies, spinner) in ways.items():
+            measured[way].extend(_walks(args, copies, spinner))
+
+    def median(way: str, key: str) -> float:
+        return statistics.median(m[key] for m in measured[way])
+
+    alone = median("alone", "ms_per_fault")
+    print(f"{args.model}: cone walks, {args.faults} faults per site, one ORT thread per process; "
+          f"medians of {args.repeats} runs in turn")
+    print(f"{'':28s} {'ms/fault':>9s} {'slower':>7s} {'layer4 whole-map convs':>24s}   every run (ms/fault)")
+    for way in ways:
+        cost = median(way, "ms_per_fault")
+        runs = ", ".join(f"{m['ms_per_fault']:.2f}" for m in measured[way])
+        print(f"{way:28s} {cost:9.2f} {100 * (cost / alone - 1):6.1f}% {median(way, 'layer4_ms_per_fault'):9.2f} ms, "
+              f"{median(way, 'layer4_rate'):5.1f} G mul-add/s   {runs}")
+    pair = median("beside a second walk", "ms_per_fault")
+    print(f"two walks at once: {2 * alone / pair:.2f}x the throughput of one (2.00x if the cores shared nothing)")
+
+if __name__ == "__main__":
+    main()
