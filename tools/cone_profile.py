@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -76,17 +77,21 @@ def untrained_model(arch: str, work: str, images: int):  # type: ignore[no-untyp
     return GraphInfo(onnx.load(str(path)), example=x[:1]), x[:images]
 
 
-def profile_walks(info, x: np.ndarray, faults: int = 64, threads: int = 1,  # type: ignore[no-untyped-def]
-                  ) -> tuple[dict[str, tuple[float, int]], dict[tuple[str, str], float], dict[str, float],
-                             float, dict[tuple[str, str, str], list[float]]]:
-    """Walk `faults` single-bit fp32 flips at every activation site of `info`, on the images `x`, twice (the
-    first builds the sessions; the second is timed).
+@dataclass
+class WalkProfile:
+    """What the timed pass of profile_walks measured."""
 
-    Returns, for the timed pass: per site (seconds, faults that ended early); seconds in node runs per (site,
-    stage); Conv and Gemm multiply-adds per site; a forward pass's multiply-adds; and per (stage, op, 'whole'
-    or 'window') the seconds, multiply-adds and calls of its node runs. `tools/core_sharing.py` runs this in
-    several processes at once.
-    """
+    sites: dict[str, tuple[float, int]]  # per site: seconds, faults that ended early
+    stages: dict[tuple[str, str], float]  # seconds in node runs per (site, stage)
+    macs: dict[str, float]  # Conv and Gemm multiply-adds per site
+    forward_macs: float  # those of one fault-free forward pass of an image
+    ops: dict[tuple[str, str, str], list[float]]  # per (stage, op, 'whole' or 'window'): seconds, mul-adds, calls
+
+
+def profile_walks(info, x: np.ndarray, faults: int = 64, threads: int = 1) -> WalkProfile:  # type: ignore[no-untyped-def]
+    """Walk `faults` single-bit fp32 flips at every activation site of `info`, on the images `x`, twice (the
+    first builds the sessions; the second is timed). `tools/core_sharing.py` runs this in several processes at
+    once."""
     from harden.fi.cone import Cone, GoldenBlock
     from harden.fi.faults import FaultModel
     from harden.fi.nodes import NodeSessions, golden_pass
@@ -138,7 +143,7 @@ def profile_walks(info, x: np.ndarray, faults: int = 64, threads: int = 1,  # ty
             started = time.perf_counter()
             _, early = cone.scores(golden, rows, elems, faulty, golden[info.scores][rows])
             results[site.tensor] = (time.perf_counter() - started, early)
-    return results, dict(spent), dict(macs), forward_macs, dict(ops)
+    return WalkProfile(results, dict(spent), dict(macs), forward_macs, dict(ops))
 
 
 def main() -> None:
@@ -159,7 +164,9 @@ def main() -> None:
     info, x = (untrained_model(args.untrained, args.work, args.images) if args.untrained
                else trained_model(args.work, args.model, args.images))
     name = f"untrained {args.untrained}-224" if args.untrained else args.model
-    results, spent, macs, forward_macs, ops = profile_walks(info, x, args.faults, args.threads)
+    profile = profile_walks(info, x, args.faults, args.threads)
+    results, spent, macs, forward_macs, ops = (profile.sites, profile.stages, profile.macs, profile.forward_macs,
+                                               profile.ops)
     n_faults = len(results) * args.faults
     total = sum(t for t, _ in results.values())
     print(f"{name}: {len(results)} activation sites × {args.faults} faults, {args.threads} thread(s); "

@@ -47,10 +47,10 @@ def walk_once(model: str, faults: int, images: int, work: str) -> dict[str, floa
     from cone_profile import profile_walks
 
     info, x = trained_model(work, model, images)
-    results, _, _, _, ops = profile_walks(info, x, faults)
-    n = len(results) * faults
-    seconds, work_done, _ = ops.get(("layer4", "Conv", "whole"), [0.0, 0.0, 0.0])
-    return {"ms_per_fault": 1e3 * sum(t for t, _ in results.values()) / n,
+    profile = profile_walks(info, x, faults)
+    n = len(profile.sites) * faults
+    seconds, work_done, _ = profile.ops.get(("layer4", "Conv", "whole"), [0.0, 0.0, 0.0])
+    return {"ms_per_fault": 1e3 * sum(t for t, _ in profile.sites.values()) / n,
             "layer4_ms_per_fault": 1e3 * seconds / n,
             "layer4_rate": work_done / seconds / 1e9 if seconds else float("nan")}
 
