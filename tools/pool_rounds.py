@@ -62,8 +62,12 @@ def main() -> None:
     parser.add_argument("--add", type=Path, action="append", default=[], help="a bench JSON to pool as well")
     args = parser.parse_args()
 
-    record = json.loads(args.record.read_text())
-    runs = list(record["runs"]) + [from_bench_json(p, f"added {i + 1}") for i, p in enumerate(args.add)]
+    try:
+        record = json.loads(args.record.read_text())
+        runs = list(record["runs"]) + [from_bench_json(p, f"added {i + 1}") for i, p in enumerate(args.add)]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        print(f"error: cannot read the rounds: {type(err).__name__}: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
     print(record["what"])
     pooled: dict[str, list[float]] = {}
     for run in runs:
