@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,21 +89,47 @@ class WalkProfile:
     ops: dict[tuple[str, str, str], list[float]]  # per (stage, op, 'whole' or 'window'): seconds, mul-adds, calls
 
 
-def profile_walks(info, x: np.ndarray, faults: int = 64, threads: int = 1) -> WalkProfile:  # type: ignore[no-untyped-def]
-    """Walk `faults` single-bit fp32 flips at every activation site of `info`, on the images `x`, twice (the
-    first builds the sessions; the second is timed). `tools/core_sharing.py` runs this in several processes at
-    once."""
-    from harden.fi.cone import Cone, GoldenBlock
+def walk_sites(info, sessions, golden, faults: int,  # type: ignore[no-untyped-def]
+               on_site: Callable[[str], None] | None = None) -> dict[str, tuple[float, int]]:
+    """Walk `faults` single-bit fp32 flips at every activation site of `info` through `sessions`, on the images of
+    the golden block `golden`; per site, the seconds taken and the faults that ended early. The faults are drawn
+    from one seed, so every call (and every thread of `tools/core_sharing.py`) walks the same ones. `on_site` is
+    told each site's tensor before its walk, so that a caller timing node runs can charge them to it."""
+    from harden.fi.cone import Cone
     from harden.fi.faults import FaultModel
-    from harden.fi.nodes import NodeSessions, golden_pass
     from harden.fi.sites import list_sites
+
+    n_images = len(golden[info.scores])
+    fault = FaultModel(fmt="fp32")
+    rng = np.random.default_rng(0)
+    results: dict[str, tuple[float, int]] = {}
+    for site in (s for s in list_sites(info) if s.kind == "activation"):
+        if on_site is not None:
+            on_site(site.tensor)
+        cone = Cone(info, sessions, site.tensor)
+        rows = rng.integers(0, n_images, faults)
+        elems = rng.integers(0, site.elements, faults)
+        values = golden[site.tensor].reshape(n_images, -1)[rows, elems]
+        bits, uniforms = fault.draw(rng, faults)
+        faulty = fault.apply(values, bits, uniforms, 1.0, 1.0)
+        started = time.perf_counter()
+        _, early = cone.scores(golden, rows, elems, faulty, golden[info.scores][rows])
+        results[site.tensor] = (time.perf_counter() - started, early)
+    return results
+
+
+def profile_walks(info, x: np.ndarray, faults: int = 64, threads: int = 1) -> WalkProfile:  # type: ignore[no-untyped-def]
+    """walk_sites on the images `x`, twice (the first builds the sessions; the second is timed), with every node
+    run timed. `tools/core_sharing.py` runs this in several processes at once."""
+    from harden.fi.cone import GoldenBlock
+    from harden.fi.nodes import NodeSessions, golden_pass
 
     sessions = NodeSessions(info, ["CPUExecutionProvider"], threads)
     spent: dict[tuple[str, str], float] = defaultdict(float)
     macs: dict[str, float] = defaultdict(float)  # multiply-adds of Conv and Gemm, by site ('' = golden pass)
     ops: dict[tuple[str, str, str], list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0])
-    current = [""]
     run = sessions.run
+    current = [""]  # the site whose walk is running ('' = the golden pass)
 
     def timed(i: int, values: dict, override: tuple = ()) -> dict:  # type: ignore[type-arg]
         started = time.perf_counter()
@@ -124,25 +151,15 @@ def profile_walks(info, x: np.ndarray, faults: int = 64, threads: int = 1) -> Wa
     sessions.run = timed  # type: ignore[method-assign]
     golden = GoldenBlock(golden_pass(sessions, x, len(x)))
     forward_macs = macs.pop("") / len(x)
-    sites = [s for s in list_sites(info) if s.kind == "activation"]
-    fault = FaultModel(fmt="fp32")
+    def charge_to(tensor: str) -> None:
+        current[0] = tensor
+
     results: dict[str, tuple[float, int]] = {}
     for _ in range(2):  # the first pass builds the sessions; the second is timed
         spent.clear()
         macs.clear()
         ops.clear()
-        rng = np.random.default_rng(0)
-        for site in sites:
-            current[0] = site.tensor
-            cone = Cone(info, sessions, site.tensor)
-            rows = rng.integers(0, len(x), faults)
-            elems = rng.integers(0, site.elements, faults)
-            values = golden[site.tensor].reshape(len(x), -1)[rows, elems]
-            bits, uniforms = fault.draw(rng, faults)
-            faulty = fault.apply(values, bits, uniforms, 1.0, 1.0)
-            started = time.perf_counter()
-            _, early = cone.scores(golden, rows, elems, faulty, golden[info.scores][rows])
-            results[site.tensor] = (time.perf_counter() - started, early)
+        results = walk_sites(info, sessions, golden, faults, charge_to)
     return WalkProfile(results, dict(spent), dict(macs), forward_macs, dict(ops))
 
 

@@ -11,7 +11,12 @@ faults, sites and images) in a child process three ways:
   held in its L1 cache: if the walk slows down, the cores share their clock
   (turbo or power limits);
 - beside a second copy of the same walks: if it slows down more, the cores
-  share their memory system (L3 cache, memory bandwidth).
+  share their memory system (L3 cache, memory bandwidth);
+- as two threads of one process, the way `harden inject` runs them: the same
+  walks once alone, then twice at once on one golden block, one set of node
+  sessions and one Python interpreter. Its throughput against its own lone
+  walk, next to the two processes', is what running the walks in one process
+  costs.
 
 Separate processes share no Python lock and no ONNX Runtime thread pool, so
 what slows them is the hardware alone. On a shared cloud VM one process's
@@ -55,6 +60,37 @@ def walk_once(model: str, faults: int, images: int, work: str) -> dict[str, floa
             "layer4_rate": work_done / seconds / 1e9 if seconds else float("nan")}
 
 
+def walk_threads(model: str, faults: int, images: int, work: str) -> dict[str, float]:
+    """(In the child.) The walks' cost per fault alone, then run by two threads at once (wall time over both
+    threads' faults), in one process with one golden block and one set of node sessions, as an inject campaign
+    runs them; no node run is timed, so neither figure carries profile_walks' instrumentation."""
+    import threading
+
+    sys.path.insert(0, str(HERE))
+    sys.path.insert(0, str(HERE.parent))
+    from bench_inject import trained_model
+    from cone_profile import walk_sites
+
+    from harden.fi.cone import GoldenBlock
+    from harden.fi.nodes import NodeSessions, golden_pass
+
+    info, x = trained_model(work, model, images)
+    sessions = NodeSessions(info, ["CPUExecutionProvider"], 1)
+    golden = GoldenBlock(golden_pass(sessions, x, len(x)))
+    n = len(walk_sites(info, sessions, golden, faults)) * faults  # builds the sessions
+    started = time.perf_counter()
+    walk_sites(info, sessions, golden, faults)
+    alone = time.perf_counter() - started
+    walkers = [threading.Thread(target=walk_sites, args=(info, sessions, golden, faults)) for _ in range(2)]
+    started = time.perf_counter()
+    for w in walkers:
+        w.start()
+    for w in walkers:
+        w.join()
+    both = time.perf_counter() - started
+    return {"alone_ms_per_fault": 1e3 * alone / n, "threads_ms_per_fault": 1e3 * both / (2 * n)}
+
+
 def spin() -> None:
     """(In the child.) Multiply two 64×64 float32 matrices until killed: fused multiply-adds from L1 only."""
     import numpy as np
@@ -70,9 +106,13 @@ def _child(*args: str) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True, env=env)
 
 
+def _flags(args: argparse.Namespace) -> list[str]:
+    return ["--model", args.model, "--faults", str(args.faults), "--images", str(args.images), "--work", args.work]
+
+
 def _walks(args: argparse.Namespace, copies: int, spinner: bool) -> list[dict[str, float]]:
     """Run `copies` walk processes at once (beside a spinner if asked) and return what each measured."""
-    flags = ["--model", args.model, "--faults", str(args.faults), "--images", str(args.images), "--work", args.work]
+    flags = _flags(args)
     neighbour = _child("--spin") if spinner else None
     try:
         if neighbour is not None:
@@ -88,6 +128,15 @@ def _walks(args: argparse.Namespace, copies: int, spinner: bool) -> list[dict[st
     return [json.loads(out.strip().splitlines()[-1]) for out in outputs]
 
 
+def _threads(args: argparse.Namespace) -> dict[str, float]:
+    """Run the walks alone and then as two threads, in one child process (walk_threads)."""
+    child = _child("--threads-walk", *_flags(args))
+    output = child.communicate()[0]
+    if child.returncode:
+        raise SystemExit("the threads' walk process failed (is the model made? run tools/bench_inject.py first)")
+    return json.loads(output.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="resnet18-224")
@@ -97,6 +146,7 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/harden-bench-inject")
     parser.add_argument("--walk", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--spin", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--threads-walk", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.spin:
         spin()
@@ -104,14 +154,19 @@ def main() -> None:
     if args.walk:
         print(json.dumps(walk_once(args.model, args.faults, args.images, args.work)))
         return
+    if args.threads_walk:
+        print(json.dumps(walk_threads(args.model, args.faults, args.images, args.work)))
+        return
     if (os.cpu_count() or 1) < 2:
         raise SystemExit("this tool compares two cores; this machine has one")
 
     ways = {"alone": (1, False), "beside an L1-bound spinner": (1, True), "beside a second walk": (2, False)}
     measured: dict[str, list[dict[str, float]]] = {way: [] for way in ways}
+    threaded: list[dict[str, float]] = []
     for _ in range(args.repeats):  # in turn, so that a slow spell of the machine hits every way alike
         for way, (copies, spinner) in ways.items():
             measured[way].extend(_walks(args, copies, spinner))
+        threaded.append(_threads(args))
 
     def median(way: str, key: str) -> float:
         return statistics.median(m[key] for m in measured[way])
@@ -127,6 +182,10 @@ def main() -> None:
               f"{median(way, 'layer4_rate'):5.1f} G mul-add/s   {runs}")
     pair = median("beside a second walk", "ms_per_fault")
     print(f"two walks at once: {2 * alone / pair:.2f}x the throughput of one (2.00x if the cores shared nothing)")
+    ratios = [t["alone_ms_per_fault"] / t["threads_ms_per_fault"] for t in threaded]
+    runs = ", ".join(f"{t['alone_ms_per_fault']:.2f} → {t['threads_ms_per_fault']:.2f}" for t in threaded)
+    print(f"two walks as threads of one process: {statistics.median(ratios):.2f}x the throughput of its own lone "
+          f"walk (median; every run, ms per fault alone → per fault of two threads' throughput: {runs})")
 
 if __name__ == "__main__":
     main()
