@@ -1,10 +1,10 @@
-"""How much one fault walk slows another down when two run at once, and why: clock or memory.
+"""How much one fault walk slows another down when two run at once, and why: clock, memory or the process.
 
 `harden inject --threads 2` runs two cone walks at once, one per core. On the
 bench's 224 px ResNet-18 the injection phase then runs about 1.8x as fast as
 with one, not 2x. This tool asks whether the engine's threading or the machine
 costs the difference. It runs `tools/cone_profile.py`'s timed walks (the same
-faults, sites and images) in a child process three ways:
+faults, sites and images) in child processes four ways:
 
 - alone;
 - beside a process that keeps the other core busy with a small matrix product
@@ -20,7 +20,7 @@ faults, sites and images) in a child process three ways:
 
 Separate processes share no Python lock and no ONNX Runtime thread pool, so
 what slows them is the hardware alone. On a shared cloud VM one process's
-speed moves by 10% between runs, so the three ways run in turn, `--repeats`
+speed moves by 10% between runs, so the four ways run in turn, `--repeats`
 times, and the tool prints each way's median. Make the model with
 `tools/bench_inject.py --model resnet18-224` first.
 
