@@ -9,7 +9,8 @@ by node: golden scores, ranges, the first cache block), the injection phase,
 and the golden passes of later blocks inside it. For each stage it prints how
 many cores were busy (process CPU time over wall time), and for the fault
 walks the share of the workers' time spent inside ONNX Runtime's node runs.
-It answers "what is left to speed up outside the kernels?".
+It also prints how many faults each walk carried, per cache block. It answers
+"what is left to speed up outside the kernels?".
 
     .venv/bin/python tools/campaign_stages.py [--model resnet18-224] [--injections 512] [--eval 128]
         [--batch 32] [--threads 2] [--repeats 2] [--work /tmp/harden-bench-inject]
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import resource
+import statistics
 import sys
 import threading
 import time
@@ -113,6 +115,17 @@ def main() -> None:
                 now[0] = before
         return marked
 
+    # the faults each walk carries, per cache block: small walks pay more per fault for their node calls
+    # (tools/core_sharing.py), so this says which regime a campaign's walks are in
+    walk_sizes: list[list[int]] = []
+    group = engine._walks
+
+    def sized(*a: Any, **k: Any) -> Any:
+        groups = group(*a, **k)
+        walk_sizes.append([sum(s.count for s in g) for g in groups])
+        return groups
+
+    engine._walks = sized
     engine._execute = during("walk", engine._execute)
     engine.golden_pass = during("golden", engine.golden_pass)
     nodes.NodeSessions.run = node_run  # type: ignore[method-assign]
@@ -122,6 +135,7 @@ def main() -> None:
         stages.wall.clear()
         stages.cpu.clear()
         in_ort.clear()
+        walk_sizes.clear()
         config = CampaignConfig(layers="all", kinds=("activation",), batch=args.batch, seed=0,
                                 injections=args.injections if round_ else args.batch, engine="cone")
         started, before = time.perf_counter(), _cpu()
@@ -140,6 +154,9 @@ def main() -> None:
         if walking > 0:
             print(f"  the fault walks spent {100 * in_ort['walk'] / walking:.0f}% of their workers' time in "
                   f"ONNX Runtime node runs (the rest: crops, pastes, masking checks, waiting)")
+        for block, sizes in enumerate(walk_sizes):
+            print(f"  block {block}: {len(sizes)} walks of {min(sizes)}-{max(sizes)} faults "
+                  f"(median {int(statistics.median(sizes))})")
 
 
 if __name__ == "__main__":
