@@ -40,14 +40,14 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+# the children import the bench's model loader and harden from the checkout
+sys.path[:0] = [str(HERE), str(HERE.parent)]
 # the walks run one ORT thread; so must the neighbours, or they would take both cores
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def walk_once(model: str, faults: int, images: int, work: str) -> dict[str, float]:
     """(In the child.) The timed walks' cost per fault, in all and in whole-map layer4 convolutions."""
-    sys.path.insert(0, str(HERE))
-    sys.path.insert(0, str(HERE.parent))
     from bench_inject import trained_model
     from cone_profile import profile_walks
 
@@ -66,8 +66,6 @@ def walk_threads(model: str, faults: int, images: int, work: str) -> dict[str, f
     runs them; no node run is timed, so neither figure carries profile_walks' instrumentation."""
     import threading
 
-    sys.path.insert(0, str(HERE))
-    sys.path.insert(0, str(HERE.parent))
     from bench_inject import trained_model
     from cone_profile import walk_sites
 
