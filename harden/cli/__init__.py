@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from harden import __version__
+from harden.allocator import keep_freed_memory
 from harden.errors import HardenError
 
 SUBCOMMANDS: list[str] = [
@@ -46,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; return the process exit code (0 ok, 1 bad input, others as documented)."""
+    keep_freed_memory()  # before any thread makes its own arena (harden.allocator)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
