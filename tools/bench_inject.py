@@ -31,11 +31,17 @@ its injection runs) and per injection (harden's injection phase against
 PyTorchFI's injection runs: the ratio a much longer campaign approaches).
 
     .venv/bin/python tools/bench_inject.py [--model resnet8|resnet18|resnet18-224] [--threads 1] [--repeats 3]
-        [--injections 500] [--eval 256] [--variants cone,suffix:disable] [--work /tmp/harden-bench-inject]
+        [--injections 500] [--eval 256] [--variants cone,suffix:disable] [--allocator default|kept]
+        [--work /tmp/harden-bench-inject]
 
 `--variants` lists the harden engines timed (each against the same PyTorchFI
 rounds): `cone` (the default engine) and `suffix:LEVEL`; the first one's
 faults are the ones PyTorchFI replays.
+
+`--allocator kept` runs the whole bench (both engines: they share the
+process) with harden.allocator's glibc settings, which the `harden` command
+applies to its own process; the default keeps glibc's defaults, as every
+run on record until the twenty-second session did.
 """
 
 from __future__ import annotations
@@ -335,7 +341,14 @@ def main() -> None:
     parser.add_argument("--variants", default="cone,suffix:disable",
                         help="harden engines to time: cone, or suffix:LEVEL (an ORT optimisation level); "
                              "the first is compared fault by fault")
+    parser.add_argument("--allocator", choices=("default", "kept"), default="default",
+                        help="glibc's allocator settings for the whole process (harden.allocator)")
     args = parser.parse_args()
+    if args.allocator == "kept":
+        from harden.allocator import keep_freed_memory
+
+        if not keep_freed_memory():  # before torch and ONNX Runtime start their threads
+            raise SystemExit("--allocator kept needs glibc (and HARDEN_ALLOCATOR unset)")
 
     import torch
 
@@ -425,7 +438,8 @@ def report(args, net, onnx_path: Path, images: np.ndarray, levels: list[str], ru
           f"{summary.evaluation['correct']}/{summary.evaluation['total']}, {summary.evaluation['kept']} images kept; "
           f"{len(sites)} layers × {args.injections} injections = {total}; fp32 single-bit flips; batch {args.batch}; "
           f"threads {args.threads} (torch {torch.get_num_threads()}, ORT intra-op {args.threads}); "
-          f"{args.repeats} timed alternating rounds after a warm-up")
+          f"{args.repeats} timed alternating rounds after a warm-up; "
+          f"allocator: {'harden.allocator settings' if args.allocator == 'kept' else 'glibc defaults'}")
     print("all round times: PyTorchFI " + ", ".join(f"{t:.2f}" for t in pfi_times) + " s; "
           + "; ".join(f"harden {k} " + ", ".join(f"{r[0]:.2f}" for r in v) + " s" for k, v in runs.items()))
     print(f"PyTorchFI 0.6.0 (torch {torch.__version__}): median {total / pfi_med:8.1f} inj/s, "
@@ -492,7 +506,8 @@ def report(args, net, onnx_path: Path, images: np.ndarray, levels: list[str], ru
               f"golden {r['golden']} -> faulty {r['faulty']}; harden SDC {r['sdc']} (class {r['faulty_class']}), "
               f"PyTorchFI SDC {theirs}")
     (work / f"bench-{args.model}.json").write_text(json.dumps(
-        {"model": args.model, "threads": args.threads, "injections": total, "pytorchfi_s": pfi_times,
+        {"model": args.model, "threads": args.threads, "allocator": args.allocator, "injections": total,
+         "pytorchfi_s": pfi_times,
          "pytorchfi_golden_s": golden_times, "same_images": same_images, "round_ratios": paired,
          "round_ratio_geomean_95": [centre, low, high],
          "round_ratio_with_golden_geomean_95": list(intervals["with_golden"]),

@@ -12,6 +12,10 @@ t interval:
 - like for like: PyTorchFI's golden pass added to its injection runs;
 - per injection: harden's injection phase against PyTorchFI's injection runs.
 
+Runs made with `--allocator kept` (glibc told to keep freed memory, for both
+engines) are pooled apart from those on glibc's defaults: the allocator
+moves the two engines by different amounts (tools/allocator_effect.py).
+
 The last two need per-round golden-pass and phase figures, recorded since the
 nineteenth session. `--add` pools a new run's bench JSON too (before it is
 copied into the record).
@@ -33,13 +37,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_inject import paired_ratio_interval  # noqa: E402
 
 RECORD = Path(__file__).resolve().parent / "data" / "bench_inject_rounds.json"
+ALLOCATORS = {"default": "glibc defaults", "kept": "allocator kept"}
 
 
 def from_bench_json(path: Path, label: str) -> dict[str, Any]:
     """A record entry from the JSON that tools/bench_inject.py writes (its first harden variant)."""
     data = json.loads(path.read_text())
     rounds = next(iter(data["harden"].values()))
-    return {"run": label, "commit": "?", "pytorchfi_s": data["pytorchfi_s"],
+    return {"run": label, "commit": "?", "allocator": data.get("allocator", "default"),
+            "pytorchfi_s": data["pytorchfi_s"],
             "pytorchfi_golden_s": data.get("pytorchfi_golden_s"), "harden_s": [r["seconds"] for r in rounds],
             "harden_phase_inj_per_s": [r["phase_inj_per_s"] for r in rounds], "injections": data["injections"]}
 
@@ -69,18 +75,19 @@ def main() -> None:
         print(f"error: cannot read the rounds: {type(err).__name__}: {err}", file=sys.stderr)
         raise SystemExit(1) from None
     print(record["what"])
-    pooled: dict[str, list[float]] = {}
+    pooled: dict[tuple[str, str], list[float]] = {}
     for run in runs:
+        allocator = run.get("allocator", "default")
         ratios = pairings(run, record["injections"])
         parts = []
         for name, values in ratios.items():
-            pooled.setdefault(name, []).extend(values)
+            pooled.setdefault((ALLOCATORS[allocator], name), []).extend(values)
             parts.append(f"{name} {paired_ratio_interval(values)[0]:.2f}x")
         rounds = ", ".join(f"{r:.1f}x" for r in ratios["headline"])
-        print(f"run {run['run']} ({run['commit']}): rounds {rounds}; " + "; ".join(parts))
-    for name, values in pooled.items():
+        print(f"run {run['run']} ({run['commit']}, {ALLOCATORS[allocator]}): rounds {rounds}; " + "; ".join(parts))
+    for (allocator, name), values in pooled.items():
         centre, low, high = paired_ratio_interval(values)
-        print(f"pooled, {name}: {len(values)} rounds, geometric mean {centre:.2f}x, "
+        print(f"pooled, {allocator}, {name}: {len(values)} rounds, geometric mean {centre:.2f}x, "
               f"95% interval {low:.2f}x to {high:.2f}x")
 
 
