@@ -2,10 +2,11 @@
 
 Why: a campaign's evaluation pass, a PyTorch forward pass and a training
 step all allocate and free the same large tensors over and over. glibc's
-defaults hand such memory back to the kernel as soon as it is freed: blocks
-over its mmap threshold (at most 32 MiB) are unmapped, and a heap top over
-128 KiB is trimmed. The next allocation of the same size then faults each
-page in again and the kernel zeroes it. On this project's cloud VM that cost
+defaults hand such memory back to the kernel as soon as it is freed: a block
+over its mmap threshold (which adapts, up to 32 MiB) is unmapped, and free
+memory at the heap's top beyond its trim threshold (up to 64 MiB) is given
+back. The next allocation of that size faults each page in again, and the
+kernel zeroes it. On this project's cloud VM that cost
 a 224 px ResNet-18's PyTorch forward pass about a quarter of its time, and a
 `harden inject` campaign several seconds (tools/allocator_effect.py).
 
