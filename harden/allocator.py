@@ -6,15 +6,16 @@ defaults hand such memory back to the kernel as soon as it is freed: a block
 over its mmap threshold (which adapts, up to 32 MiB) is unmapped, and free
 memory at the heap's top beyond its trim threshold (up to 64 MiB) is given
 back. The next allocation of that size faults each page in again, and the
-kernel zeroes it. On this project's cloud VM that cost
-a 224 px ResNet-18's PyTorch forward pass about a quarter of its time, and a
-`harden inject` campaign several seconds (tools/allocator_effect.py).
+kernel zeroes it. On this project's cloud VM that cost PyTorch's forward
+pass of a 224 px ResNet-18 a fifth of its time; a `harden inject` campaign,
+whose node sessions share ONNX Runtime's arena, about a second of kernel
+time (tools/allocator_effect.py).
 
 `keep_freed_memory` asks glibc to serve every allocation from its heap, to
 give the heap back only beyond 1 GiB of free top, and to keep one arena for
 all threads (a worker thread's arena is unmapped whole once it empties). A
-process then holds on to its high-water mark, as ONNX Runtime's and
-PyTorch's own arenas already do. The `harden` command does this for its own
+process then holds on to its high-water mark, as ONNX Runtime's arena
+already does. The `harden` command does this for its own
 process; a program that calls the library may call it too. No result
 changes: an allocator takes no part in the arithmetic.
 """
@@ -48,9 +49,11 @@ def keep_freed_memory() -> bool:
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.gnu_get_libc_version  # musl and others have no mallopt with these parameters
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    except OSError:
         return False
+    # musl and other C libraries have no mallopt with these parameters
+    if not hasattr(libc, "gnu_get_libc_version") or not hasattr(libc, "mallopt"):
+        return False
+    mallopt = libc.mallopt
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return all(mallopt(param, value) == 1 for param, value in SETTINGS)

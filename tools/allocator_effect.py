@@ -28,8 +28,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -44,7 +44,7 @@ def _usage() -> tuple[float, int]:
     return usage.ru_stime, usage.ru_minflt
 
 
-def _timed(fn: Any) -> dict[str, float]:
+def _timed(fn: Callable[[], object]) -> dict[str, float]:
     """Wall seconds, sys seconds and GiB faulted in while `fn()` runs."""
     sys0, faults0 = _usage()
     started = time.perf_counter()
