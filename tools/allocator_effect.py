@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 MODEL = "resnet18-224"
 ARMS = ("default", "kept")
+WORKLOADS = ("harden", "torch", "pytorchfi")
 
 
 def _usage() -> tuple[float, int]:
@@ -117,6 +118,9 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args.child, args)))
         return
+    unknown = set(args.workloads.split(",")) - set(WORKLOADS)
+    if unknown:
+        sys.exit(f"error: unknown workloads {sorted(unknown)}; use some of {', '.join(WORKLOADS)}")
 
     results: dict[tuple[str, str], list[dict[str, float]]] = {}
     for round_ in range(args.repeats):

@@ -77,14 +77,14 @@ def main() -> None:
     print(record["what"])
     pooled: dict[tuple[str, str], list[float]] = {}
     for run in runs:
-        allocator = run.get("allocator", "default")
+        allocator = ALLOCATORS.get(run.get("allocator", "default"), str(run.get("allocator")))  # a label
         ratios = pairings(run, record["injections"])
         parts = []
         for name, values in ratios.items():
-            pooled.setdefault((ALLOCATORS[allocator], name), []).extend(values)
+            pooled.setdefault((allocator, name), []).extend(values)
             parts.append(f"{name} {paired_ratio_interval(values)[0]:.2f}x")
         rounds = ", ".join(f"{r:.1f}x" for r in ratios["headline"])
-        print(f"run {run['run']} ({run['commit']}, {ALLOCATORS[allocator]}): rounds {rounds}; " + "; ".join(parts))
+        print(f"run {run['run']} ({run['commit']}, {allocator}): rounds {rounds}; " + "; ".join(parts))
     for (allocator, name), values in pooled.items():
         centre, low, high = paired_ratio_interval(values)
         print(f"pooled, {allocator}, {name}: {len(values)} rounds, geometric mean {centre:.2f}x, "
