@@ -9,8 +9,9 @@ by node: golden scores, ranges, the first cache block), the injection phase,
 and the golden passes of later blocks inside it. For each stage it prints how
 many cores were busy (process CPU time over wall time), and for the fault
 walks the share of the workers' time spent inside ONNX Runtime's node runs.
-It also prints how many faults each walk carried, per cache block. It answers
-"what is left to speed up outside the kernels?".
+It also prints how many faults each walk carried, per cache block, and how
+long each worker sat idle at the block's end, waiting for the last walk. It
+answers "what is left to speed up outside the kernels?".
 
     .venv/bin/python tools/campaign_stages.py [--model resnet18-224] [--injections 512] [--eval 128]
         [--batch 32] [--threads 2] [--repeats 2] [--work /tmp/harden-bench-inject]
@@ -62,6 +63,17 @@ def _cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def idle_at_end(ends: list[tuple[int, float]]) -> str:
+    """How long each worker waited between its own last walk of a block and the block's last walk."""
+    if not ends:
+        return "-"
+    last = max(t for _, t in ends)
+    own: dict[int, float] = {}
+    for thread, t in ends:
+        own[thread] = max(own.get(thread, t), t)
+    return ", ".join(f"{last - t:.2f} s" for t in sorted(own.values()))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="resnet18-224")
@@ -75,7 +87,7 @@ def main() -> None:
 
     from bench_inject import MODELS, model_images
     from harden.data import load_dataset
-    from harden.fi import CampaignConfig, engine, nodes, run_campaign
+    from harden.fi import CampaignConfig, engine, nodes, run_campaign, runner
     from harden.fi.stats import binomial_rate
 
     path = Path(args.work) / f"{args.model}.onnx"
@@ -126,6 +138,24 @@ def main() -> None:
         return groups
 
     engine._walks = sized
+    # each walk's thread and end time, per block: a worker whose last walk ends early idles until the block's
+    # last walk is done, since the next block's golden pass waits for every walk of this one
+    walk_ends: list[list[tuple[int, float]]] = []
+    inject_many = runner.SiteRunner.inject_many
+
+    def walk(self: Any, *a: Any, **k: Any) -> Any:
+        try:
+            return inject_many(self, *a, **k)
+        finally:
+            with lock:
+                walk_ends[-1].append((threading.get_ident(), time.perf_counter()))
+
+    def block_start(*a: Any, **k: Any) -> Any:
+        walk_ends.append([])
+        return sized(*a, **k)
+
+    engine._walks = block_start
+    runner.SiteRunner.inject_many = walk  # type: ignore[method-assign]
     engine._execute = during("walk", engine._execute)
     engine.golden_pass = during("golden", engine.golden_pass)
     nodes.NodeSessions.run = node_run  # type: ignore[method-assign]
@@ -136,6 +166,7 @@ def main() -> None:
         stages.cpu.clear()
         in_ort.clear()
         walk_sizes.clear()
+        walk_ends.clear()
         config = CampaignConfig(layers="all", kinds=("activation",), batch=args.batch, seed=0,
                                 injections=args.injections if round_ else args.batch, engine="cone")
         started, before = time.perf_counter(), _cpu()
@@ -154,9 +185,9 @@ def main() -> None:
         if walking > 0:
             print(f"  the fault walks spent {100 * in_ort['walk'] / walking:.0f}% of their workers' time in "
                   f"ONNX Runtime node runs (the rest: crops, pastes, masking checks, waiting)")
-        for block, sizes in enumerate(walk_sizes):
+        for block, (sizes, ends) in enumerate(zip(walk_sizes, walk_ends)):
             print(f"  block {block}: {len(sizes)} walks of {min(sizes)}-{max(sizes)} faults "
-                  f"(median {int(statistics.median(sizes))})")
+                  f"(median {int(statistics.median(sizes))}); workers idle {idle_at_end(ends)} at its end")
 
 
 if __name__ == "__main__":
