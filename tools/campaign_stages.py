@@ -137,7 +137,6 @@ def main() -> None:
         walk_sizes.append([sum(s.count for s in g) for g in groups])
         return groups
 
-    engine._walks = sized
     # each walk's thread and end time, per block: a worker whose last walk ends early idles until the block's
     # last walk is done, since the next block's golden pass waits for every walk of this one
     walk_ends: list[list[tuple[int, float]]] = []
