@@ -19,8 +19,8 @@ moves the two engines by different amounts (tools/allocator_effect.py).
 The last two need per-round golden-pass and phase figures, recorded since the
 nineteenth session. The record holds runs of one command only: the runs at
 `harden inject`'s default of 1000 injections per layer (`--injections 1000`)
-are in `tools/data/bench_inject_rounds_1000.json`, pooled with `--record`. `--add` pools a new run's bench JSON too (before it is
-copied into the record).
+are in `tools/data/bench_inject_rounds_1000.json`, pooled with `--record`.
+`--add` pools a new run's bench JSON too (before it is copied into the record).
 
     .venv/bin/python tools/pool_rounds.py [--record tools/data/bench_inject_rounds.json]
         [--add /tmp/harden-bench-inject/bench-resnet18-224.json]
